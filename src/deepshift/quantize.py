@@ -1,0 +1,131 @@
+"""Pure tensor math of DeepShift: power-of-two rounding, fixed point, straight-through estimators.
+
+Nothing here keeps state or modifies its inputs. Every rounded value is *exactly* a signed power
+of two (or a fixed-point number), because the straight-through trick used is
+``rounded.detach() + (x - x.detach())``: its value is ``rounded + 0`` (exact), its gradient
+with respect to ``x`` is the identity.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+LN2 = math.log(2.0)
+
+
+def round_(x: Tensor, stochastic: bool = False) -> Tensor:
+    """Round to integers (as floats): half to even, or stochastically.
+
+    Stochastic rounding is ``floor(x) + Bernoulli(x - floor(x))``, so its expectation is ``x``.
+    It draws from torch's global generator (seed it with ``torch.manual_seed``).
+    """
+    if not stochastic:
+        return torch.round(x)
+    floor = torch.floor(x)
+    return floor + torch.bernoulli(x - floor)
+
+
+def _ste(rounded: Tensor, x: Tensor) -> Tensor:
+    """Value of ``rounded`` exactly, gradient of the identity with respect to ``x``."""
+    return rounded.detach() + (x - x.detach())
+
+
+def q_shift_sign(weight: Tensor, shift_range: tuple[int, int], stochastic: bool = False):
+    """DeepShift-Q rounding of float weights to ``(shift, sign)``, both float tensors.
+
+    ``shift = round(log2(clamp(|w|, 2**p_min, 2**p_max)))`` lies in ``[p_min, p_max]``;
+    ``sign`` is -1 for negative weights and +1 otherwise: Q has no zero weight (the paper's
+    weight_bits count 2**(b-1) shifts times two signs), so an exact 0 becomes ``+2**p_min``,
+    the nearest value Q can represent. No ``log2(0)`` is ever taken.
+    """
+    p_min, p_max = shift_range
+    with torch.no_grad():
+        magnitude = weight.detach().abs().clamp(2.0**p_min, 2.0**p_max)
+        # Clamping the magnitude first keeps both rounding modes inside [p_min, p_max].
+        shift = round_(torch.log2(magnitude), stochastic)
+        sign = torch.where(weight.detach() < 0, -1.0, 1.0).to(weight.dtype)
+    return shift, sign
+
+
+def q_weight(weight: Tensor, shift_range: tuple[int, int], stochastic: bool = False) -> Tensor:
+    """DeepShift-Q forward weight ``sign(w) * 2**round(log2|w|)`` with a straight-through gradient."""
+    shift, sign = q_shift_sign(weight, shift_range, stochastic)
+    return _ste(sign * torch.exp2(shift), weight)
+
+
+def ps_shift_sign(
+    shift: Tensor, sign: Tensor, shift_range: tuple[int, int], stochastic: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Integer shift in ``[p_min, p_max]`` and ternary sign of DeepShift-PS parameters (no grad)."""
+    p_min, p_max = shift_range
+    with torch.no_grad():
+        p = round_(shift.detach().clamp(p_min, p_max), stochastic)
+        s = torch.sign(round_(sign.detach(), stochastic))
+    return p, s
+
+
+def ps_weight(
+    shift: Tensor, sign: Tensor, shift_range: tuple[int, int], stochastic: bool = False
+) -> Tensor:
+    """DeepShift-PS forward weight ``W = sign(round(sign)) * 2**round(shift)``.
+
+    Gradients follow the paper (straight through both roundings and the range clamp):
+    ``dL/dshift = dL/dW * s * 2**p * ln 2`` and ``dL/dsign = dL/dW``.
+    """
+    p, s = ps_shift_sign(shift, sign, shift_range, stochastic)
+    w = s * torch.exp2(p)
+    # (x - x.detach()) is exactly zero in value, so the sum keeps w exact while injecting
+    # the paper's two gradients.
+    return w + (shift - shift.detach()) * (w * LN2) + (sign - sign.detach())
+
+
+def ps_from_weight(weight: Tensor, shift_range: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """Initial PS parameters from float weights: ``shift = round(log2|w|)`` clamped, ``sign = sign(w)``.
+
+    Zero weights get ``sign = 0`` (so they stay zero) and ``shift = p_min`` (never ``-inf``).
+    """
+    p_min, p_max = shift_range
+    with torch.no_grad():
+        w = weight.detach()
+        shift = torch.round(torch.log2(w.abs().clamp(2.0**p_min, 2.0**p_max)))
+        sign = torch.sign(w)
+    return shift, sign
+
+
+def fixed_point_limits(act_bits: tuple[int, int]) -> tuple[int, int]:
+    """Inclusive integer range ``[-2**(I+F-1), 2**(I+F-1) - 1]`` of ``x * 2**F``."""
+    int_bits, frac_bits = act_bits
+    total = int_bits + frac_bits
+    return -(2 ** (total - 1)), 2 ** (total - 1) - 1
+
+
+def to_fixed_point_int(x: Tensor, act_bits: tuple[int, int], rounding: str = "nearest") -> Tensor:
+    """The integers ``clamp(round(x * 2**F))`` as a float tensor (exact for |values| < 2**24 in fp32)."""
+    lo, hi = fixed_point_limits(act_bits)
+    scaled = x * 2.0 ** act_bits[1]  # multiplying by a power of two is exact
+    rounded = torch.round(scaled) if rounding == "nearest" else torch.floor(scaled)
+    return rounded.clamp(lo, hi)
+
+
+def fixed_point(x: Tensor, act_bits: tuple[int, int], rounding: str = "nearest") -> Tensor:
+    """Round ``x`` to signed fixed point with ``I`` integer bits (sign included) and ``F`` fraction bits.
+
+    Values are multiples of ``2**-F`` in ``[-2**(I-1), 2**(I-1) - 2**-F]``; out-of-range values
+    saturate. The gradient is straight-through inside the range and zero where saturated.
+    NaN stays NaN.
+    """
+    frac_bits = act_bits[1]
+    lo, hi = fixed_point_limits(act_bits)
+    if rounding == "nearest" and x.dtype in (torch.float32, torch.float64):
+        # One fused kernel with the same semantics (round half to even, clamp, masked STE),
+        # except that it maps NaN to the lower bound: adding (x - x), zero for finite x and
+        # NaN for NaN, keeps a diverged input visible.
+        xd = x.detach()
+        return torch.fake_quantize_per_tensor_affine(x, 2.0**-frac_bits, 0, lo, hi) + (xd - xd)
+    q = to_fixed_point_int(x, act_bits, rounding) * 2.0**-frac_bits
+    scaled = x.detach() * 2.0**frac_bits
+    inside = (scaled >= lo) & (scaled <= hi)
+    return q.detach() + (x - x.detach()) * inside
