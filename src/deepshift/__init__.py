@@ -26,25 +26,46 @@ from .convert import (
     shift_layers,
     shift_parameters,
 )
+from .export import PackedFormatError, compression_report, load_packed, save_packed
+from .freeze import DEFAULT_ACT_BITS, freeze_
+from .kernels import cpu as _native_cpu  # noqa: F401  registers the C++ CPU kernels (built lazily)
+from .modules import ShiftConvNd, ShiftLinear, is_frozen_layer
+from .onnx_export import export_onnx
 from .optim import clamp_parameters_, param_groups
+from .packing import pack_codes, unpack_codes
 from .quantize import fixed_point
+from .report import plot_shift_histograms, savings_report
 from .summary import summary
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_ACT_BITS",
     "PSConfig",
+    "PackedFormatError",
     "QConfig",
+    "ShiftConvNd",
+    "ShiftLinear",
     "clamp_parameters_",
+    "compression_report",
     "config_from_dict",
     "convert_",
     "effective_weight",
+    "export_onnx",
     "fixed_point",
+    "freeze_",
+    "is_frozen_layer",
     "is_shift_layer",
+    "load_packed",
+    "pack_codes",
     "param_groups",
+    "plot_shift_histograms",
+    "save_packed",
+    "savings_report",
     "shift_and_sign",
     "shift_config",
     "shift_layers",
     "shift_parameters",
     "summary",
+    "unpack_codes",
 ]
