@@ -1,0 +1,227 @@
+"""``deepshift`` command line: a thin argparse layer over :mod:`deepshift.train`.
+
+Subcommands: ``train``, ``eval``, ``compare``. More (``export``, ``report``, ``bench``) plug in
+through :func:`build_parser`'s subparsers. Every user error (bad option value, missing or corrupt
+data, unreadable checkpoint, non-empty output folder) prints one line ``deepshift: error: ...`` and
+exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports errors on a single line (no usage dump) with exit status 2."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    from .data import DATASETS
+    from .train import METHODS, OPTIMIZERS, SCHEDULES
+
+    d = p.add_argument_group("data")
+    d.add_argument("--data", choices=(*DATASETS, "auto"), default="digits",
+                   help="dataset (default: digits, scikit-learn's bundled 8x8 digits upsampled to 28x28; "
+                        "fashion-mnist reads Debian's dataset-fashion-mnist by default; auto: "
+                        "fashion-mnist when that package is installed, else digits)")
+    d.add_argument("--data-dir", help="folder with the dataset's files (idx files, cifar-10-batches-py, "
+                                      "or an ImageNet-style train/ val/ folder)")
+    d.add_argument("--val-fraction", type=float, default=0.1,
+                   help="fraction of the training data held out to choose the best checkpoint (default 0.1)")
+    d.add_argument("--limit-train", type=int, metavar="N", help="use only the first N training examples")
+    d.add_argument("--image-size", type=int, default=224, help="crop size for imagefolder (default 224)")
+    d.add_argument("--workers", type=int, default=0, help="image decoding threads (imagefolder)")
+
+    m = p.add_argument_group("model and shift conversion")
+    m.add_argument("--model", help="zoo model (default per dataset: mnist-conv, resnet20, "
+                                   "imagenet-resnet18); see `deepshift train --list-models`")
+    m.add_argument("--method", choices=METHODS, default="none",
+                   help="none: float; q: DeepShift-Q; ps: DeepShift-PS (default none)")
+    m.add_argument("--weight-bits", type=int, default=5, help="bits per shift weight, 2..8 (default 5)")
+    m.add_argument("--act-bits", type=int, nargs=2, metavar=("I", "F"),
+                   help="round shift-layer inputs and bias to fixed point, I integer bits (sign included) "
+                        "and F fraction bits (paper: 16 16, low-bit example 3 5); default: no rounding")
+    m.add_argument("--act-rounding", choices=("nearest", "floor"), default="nearest",
+                   help="fixed-point rounding of activations (original code: floor)")
+    m.add_argument("--rounding", choices=("deterministic", "stochastic"), default="deterministic",
+                   help="weight rounding during training (evaluation is always deterministic)")
+    m.add_argument("--shift-depth", type=int, metavar="N",
+                   help="convert only the last N conv/linear layers (default: all)")
+    m.add_argument("--max-shift", type=int, default=0, help="largest shift p_max (0: |w| <= 1, the paper)")
+    m.add_argument("--freeze-sign", action="store_true", help="PS: keep the sign parameters fixed")
+
+    o = p.add_argument_group("optimisation (defaults: the paper's recipe for --data)")
+    o.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
+                   help="torch.optim optimizer (paper: sgd; radam for PS from scratch)")
+    o.add_argument("--lr", type=float, help="learning rate (mnist-like 0.01, cifar10 0.1, imagenet 0.1; "
+                                            "0.001 for cifar10 --from)")
+    o.add_argument("--lr-sign", type=float, help="PS: separate learning rate for sign parameters")
+    o.add_argument("--lr-shift", type=float,
+                   help="PS: separate learning rate for shift parameters (they live in the log domain, "
+                        "so they often want a larger lr than float weights)")
+    o.add_argument("--momentum", type=float, help="SGD/RMSprop momentum (mnist-like 0, else 0.9)")
+    o.add_argument("--weight-decay", type=float, help="weight decay, not applied to PS shift/sign "
+                                                      "(mnist-like 0, else 1e-4)")
+    o.add_argument("--lr-schedule", choices=SCHEDULES,
+                   help="mnist-like: none; cifar10: multistep 80,120,160,180 (--from: step 5); "
+                        "imagefolder: step 30")
+    o.add_argument("--lr-step", type=int, help="epochs between x gamma decays for --lr-schedule step")
+    o.add_argument("--lr-milestones", type=lambda s: [int(v) for v in s.split(",")], metavar="E1,E2,...",
+                   help="epochs of x gamma decays for --lr-schedule multistep")
+    o.add_argument("--lr-gamma", type=float, default=0.1, help="decay factor (default 0.1)")
+    o.add_argument("--epochs", type=int, help="epochs (mnist-like 10, cifar10 200 (--from: 15), imagenet 90)")
+    o.add_argument("--batch-size", type=int, help="batch size (mnist-like 64, cifar10 128, imagenet 256)")
+    o.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and augmentation")
+
+    r = p.add_argument_group("run")
+    r.add_argument("--from", dest="from_checkpoint", metavar="CHECKPOINT",
+                   help="start from a trained float model (best.pt of a --method none run, or a "
+                        "state_dict file), convert it, then fine-tune (the paper's 'from pretrained')")
+    r.add_argument("--out", default="runs/deepshift", help="output folder (default runs/deepshift)")
+    r.add_argument("--overwrite", action="store_true", help="replace the run in a non-empty --out")
+    r.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                   help="also write last.pt every N steps within an epoch (exact mid-epoch resume)")
+    r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default auto)")
+    r.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``deepshift`` parser; other subcommands add themselves to ``parser.subcommands``."""
+    parser = _Parser(prog="deepshift", description="DeepShift: multiplication-less neural networks "
+                     "(DeepShift-Q / DeepShift-PS). Train, evaluate and compare shift networks.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"deepshift {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    parser.subcommands = sub
+
+    t = sub.add_parser("train", help="train a model (float, Q or PS) and write an output folder",
+                       description="Train with the paper's recipes. Writes --out: config.json, "
+                       "metrics.csv, metrics.json, last.pt, best.pt, curves.png.",
+                       epilog="examples:\n"
+                       "  deepshift train --data fashion-mnist --model mnist-conv --method ps --out runs/ps\n"
+                       "  deepshift train --data cifar10 --data-dir ~/cifar --model resnet20 --method q "
+                       "--from runs/float/best.pt --out runs/q\n"
+                       "  deepshift train --resume runs/ps",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("--resume", metavar="DIR",
+                   help="continue the stopped run in DIR; other options are ignored except --epochs "
+                        "(extend the run), --device and --quiet")
+    t.add_argument("--list-models", action="store_true", help="print the model names and exit")
+    _add_train_options(t)
+    t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint on its dataset's test (or val) split")
+    e.add_argument("--from", dest="from_checkpoint", required=True, metavar="CHECKPOINT",
+                   help="best.pt or last.pt of a run")
+    e.add_argument("--split", choices=("test", "val"), default="test")
+    e.add_argument("--data-dir", help="override the data folder stored in the checkpoint")
+    e.add_argument("--batch-size", type=int, help="default: the run's batch size")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=_cmd_eval)
+
+    c = sub.add_parser("compare", help="train float, Q and PS with one recipe and print a table",
+                       description="Runs `train` three times (--method none, q, ps) with the same options "
+                       "into OUT/float, OUT/q, OUT/ps, then prints test top-1 and seconds per epoch.")
+    _add_train_options(c)
+    c.set_defaults(func=_cmd_compare)
+    return parser
+
+
+def _config_from_args(args: argparse.Namespace):
+    from .train import TrainConfig
+
+    names = set(TrainConfig.__dataclass_fields__)
+    kwargs = {k: v for k, v in vars(args).items() if k in names}
+    if kwargs.get("data") == "auto":
+        from .data import default_dataset
+
+        kwargs["data"] = default_dataset()
+    if kwargs.get("act_bits") is not None:
+        kwargs["act_bits"] = tuple(kwargs["act_bits"])
+    return TrainConfig(**kwargs)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train import resume, train
+
+    if args.list_models:
+        from .models import model_names
+
+        print("\n".join(model_names()))
+        return 0
+    if args.resume:
+        resume(args.resume, quiet=args.quiet or None, epochs=args.epochs,
+               device=None if args.device == "auto" else args.device)
+    else:
+        train(_config_from_args(args))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .train import evaluate_checkpoint
+
+    m = evaluate_checkpoint(args.from_checkpoint, split=args.split, data_dir=args.data_dir,
+                            device=args.device, batch_size=args.batch_size, quiet=args.quiet)
+    if args.json:
+        print(json.dumps(m, sort_keys=True))
+    else:
+        print(f"{args.split} top-1 {m['top1']:.2f}  top-5 {m['top5']:.2f}  loss {m['loss']:.4f}  "
+              f"({m['n']} examples)")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from .train import train
+
+    base = _config_from_args(args)
+    rows = []
+    for label, method in (("float", "none"), ("Q", "q"), ("PS", "ps")):
+        cfg = replace(base, method=method, out=str(Path(base.out) / label.lower()))
+        if not base.quiet:
+            print(f"== {label} ==", flush=True)
+        m = train(cfg)
+        rows.append((label, m["test_top1"], m["test_top5"], m["seconds_per_epoch"]))
+    print(f"{base.data}, {base.model or 'default model'}, {base.epochs or 'default'} epochs")
+    print(f"{'method':<8}{'test top-1':>11}{'test top-5':>11}{'s/epoch':>9}")
+    for label, top1, top5, spe in rows:
+        print(f"{label:<8}{top1:>11.2f}{top5:>11.2f}{spe:>9.1f}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``deepshift`` console script; returns the exit status."""
+    from .data import DataError
+    from .models import UnknownModelError
+    from .train import TrainError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return args.func(args)
+    except (TrainError, DataError, UnknownModelError) as exc:
+        message = " ".join(str(exc).split())
+        print(f"deepshift: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("deepshift: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
