@@ -220,3 +220,23 @@ def test_summary_lists_each_layer():
     assert "3.5" in lines[1]
     assert lines[-1].startswith("1 shift layers, 24 shift weights, 2*1*3*3 + 2 + 3 float".split(",")[0])
     assert "23 float parameters" in lines[-1]  # conv 18 + 2 bias, linear bias 3
+
+
+@pytest.mark.parametrize("cfg", [QConfig(act_bits=(4, 4)), PSConfig(act_bits=(4, 4))], ids=cfg_id)
+def test_eval_cache_follows_every_parameter_change(cfg):
+    layer = deepshift.convert_(nn.Linear(6, 3), cfg).eval()
+    x = torch.randn(5, 6)
+    with torch.no_grad():
+        first = layer(x)
+        assert torch.equal(layer(x), first)  # served from the cache, same value
+        for p in layer.parameters():  # an in-place update (what optimizers do) invalidates it
+            p.mul_(-1.0)
+        flipped = layer(x)
+    assert not torch.equal(flipped, first)
+    fresh = deepshift.convert_(nn.Linear(6, 3), cfg).eval()
+    fresh.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        assert torch.equal(fresh(x), flipped)
+    # with gradients on, nothing is cached and gradients still reach the parameters
+    layer(x).sum().backward()
+    assert all(p.grad is not None for p in layer.parameters() if p.requires_grad)

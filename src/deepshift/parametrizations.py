@@ -15,7 +15,34 @@ from .config import PSConfig, QConfig
 from .quantize import fixed_point, ps_from_weight, ps_weight, q_weight
 
 
-class ShiftQ(nn.Module):
+class _EvalCache(nn.Module):
+    """Reuses the rounded tensor across inference passes while its inputs are unchanged.
+
+    Only in eval mode with gradients off and outside torch.compile: there the result is a pure
+    function of the parameters, so it is keyed on their storage, version counter (bumped by
+    every in-place update: optimizer steps, load_state_dict), dtype and shape. Nothing is
+    stored in the state_dict and no parameter is touched.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._cache_key: tuple | None = None
+        self._cache_value: Tensor | None = None
+
+    def _cached(self, compute, *tensors: Tensor) -> Tensor:
+        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return compute()
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape)) for t in tensors)
+        if key != self._cache_key or self._cache_value is None:
+            self._cache_value, self._cache_key = compute(), key
+        return self._cache_value
+
+    def train(self, mode: bool = True):
+        self._cache_key = self._cache_value = None  # drop the copy when leaving eval
+        return super().train(mode)
+
+
+class ShiftQ(_EvalCache):
     """DeepShift-Q: the stored parameter is the float weight; forward rounds it to ``s * 2**p``.
 
     Registered on ``weight``, the float tensor stays at ``parametrizations.weight.original``.
@@ -29,13 +56,13 @@ class ShiftQ(nn.Module):
 
     def forward(self, weight: Tensor) -> Tensor:
         stochastic = self.training and self.config.rounding == "stochastic"
-        return q_weight(weight, self.config.shift_range, stochastic)
+        return self._cached(lambda: q_weight(weight, self.config.shift_range, stochastic), weight)
 
     def extra_repr(self) -> str:
         return _describe(self.config)
 
 
-class ShiftPS(nn.Module):
+class ShiftPS(_EvalCache):
     """DeepShift-PS: two stored parameters, ``shift`` and ``sign``; forward gives ``s * 2**p``.
 
     Registered on ``weight``, they live at ``parametrizations.weight.original0`` (shift) and
@@ -51,7 +78,8 @@ class ShiftPS(nn.Module):
 
     def forward(self, shift: Tensor, sign: Tensor) -> Tensor:
         stochastic = self.training and self.config.rounding == "stochastic"
-        return ps_weight(shift, sign, self.config.shift_range, stochastic)
+        return self._cached(lambda: ps_weight(shift, sign, self.config.shift_range, stochastic),
+                            shift, sign)
 
     def right_inverse(self, weight: Tensor) -> tuple[Tensor, Tensor]:
         return ps_from_weight(weight, self.config.shift_range)
@@ -60,7 +88,7 @@ class ShiftPS(nn.Module):
         return _describe(self.config)
 
 
-class FixedPointBias(nn.Module):
+class FixedPointBias(_EvalCache):
     """Rounds a shift layer's bias to the same fixed point as its inputs (one rule for every layer)."""
 
     def __init__(self, config: QConfig | PSConfig):
@@ -68,7 +96,7 @@ class FixedPointBias(nn.Module):
         self.config = config
 
     def forward(self, bias: Tensor) -> Tensor:
-        return fixed_point(bias, self.config.act_bits, self.config.act_rounding)
+        return self._cached(lambda: fixed_point(bias, self.config.act_bits, self.config.act_rounding), bias)
 
 
 class FixedPointInput:

@@ -114,18 +114,19 @@ def fixed_point(x: Tensor, act_bits: tuple[int, int], rounding: str = "nearest")
     """Round ``x`` to signed fixed point with ``I`` integer bits (sign included) and ``F`` fraction bits.
 
     Values are multiples of ``2**-F`` in ``[-2**(I-1), 2**(I-1) - 2**-F]``; out-of-range values
-    saturate. The gradient is straight-through inside the range and zero where saturated.
-    NaN stays NaN.
+    (and infinities) saturate. The gradient is straight-through inside the range and zero where
+    saturated. A NaN becomes the lower bound, as in torch's ``fake_quantize`` (keeping NaN
+    would cost two more passes over every activation); training loops catch divergence through
+    the loss and parameters (``deepshift train`` checks both), and frozen layers reject NaN
+    inputs with an error.
     """
     frac_bits = act_bits[1]
     lo, hi = fixed_point_limits(act_bits)
     if rounding == "nearest" and x.dtype in (torch.float32, torch.float64):
-        # One fused kernel with the same semantics (round half to even, clamp, masked STE),
-        # except that it maps NaN to the lower bound: adding (x - x), zero for finite x and
-        # NaN for NaN, keeps a diverged input visible.
-        xd = x.detach()
-        return torch.fake_quantize_per_tensor_affine(x, 2.0**-frac_bits, 0, lo, hi) + (xd - xd)
-    q = to_fixed_point_int(x, act_bits, rounding) * 2.0**-frac_bits
+        # One fused kernel: round half to even, clamp, masked straight-through gradient.
+        return torch.fake_quantize_per_tensor_affine(x, 2.0**-frac_bits, 0, lo, hi)
+    q = to_fixed_point_int(x, act_bits, rounding).nan_to_num(nan=lo) * 2.0**-frac_bits
     scaled = x.detach() * 2.0**frac_bits
     inside = (scaled >= lo) & (scaled <= hi)
-    return q.detach() + (x - x.detach()) * inside
+    # where(), not a product: (x - x) is NaN for infinite x, and NaN * 0 would leak into the value.
+    return q.detach() + torch.where(inside, x - x.detach(), torch.zeros_like(x))
