@@ -29,6 +29,7 @@ from .convert import (
 from .export import PackedFormatError, compression_report, load_packed, save_packed
 from .freeze import DEFAULT_ACT_BITS, freeze_
 from .kernels import cpu as _native_cpu  # noqa: F401  registers the C++ CPU kernels (built lazily)
+from .kernels import triton_ops as _triton_ops  # Triton CUDA kernels (triton imported on first use)
 from .modules import ShiftConvNd, ShiftLinear, is_frozen_layer
 from .onnx_export import export_onnx
 from .optim import clamp_parameters_, param_groups
@@ -38,6 +39,8 @@ from .report import plot_shift_histograms, savings_report
 from .summary import summary
 
 __version__ = "0.1.0"
+
+_triton_ops.register_cuda_kernels()  # no-op without CUDA, triton or with DEEPSHIFT_NO_NATIVE=1
 
 __all__ = [
     "DEFAULT_ACT_BITS",

@@ -1,0 +1,229 @@
+"""CPU kernel benchmark: frozen shift layers / models vs torch float32 and torch int8 dynamic quantization.
+
+Run: ``.venv/bin/python benchmarks/kernels.py [--threads 2] [--seconds 1.5] [--quick]``
+
+Everything is measured in one process with ``torch.set_num_threads`` fixed; each time is the median
+of repeated runs after warm-up, the candidates of a case run interleaved (round-robin) so that they
+see the same load on a shared machine; the fastest run of each is printed too. Ratios are
+ours / baseline (< 1 means we are faster).
+
+* "frozen": everything the frozen module does per call (rounding the float input to fixed point,
+  the op, scaling back to float), as deepshift.modules does it today;
+* "fused-io": the same, with the input rounding / output scaling done by the fused native helpers
+  ``deepshift.kernels.cpu.quantize_input`` / ``scale_output`` (a proposal for deepshift.modules;
+  results identical, asserted);
+* "op": the raw ``torch.ops.deepshift.*`` calls on pre-quantized integer inputs (for a whole model,
+  every shift layer's op on its input captured from one forward).
+
+Weights: 5-bit DeepShift-Q; activations: 8-bit fixed point (act_bits = (4, 4)).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+from torch import nn
+
+import deepshift
+from deepshift.kernels import cpu as native
+
+ACT_BITS = (4, 4)
+WEIGHT_BITS = 5
+
+
+def measure(fns: dict, seconds: float, min_reps: int = 5, warmup: int = 2) -> dict:
+    """{name: (median, min) seconds} of each ``fns[name]()``, the calls interleaved round-robin so that
+    every candidate sees the same machine load (this machine is shared); ~``seconds`` per candidate."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict = {name: [] for name in fns}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < min_reps or (time.perf_counter() - start < seconds * len(fns) and rounds < 1000):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+        rounds += 1
+    return {name: (statistics.median(v), min(v)) for name, v in times.items()}
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    import copy
+
+    m = copy.deepcopy(model)
+    deepshift.convert_(m, deepshift.QConfig(weight_bits=WEIGHT_BITS, act_bits=ACT_BITS))
+    return deepshift.freeze_(m).eval()
+
+
+def op_callable(frozen: nn.Module, x: torch.Tensor):
+    """A function running the raw op of every frozen shift layer on that layer's quantized input
+    (captured from one forward): the model's time inside the shift ops."""
+    captured = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args: captured.append((mod, args[0])))
+             for m in frozen.modules() if deepshift.is_frozen_layer(m)]
+    with torch.no_grad():
+        frozen(x)
+    for h in hooks:
+        h.remove()
+    calls = []
+    for mod, inp in captured:
+        q = mod._quantize(inp)
+        b = mod._bias()
+        if mod.kind == "linear":
+            args = (q, mod.codes, list(mod.weight_shape), mod.weight_bits, mod.has_zero, mod.shift_lo, b)
+            calls.append((torch.ops.deepshift.shift_linear, args))
+            continue
+        if mod._pad_outside:
+            q = torch.nn.functional.pad(q, mod._pads)
+            pad = [0] * len(mod.kernel_size)
+        else:
+            pad = list(mod.padding)
+        if q.dim() == len(mod.kernel_size) + 1:
+            q = q.unsqueeze(0)
+        calls.append((torch.ops.deepshift.shift_conv,
+                      (q, mod.codes, list(mod.weight_shape), mod.weight_bits, mod.has_zero, mod.shift_lo, b,
+                       list(mod.stride), pad, list(mod.dilation), mod.groups, mod.transposed,
+                       list(mod.output_padding))))
+
+    def run():
+        for op, args in calls:
+            op(*args)
+
+    return run
+
+
+def fused_io(frozen: nn.Module) -> nn.Module:
+    """A copy of ``frozen`` whose layers round inputs / scale outputs with the fused native helpers
+    (``deepshift.kernels.cpu.quantize_input`` / ``scale_output``): same results, one pass each.
+    This shows what the frozen modules would cost with those helpers wired in (a proposal)."""
+    import copy
+    import types
+
+    from deepshift import modules
+
+    fused = copy.deepcopy(frozen)
+    for m in fused.modules():
+        if not deepshift.is_frozen_layer(m):
+            continue
+        orig_q, orig_s = m._quantize, m._scale
+
+        def _quantize(self, x, orig_q=orig_q):
+            acc = modules._ACC_DTYPES[self.accumulator]
+            q = native.quantize_input(x, self.act_bits, self.act_rounding, acc)
+            return orig_q(x) if q is None else q
+
+        def _scale(self, y, like, orig_s=orig_s):
+            dtype = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float32
+            out = native.scale_output(y, min(self.shift_lo, 0) - self.act_bits[1], dtype)
+            return orig_s(y, like) if out is None else out
+
+        m._quantize = types.MethodType(_quantize, m)
+        m._scale = types.MethodType(_scale, m)
+    return fused
+
+
+def accumulators(frozen: nn.Module) -> str:
+    accs = sorted({m.accumulator for m in frozen.modules() if deepshift.is_frozen_layer(m)})
+    return "/".join(accs)
+
+
+def bench_linear(add, sec: float) -> None:
+    """Linear 4096 x 4096 at batch 1 and 64: vs fp32 and vs int8 dynamic quantization."""
+    lin = nn.Sequential(nn.Linear(4096, 4096)).eval()
+    qlin = torch.ao.quantization.quantize_dynamic(lin, {nn.Linear}, dtype=torch.qint8)
+    flin = frozen_copy(lin)
+    ulin = fused_io(flin)
+    for batch in (1, 64):
+        x = torch.randn(batch, 4096)
+        assert torch.equal(flin(x), ulin(x))
+        t = measure({"frozen": lambda x=x: flin(x), "fused": lambda x=x: ulin(x), "op": op_callable(flin, x),
+                     "fp32": lambda x=x: lin(x), "int8-dyn": lambda x=x: qlin(x)}, sec)
+        note = f"acc {accumulators(flin)}"
+        add(f"Linear 4096x4096 batch {batch}", t, "fp32", note)
+        add(f"Linear 4096x4096 batch {batch}", t, "int8-dyn", note)
+
+
+def bench_conv(add, sec: float) -> None:
+    """Conv2d 3x3 64 -> 64, 56 x 56, batch 1, padding 1."""
+    conv = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1)).eval()
+    fconv = frozen_copy(conv)
+    uconv = fused_io(fconv)
+    x = torch.randn(1, 64, 56, 56)
+    assert torch.equal(fconv(x), uconv(x))
+    t = measure({"frozen": lambda: fconv(x), "fused": lambda: uconv(x), "op": op_callable(fconv, x),
+                 "fp32": lambda: conv(x)}, sec)
+    add("Conv2d 3x3 64->64 56x56 batch 1", t, "fp32", f"acc {accumulators(fconv)}")
+
+
+def bench_resnet(add, sec: float) -> None:
+    """CIFAR ResNet-20, whole model, batch 128 and 1."""
+    try:
+        from deepshift.models import build_model
+
+        net = build_model("resnet20").eval()
+    except Exception as exc:  # the model zoo is optional here
+        print(f"  ResNet-20 skipped: {type(exc).__name__}: {exc}")
+        return
+    fnet = frozen_copy(net)
+    unet = fused_io(fnet)
+    for batch in (128, 1):
+        x = torch.randn(batch, 3, 32, 32)
+        assert torch.equal(fnet(x), unet(x))
+        t = measure({"frozen": lambda x=x: fnet(x), "fused": lambda x=x: unet(x), "op": op_callable(fnet, x),
+                     "fp32": lambda x=x: net(x)}, sec)
+        add(f"ResNet-20 CIFAR batch {batch}", t, "fp32", f"acc {accumulators(fnet)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=1.5, help="time budget per measurement")
+    parser.add_argument("--quick", action="store_true", help="smaller budgets (smoke run)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    sec = 0.3 if args.quick else args.seconds
+    warnings.simplefilter("ignore", UserWarning)
+    if not native.native_available():
+        print("WARNING: native kernels unavailable; timing the reference ops", file=sys.stderr)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, native "
+          f"{native.set_isa('auto') if native.native_available() else 'off'}, "
+          f"load {os.getloadavg()[0]:.2f}, weights {WEIGHT_BITS}-bit Q, act_bits {ACT_BITS}")
+    rows = []
+
+    def add(name, t, base_name, note=""):
+        rows.append((name, t, base_name, note))
+        (fr, frb), (fu, fub), (op, opb), (base, baseb) = t["frozen"], t["fused"], t["op"], t[base_name]
+        print(f"  {name:<32} vs {base_name:<8} median ms: frozen {fr * 1e3:8.3f} fused-io {fu * 1e3:8.3f} "
+              f"op {op * 1e3:8.3f} base {base * 1e3:8.3f} | ratios (median) {fr / base:.3f} / "
+              f"{fu / base:.3f} / {op / base:.3f}  (best) {frb / baseb:.3f} / {fub / baseb:.3f} / "
+              f"{opb / baseb:.3f}  {note}",
+              flush=True)
+
+    with torch.no_grad():
+        bench_linear(add, sec)
+        bench_conv(add, sec)
+        bench_resnet(add, sec)
+    print(f"\nload average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print("\nRatios are ours / baseline; 'median' from the medians, 'best' from the fastest run of each.")
+    print("| case | baseline | baseline ms | frozen ms | fused-io ms | op ms | frozen/base | fused-io/base "
+          "| op/base | best: frozen / fused-io / op | note |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|")
+    for name, t, bname, note in rows:
+        (fr, frb), (fu, fub), (op, opb), (base, baseb) = t["frozen"], t["fused"], t["op"], t[bname]
+        print(f"| {name} | {bname} | {base * 1e3:.3f} | {fr * 1e3:.3f} | {fu * 1e3:.3f} | {op * 1e3:.3f} "
+              f"| {fr / base:.3f} | {fu / base:.3f} | {op / base:.3f} "
+              f"| {frb / baseb:.3f} / {fub / baseb:.3f} / {opb / baseb:.3f} | {note} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,529 @@
+// deepshift native CPU kernels for deepshift::shift_linear / deepshift::shift_conv.
+//
+// Built on first use by deepshift/kernels/cpu.py (torch.utils.cpp_extension.load), which registers
+// the Python wrappers as the ops' CPU kernels. Semantics: see deepshift/ops.py (bit-exact contract).
+//
+// Two instruction-set variants of the kernels (shift_cpu_impl.h) live in this one translation unit:
+// ds_portable (baseline x86-64 / any GCC target) and ds_avx2 (compiled under a target pragma); the
+// AVX2 one is picked at run time with __builtin_cpu_supports("avx2"). Parallelism: at::parallel_for
+// (OpenMP, torch's thread count).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <atomic>
+#include <tuple>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define DS_X86 1
+#endif
+
+// Geometry of one conv call (1d/2d are 3d with size-1 dims). The per-call table of pre-shifted
+// inputs of one image is laid out [c][slot][Dp][Hp][sw phases][Wq]: phase r of a padded row holds the
+// columns r, r + sw, r + 2 sw, ... so every kernel offset reads a contiguous run of output columns.
+struct Geom {
+  int64_t C, D, H, W;
+  int64_t pd, ph, pw;
+  int64_t sd, sh, sw;
+  int64_t Dp, Hp, Wq, RW, S;  // RW = sw * Wq (one padded row), S = Dp * Hp * RW (one (c, slot) plane)
+  int64_t P;                  // shift amounts in use (table slots)
+  int64_t OD, OH, OW;
+  int64_t Cout, Cout_g, NCB;  // NCB: channel blocks the term lists are split into
+};
+
+// Term lists of one conv plan (see conv_plan): per entry e = (group, channel block, output channel),
+// terms[tstart[e] ..] grouped by shift amount; groups[3 j ..] = (shift before the group, positive count,
+// negative count) for j in [gstart[e], gstart[e + 1]); fshift[e] = final shift (the smallest amount).
+struct PlanView {
+  const int32_t* terms;
+  const int64_t* tstart;
+  const int64_t* gstart;
+  const int32_t* groups;
+  const int32_t* fshift;
+};
+
+
+namespace ds_portable {
+#include "shift_cpu_impl.h"
+}  // namespace ds_portable
+
+#ifdef DS_X86
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,bmi2")
+#define DS_AVX2_TU 1
+namespace ds_avx2 {
+#include "shift_cpu_impl.h"
+}  // namespace ds_avx2
+#undef DS_AVX2_TU
+#pragma GCC pop_options
+#endif
+
+namespace {
+
+// Below this many vector operations a call runs on one thread (~0.1 ms of work).
+constexpr double kSerialWork = 2e5;
+
+// 1 = AVX2, 0 = portable; -1 = not decided yet.
+int g_isa = -1;
+
+bool use_avx2() {
+  if (g_isa < 0) {
+#ifdef DS_X86
+    __builtin_cpu_init();
+    g_isa = __builtin_cpu_supports("avx2") ? 1 : 0;
+#else
+    g_isa = 0;
+#endif
+  }
+  return g_isa == 1;
+}
+
+// Force the instruction set (tests): 1 = AVX2 (if the CPU has it), 0 = portable, -1 = auto.
+int64_t set_isa(int64_t isa) {
+  g_isa = -1;
+  bool has = use_avx2();
+  if (isa == 0) g_isa = 0;
+  if (isa == 1) g_isa = has ? 1 : 0;
+  return g_isa;
+}
+
+int64_t current_isa() { return use_avx2() ? 1 : 0; }
+
+// Decode canonical packed codes into signed shift codes (int8, one per weight):
+// 0 = the weight contributes nothing (PS zero, or a shift >= the lane width, which torch's
+// left shift turns into 0), else sign * (amount + 1) with amount = rel + base the left-shift
+// amount (base = shift_lo - min(shift_lo, 0) >= 0).
+// Returns (scode, max amount over non-zero weights regardless of width, or -1).
+std::tuple<torch::Tensor, int64_t> decode(const torch::Tensor& codes, int64_t numel, int64_t bits, bool has_zero,
+                                          int64_t base, int64_t width) {
+  TORCH_CHECK(codes.dtype() == torch::kUInt8 && codes.is_contiguous(), "codes must be contiguous uint8");
+  TORCH_CHECK(bits >= 2 && bits <= 8 && base >= 0, "bad bits/base");
+  TORCH_CHECK(codes.numel() == (numel * bits + 7) / 8, "codes have the wrong length");
+  auto out = torch::empty({numel}, torch::kInt8);
+  const uint8_t* c = codes.data_ptr<uint8_t>();
+  int8_t* o = out.data_ptr<int8_t>();
+  const int64_t nbytes = codes.numel();
+  const unsigned mask = (1u << bits) - 1u, fmask = (1u << (bits - 1)) - 1u;
+  std::atomic<int64_t> max_amount(-1);
+  at::parallel_for(0, numel, 1 << 16, [&](int64_t b, int64_t e) {
+    int64_t local_max = -1;
+    int64_t bit = b * bits;  // index arithmetic
+    for (int64_t i = b; i < e; ++i, bit += bits) {
+      const int64_t byte = bit >> 3;
+      unsigned v = c[byte];
+      if (byte + 1 < nbytes) v |= static_cast<unsigned>(c[byte + 1]) << 8;
+      const unsigned code = (v >> (bit & 7)) & mask;
+      const unsigned field = code & fmask;
+      const bool neg = (code >> (bits - 1)) != 0;
+      int8_t s = 0;
+      if (!(has_zero && field == 0)) {
+        const int64_t amount = static_cast<int64_t>(has_zero ? field - 1 : field) + base;
+        local_max = std::max(local_max, amount);
+        if (amount < width) s = static_cast<int8_t>(neg ? -(amount + 1) : amount + 1);
+      }
+      o[i] = s;
+    }
+    int64_t cur = max_amount.load();
+    while (local_max > cur && !max_amount.compare_exchange_weak(cur, local_max)) {
+    }
+  });
+  return std::make_tuple(out, max_amount.load());
+}
+
+// Byte tiles for the small-batch Linear kernel: [ceil(O/8)][K][8], see gemv_tiles.
+torch::Tensor gemv_layout(const torch::Tensor& scode) {
+  TORCH_CHECK(scode.dim() == 2 && scode.dtype() == torch::kInt8 && scode.is_contiguous(), "bad scode");
+  const int64_t O = scode.size(0), K = scode.size(1), OT = (O + 7) / 8;
+  auto out = torch::zeros({OT, K, 8}, torch::kInt8);
+  const int8_t* s = scode.data_ptr<int8_t>();
+  int8_t* t = out.data_ptr<int8_t>();
+  at::parallel_for(0, OT, 1, [&](int64_t b, int64_t e) {
+    for (int64_t ot = b; ot < e; ++ot)
+      for (int64_t j = 0; j < 8 && ot * 8 + j < O; ++j) {
+        const int8_t* row = s + (ot * 8 + j) * K;
+        int8_t* dst = t + ot * K * 8 + j;
+        for (int64_t k = 0; k < K; ++k) {
+          const int v = row[k];
+          int8_t code = 0;
+          if (v != 0) {
+            const int a = (v < 0 ? -v : v) - 1;
+            if (a < 32) code = static_cast<int8_t>((v < 0 ? 0xA0 : 0x20) | a);
+          }
+          dst[k * 8] = code;
+        }
+      }
+  });
+  return out;
+}
+
+// Small-batch Linear on int32 lanes: x (M, K) int32, tiles from gemv_layout, bias (O,) int32 already
+// shifted, or an undefined tensor.
+torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& tiles, int64_t O,
+                   const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && x.dtype() == torch::kInt32 && x.is_contiguous(), "bad x");
+  const int64_t M = x.size(0), K = x.size(1), OT = (O + 7) / 8;
+  TORCH_CHECK(tiles.numel() == OT * K * 8, "bad tiles");
+  auto y = torch::empty({M, O}, torch::kInt32);
+  const uint32_t* xp = reinterpret_cast<const uint32_t*>(x.data_ptr<int32_t>());
+  const int8_t* tp = tiles.data_ptr<int8_t>();
+  const uint32_t* bp = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dtype() == torch::kInt32 && bias->numel() == O && bias->is_contiguous(), "bad bias");
+    bp = reinterpret_cast<const uint32_t*>(bias->data_ptr<int32_t>());
+  }
+  uint32_t* yp = reinterpret_cast<uint32_t*>(y.data_ptr<int32_t>());
+  const bool avx = use_avx2();
+  for (int64_t m0 = 0; m0 < M; m0 += 4) {
+    const int mb = static_cast<int>(std::min<int64_t>(4, M - m0));
+#ifdef DS_X86
+    auto fn = avx ? ds_avx2::gemv_fn(mb) : ds_portable::gemv_fn(mb);
+#else
+    auto fn = ds_portable::gemv_fn(mb);
+#endif
+    // Output rows m0.. write y[(m0 + m) * O + o]: pass shifted base pointers.
+    const int64_t grain = std::max<int64_t>(16, static_cast<int64_t>(kSerialWork / std::max<int64_t>(1, K * mb)));
+    at::parallel_for(0, OT, grain, [&](int64_t b, int64_t e) {
+      fn(xp + m0 * K, K, tp, b, e, O, bp, yp + m0 * O);
+    });
+  }
+  (void)avx;
+  return y;
+}
+
+struct Plan {
+  std::vector<uint8_t> amounts;
+  int64_t CB = 1;
+};
+
+Geom make_geom(const std::vector<int64_t>& xs /*N,C,D,H,W*/, const std::vector<int64_t>& ws,
+                            const std::vector<int64_t>& stride, const std::vector<int64_t>& pad,
+                            const std::vector<int64_t>& dil, int64_t groups, int64_t P, int64_t NCB) {
+  Geom g{};
+  g.C = xs[1];
+  g.D = xs[2];
+  g.H = xs[3];
+  g.W = xs[4];
+  g.pd = pad[0];
+  g.ph = pad[1];
+  g.pw = pad[2];
+  g.sd = stride[0];
+  g.sh = stride[1];
+  g.sw = stride[2];
+  g.Dp = g.D + 2 * g.pd;
+  g.Hp = g.H + 2 * g.ph;
+  const int64_t Wp = g.W + 2 * g.pw;
+  g.Wq = (Wp + g.sw - 1) / g.sw;
+  g.RW = g.sw * g.Wq;
+  g.S = g.Dp * g.Hp * g.RW;
+  g.P = P;
+  g.OD = (g.Dp - dil[0] * (ws[2] - 1) - 1) / g.sd + 1;
+  g.OH = (g.Hp - dil[1] * (ws[3] - 1) - 1) / g.sh + 1;
+  g.OW = (Wp - dil[2] * (ws[4] - 1) - 1) / g.sw + 1;
+  g.Cout = ws[0];
+  g.Cout_g = ws[0] / groups;
+  g.NCB = NCB;
+  return g;
+}
+
+int vectors_for(int64_t OW, int64_t lanes) {
+  const int64_t nv = (OW + lanes - 1) / lanes;
+  return static_cast<int>(std::min<int64_t>(8, std::max<int64_t>(1, nv)));
+}
+
+// Term lists of a conv for one input geometry. scode: (Cout, Cin_g, KD, KH, KW) int8.
+// Returns (terms int32, tstart int64 [E + 1], gstart int64 [E + 1], groups int32 [NG, 3], fshift int32 [E],
+// [CB, NCB]). A term is the offset of a weight's input (channel, kernel position) in the per-image table
+// of the zero-padded input; see conv_item for the order and the Horner evaluation.
+std::vector<torch::Tensor> conv_plan(const torch::Tensor& scode, std::vector<int64_t> xs, int64_t groups,
+                                     std::vector<int64_t> stride, std::vector<int64_t> pad,
+                                     std::vector<int64_t> dil, int64_t elem_size, int64_t l2_budget) {
+  TORCH_CHECK(scode.dim() == 5 && scode.dtype() == torch::kInt8 && scode.is_contiguous(), "bad scode");
+  std::vector<int64_t> ws(scode.sizes().begin(), scode.sizes().end());
+  const int64_t Cout = ws[0], Cin_g = ws[1], KD = ws[2], KH = ws[3], KW = ws[4];
+  const int64_t KK = KD * KH * KW;
+  const int8_t* s = scode.data_ptr<int8_t>();
+  auto g = make_geom(xs, ws, stride, pad, dil, groups, 1, 1);
+  TORCH_CHECK(g.C * g.S < (int64_t(1) << 31), "per-image table too large");
+  // Channel block: the table slice one row block reads stays within ~l2_budget bytes.
+  const int64_t L = 32 / elem_size;
+  const int V = vectors_for(g.OW, L);
+  const int R = static_cast<int>(std::min<int64_t>(ds_portable::rows_for(V), g.OD * g.OH));
+  const int64_t rows = KD * ((R - 1) * g.sh + (KH - 1) * dil[1] + 1);
+  const int64_t per_channel = rows * g.RW * elem_size;
+  const int64_t CB = std::max<int64_t>(1, std::min<int64_t>(Cin_g, l2_budget / std::max<int64_t>(1, per_channel)));
+  const int64_t NCB = (Cin_g + CB - 1) / CB;
+  const int64_t Cout_g = Cout / groups;
+  const int64_t E = groups * NCB * Cout_g;
+  // Offsets of each kernel position inside a channel plane (index arithmetic).
+  std::vector<int64_t> koff(KK);
+  for (int64_t kd = 0; kd < KD; ++kd)
+    for (int64_t kh = 0; kh < KH; ++kh)
+      for (int64_t kw = 0; kw < KW; ++kw) {
+        const int64_t w = kw * dil[2];
+        koff[(kd * KH + kh) * KW + kw] = (kd * dil[0] * g.Hp + kh * dil[1]) * g.RW + (w % g.sw) * g.Wq + w / g.sw;
+      }
+  auto tstart = torch::empty({E + 1}, torch::kInt64);
+  auto gstart = torch::empty({E + 1}, torch::kInt64);
+  auto fshift = torch::zeros({E}, torch::kInt32);
+  int64_t* ts = tstart.data_ptr<int64_t>();
+  int64_t* gs = gstart.data_ptr<int64_t>();
+  int32_t* fs = fshift.data_ptr<int32_t>();
+  std::vector<int32_t> terms;
+  terms.reserve(scode.numel());
+  std::vector<int32_t> grp;
+  // Counting sort of one entry's terms by key = (63 - amount) * 2 + negative: amounts descending,
+  // positives before negatives.
+  std::vector<int32_t> key_of, off_of;
+  int64_t count[129];
+  int64_t e = 0;
+  for (int64_t gi = 0; gi < groups; ++gi)
+    for (int64_t cb = 0; cb < NCB; ++cb)
+      for (int64_t ol = 0; ol < Cout_g; ++ol, ++e) {
+        const int64_t o = gi * Cout_g + ol;
+        ts[e] = static_cast<int64_t>(terms.size());
+        gs[e] = static_cast<int64_t>(grp.size() / 3);
+        key_of.clear();
+        off_of.clear();
+        for (int64_t cl = cb * CB; cl < std::min(Cin_g, (cb + 1) * CB); ++cl) {
+          const int64_t c = gi * Cin_g + cl;
+          const int8_t* w = s + (o * Cin_g + cl) * KK;
+          for (int64_t k = 0; k < KK; ++k) {
+            const int v = w[k];
+            if (v == 0) continue;
+            const int amount = (v < 0 ? -v : v) - 1;
+            key_of.push_back((63 - amount) * 2 + (v < 0 ? 1 : 0));
+            off_of.push_back(static_cast<int32_t>(c * g.S + koff[k]));
+          }
+        }
+        std::fill(count, count + 129, 0);
+        for (int32_t k : key_of) ++count[k + 1];
+        for (int k = 0; k < 128; ++k) count[k + 1] += count[k];
+        const size_t base = terms.size();
+        terms.resize(base + key_of.size());
+        for (size_t i = 0; i < key_of.size(); ++i) terms[base + count[key_of[i]]++] = off_of[i];
+        // count[k] is now the end of bucket k; bucket k starts at count[k - 1] (0 for k = 0).
+        int prev = -1;
+        for (int a = 63; a >= 0; --a) {
+          const int kp = (63 - a) * 2, kn = kp + 1;
+          const int64_t sp = kp ? count[kp - 1] : 0;
+          const int64_t np = count[kp] - sp, nn = count[kn] - count[kp];
+          if (np + nn == 0) continue;
+          grp.push_back(prev < 0 ? 0 : prev - a);
+          grp.push_back(static_cast<int32_t>(np));
+          grp.push_back(static_cast<int32_t>(nn));
+          prev = a;
+        }
+        fs[e] = prev < 0 ? 0 : prev;
+      }
+  ts[E] = static_cast<int64_t>(terms.size());
+  gs[E] = static_cast<int64_t>(grp.size() / 3);
+  auto tt = torch::empty({static_cast<int64_t>(terms.size())}, torch::kInt32);
+  if (!terms.empty()) std::memcpy(tt.data_ptr<int32_t>(), terms.data(), terms.size() * sizeof(int32_t));
+  auto gt = torch::empty({static_cast<int64_t>(grp.size() / 3), 3}, torch::kInt32);
+  if (!grp.empty()) std::memcpy(gt.data_ptr<int32_t>(), grp.data(), grp.size() * sizeof(int32_t));
+  auto cbt = torch::tensor({CB, NCB}, torch::kInt64);
+  return {tt, tstart, gstart, gt, fshift, cbt};
+}
+
+template <typename U, typename S>
+torch::Tensor conv_run(const torch::Tensor& x, std::vector<int64_t> ws, const std::vector<torch::Tensor>& plan,
+                       const c10::optional<torch::Tensor>& bias, int64_t groups, std::vector<int64_t> stride,
+                       std::vector<int64_t> pad, std::vector<int64_t> dil) {
+  std::vector<int64_t> xs(x.sizes().begin(), x.sizes().end());
+  const auto& tt = plan[0];
+  const int64_t P = 1;  // the table holds the zero-padded input only
+  const int64_t NCB = plan[5].data_ptr<int64_t>()[1];
+  auto g = make_geom(xs, ws, stride, pad, dil, groups, P, NCB);
+  const int64_t N = xs[0];
+  auto y = torch::empty({N, g.Cout, g.OD, g.OH, g.OW}, x.options());
+  const U* xp = reinterpret_cast<const U*>(x.data_ptr<S>());
+  U* yp = reinterpret_cast<U*>(y.data_ptr<S>());
+  const U* bp = nullptr;
+  if (bias.has_value() && bias->defined()) bp = reinterpret_cast<const U*>(bias->data_ptr<S>());
+  const uint8_t zero_amount = 0;
+  const uint8_t* amp = &zero_amount;
+  const PlanView pv{tt.data_ptr<int32_t>(), plan[1].data_ptr<int64_t>(), plan[2].data_ptr<int64_t>(),
+                    plan[3].data_ptr<int32_t>(), plan[4].data_ptr<int32_t>()};
+  constexpr int64_t L = 32 / sizeof(U);
+  const int V = vectors_for(g.OW, L);
+  const int RM = ds_portable::rows_for(V);  // for the work split only
+  const bool avx = use_avx2();
+  // Work items: (row0, full block?, ow0, V, o0, o1).
+  struct Item {
+    int64_t row0, ow0, o0, o1;
+    int rows, v;
+  };
+  std::vector<Item> items;
+  const int64_t rows = g.OD * g.OH;
+  const int64_t nthreads = at::get_num_threads();
+  const int64_t rblocks = rows / RM + rows % RM;
+  const int64_t owblocks = (g.OW + V * L - 1) / (V * L);
+  const int64_t spatial_items = rblocks * owblocks;
+  const int64_t ochunks =
+      std::max<int64_t>(1, std::min<int64_t>(g.Cout, (4 * nthreads + spatial_items - 1) / spatial_items));
+  const int64_t osz = (g.Cout + ochunks - 1) / ochunks;
+  for (int64_t o0 = 0; o0 < g.Cout; o0 += osz)
+    for (int64_t ow0 = 0; ow0 < g.OW; ow0 += V * L) {
+      // The last column block may be narrower: its row block size follows its own vector count.
+      const int vv = static_cast<int>(std::min<int64_t>(V, (g.OW - ow0 + L - 1) / L));
+      for (int64_t r = 0; r < rows;) {
+        int rr = static_cast<int>(std::min<int64_t>(ds_portable::rows_for(vv), rows - r));
+        while (!ds_portable::has_rows(vv, rr)) --rr;
+        items.push_back({r, ow0, o0, std::min(g.Cout, o0 + osz), rr, vv});
+        r += rr;
+      }
+    }
+  const size_t table_elems = static_cast<size_t>(g.C * P * g.S) + 8 * L + 64;
+  auto run_items = [&](const U* tbl, U* yimg, int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const Item& it = items[i];
+      auto fn =
+#ifdef DS_X86
+          avx ? ds_avx2::conv_item_fn<U>(it.rows, it.v) :
+#endif
+              ds_portable::conv_item_fn<U>(it.rows, it.v);
+      fn(tbl, yimg, g, pv, it.row0, it.ow0, it.o0, it.o1, bp);
+    }
+  };
+  auto build = [&](const U* ximg, U* tbl, int64_t c0, int64_t c1) {
+#ifdef DS_X86
+    if (avx)
+      ds_avx2::build_table<U>(ximg, tbl, g, amp, c0, c1);
+    else
+#endif
+      ds_portable::build_table<U>(ximg, tbl, g, amp, c0, c1);
+  };
+  const int64_t ximg_stride = g.C * g.D * g.H * g.W;
+  const int64_t yimg_stride = g.Cout * g.OD * g.OH * g.OW;
+  const int64_t nitems = static_cast<int64_t>(items.size());
+  // Small problems run on the calling thread: a parallel region costs more than it saves there
+  // (and far more when the machine is oversubscribed).
+  const double work = static_cast<double>(tt.numel()) * static_cast<double>(rows) *
+                          static_cast<double>((g.OW + L - 1) / L) * static_cast<double>(N) +
+                      static_cast<double>(g.C * P * g.S) * static_cast<double>(N) / L;
+  if (work < kSerialWork) {
+    std::vector<U> tbl(table_elems, 0);
+    for (int64_t n = 0; n < N; ++n) {
+      build(xp + n * ximg_stride, tbl.data(), 0, g.C);
+      run_items(tbl.data(), yp + n * yimg_stride, 0, nitems);
+    }
+  } else if (N >= nthreads && nthreads > 1) {
+    // Images in parallel, each thread with its own table.
+    at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+      std::vector<U> tbl(table_elems, 0);
+      for (int64_t n = b; n < e; ++n) {
+        build(xp + n * ximg_stride, tbl.data(), 0, g.C);
+        run_items(tbl.data(), yp + n * yimg_stride, 0, nitems);
+      }
+    });
+  } else {
+    std::vector<U> tbl(table_elems, 0);
+    for (int64_t n = 0; n < N; ++n) {
+      at::parallel_for(0, g.C, 1, [&](int64_t b, int64_t e) { build(xp + n * ximg_stride, tbl.data(), b, e); });
+      at::parallel_for(0, nitems, 1, [&](int64_t b, int64_t e) {
+        run_items(tbl.data(), yp + n * yimg_stride, b, e);
+      });
+    }
+  }
+  (void)avx;
+  return y;
+}
+
+// x: (N, C, D, H, W) int32/int64 contiguous; ws: (Cout, Cin_g, KD, KH, KW); plan from conv_plan for
+// this x shape and dtype; bias (Cout,) of x's dtype already shifted by -u, or None.
+torch::Tensor conv(const torch::Tensor& x, std::vector<int64_t> ws, const std::vector<torch::Tensor>& plan,
+                   const c10::optional<torch::Tensor>& bias, int64_t groups, std::vector<int64_t> stride,
+                   std::vector<int64_t> pad, std::vector<int64_t> dil) {
+  TORCH_CHECK(x.dim() == 5 && x.is_contiguous() && ws.size() == 5, "bad x");
+  TORCH_CHECK(plan.size() == 6, "bad plan");
+  if (bias.has_value() && bias->defined())
+    TORCH_CHECK(bias->dtype() == x.dtype() && bias->is_contiguous() && bias->numel() == ws[0], "bad bias");
+  if (x.dtype() == torch::kInt32)
+    return conv_run<uint32_t, int32_t>(x, ws, plan, bias, groups, stride, pad, dil);
+  TORCH_CHECK(x.dtype() == torch::kInt64, "x must be int32 or int64");
+  return conv_run<uint64_t, int64_t>(x, ws, plan, bias, groups, stride, pad, dil);
+}
+
+// Fixed-point rounding of a float input, fused: clamp(round(x * 2**F), lo, hi) as int32/int64 (round
+// = half to even, or floor). Equal to the frozen modules' float64 path for float32/float64 input:
+// x * 2**F is exact in double (a power-of-two scale), and so are rounding and clamping. Returns
+// (q, has_nan); a NaN element makes has_nan true (the caller raises).
+std::tuple<torch::Tensor, bool> quantize(const torch::Tensor& x, int64_t frac_bits, int64_t lo, int64_t hi,
+                                         bool floor_mode, bool out64) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 || x.dtype() == torch::kFloat64, "x must be float32/float64");
+  auto xc = x.contiguous();
+  auto q = torch::empty(xc.sizes(), out64 ? torch::kInt64 : torch::kInt32);
+  const int64_t n = xc.numel();
+  const double scale = std::ldexp(1.0, static_cast<int>(frac_bits));
+  const double dlo = static_cast<double>(lo), dhi = static_cast<double>(hi);
+  std::atomic<bool> nan(false);
+  auto body = [&](auto* xp, auto* qp) {
+    at::parallel_for(0, n, 1 << 16, [&](int64_t b, int64_t e) {
+      bool local_nan = false;
+      for (int64_t i = b; i < e; ++i) {
+        const double v = static_cast<double>(xp[i]) * scale;
+        if (v != v) {
+          local_nan = true;
+          qp[i] = 0;
+          continue;
+        }
+        double r = floor_mode ? std::floor(v) : std::nearbyint(v);
+        r = r < dlo ? dlo : (r > dhi ? dhi : r);
+        qp[i] = static_cast<std::remove_pointer_t<decltype(qp)>>(r);
+      }
+      if (local_nan) nan.store(true);
+    });
+  };
+  if (xc.dtype() == torch::kFloat32) {
+    if (out64) body(xc.data_ptr<float>(), q.data_ptr<int64_t>());
+    else body(xc.data_ptr<float>(), q.data_ptr<int32_t>());
+  } else {
+    if (out64) body(xc.data_ptr<double>(), q.data_ptr<int64_t>());
+    else body(xc.data_ptr<double>(), q.data_ptr<int32_t>());
+  }
+  return std::make_tuple(q, nan.load());
+}
+
+// float(double(y) * 2**exponent) into float32 / float64: the frozen modules' output scaling, fused.
+torch::Tensor scale(const torch::Tensor& y, int64_t exponent, bool out64) {
+  TORCH_CHECK(y.dtype() == torch::kInt32 || y.dtype() == torch::kInt64, "y must be int32/int64");
+  auto yc = y.contiguous();
+  auto out = torch::empty(yc.sizes(), out64 ? torch::kFloat64 : torch::kFloat32);
+  const int64_t n = yc.numel();
+  const double s = std::ldexp(1.0, static_cast<int>(exponent));
+  auto body = [&](auto* yp, auto* op) {
+    at::parallel_for(0, n, 1 << 16, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i)
+        op[i] = static_cast<std::remove_pointer_t<decltype(op)>>(static_cast<double>(yp[i]) * s);
+    });
+  };
+  if (yc.dtype() == torch::kInt32) {
+    if (out64) body(yc.data_ptr<int32_t>(), out.data_ptr<double>());
+    else body(yc.data_ptr<int32_t>(), out.data_ptr<float>());
+  } else {
+    if (out64) body(yc.data_ptr<int64_t>(), out.data_ptr<double>());
+    else body(yc.data_ptr<int64_t>(), out.data_ptr<float>());
+  }
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("decode", &decode);
+  m.def("gemv_layout", &gemv_layout);
+  m.def("gemv", &gemv);
+  m.def("conv_plan", &conv_plan);
+  m.def("conv", &conv);
+  m.def("set_isa", &set_isa);
+  m.def("current_isa", &current_isa);
+  m.def("quantize", &quantize);
+  m.def("scale", &scale);
+}

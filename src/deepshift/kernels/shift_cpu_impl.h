@@ -1,0 +1,271 @@
+// Multiplication-free shift-layer kernels, compiled twice by shift_cpu.cpp: once portable (namespace
+// ds_portable) and once under `#pragma GCC target("avx2,fma,bmi2")` (namespace ds_avx2, where
+// DS_AVX2_TU is defined). No #include here: the including file provides everything.
+//
+// All arithmetic is on unsigned lanes (uint32_t / uint64_t), so it wraps exactly like torch's int32 /
+// int64 tensor arithmetic: results equal the reference op bit for bit even where a sum overflows.
+//
+// Hot loops use only shifts, sign application (negation / vpsignd) and adds/subtracts on activations.
+// Multiplications appear only in index arithmetic (row / plane offsets), never on activation values.
+
+template <typename U>
+struct VecOf;
+template <>
+struct VecOf<uint32_t> {
+  typedef uint32_t T __attribute__((vector_size(32), aligned(4), may_alias));
+};
+template <>
+struct VecOf<uint64_t> {
+  typedef uint64_t T __attribute__((vector_size(32), aligned(8), may_alias));
+};
+
+// Geom (the geometry of one conv call) is defined once in shift_cpu.cpp, outside both namespaces.
+
+// Copies of channels [c0, c1) of one image: tbl[c][p] = pad(x[c]) << amt[p] (the conv uses P = 1,
+// amount 0: the zero-padded, phase-split input).
+template <typename U>
+void build_table(const U* x, U* tbl, const Geom& g, const uint8_t* amt, int64_t c0, int64_t c1) {
+  const int64_t DHW = g.D * g.H * g.W;
+  for (int64_t c = c0; c < c1; ++c) {
+    const U* xc = x + c * DHW;
+    for (int64_t p = 0; p < g.P; ++p) {
+      const unsigned a = amt[p];
+      U* dst = tbl + (c * g.P + p) * g.S;
+      for (int64_t d = 0; d < g.Dp; ++d) {
+        const int64_t id = d - g.pd;
+        for (int64_t h = 0; h < g.Hp; ++h) {
+          U* row = dst + (d * g.Hp + h) * g.RW;
+          const int64_t ih = h - g.ph;
+          if (id < 0 || id >= g.D || ih < 0 || ih >= g.H) {
+            for (int64_t q = 0; q < g.RW; ++q) row[q] = 0;
+            continue;
+          }
+          const U* src = xc + (id * g.H + ih) * g.W;
+          if (g.sw == 1) {
+            const int64_t lo = g.pw < g.Wq ? g.pw : g.Wq;
+            const int64_t hi = (g.pw + g.W) < g.Wq ? (g.pw + g.W) : g.Wq;
+            int64_t q = 0;
+            for (; q < lo; ++q) row[q] = 0;
+            const U* s = src - g.pw;
+            for (; q < hi; ++q) row[q] = s[q] << a;
+            for (; q < g.Wq; ++q) row[q] = 0;
+          } else {
+            for (int64_t r = 0; r < g.sw; ++r) {
+              U* rr = row + r * g.Wq;
+              int64_t iw = r - g.pw;
+              for (int64_t q = 0; q < g.Wq; ++q, iw += g.sw) rr[q] = (iw >= 0 && iw < g.W) ? (src[iw] << a) : 0;
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// One work item of the conv: R output rows (flattened (od, oh) from row0) x V vectors of output
+// columns from ow0, for output channels [o0, o1). The table holds the zero-padded input (no
+// pre-shifted copies): each output's terms (offsets of its non-zero weights' inputs) come grouped by
+// shift amount, largest first, and are summed by Horner's rule,
+//     acc = ((S_a1 << (a1 - a2)) + S_a2) << (a2 - a3) ... << a_last,
+// where S_a is the sum of the +/- inputs of the weights with amount a. Per term the inner step is one
+// vector load and one add (positive weight) or subtract (negative weight) per accumulator; per
+// distinct shift amount, one uniform shift of the accumulators. All mod 2**lane bits, like torch.
+template <typename U, int R, int V>
+void conv_item(const U* tbl, U* yimg, const Geom& g, const PlanView& pv, int64_t row0, int64_t ow0,
+               int64_t o0, int64_t o1, const U* bias) {
+  typedef typename VecOf<U>::T Vt;
+  constexpr int L = 32 / sizeof(U);
+  int64_t tb[R], yoff[R];
+  for (int r = 0; r < R; ++r) {
+    const int64_t rr = row0 + r;
+    const int64_t od = rr / g.OH, oh = rr - od * g.OH;
+    tb[r] = (od * g.sd * g.Hp + oh * g.sh) * g.RW + ow0;  // index arithmetic only
+    yoff[r] = rr * g.OW + ow0;
+  }
+  const int64_t nvalid = (g.OW - ow0) < V * L ? (g.OW - ow0) : V * L;
+  const int64_t plane = g.OD * g.OH * g.OW;
+  for (int64_t cb = 0; cb < g.NCB; ++cb) {
+    for (int64_t o = o0; o < o1; ++o) {
+      const int64_t gi = o / g.Cout_g;
+      const int64_t e = (gi * g.NCB + cb) * g.Cout_g + (o - gi * g.Cout_g);
+      U* yo = yimg + o * plane;
+      Vt acc[R][V];
+      for (int r = 0; r < R; ++r)
+        for (int v = 0; v < V; ++v) acc[r][v] = Vt{};
+      const int32_t* t = pv.terms + pv.tstart[e];
+      for (int64_t j = pv.gstart[e]; j < pv.gstart[e + 1]; ++j) {
+        const int32_t* gr = pv.groups + 3 * j;
+        const unsigned d = static_cast<unsigned>(gr[0]);
+        if (d)
+          for (int r = 0; r < R; ++r)
+            for (int v = 0; v < V; ++v) acc[r][v] <<= d;
+        for (const int32_t* te = t + gr[1]; t < te; ++t) {
+          const U* p = tbl + *t;
+          for (int r = 0; r < R; ++r) {
+            const Vt* q = reinterpret_cast<const Vt*>(p + tb[r]);
+            for (int v = 0; v < V; ++v) acc[r][v] += q[v];
+          }
+        }
+        for (const int32_t* te = t + gr[2]; t < te; ++t) {
+          const U* p = tbl + *t;
+          for (int r = 0; r < R; ++r) {
+            const Vt* q = reinterpret_cast<const Vt*>(p + tb[r]);
+            for (int v = 0; v < V; ++v) acc[r][v] -= q[v];
+          }
+        }
+      }
+      const unsigned f = static_cast<unsigned>(pv.fshift[e]);
+      if (f)
+        for (int r = 0; r < R; ++r)
+          for (int v = 0; v < V; ++v) acc[r][v] <<= f;
+      if (cb == 0) {
+        const U b = bias ? bias[o] : U(0);
+        if (b)
+          for (int r = 0; r < R; ++r)
+            for (int v = 0; v < V; ++v) acc[r][v] += b;
+      } else {
+        for (int r = 0; r < R; ++r) {
+          U tmp[V * L] = {};
+          __builtin_memcpy(tmp, yo + yoff[r], nvalid * sizeof(U));
+          for (int v = 0; v < V; ++v) {
+            Vt prev;
+            __builtin_memcpy(&prev, tmp + v * L, sizeof(Vt));
+            acc[r][v] += prev;
+          }
+        }
+      }
+      if (nvalid == V * L) {
+        for (int r = 0; r < R; ++r)
+          for (int v = 0; v < V; ++v) *reinterpret_cast<Vt*>(yo + yoff[r] + v * L) = acc[r][v];
+      } else {
+        for (int r = 0; r < R; ++r) {
+          U tmp[V * L];
+          for (int v = 0; v < V; ++v) __builtin_memcpy(tmp + v * L, &acc[r][v], sizeof(Vt));
+          __builtin_memcpy(yo + yoff[r], tmp, nvalid * sizeof(U));
+        }
+      }
+    }
+  }
+}
+
+// Largest row block for V vectors per row (R * V accumulators <= 12 of the 16 vector registers).
+inline int rows_for(int V) { return V >= 7 ? 1 : (V >= 5 ? 2 : 12 / V); }
+
+// Row-block sizes available for V vectors per row (at most rows_for(V)); items use the largest that fits.
+inline bool has_rows(int V, int R) {
+  return R >= 1 && R <= rows_for(V) && (R <= 4 || R == 6 || R == 8 || R == 12);
+}
+
+template <typename U>
+using ConvItemFn = void (*)(const U*, U*, const Geom&, const PlanView&, int64_t, int64_t, int64_t, int64_t,
+                            const U*);
+
+template <typename U, int V>
+ConvItemFn<U> pick_r(int R) {
+  if constexpr (V == 1) {
+    switch (R) {
+      case 12: return &conv_item<U, 12, 1>;
+      case 8: return &conv_item<U, 8, 1>;
+      case 6: return &conv_item<U, 6, 1>;
+      default: break;
+    }
+  }
+  if constexpr (V <= 2) {
+    if (R == 6) return &conv_item<U, 6, V>;
+  }
+  if constexpr (V <= 3) {
+    if (R == 4) return &conv_item<U, 4, V>;
+  }
+  if constexpr (V <= 4) {
+    if (R == 3) return &conv_item<U, 3, V>;
+  }
+  if constexpr (V <= 6) {
+    if (R == 2) return &conv_item<U, 2, V>;
+  }
+  return &conv_item<U, 1, V>;
+}
+
+// Function for an item of R rows (has_rows(V, R)) x V vectors.
+template <typename U>
+ConvItemFn<U> conv_item_fn(int R, int V) {
+  switch (V) {
+    case 1: return pick_r<U, 1>(R);
+    case 2: return pick_r<U, 2>(R);
+    case 3: return pick_r<U, 3>(R);
+    case 4: return pick_r<U, 4>(R);
+    case 5: return pick_r<U, 5>(R);
+    case 6: return pick_r<U, 6>(R);
+    case 7: return pick_r<U, 7>(R);
+    default: return pick_r<U, 8>(R);
+  }
+}
+
+// Small-batch Linear (int32 lanes): tiles[t][k][j] is the byte code of weight (8 t + j, k):
+// 0 = no contribution, else bit 7 = sign (1 = negative), bits 0-4 = the left-shift amount, bit 5 set
+// (so a positive code is non-zero). Lanes are 8 output features; per weight column the step is
+// broadcast x[k], variable shift (vpsllvd), sign (vpsignd), add: no multiplication.
+template <int M>
+void gemv_tiles(const uint32_t* x, int64_t K, const int8_t* tiles, int64_t t0, int64_t t1, int64_t O,
+                const uint32_t* bias, uint32_t* y) {
+  for (int64_t t = t0; t < t1; ++t) {
+    const int8_t* ct = tiles + t * K * 8;
+    uint32_t out[M][8];
+#if defined(DS_AVX2_TU)
+    __m256i acc[M], acc2[M];
+    for (int m = 0; m < M; ++m) acc[m] = acc2[m] = _mm256_setzero_si256();
+    const __m256i m31 = _mm256_set1_epi32(31);
+    int64_t k = 0;
+    for (; k + 2 <= K; k += 2) {
+      const __m256i c0 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(ct + k * 8)));
+      const __m256i c1 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(ct + k * 8 + 8)));
+      const __m256i a0 = _mm256_and_si256(c0, m31), a1 = _mm256_and_si256(c1, m31);
+      for (int m = 0; m < M; ++m) {
+        const __m256i x0 = _mm256_set1_epi32(static_cast<int>(x[m * K + k]));
+        const __m256i x1 = _mm256_set1_epi32(static_cast<int>(x[m * K + k + 1]));
+        acc[m] = _mm256_add_epi32(acc[m], _mm256_sign_epi32(_mm256_sllv_epi32(x0, a0), c0));
+        acc2[m] = _mm256_add_epi32(acc2[m], _mm256_sign_epi32(_mm256_sllv_epi32(x1, a1), c1));
+      }
+    }
+    for (; k < K; ++k) {
+      const __m256i c0 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(ct + k * 8)));
+      const __m256i a0 = _mm256_and_si256(c0, m31);
+      for (int m = 0; m < M; ++m) {
+        const __m256i x0 = _mm256_set1_epi32(static_cast<int>(x[m * K + k]));
+        acc[m] = _mm256_add_epi32(acc[m], _mm256_sign_epi32(_mm256_sllv_epi32(x0, a0), c0));
+      }
+    }
+    for (int m = 0; m < M; ++m)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[m]), _mm256_add_epi32(acc[m], acc2[m]));
+#else
+    for (int m = 0; m < M; ++m)
+      for (int j = 0; j < 8; ++j) out[m][j] = 0;
+    for (int64_t k = 0; k < K; ++k) {
+      for (int j = 0; j < 8; ++j) {
+        const int8_t c = ct[k * 8 + j];
+        if (c == 0) continue;
+        const unsigned a = static_cast<unsigned>(c) & 31u;
+        for (int m = 0; m < M; ++m) {
+          const uint32_t s = x[m * K + k] << a;
+          out[m][j] += c < 0 ? 0u - s : s;
+        }
+      }
+    }
+#endif
+    const int64_t o0 = t * 8;
+    const int64_t n = (O - o0) < 8 ? (O - o0) : 8;
+    for (int m = 0; m < M; ++m)
+      for (int64_t j = 0; j < n; ++j) y[m * O + o0 + j] = out[m][j] + (bias ? bias[o0 + j] : 0u);
+  }
+}
+
+typedef void (*GemvFn)(const uint32_t*, int64_t, const int8_t*, int64_t, int64_t, int64_t, const uint32_t*,
+                       uint32_t*);
+
+inline GemvFn gemv_fn(int M) {
+  switch (M) {
+    case 1: return &gemv_tiles<1>;
+    case 2: return &gemv_tiles<2>;
+    case 3: return &gemv_tiles<3>;
+    default: return &gemv_tiles<4>;
+  }
+}

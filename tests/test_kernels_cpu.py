@@ -1,0 +1,341 @@
+"""Native C++ CPU kernels: bit-exact against the reference ops, used by frozen models, safe fallback."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import deepshift
+from deepshift import ops
+from deepshift.kernels import cpu
+from deepshift.packing import pack_codes
+
+
+def _has_compiler() -> bool:
+    return any(shutil.which(c) for c in (os.environ.get("CXX", "c++"), "c++", "g++", "clang++"))
+
+
+@pytest.fixture(scope="session")
+def native():
+    """The extension, built once per test run (cached on disk across runs)."""
+    if not _has_compiler():
+        pytest.skip("no C++ compiler: the native CPU kernels cannot be built here")
+    if cpu.native_disabled():
+        pytest.skip("DEEPSHIFT_NO_NATIVE is set")
+    ext = cpu.load_extension()
+    assert ext is not None, f"native build failed: {cpu._state['error']!r}"
+    return ext
+
+
+@pytest.fixture(autouse=True)
+def _two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def _random_codes(rng: random.Random, numel: int, bits: int, max_field: int | None = None) -> torch.Tensor:
+    g = torch.Generator().manual_seed(rng.randrange(2**31))
+    c = torch.randint(0, 2**bits, (numel,), generator=g, dtype=torch.int64)
+    if max_field is not None:
+        sign_bit = 1 << (bits - 1)
+        c = (c & sign_bit) | ((c & (sign_bit - 1)) % (max_field + 1))
+    return pack_codes(c.to(torch.uint8), bits)
+
+
+def _rand_int(rng: random.Random, shape, mag: int, dtype) -> torch.Tensor:
+    g = torch.Generator().manual_seed(rng.randrange(2**31))
+    return torch.randint(-mag, mag + 1, tuple(shape), generator=g, dtype=torch.int64).to(dtype)
+
+
+# Magnitudes: tiny, 8-bit, 16-bit, near int32's range (int32 x wraps exactly like the reference),
+# and for int64 values beyond int32.
+_MAGS = [1, 127, 2**8, 2**15, 2**20, 2**30]
+
+
+def _linear_case(rng: random.Random):
+    bits = rng.randint(2, 8)
+    has_zero = rng.random() < 0.5
+    shift_lo = rng.choice([-15, -9, -3, -1, 0, 0, 2, 5, 29, 40])
+    dtype = rng.choice([torch.int32, torch.int64])
+    mags = _MAGS + ([2**40] if dtype == torch.int64 else [])
+    mag = rng.choice(mags)
+    out_f, in_f = rng.randint(1, 37), rng.randint(1, 75)
+    lead = rng.choice([(1,), (2,), (3,), (4,), (5,), (9,), (2, 3), (70,), (133,)])
+    x = _rand_int(rng, (*lead, in_f), mag, dtype)
+    codes = _random_codes(rng, out_f * in_f, bits)
+    bias = _rand_int(rng, (out_f,), mag, dtype) if rng.random() < 0.5 else None
+    return (x, codes, [out_f, in_f], bits, has_zero, shift_lo, bias)
+
+
+def _conv_case(rng: random.Random):
+    dims = rng.choice([1, 1, 2, 2, 2, 3])
+    bits = rng.randint(2, 8)
+    has_zero = rng.random() < 0.5
+    shift_lo = rng.choice([-15, -7, -2, 0, 0, 3, 33])
+    dtype = rng.choice([torch.int32, torch.int64])
+    mag = rng.choice(_MAGS)
+    transposed = rng.random() < 0.25
+    kind = rng.random()
+    if kind < 0.2:  # depthwise
+        groups = rng.randint(1, 6)
+        cin_g, cout_g = 1, rng.choice([1, 1, 2])
+    else:
+        groups = rng.choice([1, 1, 1, 2, 3])
+        cin_g, cout_g = rng.randint(1, 5), rng.randint(1, 5)
+    kernel = [rng.randint(1, 3 if dims < 3 else 2) for _ in range(dims)]
+    stride = [rng.choice([1, 1, 2, 3]) for _ in range(dims)]
+    dilation = [rng.choice([1, 1, 2]) for _ in range(dims)]
+    padding = [rng.randint(0, 2) for _ in range(dims)]
+    if dims == 1:
+        sizes = [rng.choice([5, 9, 17, 70, 140])]
+    elif dims == 2:
+        sizes = [rng.randint(3, 12), rng.choice([4, 7, 11, 33, 75])]
+    else:
+        sizes = [rng.randint(2, 5), rng.randint(2, 5), rng.randint(2, 7)]
+    n = rng.choice([1, 1, 2, 3])
+    if transposed:
+        weight_shape = [cin_g * groups, cout_g, *kernel]
+        output_padding = [rng.randint(0, max(s, d) - 1) for s, d in zip(stride, dilation, strict=True)]
+    else:
+        weight_shape = [cout_g * groups, cin_g, *kernel]
+        output_padding = [0] * dims
+    x = _rand_int(rng, (n, cin_g * groups, *sizes), mag, dtype)
+    codes = _random_codes(rng, math.prod(weight_shape), bits)
+    bias = _rand_int(rng, (cout_g * groups,), mag, dtype) if rng.random() < 0.5 else None
+    return (x, codes, weight_shape, bits, has_zero, shift_lo, bias, stride, padding, dilation, groups,
+            transposed, output_padding)
+
+
+def _check(op, reference, args, label):
+    expected = reference(*args)
+    for isa in ("avx2", "portable"):
+        cpu.set_isa(isa)
+        try:
+            got = op(*args)
+        finally:
+            cpu.set_isa("auto")
+        assert got.dtype == expected.dtype and got.shape == expected.shape, label
+        assert torch.equal(got, expected), f"{label} ({isa}): {(got != expected).sum()} elements differ"
+
+
+@pytest.mark.parametrize("chunk", range(4))
+def test_linear_bit_exact_random(native, chunk):
+    rng = random.Random(1000 + chunk)
+    for i in range(40):
+        args = _linear_case(rng)
+        _check(torch.ops.deepshift.shift_linear, ops.shift_linear_reference, args,
+               f"linear case {chunk}/{i}: {args[2:6]} x {tuple(args[0].shape)} {args[0].dtype}")
+
+
+@pytest.mark.parametrize("chunk", range(6))
+def test_conv_bit_exact_random(native, chunk):
+    rng = random.Random(2000 + chunk)
+    done = 0
+    while done < 40:
+        args = _conv_case(rng)
+        try:
+            ops.shift_conv_reference(*args)
+        except (ValueError, RuntimeError):
+            continue  # an invalid combination (e.g. no output): the reference rejects it
+        _check(torch.ops.deepshift.shift_conv, ops.shift_conv_reference, args,
+               f"conv case {chunk}/{done}: {args[2:]} x {tuple(args[0].shape)} {args[0].dtype}")
+        done += 1
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("has_zero", [False, True])
+def test_every_bit_width_and_code(native, bits, has_zero):
+    # Every code value of the width appears; shifts from shift_lo = -(2**(bits-1)) + 1 upwards.
+    numel = 2**bits
+    codes = pack_codes(torch.arange(numel, dtype=torch.uint8).repeat(3), bits)
+    for dtype in (torch.int32, torch.int64):
+        x = torch.arange(-7, 7, dtype=dtype).reshape(2, 7).repeat(1, 3 * numel // 7 + 1)[:, : 3 * numel]
+        args = (x.contiguous(), codes, [1, 3 * numel], bits, has_zero, -(2 ** (bits - 1)) + 1, None)
+        _check(torch.ops.deepshift.shift_linear, ops.shift_linear_reference, args, f"codes {bits}")
+        wide = (x.contiguous(), pack_codes(torch.arange(numel, dtype=torch.uint8).repeat(3 * 8), bits),
+                [8, 3 * numel], bits, has_zero, 0, torch.arange(8, dtype=dtype))
+        _check(torch.ops.deepshift.shift_linear, ops.shift_linear_reference, wide, f"codes8 {bits}")
+
+
+@pytest.mark.parametrize("rows", [1, 3, 64])
+def test_int64_fast_path_boundary(native, rows):
+    # fan_in * max|x| * 2**max_amount + max|bias| crosses 2**31 by one: int32 lanes just below,
+    # int64 lanes at and above; both exact. Weights: all +2**3 (code field 3, Q, shift_lo 0).
+    fan_in = 4
+    codes = pack_codes(torch.full((5 * fan_in,), 3, dtype=torch.uint8), 3)
+    for max_x in (2**26 - 1, 2**26, 2**26 + 1):
+        x = torch.full((rows, fan_in), max_x, dtype=torch.int64)
+        x[0, 0] = -max_x
+        for bias in (None, torch.full((5,), 1, dtype=torch.int64)):
+            args = (x, codes, [5, fan_in], 3, False, 0, bias)
+            _check(torch.ops.deepshift.shift_linear, ops.shift_linear_reference, args, f"boundary {max_x}")
+    conv_codes = pack_codes(torch.full((2 * 2 * 3,), 3, dtype=torch.uint8), 3)
+    for max_x in (2**27 // 3 - 1, 2**27 // 3 + 1):
+        x = torch.full((1, 2, 9), max_x, dtype=torch.int64)
+        args = (x, conv_codes, [2, 2, 3], 3, False, 0, None, [1], [1], [1], 1, False, [0])
+        _check(torch.ops.deepshift.shift_conv, ops.shift_conv_reference, args, f"conv boundary {max_x}")
+
+
+def test_int32_overflow_wraps_like_reference(native):
+    x = torch.full((2, 300), 2**30, dtype=torch.int32)
+    codes = pack_codes(torch.full((7 * 300,), 5, dtype=torch.uint8), 4)
+    args = (x, codes, [7, 300], 4, False, 0, torch.full((7,), 2**30, dtype=torch.int32))
+    _check(torch.ops.deepshift.shift_linear, ops.shift_linear_reference, args, "overflow")
+
+
+def test_large_shapes(native):
+    rng = random.Random(7)
+    x = _rand_int(rng, (2, 16, 20, 37), 127, torch.int32)
+    codes = _random_codes(rng, 24 * 16 * 9, 5)
+    args = (x, codes, [24, 16, 3, 3], 5, True, -9, None, [1, 1], [1, 1], [1, 1], 1, False, [0, 0])
+    _check(torch.ops.deepshift.shift_conv, ops.shift_conv_reference, args, "conv 16->24")
+    x = _rand_int(rng, (3, 300), 2**10, torch.int64)
+    codes = _random_codes(rng, 129 * 300, 5)
+    _check(torch.ops.deepshift.shift_linear, ops.shift_linear_reference,
+           (x, codes, [129, 300], 5, False, -15, None), "linear 300->129")
+
+
+def test_cache_follows_in_place_weight_changes(native):
+    rng = random.Random(3)
+    x = _rand_int(rng, (2, 40), 100, torch.int32)
+    codes = _random_codes(rng, 9 * 40, 5)
+    args = [x, codes, [9, 40], 5, True, -4, None]
+    first = torch.ops.deepshift.shift_linear(*args)
+    assert torch.equal(first, ops.shift_linear_reference(*args))
+    codes.copy_(_random_codes(rng, 9 * 40, 5))  # bumps codes._version
+    second = torch.ops.deepshift.shift_linear(*args)
+    assert torch.equal(second, ops.shift_linear_reference(*args))
+    assert not torch.equal(first, second)
+    x64 = _rand_int(rng, (70, 40), 100, torch.int32)
+    args[0] = x64
+    assert torch.equal(torch.ops.deepshift.shift_linear(*args), ops.shift_linear_reference(*args))
+
+
+def test_frozen_ops_dispatch_to_native(native, monkeypatch):
+    calls = []
+
+    class Spy:
+        def __getattr__(self, name):
+            attr = getattr(native, name)
+            return lambda *a, **k: (calls.append(name), attr(*a, **k))[1]
+
+    monkeypatch.setitem(cpu._state, "ext", Spy())
+    layer = deepshift.freeze_(deepshift.convert_(nn.Sequential(nn.Linear(6, 3)), deepshift.QConfig()))
+    layer(torch.randn(2, 6))
+    conv = deepshift.freeze_(deepshift.convert_(nn.Sequential(nn.Conv2d(2, 3, 3)), deepshift.QConfig()))
+    conv(torch.randn(1, 2, 5, 5))
+    assert "gemv" in calls and "conv" in calls
+
+
+def _digits_cnn():
+    datasets = pytest.importorskip("sklearn.datasets")
+    data = datasets.load_digits()
+    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(4, 8, 3, padding=1, groups=2), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.ReLU(),
+        nn.ConvTranspose2d(8, 4, 2, stride=2), nn.ReLU(),
+        nn.Conv2d(4, 4, 3, stride=2, dilation=2, padding=2),
+        nn.Flatten(), nn.Linear(4 * 4 * 4, 16), nn.ReLU(), nn.Linear(16, 10),
+    )
+    return net, x[1400:]
+
+
+@pytest.mark.parametrize("config", [deepshift.QConfig(weight_bits=5, act_bits=(4, 8)),
+                                    deepshift.PSConfig(weight_bits=4), deepshift.QConfig(weight_bits=8)])
+def test_frozen_model_logits_equal_native_on_and_off(native, monkeypatch, config):
+    net, x_test = _digits_cnn()
+    deepshift.convert_(net, config)
+    net.eval()
+    frozen = deepshift.freeze_(net)
+    if config.weight_bits != 5:
+        x_test = x_test[:100]  # the whole test set once (5 bits); a slice for the other configs
+    with torch.no_grad():
+        on = frozen(x_test)
+        for x in (x_test[:1], x_test[:3]):
+            assert torch.equal(frozen(x), on[: len(x)])
+        monkeypatch.setenv("DEEPSHIFT_NO_NATIVE", "1")
+        assert cpu.load_extension() is None
+        off = frozen(x_test)
+    assert torch.equal(on, off)
+
+
+def test_build_failure_warns_once_and_falls_back(native, monkeypatch):
+    saved = dict(cpu._state)
+
+    def broken():
+        raise RuntimeError("simulated compiler failure")
+
+    monkeypatch.setattr(cpu, "_build", broken)
+    cpu.reset_state()
+    try:
+        rng = random.Random(5)
+        args = _linear_case(rng)
+        conv_args = (_rand_int(rng, (1, 2, 6), 9, torch.int32), _random_codes(rng, 12, 4), [2, 2, 3], 4,
+                     False, -2, None, [1], [1], [1], 1, False, [0])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            y1 = torch.ops.deepshift.shift_linear(*args)
+            y2 = torch.ops.deepshift.shift_conv(*conv_args)
+            y3 = torch.ops.deepshift.shift_linear(*args)
+        ours = [w for w in caught if "native CPU kernels unavailable" in str(w.message)]
+        assert len(ours) == 1 and issubclass(ours[0].category, RuntimeWarning)
+        assert torch.equal(y1, ops.shift_linear_reference(*args)) and torch.equal(y1, y3)
+        assert torch.equal(y2, ops.shift_conv_reference(*conv_args))
+        assert not cpu.native_available()
+    finally:
+        cpu.reset_state()
+        cpu._state.update(saved)
+
+
+def test_env_var_disables_native_without_warning():
+    code = (
+        "import warnings; warnings.simplefilter('error')\n"
+        "import torch, deepshift\n"
+        "from deepshift.kernels import cpu\n"
+        "x = torch.arange(6, dtype=torch.int32).reshape(2, 3)\n"
+        "c = deepshift.pack_codes(torch.tensor([1, 2, 3, 4, 5, 6], dtype=torch.uint8), 4)\n"
+        "y = torch.ops.deepshift.shift_linear(x, c, [2, 3], 4, False, -1, None)\n"
+        "assert torch.equal(y, deepshift.ops.shift_linear_reference(x, c, [2, 3], 4, False, -1, None))\n"
+        "assert not cpu.native_available() and cpu._state['tried'] is False\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, DEEPSHIFT_NO_NATIVE="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+@pytest.mark.parametrize("act_bits", [(4, 4), (8, 8), (3, 5), (16, 16)])
+@pytest.mark.parametrize("rounding", ["nearest", "floor"])
+def test_fused_quantize_and_scale_equal_the_module_path(native, act_bits, rounding):
+    from deepshift.quantize import to_fixed_point_int
+
+    g = torch.Generator().manual_seed(11)
+    for dtype in (torch.float32, torch.float64):
+        x = torch.randn(3, 1000, generator=g, dtype=torch.float64) * 2 ** act_bits[0]
+        halves = (torch.arange(-600, 600, dtype=torch.float64) + 0.5) * 2.0 ** -act_bits[1]
+        specials = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1e30, -1e30, 2.0**-30])
+        x = torch.cat([x.reshape(-1), halves, specials]).to(dtype)
+        for out in (torch.int32, torch.int64):
+            expected = to_fixed_point_int(x.double(), act_bits, rounding).to(out)
+            got = cpu.quantize_input(x, act_bits, rounding, out)
+            assert got.dtype == out and torch.equal(got, expected)
+            for exponent in (-act_bits[1], -20, 3):
+                want = (expected.double() * 2.0**exponent).to(dtype)
+                assert torch.equal(cpu.scale_output(expected, exponent, dtype), want)
+    with pytest.raises(ValueError, match="NaN"):
+        cpu.quantize_input(torch.tensor([1.0, float("nan")]), act_bits, rounding, torch.int32)
+    assert cpu.quantize_input(torch.ones(2, dtype=torch.float16), act_bits, rounding, torch.int32) is None
