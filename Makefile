@@ -4,24 +4,38 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint env clean-env
+.PHONY: demo test test-fast test-triton bench bench-gpu-dry lint env clean-env
 
 env: $(STAMP)
 
-# Re-install only when the pinned requirements or the package metadata change.
-$(STAMP): requirements-dev.txt pyproject.toml
+# Re-install only when the pinned requirements or the package metadata change. Triton (for the
+# GPU kernels' interpreter tests; no dependencies, never touches torch) is part of the dev env.
+$(STAMP): requirements-dev.txt requirements-triton.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet -r requirements-dev.txt -r requirements-triton.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# The Triton tests run in their own process: TRITON_INTERPRET=1 must be set before triton is
+# imported and stays set for the whole process.
 test: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --ignore=tests/test_kernels_triton.py
+	TRITON_INTERPRET=1 $(PY) -m pytest tests/test_kernels_triton.py
+
+test-triton: $(STAMP)
+	TRITON_INTERPRET=1 $(PY) -m pytest tests/test_kernels_triton.py
 
 demo: $(STAMP)
 	$(PY) -m deepshift.demo
+
+bench: $(STAMP)
+	$(PY) benchmarks/kernels.py
+
+# Runs every GPU benchmark case once on tiny CPU shapes through the Triton interpreter.
+bench-gpu-dry: $(STAMP)
+	$(PY) benchmarks/gpu.py --dry-run
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks
