@@ -1,9 +1,9 @@
 """``deepshift`` command line: a thin argparse layer over :mod:`deepshift.train`.
 
-Subcommands: ``train``, ``eval``, ``compare``. More (``export``, ``report``, ``bench``) plug in
-through :func:`build_parser`'s subparsers. Every user error (bad option value, missing or corrupt
-data, unreadable checkpoint, non-empty output folder) prints one line ``deepshift: error: ...`` and
-exits with status 2.
+Subcommands: ``train``, ``eval``, ``compare``, ``export`` (packed file / ONNX) and ``report``
+(operations, bytes, energy); the deployment ones wrap :mod:`deepshift.deploy`. Every user error
+(bad option value, missing or corrupt data, unreadable checkpoint or packed file, non-empty output
+folder) prints one line ``deepshift: error: ...`` and exits with status 2.
 """
 
 from __future__ import annotations
@@ -92,6 +92,15 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default auto)")
     r.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
 
+    g = p.add_argument_group("distributed (under torchrun --nproc_per_node=N -m deepshift train ...)")
+    g.add_argument("--dist-backend", choices=("auto", "gloo", "nccl"), default="auto",
+                   help="process-group backend (auto: nccl on CUDA, gloo on CPU); --batch-size is the "
+                        "global batch, split across the processes")
+    g.add_argument("--sync-bn", action="store_true",
+                   help="synchronise BatchNorm statistics across processes (SyncBatchNorm)")
+    g.add_argument("--compile", dest="compile_model", action="store_true",
+                   help="torch.compile the training model (after conversion and DDP wrapping)")
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``deepshift`` parser; other subcommands add themselves to ``parser.subcommands``."""
@@ -119,9 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_options(t)
     t.set_defaults(func=_cmd_train)
 
-    e = sub.add_parser("eval", help="evaluate a checkpoint on its dataset's test (or val) split")
-    e.add_argument("--from", dest="from_checkpoint", required=True, metavar="CHECKPOINT",
-                   help="best.pt or last.pt of a run")
+    e = sub.add_parser("eval", help="evaluate a checkpoint (or a packed file) on a test (or val) split")
+    src = e.add_mutually_exclusive_group(required=True)
+    src.add_argument("--from", dest="from_checkpoint", metavar="CHECKPOINT",
+                     help="best.pt or last.pt of a run")
+    src.add_argument("--packed", metavar="FILE",
+                     help="a packed file from `deepshift export --format packed`: runs the frozen, "
+                          "multiplication-free model (needs --data)")
+    e.add_argument("--data", help="dataset for --packed (digits, mnist, fashion-mnist, cifar10, imagefolder)")
     e.add_argument("--split", choices=("test", "val"), default="test")
     e.add_argument("--data-dir", help="override the data folder stored in the checkpoint")
     e.add_argument("--batch-size", type=int, help="default: the run's batch size")
@@ -130,12 +144,84 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_cmd_eval)
 
+    _add_deploy_commands(sub)
+
     c = sub.add_parser("compare", help="train float, Q and PS with one recipe and print a table",
                        description="Runs `train` three times (--method none, q, ps) with the same options "
                        "into OUT/float, OUT/q, OUT/ps, then prints test top-1 and seconds per epoch.")
     _add_train_options(c)
     c.set_defaults(func=_cmd_compare)
     return parser
+
+
+def _add_deploy_commands(sub) -> None:
+    shape_help = "input shape without batch, e.g. 1 28 28 (default: from the model / dataset)"
+    x = sub.add_parser("export", help="export a trained shift model: packed file or ONNX",
+                       description="SOURCE is a run folder (its best.pt), a checkpoint, or a packed file.",
+                       epilog="examples:\n"
+                       "  deepshift export runs/ps --format packed -o model.dshift\n"
+                       "  deepshift export model.dshift --format onnx -o model.onnx",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    x.add_argument("source", metavar="SOURCE")
+    x.add_argument("--format", choices=("packed", "onnx"), default="packed")
+    x.add_argument("-o", "--output", required=True, help="file to write (atomically)")
+    x.add_argument("--act-bits", type=int, nargs=2, metavar=("I", "F"),
+                   help="fixed point for layers trained without act_bits (default 8 8)")
+    x.add_argument("--onnx-mode", choices=("fixed_point", "weights"), default="fixed_point",
+                   help="fixed_point: the frozen model exactly; weights: the float-simulated graph")
+    x.add_argument("--input-shape", type=int, nargs="+", metavar="D", help=shape_help)
+    x.set_defaults(func=_cmd_export)
+
+    r = sub.add_parser("report", help="per-layer operations, bytes and energy saved by a shift model",
+                       description="SOURCE is a run folder (its best.pt), a checkpoint, or a packed file. "
+                       "Energies: Horowitz, ISSCC 2014, 45 nm (see deepshift.report.ENERGY_45NM_PJ).")
+    r.add_argument("source", metavar="SOURCE")
+    r.add_argument("--json", action="store_true", help="print the report as JSON (stable keys, version 1)")
+    r.add_argument("--plot", metavar="PNG", help="also draw the histogram of shift values per layer")
+    r.add_argument("--input-shape", type=int, nargs="+", metavar="D", help=shape_help)
+    r.set_defaults(func=_cmd_report)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .deploy import export
+
+    act = tuple(args.act_bits) if args.act_bits else None
+    shape = tuple(args.input_shape) if args.input_shape else None
+    info = export(args.source, args.format, args.output, act_bits=act, onnx_mode=args.onnx_mode,
+                  input_shape=shape)
+    line = f"wrote {info['path']} ({info['bytes']:,} bytes)"
+    if args.format == "packed":
+        line += (f"; shift weights {info['float32_weight_bytes']:,} B float32 -> "
+                 f"{info['packed_weight_bytes']:,} B packed ({info['weight_ratio']:.2f}x), "
+                 f"whole model {info['total_ratio']:.2f}x smaller than float32")
+    print(line)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .deploy import report
+    from .report import plot_shift_histograms
+
+    rep = report(args.source, tuple(args.input_shape) if args.input_shape else None)
+    print(rep.to_json() if args.json else rep.table())
+    if args.plot:
+        plot_shift_histograms(rep, args.plot, title=f"shift values per layer: {args.source}")
+        if not args.json:
+            print(f"wrote {args.plot}")
+    return 0
+
+
+def _eval_packed(args: argparse.Namespace) -> dict:
+    from .data import BatchLoader, load_dataset
+    from .deploy import DeployError, load_source
+    from .train import evaluate, resolve_device
+
+    if not args.data:
+        raise DeployError("eval --packed needs --data (the dataset to evaluate on)")
+    model, _ = load_source(args.packed)
+    splits = load_dataset(args.data, args.data_dir)
+    loader = BatchLoader(getattr(splits, args.split), args.batch_size or 256, train=False)
+    return evaluate(model, loader, resolve_device(args.device), quiet=args.quiet, desc=args.split)
 
 
 def _config_from_args(args: argparse.Namespace):
@@ -171,8 +257,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .train import evaluate_checkpoint
 
-    m = evaluate_checkpoint(args.from_checkpoint, split=args.split, data_dir=args.data_dir,
-                            device=args.device, batch_size=args.batch_size, quiet=args.quiet)
+    if args.packed:
+        m = _eval_packed(args)
+    else:
+        m = evaluate_checkpoint(args.from_checkpoint, split=args.split, data_dir=args.data_dir,
+                                device=args.device, batch_size=args.batch_size, quiet=args.quiet)
     if args.json:
         print(json.dumps(m, sort_keys=True))
     else:
@@ -204,6 +293,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``deepshift`` console script; returns the exit status."""
     from .data import DataError
+    from .deploy import DeployError
+    from .export import PackedFormatError
     from .models import UnknownModelError
     from .train import TrainError
 
@@ -214,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return args.func(args)
-    except (TrainError, DataError, UnknownModelError) as exc:
+    except (TrainError, DataError, UnknownModelError, DeployError, PackedFormatError) as exc:
         message = " ".join(str(exc).split())
         print(f"deepshift: error: {message}", file=sys.stderr)
         return EXIT_USAGE
