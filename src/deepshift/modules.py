@@ -136,6 +136,13 @@ class _FrozenShift(nn.Module):
     def _quantize(self, x: Tensor) -> Tensor:
         if not x.is_floating_point():
             raise TypeError(f"{type(self).__name__} expects a float input, got {x.dtype}")
+        if not torch.compiler.is_compiling():
+            # One fused native pass (same integers as below) when the C++ kernels are loaded.
+            from .kernels.cpu import quantize_input
+
+            fused = quantize_input(x, self.act_bits, self.act_rounding, _ACC_DTYPES[self.accumulator])
+            if fused is not None:
+                return fused
         if bool(torch.isnan(x).any()):
             raise ValueError(f"{type(self).__name__} got a NaN input; fixed point has no NaN")
         # Rounded in float64, where x * 2**F and the saturation bounds (< 2**31) are exact, so
@@ -149,8 +156,14 @@ class _FrozenShift(nn.Module):
     def _scale(self, y: Tensor, like: Tensor) -> Tensor:
         # A power-of-two scale of the integer result: exact in float64 below 2**53.
         exponent = min(self.shift_lo, 0) - self.act_bits[1]
-        out = y.to(torch.float64) * 2.0**exponent
-        return out.to(like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float32)
+        dtype = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float32
+        if not torch.compiler.is_compiling():
+            from .kernels.cpu import scale_output
+
+            fused = scale_output(y, exponent, dtype)
+            if fused is not None:
+                return fused
+        return (y.to(torch.float64) * 2.0**exponent).to(dtype)
 
     def extra_repr(self) -> str:
         return (f"weight_shape={self.weight_shape}, method={self.method}, bits={self.weight_bits}, "
