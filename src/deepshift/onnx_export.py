@@ -243,6 +243,9 @@ def export_onnx(
             # Shapes are static by design (the example input fixes them): tracing says so.
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
+            # e.g. "Constant folding - Only steps=1 can be constant folded": slices with a step
+            # are left for the runtime, which is what we want.
+            warnings.filterwarnings("ignore", message="Constant folding")
             torch.onnx.export(graph_model, (example_input,), tmp, input_names=["input"],
                               output_names=["output"], opset_version=opset,
                               dynamic_axes=dynamic_axes, dynamo=False)
