@@ -45,7 +45,8 @@ def test_export_packed_then_eval_packed_matches_the_run(capsys, runs, tmp_path):
 def test_export_onnx_and_report(capsys, runs, tmp_path):
     pytest.importorskip("onnx", reason="onnx is an optional extra")
     root, _ = runs
-    code, out, _ = cli(capsys, "export", root / "ps" / "best.pt", "--format", "onnx", "-o", tmp_path / "m.onnx")
+    code, out, _ = cli(capsys, "export", root / "ps" / "best.pt", "--format", "onnx",
+                       "-o", tmp_path / "m.onnx")
     assert code == 0 and (tmp_path / "m.onnx").stat().st_size > 0 and "m.onnx" in out
     code, out, _ = cli(capsys, "report", root / "ps", "--json", "--plot", tmp_path / "h.png")
     assert code == 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -247,7 +248,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print("\n".join(model_names()))
         return 0
     if args.resume:
-        resume(args.resume, quiet=args.quiet or None, epochs=args.epochs,
+        resume(args.resume, quiet=args.quiet or None, epochs=args.epochs, dist_backend=args.dist_backend,
                device=None if args.device == "auto" else args.device)
     else:
         train(_config_from_args(args))
@@ -307,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (TrainError, DataError, UnknownModelError, DeployError, PackedFormatError) as exc:
         message = " ".join(str(exc).split())
-        print(f"deepshift: error: {message}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: say it once
+            print(f"deepshift: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("deepshift: interrupted", file=sys.stderr)

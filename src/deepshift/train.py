@@ -43,6 +43,21 @@ from torch import nn
 from .config import PSConfig, QConfig
 from .convert import convert_, shift_layers
 from .data import DATASETS, BatchLoader, load_dataset
+from .distributed import (
+    BACKENDS,
+    SINGLE,
+    DistContext,
+    ShardedBatchLoader,
+    all_gather_object,
+    all_reduce_sum,
+    on_main,
+    parameter_digest,
+    rank_device,
+    shard_eval_loader,
+    teardown,
+    wrap_model,
+)
+from .distributed import setup as dist_setup
 from .models import build_model
 from .optim import clamp_parameters_, param_groups
 
@@ -128,6 +143,9 @@ class TrainConfig:
     image_size: int = 224
     checkpoint_every: int = 0
     overwrite: bool = False
+    sync_bn: bool = False
+    dist_backend: str = "auto"
+    compile_model: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -172,6 +190,7 @@ class TrainConfig:
         choice("method", METHODS)
         choice("optimizer", OPTIMIZERS)
         choice("lr_schedule", SCHEDULES)
+        choice("dist_backend", BACKENDS)
         for name in ("epochs", "batch_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
@@ -312,10 +331,13 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: BatchLoader, device: torch.device | str = "cpu",
-             quiet: bool = True, desc: str = "eval") -> dict[str, float]:
+             quiet: bool = True, desc: str = "eval", ctx: DistContext = SINGLE) -> dict[str, float]:
     """Top-1 / top-5 accuracy (percent) and mean cross-entropy of ``model`` on ``loader``.
 
-    The model is put in eval mode (deterministic rounding) and left there.
+    The model is put in eval mode (deterministic rounding) and left there. In a distributed run
+    (``ctx``), ``loader`` is this rank's disjoint slice (:func:`deepshift.distributed.shard_eval_loader`)
+    and the counts are summed over ranks, so every example counts once and every rank gets the
+    same result.
     """
     from tqdm import tqdm
 
@@ -333,6 +355,9 @@ def evaluate(model: nn.Module, loader: BatchLoader, device: torch.device | str =
         correct1 += int(hits[:, 0].sum())
         correct5 += int(hits.any(dim=1).sum())
         n += len(y)
+    if ctx.enabled:
+        correct1, correct5, loss_sum, n = all_reduce_sum([correct1, correct5, loss_sum, n], ctx, device)
+        correct1, correct5, n = int(correct1), int(correct5), int(n)
     if n == 0:
         return {"top1": float("nan"), "top5": float("nan"), "loss": float("nan"), "n": 0}
     return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "loss": loss_sum / n, "n": n}
@@ -452,21 +477,30 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train a fresh run described by ``cfg`` into ``cfg.out``; returns the final metrics dict.
 
     Everything that can fail on bad input (options, data, model, ``from_checkpoint``) is checked
-    before the output folder is touched.
+    before the output folder is touched. Under ``torchrun`` (``WORLD_SIZE`` > 1) every process calls
+    this; they train one DistributedDataParallel model (see :mod:`deepshift.distributed`).
     """
     cfg = cfg.resolved()
-    return _run(cfg, Path(cfg.out), resume_state=None)
+    ctx = _dist_start(cfg.device, cfg.dist_backend)
+    try:
+        return _run(cfg, Path(cfg.out), resume_state=None, ctx=ctx)
+    finally:
+        teardown(ctx)
 
 
-def resume(out_dir: str | os.PathLike, quiet: bool | None = None, device: str | None = None,
-           epochs: int | None = None) -> dict:
-    """Continue the run in ``out_dir`` from its ``last.pt`` (model, optimizer, RNG, epoch, step).
+def _dist_start(device: str, backend: str) -> DistContext:
+    try:
+        dev = rank_device(device, int(os.environ.get("LOCAL_RANK", "0")))
+    except (ValueError, RuntimeError) as exc:
+        raise ConfigError(str(exc)) from None
+    if dev is None:
+        return SINGLE
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available here")
+    return dist_setup(dev, backend)
 
-    ``epochs`` extends (or shortens, down to the epochs already done) a run; with a schedule that
-    does not depend on the total (none, step, multistep) the result equals a run started with that
-    many epochs.
-    """
-    out = Path(out_dir)
+
+def _read_run(out: Path) -> tuple[TrainConfig, dict | None]:
     cfg_path = out / "config.json"
     if not cfg_path.is_file():
         raise CheckpointError(f"--resume {out}: no config.json there (not a deepshift run folder)")
@@ -475,25 +509,63 @@ def resume(out_dir: str | os.PathLike, quiet: bool | None = None, device: str | 
         cfg = TrainConfig.from_dict(saved["train"]).resolved()
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise CheckpointError(f"--resume {out}: config.json is unreadable ({exc})") from None
-    if quiet is not None:
-        cfg.quiet = quiet
-    if device is not None:
-        cfg.device = device
-    if epochs is not None:
-        cfg.epochs = epochs
-        cfg._validate()
     state = load_checkpoint(out / "last.pt") if (out / "last.pt").exists() else None
     if state is not None and state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{out / 'last.pt'} is not a deepshift training checkpoint")
-    return _run(cfg, out, resume_state=state if state is not None else {})
+    return cfg, state
 
 
-def _run(cfg: TrainConfig, out: Path, resume_state: dict | None) -> dict[str, Any]:
+def resume(out_dir: str | os.PathLike, quiet: bool | None = None, device: str | None = None,
+           epochs: int | None = None, dist_backend: str | None = None) -> dict:
+    """Continue the run in ``out_dir`` from its ``last.pt`` (model, optimizer, RNG, epoch, step).
+
+    ``epochs`` extends (or shortens, down to the epochs already done) a run; with a schedule that
+    does not depend on the total (none, step, multistep) the result equals a run started with that
+    many epochs.
+    """
+    out = Path(out_dir)
+    # Under torchrun, rank 0 reads the folder and hands config and checkpoint to the other ranks;
+    # a run saved by any number of processes resumes in any number of processes.
+    ctx = _dist_start(device or "auto", dist_backend or "auto")
+    try:
+        cfg, state = on_main(ctx, lambda: _read_run(out))
+        if quiet is not None:
+            cfg.quiet = quiet
+        if device is not None:
+            cfg.device = device
+        if dist_backend is not None:
+            cfg.dist_backend = dist_backend
+        if epochs is not None:
+            cfg.epochs = epochs
+            cfg._validate()
+        return _run(cfg, out, resume_state=state if state is not None else {}, ctx=ctx)
+    finally:
+        teardown(ctx)
+
+
+def _from_state(path: str) -> dict:
+    ckpt = load_checkpoint(path)
+    if ckpt.get("format") == CHECKPOINT_FORMAT and ckpt.get("shift_config") is not None:
+        raise CheckpointError(f"--from {path}: a float checkpoint (--method none) is "
+                              "needed; this one is already converted")
+    return _state_dict_of(ckpt, path)
+
+
+def _run(cfg: TrainConfig, out: Path, resume_state: dict | None, ctx: DistContext = SINGLE) -> dict[str, Any]:
     from tqdm import tqdm
 
     from . import __version__
 
-    device = resolve_device(cfg.device)
+    if ctx.enabled:
+        device = rank_device(cfg.device, ctx.local_rank)
+    else:
+        device = resolve_device(cfg.device)
+    if cfg.sync_bn and ctx.enabled and device.type != "cuda":
+        raise ConfigError("--sync-bn needs CUDA devices (torch's SyncBatchNorm has no CPU implementation)")
+    main = ctx.is_main
+    quiet = cfg.quiet or not main  # one progress stream: rank 0's
+    # Every rank seeds alike: identical initialisation (DDP also broadcasts rank 0's parameters) and
+    # identical stochastic-rounding draws while the ranks' batches have equal sizes.
     torch.manual_seed(cfg.seed)
     splits = load_dataset(cfg.data, cfg.data_dir, cfg.val_fraction, cfg.limit_train, cfg.image_size,
                           cfg.workers)
@@ -501,19 +573,24 @@ def _run(cfg: TrainConfig, out: Path, resume_state: dict | None) -> dict[str, An
     model = build_model(cfg.model, num_classes=splits.num_classes, in_channels=splits.in_channels)
     zoo_spec = model.zoo_spec
     if cfg.from_checkpoint is not None and not resume_state:
-        ckpt = load_checkpoint(cfg.from_checkpoint)
-        if ckpt.get("format") == CHECKPOINT_FORMAT and ckpt.get("shift_config") is not None:
-            raise CheckpointError(f"--from {cfg.from_checkpoint}: a float checkpoint (--method none) is "
-                                  "needed; this one is already converted")
-        _load_into(model, _state_dict_of(ckpt, cfg.from_checkpoint), cfg.from_checkpoint, "--from")
+        state = on_main(ctx, lambda: _from_state(cfg.from_checkpoint))
+        _load_into(model, state, cfg.from_checkpoint, "--from")
+    # The order that works with parametrized weights: convert_, then DDP, then torch.compile.
     if shift_cfg is not None:
         convert_(model, shift_cfg, depth=cfg.shift_depth)
     model.to(device)
+    net = wrap_model(model, ctx, device, sync_bn=cfg.sync_bn)  # shares model's parameters
+    if cfg.compile_model:
+        net = torch.compile(net)
     optimizer = make_optimizer(cfg, model)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     train_loader = BatchLoader(splits.train, cfg.batch_size, train=True, seed=cfg.seed)
     val_loader = BatchLoader(splits.val, cfg.batch_size, train=False)
     test_loader = BatchLoader(splits.test, cfg.batch_size, train=False)
+    sharded = ShardedBatchLoader(train_loader, ctx.rank, ctx.world_size) if ctx.enabled else None
+    eval_bs = math.ceil(cfg.batch_size / ctx.world_size)
+    val_loader = shard_eval_loader(val_loader, ctx, eval_bs)
+    test_loader = shard_eval_loader(test_loader, ctx, eval_bs)
 
     history: list[dict] = []
     epoch, step, elapsed = 0, 0, 0.0
@@ -525,7 +602,10 @@ def _run(cfg: TrainConfig, out: Path, resume_state: dict | None) -> dict[str, An
             optimizer.load_state_dict(resume_state["optimizer"])
         except (ValueError, KeyError) as exc:
             raise CheckpointError(f"{out / 'last.pt'}: optimizer state does not fit ({exc})") from None
-        _set_rng_state(resume_state["rng"], device)
+        rng = resume_state["rng"]
+        if ctx.enabled and resume_state.get("world_size") == ctx.world_size and "rng_ranks" in resume_state:
+            rng = resume_state["rng_ranks"][ctx.rank]
+        _set_rng_state(rng, device)
         epoch, step = int(resume_state["epoch"]), int(resume_state["step"])
         history = list(resume_state["history"])
         best_val, best_epoch = float(resume_state["best_val_top1"]), int(resume_state["best_epoch"])
@@ -534,42 +614,70 @@ def _run(cfg: TrainConfig, out: Path, resume_state: dict | None) -> dict[str, An
         if epoch > cfg.epochs:
             raise ConfigError(f"--epochs {cfg.epochs}: the run in {out} has already done {epoch} epochs")
     elif resume_state is None:
-        check_output_dir(out, cfg.overwrite)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "config.json", {
-        "deepshift_version": __version__, "train": cfg.to_dict(),
-        "shift_config": shift_cfg.to_dict() if shift_cfg else None, "zoo_spec": zoo_spec})
+        on_main(ctx, lambda: check_output_dir(out, cfg.overwrite))
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / "config.json", {
+            "deepshift_version": __version__, "train": cfg.to_dict(),
+            "shift_config": shift_cfg.to_dict() if shift_cfg else None, "zoo_spec": zoo_spec})
 
     def checkpoint(epoch_: int, step_: int, running_: dict, elapsed_: float) -> dict:
-        return {
+        # Collective when distributed (every rank's RNG state is gathered): call it on every rank.
+        ckpt = {
             "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "deepshift_version": __version__,
             "config": cfg.to_dict(), "shift_config": shift_cfg.to_dict() if shift_cfg else None,
             "zoo_spec": zoo_spec, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "epoch": epoch_, "step": step_, "running": dict(running_), "rng": _rng_state(device),
             "history": history, "best_val_top1": best_val, "best_epoch": best_epoch, "elapsed": elapsed_,
+            "world_size": ctx.world_size,
         }
+        if ctx.enabled:
+            ckpt["rng_ranks"] = all_gather_object(ckpt["rng"], ctx)
+        return ckpt
+
+    def save(ckpt: dict, path: Path) -> None:
+        if main:
+            save_checkpoint(ckpt, path)
 
     steps_per_epoch = len(train_loader)
     while epoch < cfg.epochs:
         factor = lr_factor(cfg, epoch)
         for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
             group["lr"] = base * factor
-        model.train()
+        net.train()
         t0 = time.perf_counter() - running["seconds"]
-        bar = tqdm(total=steps_per_epoch, initial=step, disable=cfg.quiet, leave=False,
+        bar = tqdm(total=steps_per_epoch, initial=step, disable=quiet, leave=False,
                    desc=f"epoch {epoch + 1}/{cfg.epochs}")
-        for x, y in train_loader.epoch(epoch, start=step):
+        if sharded is not None:
+            batches = sharded.epoch(epoch, start=step)
+        else:
+            batches = ((x, y, len(y)) for x, y in train_loader.epoch(epoch, start=step))
+        for x, y, n_global in batches:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
+            logits = net(x)
+            if ctx.enabled:
+                # Sum over this rank's piece / global batch, times W (DDP averages over ranks):
+                # the gradient is the mean over the global batch, as in one process.
+                loss_sum = F.cross_entropy(logits, y, reduction="sum")
+                loss = loss_sum * (ctx.world_size / n_global)
+            else:
+                loss = F.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            clamp_parameters_(model)
-            loss_value = float(loss.detach())
-            running["loss"] += loss_value * len(y)
-            running["correct"] += int((logits.argmax(1) == y).sum())
-            running["n"] += len(y)
+            clamp_parameters_(model)  # on every rank: deterministic, so replicas stay identical
+            if ctx.enabled:
+                hits = float((logits.argmax(1) == y).sum())
+                total, correct = all_reduce_sum([float(loss_sum.detach()), hits], ctx, device)
+                loss_value = total / n_global
+                running["loss"] += total
+                running["correct"] += int(correct)
+                running["n"] += n_global
+            else:
+                loss_value = float(loss.detach())
+                running["loss"] += loss_value * len(y)
+                running["correct"] += int((logits.argmax(1) == y).sum())
+                running["n"] += len(y)
             step += 1
             bar.update(1)
             if not math.isfinite(loss_value):
@@ -578,10 +686,10 @@ def _run(cfg: TrainConfig, out: Path, resume_state: dict | None) -> dict[str, An
                                  "lower --lr")
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < steps_per_epoch:
                 running["seconds"] = time.perf_counter() - t0
-                save_checkpoint(checkpoint(epoch, step, running, elapsed), out / "last.pt")
+                save(checkpoint(epoch, step, running, elapsed), out / "last.pt")
         bar.close()
         train_seconds = time.perf_counter() - t0
-        val = evaluate(model, val_loader, device, quiet=cfg.quiet, desc="val")
+        val = evaluate(model, val_loader, device, quiet=quiet, desc="val", ctx=ctx)
         seconds = time.perf_counter() - t0
         elapsed += seconds
         n = max(running["n"], 1)
@@ -595,27 +703,39 @@ def _run(cfg: TrainConfig, out: Path, resume_state: dict | None) -> dict[str, An
         # Without a validation split (val_fraction 0) the last epoch counts as the best.
         if val["n"] == 0 or val["top1"] > best_val:
             best_val, best_epoch = val["top1"], row["epoch"]
-            save_checkpoint(checkpoint(epoch, 0, running, elapsed), out / "best.pt")
-        save_checkpoint(checkpoint(epoch, 0, running, elapsed), out / "last.pt")
-        _write_csv(out / "metrics.csv", history)
-        plot_curves(out / "curves.png", history)
-        if not cfg.quiet:
+            save(checkpoint(epoch, 0, running, elapsed), out / "best.pt")
+        save(checkpoint(epoch, 0, running, elapsed), out / "last.pt")
+        if main:
+            _write_csv(out / "metrics.csv", history)
+            plot_curves(out / "curves.png", history)
+        if not quiet:
             print(f"epoch {row['epoch']}/{cfg.epochs}  train loss {row['train_loss']:.4f}  "
                   f"train top-1 {row['train_top1']:.2f}  val top-1 {row['val_top1']:.2f}  "
                   f"lr {row['lr']:.3g}  {seconds:.1f}s", flush=True)
 
+    extra: dict[str, Any] = {"world_size": ctx.world_size}
+    if ctx.enabled:
+        # Every replica must hold bit-identical parameters (DDP averages gradients, the optimizer
+        # step and clamp_parameters_ are deterministic); a mismatch is a bug worth stopping for.
+        digests = all_gather_object(parameter_digest(model), ctx)
+        if len(set(digests)) != 1:
+            raise TrainError(f"replicas diverged: parameter digests differ across ranks {digests}")
+        extra["replica_digests"] = digests
+
     # The test set is evaluated once, with the checkpoint chosen on validation.
-    best = load_checkpoint(out / "best.pt")
-    model.load_state_dict(best["model"])
-    test = evaluate(model, test_loader, device, quiet=cfg.quiet, desc="test")
+    best_state = on_main(ctx, lambda: load_checkpoint(out / "best.pt")["model"])
+    model.load_state_dict(best_state)
+    test = evaluate(model, test_loader, device, quiet=quiet, desc="test", ctx=ctx)
     metrics = {
         "test_top1": test["top1"], "test_top5": test["top5"], "test_loss": test["loss"],
+        "test_examples": test["n"],
         "val_top1": best_val, "best_epoch": best_epoch, "epochs": cfg.epochs, "seconds": elapsed,
         "seconds_per_epoch": elapsed / max(len(history), 1), "data": cfg.data, "model": cfg.model,
-        "method": cfg.method, "deepshift_version": __version__, **count_parameters(model),
+        "method": cfg.method, "deepshift_version": __version__, **count_parameters(model), **extra,
     }
-    _write_json(out / "metrics.json", metrics)
-    if not cfg.quiet:
+    if main:
+        _write_json(out / "metrics.json", metrics)
+    if not quiet:
         print(f"test top-1 {metrics['test_top1']:.2f}  top-5 {metrics['test_top5']:.2f}  "
               f"(best val top-1 {best_val:.2f} at epoch {best_epoch}); wrote {out}", flush=True)
     return metrics
