@@ -30,6 +30,16 @@ def layer_zoo() -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
 LAYER_NAMES = list(layer_zoo())
 
 
+@pytest.fixture
+def one_thread():
+    """For tests of many small integer ops: with 2 cores shared by parallel runs, OpenMP thread
+    hand-offs dominate their time (10x here). One intra-op thread, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -10,15 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import deepshift
 from deepshift.ops import decode_codes, shift_conv_reference, shift_linear_reference
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tests run many small integer ops; with 2 cores shared by parallel test runs, OpenMP
-    thread hand-offs dominate their time (10x here). One intra-op thread, restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _codes(shape, bits, max_field=None, seed=0):

@@ -17,15 +17,7 @@ from deepshift import PackedFormatError
 from deepshift.export import _seal
 from deepshift.modules import ShiftConvNd, ShiftLinear
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tests run many small integer ops; with 2 cores shared by parallel test runs, OpenMP
-    thread hand-offs dominate their time (10x here). One intra-op thread, restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _user_model() -> nn.Module:
