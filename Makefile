@@ -21,7 +21,7 @@ $(STAMP): requirements-dev.txt requirements-triton.txt pyproject.toml
 # imported and stays set for the whole process.
 test: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks
-	$(PY) -m pytest tests --ignore=tests/test_kernels_triton.py
+	$(PY) -m pytest tests src/deepshift --doctest-modules --ignore=tests/test_kernels_triton.py
 	TRITON_INTERPRET=1 $(PY) -m pytest tests/test_kernels_triton.py
 
 test-triton: $(STAMP)

@@ -40,6 +40,12 @@ from .summary import summary
 
 __version__ = "0.1.0"
 
+# Training config and the model zoo (after __version__: run folders record it). The training
+# functions stay in their module (`from deepshift.train import train, evaluate`): a function
+# named `train` here would shadow the submodule `deepshift.train`.
+from .models import build_model  # noqa: E402
+from .train import TrainConfig  # noqa: E402
+
 _triton_ops.register_cuda_kernels()  # no-op without CUDA, triton or with DEEPSHIFT_NO_NATIVE=1
 
 __all__ = [
@@ -49,9 +55,11 @@ __all__ = [
     "QConfig",
     "ShiftConvNd",
     "ShiftLinear",
+    "TrainConfig",
     "clamp_parameters_",
     "compression_report",
     "config_from_dict",
+    "build_model",
     "convert_",
     "effective_weight",
     "export_onnx",
