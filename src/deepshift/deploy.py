@@ -14,11 +14,9 @@ import torch
 from torch import nn
 
 from .convert import convert_, shift_layers
-from .export import PackedFormatError, load_packed, save_packed
+from .export import _MAX_HEADER, PackedFormatError, load_packed, save_packed
 from .freeze import freeze_
 from .modules import is_frozen_layer
-
-_PACKED_MAGIC_LIMIT = 64 * 1024 * 1024
 
 
 class DeployError(ValueError):
@@ -48,7 +46,7 @@ def _is_packed_file(path: Path) -> bool:
         return True
     with open(path, "rb") as fh:  # a safetensors file starts with a small header length and '{'
         head = fh.read(9)
-    return len(head) == 9 and int.from_bytes(head[:8], "little") < _PACKED_MAGIC_LIMIT and head[8:] == b"{"
+    return len(head) == 9 and int.from_bytes(head[:8], "little") < _MAX_HEADER and head[8:] == b"{"
 
 
 def load_source(source: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:

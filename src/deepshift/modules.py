@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .kernels.cpu import quantize_input, scale_output
 from .ops import accumulator_bound, conv_output_size
 from .packing import packed_numel
 from .quantize import fixed_point_limits, to_fixed_point_int
@@ -51,6 +52,24 @@ def choose_accumulator(
         f"act_bits {act_bits}, used shifts [{shift_lo}, {shift_hi}]) but int64 holds 64: "
         "narrow the activation bits or the layer's shift range"
     )
+
+
+def conv_pads(padding, kernel_size, dilation) -> list[int]:
+    """F.pad's list (left, right per dimension, last dimension first) for a conv's ``padding``.
+
+    ``padding`` is "same", "valid" or ints; torch's own rule for "same": the extra element of
+    an odd total goes on the right.
+    """
+    pads: list[int] = []
+    for d in reversed(range(len(kernel_size))):
+        if padding == "same":
+            total = dilation[d] * (kernel_size[d] - 1)
+            pads += [total // 2, total - total // 2]
+        elif padding == "valid":
+            pads += [0, 0]
+        else:
+            pads += [padding[d], padding[d]]
+    return pads
 
 
 class _FrozenShift(nn.Module):
@@ -138,8 +157,6 @@ class _FrozenShift(nn.Module):
             raise TypeError(f"{type(self).__name__} expects a float input, got {x.dtype}")
         if not torch.compiler.is_compiling():
             # One fused native pass (same integers as below) when the C++ kernels are loaded.
-            from .kernels.cpu import quantize_input
-
             fused = quantize_input(x, self.act_bits, self.act_rounding, _ACC_DTYPES[self.accumulator])
             if fused is not None:
                 return fused
@@ -158,8 +175,6 @@ class _FrozenShift(nn.Module):
         exponent = min(self.shift_lo, 0) - self.act_bits[1]
         dtype = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float32
         if not torch.compiler.is_compiling():
-            from .kernels.cpu import scale_output
-
             fused = scale_output(y, exponent, dtype)
             if fused is not None:
                 return fused
@@ -241,18 +256,7 @@ class ShiftConvNd(_FrozenShift):
                 raise ValueError(f"padding={self.padding!r} is not supported here")
         elif len(self.padding) != dims or min(self.padding, default=0) < 0:
             raise ValueError(f"padding needs {dims} values >= 0")
-        # (left, right) per dimension, last dimension first, the order F.pad wants;
-        # torch's own rule for "same": the extra element of an odd total goes on the right.
-        pads: list[int] = []
-        for d in reversed(range(dims)):
-            if self.padding == "same":
-                total = self.dilation[d] * (self.kernel_size[d] - 1)
-                pads += [total // 2, total - total // 2]
-            elif self.padding == "valid":
-                pads += [0, 0]
-            else:
-                pads += [self.padding[d], self.padding[d]]
-        self._pads = pads
+        self._pads = conv_pads(self.padding, self.kernel_size, self.dilation)
         # Padding the op does itself (symmetric zeros) vs. padding applied to the float input.
         self._pad_outside = self.padding_mode != "zeros" or isinstance(self.padding, str)
 

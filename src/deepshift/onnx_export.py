@@ -19,7 +19,6 @@ Everything outside shift layers (BatchNorm, pooling, activations) is exported as
 from __future__ import annotations
 
 import copy
-import itertools
 import math
 import os
 import warnings
@@ -30,8 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .convert import effective_weight, is_shift_layer, shift_config
-from .modules import ShiftConvNd, ShiftLinear, _FrozenShift, is_frozen_layer
-from .ops import decode_codes
+from .modules import ShiftConvNd, ShiftLinear, _FrozenShift, conv_pads, is_frozen_layer
+from .ops import _im2col, decode_codes
 from .quantize import fixed_point_limits
 
 MODES = ("fixed_point", "weights")
@@ -105,21 +104,13 @@ def _conv_as_matmul(x: Tensor, weight: Tensor, bias: Tensor | None, c: dict[str,
         pads += [c["padding"][d], c["padding"][d]]
     if any(pads):
         x = F.pad(x, pads)
-    kernel, stride, dilation = weight.shape[2:], c["stride"], c["dilation"]
-    sizes = [int(x.shape[2 + d]) for d in range(dims)]
-    out = [(sizes[d] - dilation[d] * (kernel[d] - 1) - 1) // stride[d] + 1 for d in range(dims)]
-    patches = []
-    for offsets in itertools.product(*(range(k) for k in kernel)):
-        index = [slice(None), slice(None)]
-        for d, k in enumerate(offsets):
-            start = k * dilation[d]
-            index.append(slice(start, start + stride[d] * (out[d] - 1) + 1, stride[d]))
-        patches.append(x[tuple(index)])
+    kernel = list(weight.shape[2:])
+    cols = _im2col(x, kernel, c["stride"], c["dilation"])  # (N, C_in, K, *out), by slicing
+    out = list(cols.shape[3:])
     groups = c["groups"]
     n_out, c_in_g = weight.shape[0], weight.shape[1]
     k_total = math.prod(kernel)
     positions = math.prod(out)
-    cols = torch.stack(patches, dim=2)  # (N, C_in, K, *out)
     cols = cols.reshape(-1, groups, c_in_g * k_total, positions)
     w = weight.reshape(groups, n_out // groups, c_in_g * k_total)
     y = torch.matmul(w, cols).reshape(-1, n_out, *out)  # (N, G, O/G, P) -> (N, O, *out)
@@ -142,17 +133,7 @@ def _conv_options_frozen(layer: ShiftConvNd) -> dict[str, Any]:
 def _conv_options_module(module: nn.modules.conv._ConvNd) -> dict[str, Any]:
     dims = len(module.kernel_size)
     pad_outside = module.padding_mode != "zeros" or isinstance(module.padding, str)
-    pads = None
-    if pad_outside:
-        pads = []
-        for d in reversed(range(dims)):
-            if module.padding == "same":
-                total = module.dilation[d] * (module.kernel_size[d] - 1)
-                pads += [total // 2, total - total // 2]
-            elif module.padding == "valid":
-                pads += [0, 0]
-            else:
-                pads += [module.padding[d], module.padding[d]]
+    pads = conv_pads(module.padding, module.kernel_size, module.dilation) if pad_outside else None
     return {
         "transposed": module.transposed, "groups": module.groups, "stride": list(module.stride),
         "dilation": list(module.dilation), "output_padding": list(module.output_padding),

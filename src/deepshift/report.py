@@ -8,7 +8,6 @@ to model other hardware.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -17,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .convert import shift_and_sign, shift_config
+from .convert import is_shift_layer, shift_and_sign, shift_config
 from .modules import _FrozenShift, is_frozen_layer
 from .ops import decode_codes
 
@@ -150,13 +149,7 @@ def _configured_range(cfg: dict[str, Any], module: _FrozenShift) -> list[int]:
 
 
 def _is_shift(module: nn.Module) -> bool:
-    if is_frozen_layer(module):
-        return True
-    try:
-        shift_config(module)
-    except ValueError:
-        return False
-    return True
+    return is_frozen_layer(module) or is_shift_layer(module)
 
 
 def _fan_in(module: nn.Module, weight_shape: list[int]) -> int:
@@ -198,7 +191,8 @@ def savings_report(
     missing = sorted(set(ENERGY_45NM_PJ) - set(table))
     if missing:
         raise ValueError(f"energy_table lacks {missing}")
-    model = copy.deepcopy(model).eval()
+    modes = {m: m.training for m in model.modules()}  # restored below; no copy of the model
+    model.eval()
     shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
     hooks = []
     for name, module in model.named_modules():
@@ -219,6 +213,9 @@ def savings_report(
     finally:
         for h in hooks:
             h.remove()
+        model.train(modes[model])  # also drops the eval-mode weight caches
+        for m, mode in modes.items():
+            m.training = mode
 
     layers: list[LayerReport] = []
     shift_param_ids: set[int] = set()
