@@ -37,6 +37,7 @@ from torch import nn
 
 from .config import config_from_dict
 from .freeze import freeze_
+from .frozen_float import freeze_float_layers_
 from .modules import _FrozenShift, frozen_from_spec, is_frozen_layer
 from .packing import packed_numel
 
@@ -352,7 +353,8 @@ def load_packed(path: str | os.PathLike | bytes, model: nn.Module | None = None)
             layer.check_consistency()
         except ValueError as e:
             raise _fail(f"layer {name!r}: {e}") from e
-    return model.eval()
+    # The same float-layer forms freeze_ gives (state-dict compatible, so the file need not say).
+    return freeze_float_layers_(model).eval()
 
 
 def compression_report(model: nn.Module, act_bits: tuple[int, int] | None = None) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from torch import nn
 
 from .config import PSConfig
 from .convert import shift_and_sign, shift_layers
+from .frozen_float import freeze_float_layers_
 from .modules import ShiftConvNd, ShiftLinear, _FrozenShift, choose_accumulator
 from .packing import pack_codes
 from .quantize import to_fixed_point_int
@@ -98,7 +99,8 @@ def freeze_layer(module: nn.Module, act_bits: tuple[int, int] | None = None) -> 
     return frozen.train(module.training)
 
 
-def freeze_(model: nn.Module, act_bits: tuple[int, int] | None = None) -> nn.Module:
+def freeze_(model: nn.Module, act_bits: tuple[int, int] | None = None,
+            float_layers: bool = True) -> nn.Module:
     """Replace every shift layer of ``model`` with a multiplication-free inference layer, in place.
 
     Each shift layer (see :func:`deepshift.convert_`) becomes a :class:`~deepshift.ShiftLinear` or
@@ -108,6 +110,11 @@ def freeze_(model: nn.Module, act_bits: tuple[int, int] | None = None) -> nn.Mod
     :data:`DEFAULT_ACT_BITS` = (8, 8). Biases are rounded to the same fixed point. The frozen
     layer's output equals the float64 evaluation of the converted layer (with those
     ``act_bits``, eval mode) exactly, up to one final rounding to the input's dtype.
+
+    With ``float_layers`` (the default), BatchNorm and global average pooling modules become
+    their runtime-independent forms (:mod:`deepshift.frozen_float`: eval-mode BatchNorm as a
+    separate multiply and add, pooling summed in float64), so that an exported ONNX graph
+    reproduces the frozen model bit for bit. BatchNorm then stays in eval mode for good.
 
     Forward hooks registered on the replaced layers are not carried over. Layers are found
     through ``named_modules``; if ``model`` itself is a shift layer the frozen layer is
@@ -132,6 +139,8 @@ def freeze_(model: nn.Module, act_bits: tuple[int, int] | None = None) -> nn.Mod
     frozen = {id(module): freeze_layer(module, act_bits) for _, module, _ in layers}
     if id(model) in frozen:
         return frozen[id(model)]
+    if float_layers:
+        model = freeze_float_layers_(model)
     # Every place a shift layer is attached (a layer shared by two parents is frozen once and
     # stays shared).
     for parent in list(model.modules()):

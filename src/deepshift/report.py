@@ -17,8 +17,12 @@ import torch
 from torch import Tensor, nn
 
 from .convert import is_shift_layer, shift_and_sign, shift_config
+from .frozen_float import ExactGlobalAvgPool, FrozenBatchNorm
 from .modules import _FrozenShift, is_frozen_layer
 from .ops import decode_codes
+
+_BATCHNORM = (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm)
+_AVG_POOL = (nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd, ExactGlobalAvgPool)
 
 REPORT_VERSION = 1
 
@@ -196,10 +200,8 @@ def savings_report(
     shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
     hooks = []
     for name, module in model.named_modules():
-        if _is_shift(module) or isinstance(module, (nn.Linear, nn.modules.conv._ConvNd,
-                                                    nn.modules.batchnorm._BatchNorm,
-                                                    nn.modules.pooling._AvgPoolNd,
-                                                    nn.modules.pooling._AdaptiveAvgPoolNd)):
+        if _is_shift(module) or isinstance(module, (nn.Linear, nn.modules.conv._ConvNd, *_BATCHNORM,
+                                                    *_AVG_POOL)):
             def hook(mod, args, out, name=name):
                 shapes[name] = (tuple(args[0].shape), tuple(out.shape))
             hooks.append(module.register_forward_hook(hook))
@@ -253,7 +255,7 @@ def savings_report(
                 float_macs += math.prod(in_shape[1:]) * w.shape[1] * math.prod(w.shape[2:])
             else:
                 float_macs += math.prod(out_shape[1:]) * w.shape[1] * math.prod(w.shape[2:])
-        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+        elif isinstance(module, _BATCHNORM):
             n = math.prod(out_shape[1:])
             float_mults += n
             float_adds += n
@@ -262,6 +264,9 @@ def savings_report(
             float_mults += n_out
             float_adds += max(0, math.prod(in_shape[1:]) - n_out)
     other_params = sum(p.numel() for p in model.parameters() if id(p) not in shift_param_ids)
+    # A frozen BatchNorm holds its affine weight and bias as buffers; they are still float values.
+    other_params += sum(t.numel() for m in model.modules() if isinstance(m, FrozenBatchNorm)
+                        for t in (m.weight, m.bias) if t is not None)
     shift_macs = sum(layer.macs for layer in layers)
     fp32_bytes = sum(layer.float32_bytes for layer in layers)
     packed = sum(layer.packed_bytes for layer in layers)

@@ -57,12 +57,14 @@ class CifarResNet(nn.Module):
                 layers.append(_BasicBlockA(in_planes, planes, stride if i == 0 else 1))
                 in_planes = planes
         self.layers = nn.Sequential(*layers)
+        # A module, not F.adaptive_avg_pool2d: freeze_ makes it exact (deepshift.frozen_float).
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(64, num_classes)
         _init(self)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.layers(F.relu(self.bn1(self.conv1(x))))
-        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+        return self.fc(self.avgpool(x).flatten(1))
 
 
 class _BasicBlockB(nn.Module):
@@ -97,11 +99,13 @@ class CifarResNet18(nn.Module):
                 layers.append(_BasicBlockB(in_planes, planes, stride if i == 0 else 1))
                 in_planes = planes
         self.layers = nn.Sequential(*layers)
+        # A module, not F.adaptive_avg_pool2d: freeze_ makes it exact (deepshift.frozen_float).
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(512, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.layers(F.relu(self.bn1(self.conv1(x))))
-        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+        return self.fc(self.avgpool(x).flatten(1))
 
 
 class _InvertedResidual(nn.Module):
@@ -148,12 +152,14 @@ class CifarMobileNetV2(nn.Module):
         self.layers = nn.Sequential(*layers)
         self.conv2 = nn.Conv2d(320, 1280, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(1280)
+        # A module, not F.adaptive_avg_pool2d: freeze_ makes it exact (deepshift.frozen_float).
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(1280, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.layers(F.relu6(self.bn1(self.conv1(x))))
         x = F.relu6(self.bn2(self.conv2(x)))
-        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+        return self.fc(self.avgpool(x).flatten(1))
 
 
 class CifarVGG16(nn.Module):
@@ -173,7 +179,9 @@ class CifarVGG16(nn.Module):
                            nn.ReLU(inplace=True)]
                 c = v
         self.features = nn.Sequential(*layers)
+        # A module, not F.adaptive_avg_pool2d: freeze_ makes it exact (deepshift.frozen_float).
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(512, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc(F.adaptive_avg_pool2d(self.features(x), 1).flatten(1))
+        return self.fc(self.avgpool(self.features(x)).flatten(1))
