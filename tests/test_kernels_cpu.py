@@ -339,3 +339,43 @@ def test_fused_quantize_and_scale_equal_the_module_path(native, act_bits, roundi
     with pytest.raises(ValueError, match="NaN"):
         cpu.quantize_input(torch.tensor([1.0, float("nan")]), act_bits, rounding, torch.int32)
     assert cpu.quantize_input(torch.ones(2, dtype=torch.float16), act_bits, rounding, torch.int32) is None
+
+
+def _fixed_point_torch(x, frac_bits, lo, hi, floor):
+    y = x * 2.0**frac_bits
+    y = y.floor_() if floor else y.round_()
+    return y.clamp_(lo, hi).mul_(2.0**-frac_bits)
+
+
+@pytest.mark.parametrize("act_bits", [(1, 0), (4, 4), (8, 8), (1, 7), (16, 16), (12, 20), (2, 30)])
+@pytest.mark.parametrize("rounding", ["nearest", "floor"])
+def test_fused_fake_quantize_equals_the_torch_path_bit_for_bit(native, act_bits, rounding):
+    from deepshift.quantize import fixed_point, fixed_point_limits
+
+    lo, hi = fixed_point_limits(act_bits)
+    floor = rounding == "floor"
+    g = torch.Generator().manual_seed(sum(act_bits) * 2 + floor)
+    for n in (1, 7, 8, 9, 1000, 70001):  # vector body, scalar tail, several threads' chunks
+        x = torch.randn(n, generator=g) * 2.0 ** torch.randint(-12, 12, (n,), generator=g).float()
+        k = torch.randint(lo - 3, hi + 4, (n // 3,), generator=g).double()
+        x[: n // 3] = ((k + 0.5) * 2.0 ** -act_bits[1]).float()  # ties and saturation bounds
+        x[::11] = float("nan")
+        x[1::13], x[2::17], x[3::19] = float("inf"), -float("inf"), -0.0
+        want = _fixed_point_torch(x, act_bits[1], lo, hi, floor)
+        for isa in ("avx2", "portable"):
+            cpu.set_isa(isa)
+            try:
+                got = cpu.fake_quantize(x, act_bits[1], lo, hi, floor)
+            finally:
+                cpu.set_isa("auto")
+            assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (isa, n)
+        # deepshift.fixed_point takes this path for float32 CPU tensors: same bits, same gradient.
+        xr = x.clone().requires_grad_()
+        y = fixed_point(xr, act_bits, rounding)
+        assert torch.equal(y.view(torch.int32), want.view(torch.int32))
+        y.sum().backward()
+        assert torch.isfinite(xr.grad).all()
+    assert cpu.fake_quantize(torch.ones(3, dtype=torch.float64), 4, -8, 7, False) is None
+    strided = torch.randn(6, 5, generator=g).t()  # non-contiguous input
+    assert torch.equal(cpu.fake_quantize(strided, 4, -128, 127, False),
+                       _fixed_point_torch(strided, 4, -128, 127, False))

@@ -514,6 +514,27 @@ torch::Tensor scale(const torch::Tensor& y, int64_t exponent, bool out64) {
   return out;
 }
 
+// Training-time fixed-point rounding (deepshift.fixed_point's forward) of a contiguous float32
+// tensor in one pass; see fake_quantize_f32. lo/hi are the float32 bounds the torch path uses.
+torch::Tensor fake_quantize(const torch::Tensor& x, int64_t frac_bits, double lo, double hi, bool floor_mode) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous(), "x must be contiguous float32");
+  auto y = torch::empty_like(x);
+  const int64_t n = x.numel();
+  const float s = std::ldexp(1.0f, static_cast<int>(frac_bits));
+  const float inv = std::ldexp(1.0f, -static_cast<int>(frac_bits));
+  const float flo = static_cast<float>(lo), fhi = static_cast<float>(hi);
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const bool avx2 = use_avx2();
+  at::parallel_for(0, n, 1 << 15, [&](int64_t b, int64_t e) {
+#ifdef DS_X86
+    if (avx2) return ds_avx2::fake_quantize_f32(xp + b, yp + b, e - b, s, inv, flo, fhi, floor_mode);
+#endif
+    ds_portable::fake_quantize_f32(xp + b, yp + b, e - b, s, inv, flo, fhi, floor_mode);
+  });
+  return y;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -526,4 +547,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("current_isa", &current_isa);
   m.def("quantize", &quantize);
   m.def("scale", &scale);
+  m.def("fake_quantize", &fake_quantize);
 }
