@@ -379,3 +379,51 @@ def test_fused_fake_quantize_equals_the_torch_path_bit_for_bit(native, act_bits,
     strided = torch.randn(6, 5, generator=g).t()  # non-contiguous input
     assert torch.equal(cpu.fake_quantize(strided, 4, -128, 127, False),
                        _fixed_point_torch(strided, 4, -128, 127, False))
+
+
+def _spy_conv_dtypes(native, monkeypatch) -> list:
+    seen, real = [], native.conv
+
+    def spy(x, *args):
+        seen.append(x.dtype)
+        return real(x, *args)
+
+    monkeypatch.setattr(native, "conv", spy)
+    return seen
+
+
+@pytest.mark.parametrize("sign", ["positive", "negative", "mixed"])
+def test_int16_fast_path_sums_long_groups_exactly(native, monkeypatch, sign):
+    """|x| <= 128 takes the int16 table; one shift group of 576 (conv) / 600 (Linear) terms at the
+    extreme inputs +-128 sums far beyond int16, which the plan's chunks of 255 terms must absorb."""
+    seen = _spy_conv_dtypes(native, monkeypatch)
+    bits, shift_lo = 5, -3
+    g = torch.Generator().manual_seed(3)
+    cin, cout = 64, 5
+    n_w = cout * cin * 9
+    field = torch.full((n_w,), 2, dtype=torch.int64)  # every weight the same shift: one group
+    neg = {"positive": torch.zeros(n_w, dtype=torch.int64), "negative": torch.ones(n_w, dtype=torch.int64),
+           "mixed": torch.randint(0, 2, (n_w,), generator=g)}[sign]
+    codes = pack_codes(((neg << (bits - 1)) | field).to(torch.uint8), bits)
+    for fill in (128, -128, None):
+        x = (torch.full((2, cin, 9, 13), fill, dtype=torch.int32) if fill is not None
+             else torch.randint(-128, 129, (2, cin, 9, 13), generator=g, dtype=torch.int32))
+        bias = torch.randint(-1000, 1000, (cout,), generator=g, dtype=torch.int32)
+        args = (x, codes, [cout, cin, 3, 3], bits, False, shift_lo, bias, [1, 1], [1, 1], [1, 1], 1,
+                False, [0, 0])
+        _check(torch.ops.deepshift.shift_conv, ops.shift_conv_reference, args, f"conv {sign} {fill}")
+    lin_codes = pack_codes(((neg[:600 * 4] << (bits - 1)) | field[:600 * 4]).to(torch.uint8), bits)
+    x = torch.full((64, 600), -128, dtype=torch.int64)  # int64 input whose result provably fits int32
+    args = (x, lin_codes, [4, 600], bits, False, 0, None)
+    _check(torch.ops.deepshift.shift_linear, ops.shift_linear_reference, args, f"linear {sign}")
+    assert torch.int16 in seen and all(d == torch.int16 for d in seen)
+
+
+def test_int16_fast_path_is_not_taken_beyond_8_bit_inputs(native, monkeypatch):
+    seen = _spy_conv_dtypes(native, monkeypatch)
+    codes = _random_codes(random.Random(5), 4 * 3 * 9, 5)
+    for value, want in ((128, torch.int16), (129, torch.int32), (-129, torch.int32)):
+        x = torch.full((1, 3, 6, 7), value, dtype=torch.int32)
+        args = (x, codes, [4, 3, 3, 3], 5, False, 0, None, [1, 1], [0, 0], [1, 1], 1, False, [0, 0])
+        _check(torch.ops.deepshift.shift_conv, ops.shift_conv_reference, args, f"conv x={value}")
+        assert seen[-1] == want

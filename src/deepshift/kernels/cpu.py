@@ -31,6 +31,10 @@ index arithmetic: row / plane offsets, computed per row or per weight, never per
   Zero weights have no term. Term lists are split into channel blocks so the table slice in use
   stays in L1. (A first version kept one pre-shifted copy of the input per shift amount, the
   design note's idea; Horner needs no copies, so the table is ~P times smaller and 1.3-2.5x faster.)
+* 8-bit activations (every ``|x| <= 128``, checked per call; computed on int32 lanes): the table
+  holds int16 copies, 16 outputs per vector (half the loads and adds), and each shift group is
+  split into chunks of at most 255 terms, whose sums are exact in int16; Horner's rule runs on the
+  sign-extended chunk sums in int32 lanes, so results are the int32 path's bit for bit.
 * int64 inputs run in int32 lanes (then widen) when :func:`deepshift.ops.accumulator_bound`, with
   the actual ``max|x|``, ``max|bias|`` and the largest used shift, proves every intermediate value is
   below ``2**31``; otherwise in int64 lanes.
@@ -44,7 +48,8 @@ version counter) are not cached. Calls with little work (< ~0.1 ms) run on one t
 
 Also here: :func:`quantize_input` / :func:`scale_output`, fused one-pass versions of the frozen
 layers' input rounding and output scaling (bit-identical to their float64 torch path), for
-:mod:`deepshift.modules` to use.
+:mod:`deepshift.modules` to use, and :func:`fake_quantize`, the one-pass forward of the
+training-time :func:`deepshift.fixed_point`.
 """
 
 from __future__ import annotations
@@ -67,6 +72,12 @@ from .. import ops as _ops
 
 GEMV_MAX_ROWS = 4
 """Linear inputs with at most this many rows use the small-batch (per-weight shift) kernel."""
+
+INT16_MAX_ABS = 128
+"""Inputs with every |x| <= this (8-bit activations) take the int16-table fast path of the conv kernel
+(and of Linear beyond GEMV_MAX_ROWS rows) when the result is computed on int32 lanes: 255 such
+terms sum exactly in int16, and the plan chunks its shift groups to at most 255 terms."""
+INT16_MAX_GROUP = 255
 
 CACHE_MAX_BYTES = 1 << 30
 """Bytes of decoded weights / tiles / term lists the LRU cache may hold."""
@@ -297,13 +308,16 @@ def shift_linear_cpu(x, codes, weight_shape, weight_bits, has_zero, shift_lo, bi
         )
         y = ext.gemv(x2, tiles, out_f, b)
     else:
+        if lanes == 32 and _max_abs(x2) <= INT16_MAX_ABS:
+            lanes, x2 = 16, x2.to(torch.int16)
         xt = x2.t().contiguous().reshape(1, in_f, 1, 1, rows)
 
         def make_plan():
-            scode, _ = _decoded(ext, codes, weight_shape, weight_bits, has_zero, shift_lo, lanes)
+            scode, _ = _decoded(ext, codes, weight_shape, weight_bits, has_zero, shift_lo, max(lanes, 32))
             w5 = scode.reshape(out_f, in_f, 1, 1, 1)
             return ext.conv_plan(
-                w5, list(xt.shape), 1, [1, 1, 1], [0, 0, 0], [1, 1, 1], lanes // 8, TABLE_BLOCK_BYTES
+                w5, list(xt.shape), 1, [1, 1, 1], [0, 0, 0], [1, 1, 1], lanes // 8, TABLE_BLOCK_BYTES,
+                INT16_MAX_GROUP if lanes == 16 else 0,
             )
 
         plan = _cached(
@@ -410,7 +424,8 @@ class _ConvCall:
         return w5
 
     def run(self, ext, x, bias_s, lanes):
-        dtype = torch.int32 if lanes == 32 else torch.int64
+        """``lanes``: 64 / 32 (int64 / int32 arithmetic), or 16 (int16 table, int32 arithmetic)."""
+        dtype = {16: torch.int16, 32: torch.int32, 64: torch.int64}[lanes]
         xi = x if x.dtype == dtype else x.to(dtype)
         if self.transposed:
             xi = _ops._dilate_and_pad_for_transpose(
@@ -419,13 +434,14 @@ class _ConvCall:
         x5 = xi.reshape(xi.shape[0], xi.shape[1], *([1] * self.pre), *xi.shape[2:]).contiguous()
         prepared = self.by_lanes.get(lanes)
         if prepared is None:
-            w5 = self.weights(lanes)
+            w5 = self.weights(max(lanes, 32))
             plan = ext.conv_plan(
-                w5, list(x5.shape), self.groups, self.s3, self.p3, self.d3, lanes // 8, TABLE_BLOCK_BYTES
+                w5, list(x5.shape), self.groups, self.s3, self.p3, self.d3, lanes // 8, TABLE_BLOCK_BYTES,
+                INT16_MAX_GROUP if lanes == 16 else 0,
             )
             prepared = self.by_lanes[lanes] = (list(w5.shape), plan)
         w5_shape, plan = prepared
-        b = None if bias_s is None else bias_s.to(dtype)
+        b = None if bias_s is None else bias_s.to(torch.int32 if lanes == 16 else dtype)
         y = ext.conv(x5, w5_shape, plan, b, self.groups, self.s3, self.p3, self.d3)
         y = y.reshape(y.shape[0], y.shape[1], *y.shape[2 + self.pre :])
         return y if y.dtype == x.dtype else y.to(x.dtype)
@@ -523,6 +539,8 @@ def shift_conv_cpu(
         if x.dtype == torch.int32
         else _lanes_for(ext, x, codes, weight_shape, weight_bits, has_zero, shift_lo, bias_s, call.fan_in)
     )
+    if lanes == 32 and _max_abs(x) <= INT16_MAX_ABS:
+        lanes = 16
     return call.run(ext, x, bias_s, lanes)
 
 

@@ -234,7 +234,16 @@ Geom make_geom(const std::vector<int64_t>& xs /*N,C,D,H,W*/, const std::vector<i
 
 int vectors_for(int64_t OW, int64_t lanes) {
   const int64_t nv = (OW + lanes - 1) / lanes;
-  return static_cast<int>(std::min<int64_t>(8, std::max<int64_t>(1, nv)));
+  // int16 tables (16 lanes) keep 3 registers per vector (one int16 sum, two int32 accumulators).
+  return static_cast<int>(std::min<int64_t>(lanes == 16 ? 4 : 8, std::max<int64_t>(1, nv)));
+}
+
+int rows_for_lanes(int V, int64_t lanes) {
+  return lanes == 16 ? ds_portable::rows_for16(V) : ds_portable::rows_for(V);
+}
+
+bool has_rows_lanes(int V, int R, int64_t lanes) {
+  return lanes == 16 ? ds_portable::has_rows16(V, R) : ds_portable::has_rows(V, R);
 }
 
 // Term lists of a conv for one input geometry. scode: (Cout, Cin_g, KD, KH, KW) int8.
@@ -243,7 +252,8 @@ int vectors_for(int64_t OW, int64_t lanes) {
 // of the zero-padded input; see conv_item for the order and the Horner evaluation.
 std::vector<torch::Tensor> conv_plan(const torch::Tensor& scode, std::vector<int64_t> xs, int64_t groups,
                                      std::vector<int64_t> stride, std::vector<int64_t> pad,
-                                     std::vector<int64_t> dil, int64_t elem_size, int64_t l2_budget) {
+                                     std::vector<int64_t> dil, int64_t elem_size, int64_t l2_budget,
+                                     int64_t max_group) {
   TORCH_CHECK(scode.dim() == 5 && scode.dtype() == torch::kInt8 && scode.is_contiguous(), "bad scode");
   std::vector<int64_t> ws(scode.sizes().begin(), scode.sizes().end());
   const int64_t Cout = ws[0], Cin_g = ws[1], KD = ws[2], KH = ws[3], KW = ws[4];
@@ -254,7 +264,7 @@ std::vector<torch::Tensor> conv_plan(const torch::Tensor& scode, std::vector<int
   // Channel block: the table slice one row block reads stays within ~l2_budget bytes.
   const int64_t L = 32 / elem_size;
   const int V = vectors_for(g.OW, L);
-  const int R = static_cast<int>(std::min<int64_t>(ds_portable::rows_for(V), g.OD * g.OH));
+  const int R = static_cast<int>(std::min<int64_t>(rows_for_lanes(V, L), g.OD * g.OH));
   const int64_t rows = KD * ((R - 1) * g.sh + (KH - 1) * dil[1] + 1);
   const int64_t per_channel = rows * g.RW * elem_size;
   const int64_t CB = std::max<int64_t>(1, std::min<int64_t>(Cin_g, l2_budget / std::max<int64_t>(1, per_channel)));
@@ -315,9 +325,20 @@ std::vector<torch::Tensor> conv_plan(const torch::Tensor& scode, std::vector<int
           const int64_t sp = kp ? count[kp - 1] : 0;
           const int64_t np = count[kp] - sp, nn = count[kn] - count[kp];
           if (np + nn == 0) continue;
-          grp.push_back(prev < 0 ? 0 : prev - a);
-          grp.push_back(static_cast<int32_t>(np));
-          grp.push_back(static_cast<int32_t>(nn));
+          // max_group > 0 (int16 tables): chunks of at most max_group terms, positives first, the
+          // later chunks with no shift before them.
+          int64_t rp = np, rn = nn;
+          bool first = true;
+          while (first || rp + rn > 0) {
+            const int64_t cap = max_group > 0 ? max_group : rp + rn;
+            const int64_t cp = std::min(rp, cap), cn = std::min(rn, cap - cp);
+            grp.push_back(first ? (prev < 0 ? 0 : prev - a) : 0);
+            grp.push_back(static_cast<int32_t>(cp));
+            grp.push_back(static_cast<int32_t>(cn));
+            rp -= cp;
+            rn -= cn;
+            first = false;
+          }
           prev = a;
         }
         fs[e] = prev < 0 ? 0 : prev;
@@ -332,7 +353,8 @@ std::vector<torch::Tensor> conv_plan(const torch::Tensor& scode, std::vector<int
   return {tt, tstart, gstart, gt, fshift, cbt};
 }
 
-template <typename U, typename S>
+// U/S: table lanes and x's dtype; UY/SY: output lanes and dtype (int16 x -> int32 y, else the same).
+template <typename U, typename S, typename UY, typename SY>
 torch::Tensor conv_run(const torch::Tensor& x, std::vector<int64_t> ws, const std::vector<torch::Tensor>& plan,
                        const c10::optional<torch::Tensor>& bias, int64_t groups, std::vector<int64_t> stride,
                        std::vector<int64_t> pad, std::vector<int64_t> dil) {
@@ -342,18 +364,19 @@ torch::Tensor conv_run(const torch::Tensor& x, std::vector<int64_t> ws, const st
   const int64_t NCB = plan[5].data_ptr<int64_t>()[1];
   auto g = make_geom(xs, ws, stride, pad, dil, groups, P, NCB);
   const int64_t N = xs[0];
-  auto y = torch::empty({N, g.Cout, g.OD, g.OH, g.OW}, x.options());
+  const torch::Tensor y =
+      torch::empty({N, g.Cout, g.OD, g.OH, g.OW}, x.options().dtype(c10::CppTypeToScalarType<SY>::value));
   const U* xp = reinterpret_cast<const U*>(x.data_ptr<S>());
-  U* yp = reinterpret_cast<U*>(y.data_ptr<S>());
-  const U* bp = nullptr;
-  if (bias.has_value() && bias->defined()) bp = reinterpret_cast<const U*>(bias->data_ptr<S>());
+  UY* yp = reinterpret_cast<UY*>(y.data_ptr<SY>());
+  const UY* bp = nullptr;
+  if (bias.has_value() && bias->defined()) bp = reinterpret_cast<const UY*>(bias->data_ptr<SY>());
   const uint8_t zero_amount = 0;
   const uint8_t* amp = &zero_amount;
   const PlanView pv{tt.data_ptr<int32_t>(), plan[1].data_ptr<int64_t>(), plan[2].data_ptr<int64_t>(),
                     plan[3].data_ptr<int32_t>(), plan[4].data_ptr<int32_t>()};
   constexpr int64_t L = 32 / sizeof(U);
   const int V = vectors_for(g.OW, L);
-  const int RM = ds_portable::rows_for(V);  // for the work split only
+  const int RM = rows_for_lanes(V, L);  // for the work split only
   const bool avx = use_avx2();
   // Work items: (row0, full block?, ow0, V, o0, o1).
   struct Item {
@@ -374,22 +397,31 @@ torch::Tensor conv_run(const torch::Tensor& x, std::vector<int64_t> ws, const st
       // The last column block may be narrower: its row block size follows its own vector count.
       const int vv = static_cast<int>(std::min<int64_t>(V, (g.OW - ow0 + L - 1) / L));
       for (int64_t r = 0; r < rows;) {
-        int rr = static_cast<int>(std::min<int64_t>(ds_portable::rows_for(vv), rows - r));
-        while (!ds_portable::has_rows(vv, rr)) --rr;
+        int rr = static_cast<int>(std::min<int64_t>(rows_for_lanes(vv, L), rows - r));
+        while (!has_rows_lanes(vv, rr, L)) --rr;
         items.push_back({r, ow0, o0, std::min(g.Cout, o0 + osz), rr, vv});
         r += rr;
       }
     }
   const size_t table_elems = static_cast<size_t>(g.C * P * g.S) + 8 * L + 64;
-  auto run_items = [&](const U* tbl, U* yimg, int64_t b, int64_t e) {
+  auto run_items = [&](const U* tbl, UY* yimg, int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       const Item& it = items[i];
-      auto fn =
+      if constexpr (sizeof(U) == 2) {
+        auto fn =
 #ifdef DS_X86
-          avx ? ds_avx2::conv_item_fn<U>(it.rows, it.v) :
+            avx ? ds_avx2::conv_item16_fn(it.rows, it.v) :
 #endif
-              ds_portable::conv_item_fn<U>(it.rows, it.v);
-      fn(tbl, yimg, g, pv, it.row0, it.ow0, it.o0, it.o1, bp);
+                ds_portable::conv_item16_fn(it.rows, it.v);
+        fn(tbl, yimg, g, pv, it.row0, it.ow0, it.o0, it.o1, bp);
+      } else {
+        auto fn =
+#ifdef DS_X86
+            avx ? ds_avx2::conv_item_fn<U>(it.rows, it.v) :
+#endif
+                ds_portable::conv_item_fn<U>(it.rows, it.v);
+        fn(tbl, yimg, g, pv, it.row0, it.ow0, it.o0, it.o1, bp);
+      }
     }
   };
   auto build = [&](const U* ximg, U* tbl, int64_t c0, int64_t c1) {
@@ -443,12 +475,19 @@ torch::Tensor conv(const torch::Tensor& x, std::vector<int64_t> ws, const std::v
                    std::vector<int64_t> pad, std::vector<int64_t> dil) {
   TORCH_CHECK(x.dim() == 5 && x.is_contiguous() && ws.size() == 5, "bad x");
   TORCH_CHECK(plan.size() == 6, "bad plan");
+  if (x.dtype() == torch::kInt16) {
+    // The 8-bit fast path: the plan must come from conv_plan(elem_size 2, max_group <= 255) and
+    // every |x| <= 128 (the caller checks); the output is int32.
+    if (bias.has_value() && bias->defined())
+      TORCH_CHECK(bias->dtype() == torch::kInt32 && bias->is_contiguous() && bias->numel() == ws[0], "bad bias");
+    return conv_run<uint16_t, int16_t, uint32_t, int32_t>(x, ws, plan, bias, groups, stride, pad, dil);
+  }
   if (bias.has_value() && bias->defined())
     TORCH_CHECK(bias->dtype() == x.dtype() && bias->is_contiguous() && bias->numel() == ws[0], "bad bias");
   if (x.dtype() == torch::kInt32)
-    return conv_run<uint32_t, int32_t>(x, ws, plan, bias, groups, stride, pad, dil);
-  TORCH_CHECK(x.dtype() == torch::kInt64, "x must be int32 or int64");
-  return conv_run<uint64_t, int64_t>(x, ws, plan, bias, groups, stride, pad, dil);
+    return conv_run<uint32_t, int32_t, uint32_t, int32_t>(x, ws, plan, bias, groups, stride, pad, dil);
+  TORCH_CHECK(x.dtype() == torch::kInt64, "x must be int16, int32 or int64");
+  return conv_run<uint64_t, int64_t, uint64_t, int64_t>(x, ws, plan, bias, groups, stride, pad, dil);
 }
 
 // Fixed-point rounding of a float input, fused: clamp(round(x * 2**F), lo, hi) as int32/int64 (round

@@ -200,6 +200,117 @@ ConvItemFn<U> conv_item_fn(int R, int V) {
   }
 }
 
+// The 8-bit-activation fast path: the table holds int16 copies of inputs with |x| <= 128 (16 lanes per
+// vector, half the loads of int32), and the plan splits every shift group into chunks of at most 255
+// terms, so a chunk's +/- sum is exact in int16 (|sum| <= 255 * 128 < 2**15). Horner's rule then runs
+// on int32 lanes with the chunk sums sign-extended: acc = (acc << d) + sum, mod 2**32, which is the
+// int32 path's result bit for bit. Accumulators: R * V int16 sums + 2 * R * V int32 (R * V <= 4).
+inline int rows_for16(int V) { return V >= 3 ? 1 : (V == 2 ? 2 : 4); }
+inline bool has_rows16(int V, int R) { return R >= 1 && R <= rows_for16(V); }
+
+template <int R, int V>
+void conv_item16(const uint16_t* tbl, uint32_t* yimg, const Geom& g, const PlanView& pv, int64_t row0,
+                 int64_t ow0, int64_t o0, int64_t o1, const uint32_t* bias) {
+  typedef int16_t V16 __attribute__((vector_size(32), aligned(2), may_alias));
+  typedef int16_t H16 __attribute__((vector_size(16)));
+  typedef int32_t S32 __attribute__((vector_size(32)));
+  typedef uint32_t V32 __attribute__((vector_size(32), aligned(4), may_alias));
+  constexpr int L = 16;
+  int64_t tb[R], yoff[R];
+  for (int r = 0; r < R; ++r) {
+    const int64_t rr = row0 + r;
+    const int64_t od = rr / g.OH, oh = rr - od * g.OH;
+    tb[r] = (od * g.sd * g.Hp + oh * g.sh) * g.RW + ow0;  // index arithmetic only
+    yoff[r] = rr * g.OW + ow0;
+  }
+  const int64_t nvalid = (g.OW - ow0) < V * L ? (g.OW - ow0) : V * L;
+  const int64_t plane = g.OD * g.OH * g.OW;
+  for (int64_t cb = 0; cb < g.NCB; ++cb) {
+    for (int64_t o = o0; o < o1; ++o) {
+      const int64_t gi = o / g.Cout_g;
+      const int64_t e = (gi * g.NCB + cb) * g.Cout_g + (o - gi * g.Cout_g);
+      uint32_t* yo = yimg + o * plane;
+      V32 acc[R][2 * V];
+      for (int r = 0; r < R; ++r)
+        for (int v = 0; v < 2 * V; ++v) acc[r][v] = V32{};
+      const int32_t* t = pv.terms + pv.tstart[e];
+      for (int64_t j = pv.gstart[e]; j < pv.gstart[e + 1]; ++j) {
+        const int32_t* gr = pv.groups + 3 * j;
+        const unsigned d = static_cast<unsigned>(gr[0]);
+        if (d)
+          for (int r = 0; r < R; ++r)
+            for (int v = 0; v < 2 * V; ++v) acc[r][v] <<= d;
+        V16 sum[R][V];
+        for (int r = 0; r < R; ++r)
+          for (int v = 0; v < V; ++v) sum[r][v] = V16{};
+        for (const int32_t* te = t + gr[1]; t < te; ++t) {
+          const uint16_t* p = tbl + *t;
+          for (int r = 0; r < R; ++r) {
+            const V16* q = reinterpret_cast<const V16*>(p + tb[r]);
+            for (int v = 0; v < V; ++v) sum[r][v] += q[v];
+          }
+        }
+        for (const int32_t* te = t + gr[2]; t < te; ++t) {
+          const uint16_t* p = tbl + *t;
+          for (int r = 0; r < R; ++r) {
+            const V16* q = reinterpret_cast<const V16*>(p + tb[r]);
+            for (int v = 0; v < V; ++v) sum[r][v] -= q[v];
+          }
+        }
+        for (int r = 0; r < R; ++r)
+          for (int v = 0; v < V; ++v) {
+            H16 lo, hi;
+            __builtin_memcpy(&lo, &sum[r][v], 16);
+            __builtin_memcpy(&hi, reinterpret_cast<const char*>(&sum[r][v]) + 16, 16);
+            acc[r][2 * v] += reinterpret_cast<V32>(__builtin_convertvector(lo, S32));
+            acc[r][2 * v + 1] += reinterpret_cast<V32>(__builtin_convertvector(hi, S32));
+          }
+      }
+      const unsigned f = static_cast<unsigned>(pv.fshift[e]);
+      if (f)
+        for (int r = 0; r < R; ++r)
+          for (int v = 0; v < 2 * V; ++v) acc[r][v] <<= f;
+      uint32_t tmp[2 * V * 8];
+      for (int r = 0; r < R; ++r) {
+        for (int v = 0; v < 2 * V; ++v) __builtin_memcpy(tmp + v * 8, &acc[r][v], 32);
+        uint32_t* dst = yo + yoff[r];
+        if (cb == 0) {
+          const uint32_t b = bias ? bias[o] : 0u;
+          for (int64_t i = 0; i < nvalid; ++i) dst[i] = tmp[i] + b;
+        } else {
+          for (int64_t i = 0; i < nvalid; ++i) dst[i] += tmp[i];
+        }
+      }
+    }
+  }
+}
+
+template <int V>
+void (*pick_r16(int R))(const uint16_t*, uint32_t*, const Geom&, const PlanView&, int64_t, int64_t, int64_t,
+                        int64_t, const uint32_t*) {
+  if constexpr (V == 1) {
+    if (R == 4) return &conv_item16<4, 1>;
+    if (R == 3) return &conv_item16<3, 1>;
+  }
+  if constexpr (V <= 2) {
+    if (R == 2) return &conv_item16<2, V>;
+  }
+  return &conv_item16<1, V>;
+}
+
+typedef void (*ConvItem16Fn)(const uint16_t*, uint32_t*, const Geom&, const PlanView&, int64_t, int64_t, int64_t,
+                             int64_t, const uint32_t*);
+
+// Function for an int16-table item of R rows (has_rows16(V, R)) x V vectors of 16 columns (V <= 4).
+inline ConvItem16Fn conv_item16_fn(int R, int V) {
+  switch (V) {
+    case 1: return pick_r16<1>(R);
+    case 2: return pick_r16<2>(R);
+    case 3: return pick_r16<3>(R);
+    default: return pick_r16<4>(R);
+  }
+}
+
 // Small-batch Linear (int32 lanes): tiles[t][k][j] is the byte code of weight (8 t + j, k):
 // 0 = no contribution, else bit 7 = sign (1 = negative), bits 0-4 = the left-shift amount, bit 5 set
 // (so a positive code is non-zero). Lanes are 8 output features; per weight column the step is
