@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast test-triton bench bench-gpu-dry lint env clean-env
+.PHONY: demo test test-fast test-triton bench bench-gpu-dry accuracy accuracy-quick lint env clean-env
 
 env: $(STAMP)
 
@@ -32,7 +32,16 @@ test-triton: $(STAMP)
 # About 2 minutes on 2 cores. Output folders in runs/demo/{float,q,ps}.
 demo: $(STAMP)
 	$(PY) -m deepshift compare --data auto --model mnist-conv --epochs 3 --limit-train 10000 \
-		--optimizer radam --lr 0.001 --lr-shift 0.01 --lr-sign 0.01 --out runs/demo --overwrite --quiet
+		--optimizer radam --lr 0.001 --lr-shift 0.01 --lr-sign 0.01 --lr-schedule cosine \
+		--out runs/demo --overwrite --quiet
+
+# The accuracy grid (float vs Q vs PS, bits 5..2, scratch / from float) on Fashion-MNIST:
+# results/accuracy.md and .png. `make accuracy-quick` is a smoke check of under 10 minutes.
+accuracy: $(STAMP)
+	$(PY) benchmarks/accuracy.py
+
+accuracy-quick: $(STAMP)
+	$(PY) benchmarks/accuracy.py --quick
 
 bench: $(STAMP)
 	$(PY) benchmarks/kernels.py

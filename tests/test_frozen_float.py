@@ -44,6 +44,14 @@ def test_frozen_batchnorm_is_eval_batchnorm_and_keeps_the_state_dict(cls, shape,
     assert torch.equal(other(x), frozen(x))
     with pytest.raises(ValueError, match=r"\(N, 6, \.\.\.\)"):
         frozen(torch.randn(2, 5, 3))
+    # The cached affine follows in-place changes of the statistics (load_state_dict, copy_).
+    before = frozen(x)
+    stats = {k: v.clone() for k, v in frozen.state_dict().items()}
+    stats["running_mean"] += 1.0
+    frozen.load_state_dict(stats)
+    moved = FrozenBatchNorm.from_batchnorm(bn)
+    moved.running_mean.add_(1.0)
+    assert torch.equal(frozen(x), moved(x)) and not torch.equal(frozen(x), before)
 
 
 def test_exact_global_pool_is_the_float64_mean_in_any_order():

@@ -47,6 +47,7 @@ class FrozenBatchNorm(nn.Module):
         for name in ("running_mean", "running_var"):
             self.register_buffer(name, torch.zeros(num_features))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        self._affine_cache: dict = {}
 
     @classmethod
     def from_batchnorm(cls, bn: nn.modules.batchnorm._BatchNorm) -> FrozenBatchNorm:
@@ -64,7 +65,25 @@ class FrozenBatchNorm(nn.Module):
         return frozen.to(bn.running_mean.device)
 
     def affine(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """``(scale, shift)`` in ``dtype``, each computed in float64 and rounded once."""
+        """``(scale, shift)`` in ``dtype``, each computed in float64 and rounded once.
+
+        Cached per dtype while the statistics are unchanged (keyed on the buffers' storage and
+        version counters, which every in-place write such as ``load_state_dict`` bumps).
+        """
+        buffers = [t for t in (self.weight, self.bias, self.running_mean, self.running_var) if t is not None]
+        try:
+            key = (dtype, *((t.data_ptr(), t._version, t.device) for t in buffers))
+        except RuntimeError:  # inference tensors have no version counter: compute every time
+            key = None
+        hit = self._affine_cache.get(dtype)
+        if key is not None and hit is not None and hit[0] == key:
+            return hit[1]
+        result = self._compute_affine(dtype)
+        if key is not None and not torch.compiler.is_compiling():
+            self._affine_cache = {dtype: (key, result)}
+        return result
+
+    def _compute_affine(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         scale = 1.0 / torch.sqrt(self.running_var.double() + self.eps)
         if self.weight is not None:
             scale = self.weight.double() * scale

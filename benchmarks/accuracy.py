@@ -1,0 +1,289 @@
+"""The paper's accuracy experiment on real data: float vs DeepShift-Q vs DeepShift-PS.
+
+Grid: model {mnist-fc, mnist-conv} x method {Q, PS} x weight bits {5, 4, 3, 2} x start {scratch,
+from the trained float model}, plus the float baseline and the post-training row (the float model
+converted with no training at all). Every run is a normal ``deepshift train`` run (its folder under
+``--runs`` holds config.json, metrics.csv/json and checkpoints); the table reports test top-1 of the
+checkpoint chosen on the validation split, so nothing is tuned on the test set.
+
+    python benchmarks/accuracy.py                 # full grid -> results/accuracy.md, accuracy.png
+    python benchmarks/accuracy.py --quick         # smoke check (< 10 min on 2 cores)
+
+Runs execute ``--jobs`` at a time in separate processes, each with cores/jobs threads. A finished
+run (metrics.json present, same settings) is reused and the log and table say so; an interrupted
+one is resumed from its last epoch (exactly); ``--fresh`` retrains everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BITS = (5, 4, 3, 2)
+MODELS = ("mnist-fc", "mnist-conv")
+# One recipe for every run from scratch (float, Q and PS alike): the paper's MNIST setting (batch 64)
+# with RAdam, which the paper uses for PS, and a cosine schedule. PS's shift and sign parameters
+# live in log / sign space, where a step of 1e-3 barely moves them: they get their own rate, chosen
+# on the validation split (see results/accuracy.md). Float and Q have no such parameters.
+SCRATCH = {"optimizer": "radam", "lr": 1e-3, "batch_size": 64, "lr_schedule": "cosine"}
+SCRATCH_PS = {"lr_shift": 3e-2, "lr_sign": 3e-2}
+# Fine-tuning a converted float model starts close to a good solution: 10x smaller rates.
+FINETUNE = {"optimizer": "radam", "lr": 1e-4, "batch_size": 64, "lr_schedule": "cosine"}
+FINETUNE_PS = {"lr_shift": 1e-3, "lr_sign": 1e-3}
+# Options that do not change a run of the given method (ignored when deciding whether a finished
+# run can be reused).
+_UNUSED = {"none": ("lr_shift", "lr_sign", "freeze_sign", "weight_bits", "rounding", "shift_depth",
+                    "max_shift"),
+           "q": ("lr_shift", "lr_sign", "freeze_sign"), "ps": ()}
+
+
+@dataclass
+class Run:
+    name: str
+    options: dict
+    needs: list[str] = field(default_factory=list)
+
+
+def plan(models, bits, epochs, finetune_epochs, runs_dir: Path, common: dict) -> list[Run]:
+    runs = []
+    for model in models:
+        base = {**common, "model": model}
+        float_name = f"{model}/float"
+        runs.append(Run(float_name, {**base, **SCRATCH, "method": "none", "epochs": epochs}))
+        for b in bits:
+            for method in ("q", "ps"):
+                ps = method == "ps"
+                runs.append(Run(f"{model}/{method}{b}-scratch",
+                                {**base, **SCRATCH, **(SCRATCH_PS if ps else {}), "method": method,
+                                 "weight_bits": b, "epochs": epochs}))
+                runs.append(Run(f"{model}/{method}{b}-float",
+                                {**base, **FINETUNE, **(FINETUNE_PS if ps else {}), "method": method,
+                                 "weight_bits": b, "epochs": finetune_epochs,
+                                 "from_checkpoint": str(runs_dir / float_name / "best.pt")},
+                                needs=[float_name]))
+    return runs
+
+
+def _execute(name: str, options: dict, out: str, threads: int, fresh: bool) -> dict:
+    import torch
+
+    from deepshift.train import TrainConfig, resume, train
+
+    torch.set_num_threads(threads)
+    cfg = TrainConfig(**options, out=out, quiet=True, overwrite=True)
+    folder = Path(out)
+    same = False
+    if not fresh and (folder / "config.json").is_file():
+        saved = json.loads((folder / "config.json").read_text())["train"]
+        same = _relevant(saved) == _relevant(cfg.resolved().to_dict())
+    if same and (folder / "metrics.json").is_file():
+        return {**json.loads((folder / "metrics.json").read_text()), "reused": True}
+    t0 = time.perf_counter()
+    if same and (folder / "last.pt").is_file():
+        metrics = resume(folder, quiet=True)  # an interrupted run continues exactly where it stopped
+    else:
+        metrics = train(cfg)
+    metrics["wall_seconds"] = time.perf_counter() - t0
+    return metrics
+
+
+def _relevant(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in _UNUSED[config["method"]]}
+
+
+def post_training(models, bits, runs_dir: Path, common: dict) -> dict:
+    """Test/val top-1 of each float model converted at each bit width with no training at all.
+
+    Q and PS convert a float weight identically (round log2|w| to the nearest allowed shift), so
+    there is one post-training number per bit width.
+    """
+    from deepshift import QConfig, convert_
+    from deepshift.data import BatchLoader, load_dataset
+    from deepshift.train import build_run_model, evaluate, load_checkpoint
+
+    out = {}
+    for model in models:
+        ckpt = load_checkpoint(runs_dir / model / "float" / "best.pt")
+        splits = load_dataset(common["data"], common.get("data_dir"), 0.1, common.get("limit_train"))
+        for b in bits:
+            net = build_run_model(model, splits.num_classes, splits.in_channels, None, None)
+            net.load_state_dict(ckpt["model"])
+            convert_(net, QConfig(weight_bits=b))
+            val = evaluate(net, BatchLoader(splits.val, 64, train=False))
+            test = evaluate(net, BatchLoader(splits.test, 64, train=False))
+            out[(model, b)] = {"val_top1": val["top1"], "test_top1": test["top1"]}
+    return out
+
+
+def run_grid(runs: list[Run], runs_dir: Path, jobs: int, fresh: bool) -> dict[str, dict]:
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    results: dict[str, dict] = {}
+    pending = list(runs)
+    ctx = mp.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        running = {}
+        while pending or running:
+            for run in list(pending):
+                if len(running) >= jobs:
+                    break
+                if all(n in results for n in run.needs):
+                    pending.remove(run)
+                    out = str(runs_dir / run.name)
+                    fut = pool.submit(_execute, run.name, run.options, out, threads, fresh)
+                    running[fut] = run
+            if not running:
+                raise RuntimeError("unsatisfiable run dependencies")
+            done = next(iter(_wait_first(running)))
+            run = running.pop(done)
+            results[run.name] = done.result()
+            m = results[run.name]
+            note = " (reused)" if m.get("reused") else f" in {m['wall_seconds']:.0f} s"
+            print(f"{run.name:<24} test top-1 {m['test_top1']:6.2f}  val {m['val_top1']:6.2f}{note}",
+                  flush=True)
+    return results
+
+
+def _wait_first(running):
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    done, _ = wait(running, return_when=FIRST_COMPLETED)
+    return done
+
+
+def write_table(path: Path, results, post, models, bits, header: str) -> None:
+    lines = [header, ""]
+    lines.append("Test top-1 (%) of the checkpoint with the best validation top-1. "
+                 "Float is the same at every bit width.")
+    lines.append("")
+    lines.append("| model | method | start | " + " | ".join(f"{b}-bit" for b in bits) + " |")
+    lines.append("|---|---|---|" + "---:|" * len(bits))
+    for model in models:
+        f = results[f"{model}/float"]["test_top1"]
+        lines.append(f"| {model} | float | scratch | " + " | ".join(f"{f:.2f}" for _ in bits) + " |")
+        lines.append(f"| {model} | Q = PS | post-training (no training) | "
+                     + " | ".join(f"{post[(model, b)]['test_top1']:.2f}" for b in bits) + " |")
+        for method, label in (("q", "Q"), ("ps", "PS")):
+            for start, start_label in (("scratch", "scratch"), ("float", "from float")):
+                cells = [results[f"{model}/{method}{b}-{start}"]["test_top1"] for b in bits]
+                lines.append(f"| {model} | {label} | {start_label} | "
+                             + " | ".join(f"{c:.2f}" for c in cells) + " |")
+    lines += ["", "Difference to float (points, test top-1):", ""]
+    lines.append("| model | method | start | " + " | ".join(f"{b}-bit" for b in bits) + " |")
+    lines.append("|---|---|---|" + "---:|" * len(bits))
+    for model in models:
+        f = results[f"{model}/float"]["test_top1"]
+        for method, label in (("q", "Q"), ("ps", "PS")):
+            for start, start_label in (("scratch", "scratch"), ("float", "from float")):
+                cells = [results[f"{model}/{method}{b}-{start}"]["test_top1"] - f for b in bits]
+                lines.append(f"| {model} | {label} | {start_label} | "
+                             + " | ".join(f"{c:+.2f}" for c in cells) + " |")
+    lines += ["", "Seconds per run (training + validation each epoch + one test pass):", ""]
+    lines.append("| run | epochs | best epoch | val top-1 | test top-1 | seconds |")
+    lines.append("|---|---:|---:|---:|---:|---:|")
+    for name, m in results.items():
+        lines.append(f"| {name} | {m['epochs']} | {m['best_epoch']} | {m['val_top1']:.2f} | "
+                     f"{m['test_top1']:.2f} | {m['seconds']:.0f} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(path: Path, results, post, models, bits) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models, strict=True):
+        f = results[f"{model}/float"]["test_top1"]
+        ax.axhline(f, color="black", linestyle="--", label=f"float ({f:.2f})")
+        ax.plot(bits, [post[(model, b)]["test_top1"] for b in bits], "x:", color="gray",
+                label="post-training")
+        for method, label, color in (("q", "Q", "tab:blue"), ("ps", "PS", "tab:orange")):
+            for start, style in (("scratch", "o-"), ("float", "s--")):
+                ax.plot(bits, [results[f"{model}/{method}{b}-{start}"]["test_top1"] for b in bits], style,
+                        color=color, label=f"{label} {'scratch' if start == 'scratch' else 'from float'}")
+        ax.set_xticks(list(bits))
+        ax.invert_xaxis()
+        ax.set_xlabel("weight bits")
+        ax.set_ylabel("test top-1 (%)")
+        ax.set_title(model)
+        lo = min(f - 5, min(results[f'{model}/{m}{b}-{s}']['test_top1'] for m in ('q', 'ps')
+                            for b in bits for s in ('scratch', 'float')) - 1)
+        ax.set_ylim(max(lo, 0), min(f + 2, 100))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default="fashion-mnist")
+    p.add_argument("--data-dir")
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    p.add_argument("--bits", nargs="+", type=int, help="weight bits (default 5 4 3 2; --quick: 5 2)")
+    p.add_argument("--epochs", type=int, help="epochs from scratch, float, Q and PS alike (default 5)")
+    p.add_argument("--finetune-epochs", type=int, help="epochs from the float model (default 2)")
+    p.add_argument("--limit-train", type=int, help="use only this many training examples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time (threads = cores / jobs)")
+    p.add_argument("--runs", default="runs/accuracy", help="folder for the run folders")
+    p.add_argument("--results", default="results", help="folder for accuracy.md and accuracy.png")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke check: by default bits 5 and 2, 1 epoch each, 6,000 training images; "
+                        "writes accuracy-quick.md/png")
+    p.add_argument("--fresh", action="store_true", help="retrain runs even when a finished one exists")
+    args = p.parse_args(argv)
+    stem = "accuracy"
+    if args.quick:
+        args.bits, args.epochs = args.bits or [5, 2], args.epochs or 1
+        args.finetune_epochs, args.limit_train = args.finetune_epochs or 1, args.limit_train or 6000
+        args.runs = args.runs + "-quick"
+        stem = "accuracy-quick"
+    args.bits, args.epochs = args.bits or list(BITS), args.epochs or 5
+    args.finetune_epochs = args.finetune_epochs or 2
+    if args.data == "fashion-mnist" and args.data_dir is None:
+        from deepshift.data import FASHION_MNIST_DEBIAN_DIR
+
+        if not Path(FASHION_MNIST_DEBIAN_DIR).is_dir():
+            print(f"accuracy.py: Fashion-MNIST not found at {FASHION_MNIST_DEBIAN_DIR}; install Debian's "
+                  "dataset-fashion-mnist or pass --data-dir", file=sys.stderr)
+            return 2
+    common = {"data": args.data, "data_dir": args.data_dir, "seed": args.seed,
+              "limit_train": args.limit_train}
+    runs_dir = Path(args.runs)
+    t0 = time.perf_counter()
+    runs = plan(args.models, args.bits, args.epochs, args.finetune_epochs, runs_dir, common)
+    results = run_grid(runs, runs_dir, args.jobs, args.fresh)
+    post = post_training(args.models, args.bits, runs_dir, common)
+    wall = time.perf_counter() - t0
+    results_dir = Path(args.results)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    reused = sum(bool(m.get("reused")) for m in results.values())
+    total = sum(m["seconds"] for m in results.values())
+    reused_note = (f"; {reused} of {len(results)} runs were reused from an earlier invocation with the "
+                   f"same settings; all runs together trained for {total / 60:.0f} min" if reused else "")
+    cmd = "python benchmarks/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    header = (f"# Accuracy: float vs DeepShift-Q vs DeepShift-PS on {args.data}\n\n"
+              f"Produced by `{cmd.strip()}` in {wall / 60:.1f} min wall time ({args.jobs} runs at a time, "
+              f"{os.cpu_count()} cores){reused_note}. From scratch: {args.epochs} epochs, "
+              f"{json.dumps(SCRATCH)}, PS also {json.dumps(SCRATCH_PS)}. From float: "
+              f"{args.finetune_epochs} epochs, {json.dumps(FINETUNE)}, PS also {json.dumps(FINETUNE_PS)}. "
+              f"Seed {args.seed}; validation = 10% of the training set"
+              + (f"; training limited to {args.limit_train} images" if args.limit_train else "") + ".")
+    write_table(results_dir / f"{stem}.md", results, post, args.models, args.bits, header)
+    plot(results_dir / f"{stem}.png", results, post, args.models, args.bits)
+    print(f"wrote {results_dir / (stem + '.md')} and {stem}.png in {wall / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
