@@ -240,3 +240,10 @@ def test_eval_cache_follows_every_parameter_change(cfg):
     # with gradients on, nothing is cached and gradients still reach the parameters
     layer(x).sum().backward()
     assert all(p.grad is not None for p in layer.parameters() if p.requires_grad)
+    # Calling eval() again (as every evaluation loop does) keeps the rounded weight; train() drops it.
+    with torch.no_grad():
+        cached = layer.weight
+        assert layer.eval().weight is cached
+        layer.train()
+        assert layer.parametrizations.weight[0]._cache_value is None
+        assert layer.eval().weight is not cached

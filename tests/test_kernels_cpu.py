@@ -354,76 +354,40 @@ def test_fused_fake_quantize_equals_the_torch_path_bit_for_bit(native, act_bits,
 
     lo, hi = fixed_point_limits(act_bits)
     floor = rounding == "floor"
+    frac = act_bits[1]
+    band = ((lo if floor else lo - 0.5) * 2.0**-frac, (hi + 1 if floor else hi + 0.5) * 2.0**-frac)
     g = torch.Generator().manual_seed(sum(act_bits) * 2 + floor)
     for n in (1, 7, 8, 9, 1000, 70001):  # vector body, scalar tail, several threads' chunks
-        x = torch.randn(n, generator=g) * 2.0 ** torch.randint(-12, 12, (n,), generator=g).float()
-        k = torch.randint(lo - 3, hi + 4, (n // 3,), generator=g).double()
-        x[: n // 3] = ((k + 0.5) * 2.0 ** -act_bits[1]).float()  # ties and saturation bounds
-        x[::11] = float("nan")
-        x[1::13], x[2::17], x[3::19] = float("inf"), -float("inf"), -0.0
-        want = _fixed_point_torch(x, act_bits[1], lo, hi, floor)
-        for isa in ("avx2", "portable"):
-            cpu.set_isa(isa)
-            try:
-                got = cpu.fake_quantize(x, act_bits[1], lo, hi, floor)
-            finally:
-                cpu.set_isa("auto")
-            assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (isa, n)
-        # deepshift.fixed_point takes this path for float32 CPU tensors: same bits, same gradient.
-        xr = x.clone().requires_grad_()
-        y = fixed_point(xr, act_bits, rounding)
-        assert torch.equal(y.view(torch.int32), want.view(torch.int32))
-        y.sum().backward()
-        assert torch.isfinite(xr.grad).all()
+        for special in (True, False):
+            x = torch.randn(n, generator=g) * 2.0 ** torch.randint(-12, 12, (n,), generator=g).float()
+            k = torch.randint(lo - 3, hi + 4, (n // 3,), generator=g).double()
+            x[: n // 3] = ((k + 0.5) * 2.0**-frac).float()  # ties and saturation bounds
+            if special:
+                x[::11] = float("nan")
+                x[1::13], x[2::17], x[3::19] = float("inf"), -float("inf"), -0.0
+            else:  # everything strictly inside the gradient's band
+                x = x.clamp(band[0] * 0.99, band[1] * 0.99).nan_to_num(0.0)
+            want = _fixed_point_torch(x, frac, lo, hi, floor)
+            lo_f, hi_f = torch.tensor(band, dtype=torch.float32)
+            want_outside = bool(((x <= lo_f) | (x >= hi_f)).any())
+            for isa in ("avx2", "portable"):
+                cpu.set_isa(isa)
+                try:
+                    got, outside = cpu.fake_quantize(x, frac, lo, hi, floor, band)
+                finally:
+                    cpu.set_isa("auto")
+                assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (isa, n)
+                assert outside == want_outside, (isa, n, special)
+            # deepshift.fixed_point takes this path for float32 CPU tensors: the same bits, and the
+            # same gradient as the torch path's masked backward (an identity when nothing is outside).
+            xr = x.clone().requires_grad_()
+            y = fixed_point(xr, act_bits, rounding)
+            assert torch.equal(y.view(torch.int32), want.view(torch.int32))
+            upstream = torch.randn(n, generator=g)
+            y.backward(upstream)
+            expected = torch.ops.aten.hardtanh_backward(upstream, x, band[0], band[1])
+            assert torch.equal(xr.grad, expected)
     assert cpu.fake_quantize(torch.ones(3, dtype=torch.float64), 4, -8, 7, False) is None
     strided = torch.randn(6, 5, generator=g).t()  # non-contiguous input
-    assert torch.equal(cpu.fake_quantize(strided, 4, -128, 127, False),
+    assert torch.equal(cpu.fake_quantize(strided, 4, -128, 127, False)[0],
                        _fixed_point_torch(strided, 4, -128, 127, False))
-
-
-def _spy_conv_dtypes(native, monkeypatch) -> list:
-    seen, real = [], native.conv
-
-    def spy(x, *args):
-        seen.append(x.dtype)
-        return real(x, *args)
-
-    monkeypatch.setattr(native, "conv", spy)
-    return seen
-
-
-@pytest.mark.parametrize("sign", ["positive", "negative", "mixed"])
-def test_int16_fast_path_sums_long_groups_exactly(native, monkeypatch, sign):
-    """|x| <= 128 takes the int16 table; one shift group of 576 (conv) / 600 (Linear) terms at the
-    extreme inputs +-128 sums far beyond int16, which the plan's chunks of 255 terms must absorb."""
-    seen = _spy_conv_dtypes(native, monkeypatch)
-    bits, shift_lo = 5, -3
-    g = torch.Generator().manual_seed(3)
-    cin, cout = 64, 5
-    n_w = cout * cin * 9
-    field = torch.full((n_w,), 2, dtype=torch.int64)  # every weight the same shift: one group
-    neg = {"positive": torch.zeros(n_w, dtype=torch.int64), "negative": torch.ones(n_w, dtype=torch.int64),
-           "mixed": torch.randint(0, 2, (n_w,), generator=g)}[sign]
-    codes = pack_codes(((neg << (bits - 1)) | field).to(torch.uint8), bits)
-    for fill in (128, -128, None):
-        x = (torch.full((2, cin, 9, 13), fill, dtype=torch.int32) if fill is not None
-             else torch.randint(-128, 129, (2, cin, 9, 13), generator=g, dtype=torch.int32))
-        bias = torch.randint(-1000, 1000, (cout,), generator=g, dtype=torch.int32)
-        args = (x, codes, [cout, cin, 3, 3], bits, False, shift_lo, bias, [1, 1], [1, 1], [1, 1], 1,
-                False, [0, 0])
-        _check(torch.ops.deepshift.shift_conv, ops.shift_conv_reference, args, f"conv {sign} {fill}")
-    lin_codes = pack_codes(((neg[:600 * 4] << (bits - 1)) | field[:600 * 4]).to(torch.uint8), bits)
-    x = torch.full((64, 600), -128, dtype=torch.int64)  # int64 input whose result provably fits int32
-    args = (x, lin_codes, [4, 600], bits, False, 0, None)
-    _check(torch.ops.deepshift.shift_linear, ops.shift_linear_reference, args, f"linear {sign}")
-    assert torch.int16 in seen and all(d == torch.int16 for d in seen)
-
-
-def test_int16_fast_path_is_not_taken_beyond_8_bit_inputs(native, monkeypatch):
-    seen = _spy_conv_dtypes(native, monkeypatch)
-    codes = _random_codes(random.Random(5), 4 * 3 * 9, 5)
-    for value, want in ((128, torch.int16), (129, torch.int32), (-129, torch.int32)):
-        x = torch.full((1, 3, 6, 7), value, dtype=torch.int32)
-        args = (x, codes, [4, 3, 3, 3], 5, False, 0, None, [1, 1], [0, 0], [1, 1], 1, False, [0, 0])
-        _check(torch.ops.deepshift.shift_conv, ops.shift_conv_reference, args, f"conv x={value}")
-        assert seen[-1] == want

@@ -38,7 +38,8 @@ class _EvalCache(nn.Module):
         return self._cache_value
 
     def train(self, mode: bool = True):
-        self._cache_key = self._cache_value = None  # drop the copy when leaving eval
+        if mode:  # drop the copy when training starts; repeated eval() calls keep it (it is keyed)
+            self._cache_key = self._cache_value = None
         return super().train(mode)
 
 

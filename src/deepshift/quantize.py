@@ -115,31 +115,40 @@ def to_fixed_point_int(x: Tensor, act_bits: tuple[int, int], rounding: str = "ne
 class _FixedPoint(torch.autograd.Function):
     """Fixed-point rounding with a masked straight-through gradient, in few vectorised passes.
 
-    Forward on float32 CPU tensors is one fused native pass (``kernels.cpu.fake_quantize``);
-    otherwise it works in place on one fresh tensor (scale, round, clamp, unscale: each pass is
-    multithreaded; torch's fused ``fake_quantize`` is ~4x slower here). Both give the same bits.
-    Backward is one fused masked copy computed from the saved input (no mask is stored).
+    Forward on float32 CPU tensors is one fused native pass (``kernels.cpu.fake_quantize``) that
+    also reports whether any input lies outside the gradient's pass band; when none does (the
+    usual case), backward returns the incoming gradient as is, without a pass or a saved input.
+    Otherwise forward works in place on one fresh tensor (scale, round, clamp, unscale: each pass
+    is multithreaded; torch's fused ``fake_quantize`` is ~4x slower here). Both give the same bits.
+    The masked backward is one fused pass computed from the saved input (no mask is stored).
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, frac_bits: int, lo: int, hi: int, floor: bool) -> Tensor:
-        y = None if torch.compiler.is_compiling() else fake_quantize(x, frac_bits, lo, hi, floor)
-        if y is None:  # not float32 on CPU, or no native kernels: the same operations in torch
+        # The gradient passes where clamping did not change the rounded value: x * 2**F in
+        # (lo - 1/2, hi + 1/2) for nearest, (lo, hi + 1) for floor (the ends have measure zero).
+        lo_x, hi_x = (lo, hi + 1) if floor else (lo - 0.5, hi + 0.5)
+        ctx.bounds = (lo_x * 2.0**-frac_bits, hi_x * 2.0**-frac_bits)
+        native = None if torch.compiler.is_compiling() else fake_quantize(x, frac_bits, lo, hi, floor,
+                                                                          ctx.bounds)
+        ctx.identity = native is not None and not native[1]
+        if native is not None:
+            y = native[0]
+        else:  # not float32 on CPU, or no native kernels: the same operations in torch
             y = x * 2.0**frac_bits  # multiplying by a power of two is exact
             y = y.floor_() if floor else y.round_()
             y.clamp_(lo, hi).mul_(2.0**-frac_bits)  # clamp keeps NaN; +-inf saturate
-        ctx.save_for_backward(x)
-        # The gradient passes where clamping did not change the rounded value: x * 2**F in
-        # [lo - 1/2, hi + 1/2] for nearest, [lo, hi + 1) for floor (open ends, measure zero).
-        lo_x, hi_x = (lo, hi + 1) if floor else (lo - 0.5, hi + 0.5)
-        ctx.bounds = (lo_x * 2.0**-frac_bits, hi_x * 2.0**-frac_bits)
+        ctx.save_for_backward(None if ctx.identity else x)
         return y
 
     @staticmethod
     def backward(ctx, grad: Tensor):
+        if ctx.identity:  # no input was outside the band: the mask below would keep every element
+            return grad, None, None, None, None
         (x,) = ctx.saved_tensors
         lo, hi = ctx.bounds
-        # One fused pass: grad where lo < x < hi, else 0 (also 0 for NaN and +-inf).
+        # One fused pass: 0 where x <= lo or x >= hi (bounds as float32; +-inf included), else
+        # grad. NaN inputs pass their gradient.
         return torch.ops.aten.hardtanh_backward(grad, x, lo, hi), None, None, None, None
 
 

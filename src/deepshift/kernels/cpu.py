@@ -544,19 +544,24 @@ def shift_conv_cpu(
     return call.run(ext, x, bias_s, lanes)
 
 
-def fake_quantize(x: Tensor, frac_bits: int, lo: float, hi: float, floor: bool) -> Tensor | None:
-    """``clamp(round(x * 2**F), lo, hi) * 2**-F`` for a float32 CPU tensor in one pass (or None).
+def fake_quantize(x: Tensor, frac_bits: int, lo: float, hi: float, floor: bool,
+                  band: tuple[float, float] = (-math.inf, math.inf)) -> tuple[Tensor, bool] | None:
+    """``(clamp(round(x * 2**F), lo, hi) * 2**-F, outside)`` for a float32 CPU tensor in one pass.
 
     The forward of :func:`deepshift.fixed_point` (training-time activation rounding), bit for bit
-    the same float32 operations as its torch path, which takes four passes over memory. Returns
-    None when the native kernels are unavailable or ``x`` is not a float32 CPU tensor.
+    the same float32 operations as its torch path, which takes four passes over memory.
+    ``outside`` tells whether some element has ``x <= band[0]`` or ``x >= band[1]`` (bounds
+    rounded to float32; NaN counts as inside), i.e. whether the straight-through gradient masks
+    anything. Returns None when the native kernels are unavailable or ``x`` is not a float32 CPU
+    tensor.
     """
     if x.dtype != torch.float32 or x.device.type != "cpu":
         return None
     ext = load_extension()
     if ext is None:
         return None
-    return ext.fake_quantize(x.contiguous(), frac_bits, float(lo), float(hi), floor)
+    return ext.fake_quantize(x.contiguous(), frac_bits, float(lo), float(hi), floor, float(band[0]),
+                             float(band[1]))
 
 
 def quantize_input(x: Tensor, act_bits: tuple[int, int], rounding: str, dtype: torch.dtype) -> Tensor | None:

@@ -554,24 +554,33 @@ torch::Tensor scale(const torch::Tensor& y, int64_t exponent, bool out64) {
 }
 
 // Training-time fixed-point rounding (deepshift.fixed_point's forward) of a contiguous float32
-// tensor in one pass; see fake_quantize_f32. lo/hi are the float32 bounds the torch path uses.
-torch::Tensor fake_quantize(const torch::Tensor& x, int64_t frac_bits, double lo, double hi, bool floor_mode) {
+// tensor in one pass; see fake_quantize_f32. lo/hi are the float32 bounds the torch path uses,
+// glo/ghi the gradient's pass band. Returns (y, whether some x lies outside the band).
+std::tuple<torch::Tensor, bool> fake_quantize(const torch::Tensor& x, int64_t frac_bits, double lo, double hi,
+                                              bool floor_mode, double glo, double ghi) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous(), "x must be contiguous float32");
   auto y = torch::empty_like(x);
   const int64_t n = x.numel();
   const float s = std::ldexp(1.0f, static_cast<int>(frac_bits));
   const float inv = std::ldexp(1.0f, -static_cast<int>(frac_bits));
   const float flo = static_cast<float>(lo), fhi = static_cast<float>(hi);
+  const float fglo = static_cast<float>(glo), fghi = static_cast<float>(ghi);
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const bool avx2 = use_avx2();
+  std::atomic<bool> outside(false);
   at::parallel_for(0, n, 1 << 15, [&](int64_t b, int64_t e) {
+    bool o;
 #ifdef DS_X86
-    if (avx2) return ds_avx2::fake_quantize_f32(xp + b, yp + b, e - b, s, inv, flo, fhi, floor_mode);
+    if (avx2)
+      o = ds_avx2::fake_quantize_f32(xp + b, yp + b, e - b, s, inv, flo, fhi, floor_mode, fglo, fghi);
+    else
 #endif
-    ds_portable::fake_quantize_f32(xp + b, yp + b, e - b, s, inv, flo, fhi, floor_mode);
+      o = ds_portable::fake_quantize_f32(xp + b, yp + b, e - b, s, inv, flo, fhi, floor_mode, fglo, fghi);
+    if (o) outside.store(true);
   });
-  return y;
+  (void)avx2;
+  return std::make_tuple(y, outside.load());
 }
 
 }  // namespace

@@ -386,31 +386,42 @@ inline GemvFn gemv_fn(int M) {
 // The same float32 operations, in the same order, as the torch path in deepshift.quantize
 // (x * 2**F, round_/floor_, clamp_, * 2**-F), so the result is identical bit for bit; NaN stays
 // NaN (max/min return their second operand when one is NaN), +-inf saturate.
-inline void fake_quantize_f32(const float* x, float* y, int64_t n, float s, float inv_s, float lo, float hi,
-                              bool floor_mode) {
+// Returns whether some x lies outside the gradient's pass band, i.e. x <= glo or x >= ghi (NaN is
+// not: aten's hardtanh_backward, the backward used otherwise, passes its gradient).
+inline bool fake_quantize_f32(const float* x, float* y, int64_t n, float s, float inv_s, float lo, float hi,
+                              bool floor_mode, float glo, float ghi) {
   int64_t i = 0;
+  bool outside = false;
 #if defined(DS_AVX2_TU)
   const __m256 vs = _mm256_set1_ps(s), vinv = _mm256_set1_ps(inv_s);
   const __m256 vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi);
+  const __m256 vglo = _mm256_set1_ps(glo), vghi = _mm256_set1_ps(ghi);
+  __m256 out = _mm256_setzero_ps();
   if (floor_mode) {
     for (; i + 8 <= n; i += 8) {
-      __m256 v = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), vs), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+      const __m256 xv = _mm256_loadu_ps(x + i);
+      out = _mm256_or_ps(out, _mm256_or_ps(_mm256_cmp_ps(xv, vglo, _CMP_LE_OQ), _mm256_cmp_ps(xv, vghi, _CMP_GE_OQ)));
+      __m256 v = _mm256_round_ps(_mm256_mul_ps(xv, vs), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
       v = _mm256_min_ps(vhi, _mm256_max_ps(vlo, v));
       _mm256_storeu_ps(y + i, _mm256_mul_ps(v, vinv));
     }
   } else {
     for (; i + 8 <= n; i += 8) {
-      __m256 v = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), vs),
-                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m256 xv = _mm256_loadu_ps(x + i);
+      out = _mm256_or_ps(out, _mm256_or_ps(_mm256_cmp_ps(xv, vglo, _CMP_LE_OQ), _mm256_cmp_ps(xv, vghi, _CMP_GE_OQ)));
+      __m256 v = _mm256_round_ps(_mm256_mul_ps(xv, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
       v = _mm256_min_ps(vhi, _mm256_max_ps(vlo, v));
       _mm256_storeu_ps(y + i, _mm256_mul_ps(v, vinv));
     }
   }
+  outside = _mm256_movemask_ps(out) != 0;
 #endif
   for (; i < n; ++i) {
+    if (x[i] <= glo || x[i] >= ghi) outside = true;
     float v = x[i] * s;
     v = floor_mode ? std::floor(v) : std::nearbyint(v);
     if (!(v != v)) v = v < lo ? lo : (v > hi ? hi : v);
     y[i] = v * inv_s;
   }
+  return outside;
 }
