@@ -32,7 +32,7 @@ test-triton: $(STAMP)
 # About 2 minutes on 2 cores. Output folders in runs/demo/{float,q,ps}.
 demo: $(STAMP)
 	$(PY) -m deepshift compare --data auto --model mnist-conv --epochs 3 --limit-train 10000 \
-		--optimizer radam --lr 0.001 --lr-shift 0.01 --lr-sign 0.01 --lr-schedule cosine \
+		--optimizer radam --lr 0.001 --lr-shift 0.03 --lr-sign 0.03 --lr-schedule cosine \
 		--out runs/demo --overwrite --quiet
 
 # The accuracy grid (float vs Q vs PS, bits 5..2, scratch / from float) on Fashion-MNIST:
