@@ -28,6 +28,7 @@ from .convert import (
 )
 from .export import PackedFormatError, compression_report, load_packed, save_packed
 from .freeze import DEFAULT_ACT_BITS, freeze_
+from .frozen_float import ExactGlobalAvgPool, FrozenBatchNorm
 from .kernels import cpu as _native_cpu  # noqa: F401  registers the C++ CPU kernels (built lazily)
 from .kernels import triton_ops as _triton_ops  # Triton CUDA kernels (triton imported on first use)
 from .modules import ShiftConvNd, ShiftLinear, is_frozen_layer
@@ -50,6 +51,8 @@ _triton_ops.register_cuda_kernels()  # no-op without CUDA, triton or with DEEPSH
 
 __all__ = [
     "DEFAULT_ACT_BITS",
+    "ExactGlobalAvgPool",
+    "FrozenBatchNorm",
     "PSConfig",
     "PackedFormatError",
     "QConfig",
