@@ -108,17 +108,18 @@ def post_training(models, bits, runs_dir: Path, common: dict) -> dict:
     from deepshift.data import BatchLoader, load_dataset
     from deepshift.train import build_run_model, evaluate, load_checkpoint
 
+    splits = load_dataset(common["data"], common.get("data_dir"), 0.1, common.get("limit_train"))
+    val_loader = BatchLoader(splits.val, 64, train=False)
+    test_loader = BatchLoader(splits.test, 64, train=False)
     out = {}
     for model in models:
         ckpt = load_checkpoint(runs_dir / model / "float" / "best.pt")
-        splits = load_dataset(common["data"], common.get("data_dir"), 0.1, common.get("limit_train"))
         for b in bits:
             net = build_run_model(model, splits.num_classes, splits.in_channels, None, None)
             net.load_state_dict(ckpt["model"])
             convert_(net, QConfig(weight_bits=b))
-            val = evaluate(net, BatchLoader(splits.val, 64, train=False))
-            test = evaluate(net, BatchLoader(splits.test, 64, train=False))
-            out[(model, b)] = {"val_top1": val["top1"], "test_top1": test["top1"]}
+            out[(model, b)] = {"val_top1": evaluate(net, val_loader)["top1"],
+                               "test_top1": evaluate(net, test_loader)["top1"]}
     return out
 
 
@@ -157,36 +158,36 @@ def _wait_first(running):
     return done
 
 
+def _trained_rows(model: str):
+    """(run name prefix, method label, start label) of each trained row of ``model``, in table order."""
+    for method, label in (("q", "Q"), ("ps", "PS")):
+        for start, start_label in (("scratch", "scratch"), ("float", "from float")):
+            yield f"{model}/{method}{{b}}-{start}", label, start_label
+
+
 def write_table(path: Path, results, post, models, bits, header: str) -> None:
-    lines = [header, ""]
-    lines.append("Test top-1 (%) of the checkpoint with the best validation top-1. "
-                 "Float is the same at every bit width.")
-    lines.append("")
-    lines.append("| model | method | start | " + " | ".join(f"{b}-bit" for b in bits) + " |")
-    lines.append("|---|---|---|" + "---:|" * len(bits))
+    head = ["| model | method | start | " + " | ".join(f"{b}-bit" for b in bits) + " |",
+            "|---|---|---|" + "---:|" * len(bits)]
+
+    def row(model, label, start, cells, fmt):
+        return f"| {model} | {label} | {start} | " + " | ".join(format(c, fmt) for c in cells) + " |"
+
+    table, diff = list(head), list(head)
     for model in models:
         f = results[f"{model}/float"]["test_top1"]
-        lines.append(f"| {model} | float | scratch | " + " | ".join(f"{f:.2f}" for _ in bits) + " |")
-        lines.append(f"| {model} | Q = PS | post-training (no training) | "
-                     + " | ".join(f"{post[(model, b)]['test_top1']:.2f}" for b in bits) + " |")
-        for method, label in (("q", "Q"), ("ps", "PS")):
-            for start, start_label in (("scratch", "scratch"), ("float", "from float")):
-                cells = [results[f"{model}/{method}{b}-{start}"]["test_top1"] for b in bits]
-                lines.append(f"| {model} | {label} | {start_label} | "
-                             + " | ".join(f"{c:.2f}" for c in cells) + " |")
-    lines += ["", "Difference to float (points, test top-1):", ""]
-    lines.append("| model | method | start | " + " | ".join(f"{b}-bit" for b in bits) + " |")
-    lines.append("|---|---|---|" + "---:|" * len(bits))
-    for model in models:
-        f = results[f"{model}/float"]["test_top1"]
-        for method, label in (("q", "Q"), ("ps", "PS")):
-            for start, start_label in (("scratch", "scratch"), ("float", "from float")):
-                cells = [results[f"{model}/{method}{b}-{start}"]["test_top1"] - f for b in bits]
-                lines.append(f"| {model} | {label} | {start_label} | "
-                             + " | ".join(f"{c:+.2f}" for c in cells) + " |")
-    lines += ["", "Seconds per run (training + validation each epoch + one test pass):", ""]
-    lines.append("| run | epochs | best epoch | val top-1 | test top-1 | seconds |")
-    lines.append("|---|---:|---:|---:|---:|---:|")
+        table.append(row(model, "float", "scratch", [f] * len(bits), ".2f"))
+        table.append(row(model, "Q = PS", "post-training (no training)",
+                         [post[(model, b)]["test_top1"] for b in bits], ".2f"))
+        for name, label, start in _trained_rows(model):
+            cells = [results[name.format(b=b)]["test_top1"] for b in bits]
+            table.append(row(model, label, start, cells, ".2f"))
+            diff.append(row(model, label, start, [c - f for c in cells], "+.2f"))
+    lines = [header, "", "Test top-1 (%) of the checkpoint with the best validation top-1. "
+             "Float is the same at every bit width.", "", *table,
+             "", "Difference to float (points, test top-1):", "", *diff,
+             "", "Seconds per run (training + validation each epoch + one test pass):", "",
+             "| run | epochs | best epoch | val top-1 | test top-1 | seconds |",
+             "|---|---:|---:|---:|---:|---:|"]
     for name, m in results.items():
         lines.append(f"| {name} | {m['epochs']} | {m['best_epoch']} | {m['val_top1']:.2f} | "
                      f"{m['test_top1']:.2f} | {m['seconds']:.0f} |")
@@ -205,18 +206,18 @@ def plot(path: Path, results, post, models, bits) -> None:
         ax.axhline(f, color="black", linestyle="--", label=f"float ({f:.2f})")
         ax.plot(bits, [post[(model, b)]["test_top1"] for b in bits], "x:", color="gray",
                 label="post-training")
-        for method, label, color in (("q", "Q", "tab:blue"), ("ps", "PS", "tab:orange")):
-            for start, style in (("scratch", "o-"), ("float", "s--")):
-                ax.plot(bits, [results[f"{model}/{method}{b}-{start}"]["test_top1"] for b in bits], style,
-                        color=color, label=f"{label} {'scratch' if start == 'scratch' else 'from float'}")
+        trained = []
+        for name, label, start in _trained_rows(model):
+            cells = [results[name.format(b=b)]["test_top1"] for b in bits]
+            trained += cells
+            ax.plot(bits, cells, "o-" if start == "scratch" else "s--",
+                    color="tab:blue" if label == "Q" else "tab:orange", label=f"{label} {start}")
         ax.set_xticks(list(bits))
         ax.invert_xaxis()
         ax.set_xlabel("weight bits")
         ax.set_ylabel("test top-1 (%)")
         ax.set_title(model)
-        lo = min(f - 5, min(results[f'{model}/{m}{b}-{s}']['test_top1'] for m in ('q', 'ps')
-                            for b in bits for s in ('scratch', 'float')) - 1)
-        ax.set_ylim(max(lo, 0), min(f + 2, 100))
+        ax.set_ylim(max(min(f - 5, min(trained) - 1), 0), min(f + 2, 100))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()

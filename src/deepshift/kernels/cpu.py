@@ -78,6 +78,7 @@ INT16_MAX_ABS = 128
 (and of Linear beyond GEMV_MAX_ROWS rows) when the result is computed on int32 lanes: 255 such
 terms sum exactly in int16, and the plan chunks its shift groups to at most 255 terms."""
 INT16_MAX_GROUP = 255
+_LANE_DTYPES = {16: torch.int16, 32: torch.int32, 64: torch.int64}
 
 CACHE_MAX_BYTES = 1 << 30
 """Bytes of decoded weights / tiles / term lists the LRU cache may hold."""
@@ -243,14 +244,25 @@ def _max_abs(t: Tensor) -> int:
     return max(-int(lo), int(hi))
 
 
-def _lanes_for(ext, x, codes, weight_shape, weight_bits, has_zero, shift_lo, bias_s, fan_in) -> int:
-    """32 for int32 x, or for int64 x when the accumulator bound proves int32 exact; else 64."""
-    if x.dtype == torch.int32:
+def _lanes_for(ext, x, codes, weight_shape, weight_bits, has_zero, shift_lo, bias_s, fan_in,
+               int16: bool) -> int:
+    """The lanes a call computes in: 64 (int64), 32 (int32), or 16 (int16 tables, int32 arithmetic).
+
+    int32 x computes in int32; int64 x in int32 when the accumulator bound proves that exact, else
+    int64. Where int32 is used and ``int16`` (the kernel has the 8-bit path), inputs with every
+    ``|x| <= INT16_MAX_ABS`` take 16. ``max|x|`` is computed at most once, and not at all for int32
+    x without the 8-bit path (the small-batch Linear kernel).
+    """
+    if x.dtype == torch.int32 and not int16:
         return 32
-    _, max_amount = _decoded(ext, codes, weight_shape, weight_bits, has_zero, shift_lo, 64)
-    weights = 0 if max_amount < 0 else fan_in * _max_abs(x) * 2**max_amount
-    bias_max = 0 if bias_s is None else _max_abs(bias_s)
-    return 32 if weights + bias_max < 2**31 else 64
+    x_max = _max_abs(x)
+    if x.dtype != torch.int32:
+        _, max_amount = _decoded(ext, codes, weight_shape, weight_bits, has_zero, shift_lo, 64)
+        weights = 0 if max_amount < 0 else fan_in * x_max * 2**max_amount
+        bias_max = 0 if bias_s is None else _max_abs(bias_s)
+        if weights + bias_max >= 2**31:
+            return 64
+    return 16 if int16 and x_max <= INT16_MAX_ABS else 32
 
 
 def _valid_codes(codes: Tensor, weight_shape, weight_bits) -> bool:
@@ -261,10 +273,6 @@ def _valid_codes(codes: Tensor, weight_shape, weight_bits) -> bool:
         and codes.device.type == "cpu"
         and codes.numel() == (math.prod(weight_shape) * weight_bits + 7) // 8
     )
-
-
-def _bias_spec(bias):
-    return None if bias is None else (bias.dtype, tuple(bias.shape))
 
 
 def _linear_native_ok(x, codes, weight_shape, weight_bits, bias) -> bool:
@@ -289,15 +297,12 @@ def shift_linear_cpu(x, codes, weight_shape, weight_bits, has_zero, shift_lo, bi
     rows = x.numel() // in_f
     u = min(shift_lo, 0)
     bias_s = None if bias is None else (bias if u == 0 else torch.bitwise_left_shift(bias, -u)).contiguous()
-    lanes = (
-        32
-        if x.dtype == torch.int32
-        else _lanes_for(ext, x, codes, weight_shape, weight_bits, has_zero, shift_lo, bias_s, in_f)
-    )
-    dtype = torch.int32 if lanes == 32 else torch.int64
+    lanes = _lanes_for(ext, x, codes, weight_shape, weight_bits, has_zero, shift_lo, bias_s, in_f,
+                       int16=rows > GEMV_MAX_ROWS)
+    dtype = _LANE_DTYPES[lanes]
     x2 = x.reshape(rows, in_f)
     x2 = (x2 if x2.dtype == dtype else x2.to(dtype)).contiguous()
-    b = None if bias_s is None else bias_s.to(dtype)
+    b = None if bias_s is None else bias_s.to(torch.int64 if lanes == 64 else torch.int32)
     if lanes == 32 and rows <= GEMV_MAX_ROWS:
         tiles = _cached(
             codes,
@@ -308,8 +313,6 @@ def shift_linear_cpu(x, codes, weight_shape, weight_bits, has_zero, shift_lo, bi
         )
         y = ext.gemv(x2, tiles, out_f, b)
     else:
-        if lanes == 32 and _max_abs(x2) <= INT16_MAX_ABS:
-            lanes, x2 = 16, x2.to(torch.int16)
         xt = x2.t().contiguous().reshape(1, in_f, 1, 1, rows)
 
         def make_plan():
@@ -332,7 +335,8 @@ def shift_linear_cpu(x, codes, weight_shape, weight_bits, has_zero, shift_lo, bi
 
 
 def _conv_native_ok(
-    x, codes, weight_shape, weight_bits, bias, stride, padding, dilation, groups, transposed, output_padding
+    x, codes, weight_shape, weight_bits, has_zero, shift_lo, bias, stride, padding, dilation, groups,
+    transposed, output_padding
 ) -> bool:
     dims = len(weight_shape) - 2
     if not 1 <= dims <= 3 or x.dtype not in (torch.int32, torch.int64) or x.dim() != dims + 2:
@@ -369,22 +373,8 @@ def _conv_native_ok(
 class _ConvCall:
     """What a conv call with one signature (shapes, options) needs besides x and bias: cached."""
 
-    def __init__(
-        self,
-        ext,
-        x,
-        codes,
-        weight_shape,
-        weight_bits,
-        has_zero,
-        shift_lo,
-        stride,
-        padding,
-        dilation,
-        groups,
-        transposed,
-        output_padding,
-    ):
+    def __init__(self, ext, x, codes, weight_shape, weight_bits, has_zero, shift_lo, _bias, stride, padding,
+                 dilation, groups, transposed, output_padding):  # the op's arguments (bias: per call)
         dims = len(weight_shape) - 2
         self.kernel = list(weight_shape[2:])
         self.transposed = transposed
@@ -425,7 +415,7 @@ class _ConvCall:
 
     def run(self, ext, x, bias_s, lanes):
         """``lanes``: 64 / 32 (int64 / int32 arithmetic), or 16 (int16 table, int32 arithmetic)."""
-        dtype = {16: torch.int16, 32: torch.int32, 64: torch.int64}[lanes]
+        dtype = _LANE_DTYPES[lanes]
         xi = x if x.dtype == dtype else x.to(dtype)
         if self.transposed:
             xi = _ops._dilate_and_pad_for_transpose(
@@ -441,7 +431,7 @@ class _ConvCall:
             )
             prepared = self.by_lanes[lanes] = (list(w5.shape), plan)
         w5_shape, plan = prepared
-        b = None if bias_s is None else bias_s.to(torch.int32 if lanes == 16 else dtype)
+        b = None if bias_s is None else bias_s.to(torch.int64 if lanes == 64 else torch.int32)
         y = ext.conv(x5, w5_shape, plan, b, self.groups, self.s3, self.p3, self.d3)
         y = y.reshape(y.shape[0], y.shape[1], *y.shape[2 + self.pre :])
         return y if y.dtype == x.dtype else y.to(x.dtype)
@@ -481,66 +471,20 @@ def shift_conv_cpu(
     ext = load_extension()
     if ext is None:
         return _ops.shift_conv_reference(*args)
-    key = (
-        "call",
-        tuple(x.shape),
-        x.dtype,
-        tuple(weight_shape),
-        weight_bits,
-        has_zero,
-        shift_lo,
-        _bias_spec(bias),
-        tuple(stride),
-        tuple(padding),
-        tuple(dilation),
-        groups,
-        transposed,
-        tuple(output_padding),
-    )
+    # One prepared call per signature: shapes and dtypes of the tensors, every option as is.
+    key = ("call", *((tuple(a.shape), a.dtype) if isinstance(a, Tensor) else
+                     tuple(a) if isinstance(a, list) else a for a in args))
 
     def make():
-        if not _conv_native_ok(
-            x,
-            codes,
-            weight_shape,
-            weight_bits,
-            bias,
-            stride,
-            padding,
-            dilation,
-            groups,
-            transposed,
-            output_padding,
-        ):
-            return False
-        return _ConvCall(
-            ext,
-            x,
-            codes,
-            weight_shape,
-            weight_bits,
-            has_zero,
-            shift_lo,
-            stride,
-            padding,
-            dilation,
-            groups,
-            transposed,
-            output_padding,
-        )
+        return _ConvCall(ext, *args) if _conv_native_ok(*args) else False
 
     call = _cached(codes, key, make)
     if call is False:
         return _ops.shift_conv_reference(*args)
     u = min(shift_lo, 0)
     bias_s = None if bias is None else (bias if u == 0 else torch.bitwise_left_shift(bias, -u)).contiguous()
-    lanes = (
-        32
-        if x.dtype == torch.int32
-        else _lanes_for(ext, x, codes, weight_shape, weight_bits, has_zero, shift_lo, bias_s, call.fan_in)
-    )
-    if lanes == 32 and _max_abs(x) <= INT16_MAX_ABS:
-        lanes = 16
+    lanes = _lanes_for(ext, x, codes, weight_shape, weight_bits, has_zero, shift_lo, bias_s, call.fan_in,
+                       int16=True)
     return call.run(ext, x, bias_s, lanes)
 
 

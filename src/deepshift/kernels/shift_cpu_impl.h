@@ -62,6 +62,16 @@ void build_table(const U* x, U* tbl, const Geom& g, const uint8_t* amt, int64_t 
   }
 }
 
+// Table and output offsets of the R output rows (flattened (od, oh)) from row0, at column ow0.
+inline void row_offsets(const Geom& g, int R, int64_t row0, int64_t ow0, int64_t* tb, int64_t* yoff) {
+  for (int r = 0; r < R; ++r) {
+    const int64_t rr = row0 + r;
+    const int64_t od = rr / g.OH, oh = rr - od * g.OH;
+    tb[r] = (od * g.sd * g.Hp + oh * g.sh) * g.RW + ow0;  // index arithmetic only
+    yoff[r] = rr * g.OW + ow0;
+  }
+}
+
 // One work item of the conv: R output rows (flattened (od, oh) from row0) x V vectors of output
 // columns from ow0, for output channels [o0, o1). The table holds the zero-padded input (no
 // pre-shifted copies): each output's terms (offsets of its non-zero weights' inputs) come grouped by
@@ -76,12 +86,7 @@ void conv_item(const U* tbl, U* yimg, const Geom& g, const PlanView& pv, int64_t
   typedef typename VecOf<U>::T Vt;
   constexpr int L = 32 / sizeof(U);
   int64_t tb[R], yoff[R];
-  for (int r = 0; r < R; ++r) {
-    const int64_t rr = row0 + r;
-    const int64_t od = rr / g.OH, oh = rr - od * g.OH;
-    tb[r] = (od * g.sd * g.Hp + oh * g.sh) * g.RW + ow0;  // index arithmetic only
-    yoff[r] = rr * g.OW + ow0;
-  }
+  row_offsets(g, R, row0, ow0, tb, yoff);
   const int64_t nvalid = (g.OW - ow0) < V * L ? (g.OW - ow0) : V * L;
   const int64_t plane = g.OD * g.OH * g.OW;
   for (int64_t cb = 0; cb < g.NCB; ++cb) {
@@ -217,12 +222,7 @@ void conv_item16(const uint16_t* tbl, uint32_t* yimg, const Geom& g, const PlanV
   typedef uint32_t V32 __attribute__((vector_size(32), aligned(4), may_alias));
   constexpr int L = 16;
   int64_t tb[R], yoff[R];
-  for (int r = 0; r < R; ++r) {
-    const int64_t rr = row0 + r;
-    const int64_t od = rr / g.OH, oh = rr - od * g.OH;
-    tb[r] = (od * g.sd * g.Hp + oh * g.sh) * g.RW + ow0;  // index arithmetic only
-    yoff[r] = rr * g.OW + ow0;
-  }
+  row_offsets(g, R, row0, ow0, tb, yoff);
   const int64_t nvalid = (g.OW - ow0) < V * L ? (g.OW - ow0) : V * L;
   const int64_t plane = g.OD * g.OH * g.OW;
   for (int64_t cb = 0; cb < g.NCB; ++cb) {
