@@ -95,12 +95,21 @@ def runs(tmp_path_factory):
     dist.mkdir()
     for name, extra in RUNS.items():
         train(TrainConfig(**BASE, **extra, out=str(single / name)))
-    # A single-process run that 2 processes will resume (single -> distributed).
-    shutil.copytree(single / "none", root / "s2d")
     (root / "driver.py").write_text(DRIVER)
     argvs = [_argv({**BASE, **extra, "quiet": False}, dist / name) for name, extra in RUNS.items()]
     argvs.append(["train", "--resume", str(root / "s2d"), "--epochs", "2", "--device", "cpu"])
-    proc = _torchrun(str(root / "driver.py"), json.dumps(argvs))
+    for attempt in range(2):
+        # A single-process run that 2 processes will resume (single -> distributed).
+        shutil.rmtree(root / "s2d", ignore_errors=True)
+        shutil.copytree(single / "none", root / "s2d")
+        proc = _torchrun(str(root / "driver.py"), json.dumps(argvs))
+        # One retry, only when a worker was killed by a signal with C++'s "terminate called"
+        # (seen once in ~10 full runs, from inside torch's gloo/elastic machinery, never
+        # reproduced in isolation); a failing deepshift command exits with status 2 and fails here.
+        if proc.returncode == 0 or attempt or "terminate called" not in proc.stderr:
+            break
+        shutil.rmtree(dist)
+        dist.mkdir()
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root, proc
 
