@@ -7,11 +7,12 @@ of repeated runs after warm-up, the candidates of a case run interleaved (round-
 see the same load on a shared machine; the fastest run of each is printed too. Ratios are
 ours / baseline (< 1 means we are faster).
 
-* "frozen": everything the frozen module does per call (rounding the float input to fixed point,
-  the op, scaling back to float), as deepshift.modules does it today;
-* "fused-io": the same, with the input rounding / output scaling done by the fused native helpers
-  ``deepshift.kernels.cpu.quantize_input`` / ``scale_output`` (a proposal for deepshift.modules;
-  results identical, asserted);
+* "frozen": the frozen module's forward as a user calls it (float in, float out): in eager mode the
+  fused native path (input rounding inside the kernel's table build, output scaling per image while
+  in cache, no dispatcher; ``deepshift.kernels.cpu.prepare_conv_fused``);
+* "via op": the same module forced through ``torch.ops.deepshift.*`` (round the input with one
+  native pass, the op with its per-call range check, scale the output), the path tracing and
+  compiling take; results identical to "frozen" (asserted);
 * "op": the raw ``torch.ops.deepshift.*`` calls on pre-quantized integer inputs (for a whole model,
   every shift layer's op on its input captured from one forward).
 
@@ -100,34 +101,21 @@ def op_callable(frozen: nn.Module, x: torch.Tensor):
     return run
 
 
-def fused_io(frozen: nn.Module) -> nn.Module:
-    """A copy of ``frozen`` whose layers round inputs / scale outputs with the fused native helpers
-    (``deepshift.kernels.cpu.quantize_input`` / ``scale_output``): same results, one pass each.
-    This shows what the frozen modules would cost with those helpers wired in (a proposal)."""
-    import copy
-    import types
+class via_op:  # noqa: N801 - used like a function
+    """Calls ``frozen`` with its layers forced through the op path (see "via op" above)."""
 
-    from deepshift import modules
+    def __init__(self, frozen: nn.Module):
+        self.frozen = frozen
 
-    fused = copy.deepcopy(frozen)
-    for m in fused.modules():
-        if not deepshift.is_frozen_layer(m):
-            continue
-        orig_q, orig_s = m._quantize, m._scale
+    def __call__(self, x):
+        from deepshift import modules
 
-        def _quantize(self, x, orig_q=orig_q):
-            acc = modules._ACC_DTYPES[self.accumulator]
-            q = native.quantize_input(x, self.act_bits, self.act_rounding, acc)
-            return orig_q(x) if q is None else q
-
-        def _scale(self, y, like, orig_s=orig_s):
-            dtype = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float32
-            out = native.scale_output(y, min(self.shift_lo, 0) - self.act_bits[1], dtype)
-            return orig_s(y, like) if out is None else out
-
-        m._quantize = types.MethodType(_quantize, m)
-        m._scale = types.MethodType(_scale, m)
-    return fused
+        saved = modules._FrozenShift.__dict__["_fused_ok"]  # the staticmethod object itself
+        modules._FrozenShift._fused_ok = staticmethod(lambda: False)
+        try:
+            return self.frozen(x)
+        finally:
+            modules._FrozenShift._fused_ok = saved
 
 
 def accumulators(frozen: nn.Module) -> str:
@@ -140,11 +128,11 @@ def bench_linear(add, sec: float) -> None:
     lin = nn.Sequential(nn.Linear(4096, 4096)).eval()
     qlin = torch.ao.quantization.quantize_dynamic(lin, {nn.Linear}, dtype=torch.qint8)
     flin = frozen_copy(lin)
-    ulin = fused_io(flin)
+    ulin = via_op(flin)
     for batch in (1, 64):
         x = torch.randn(batch, 4096)
         assert torch.equal(flin(x), ulin(x))
-        t = measure({"frozen": lambda x=x: flin(x), "fused": lambda x=x: ulin(x), "op": op_callable(flin, x),
+        t = measure({"frozen": lambda x=x: flin(x), "via op": lambda x=x: ulin(x), "op": op_callable(flin, x),
                      "fp32": lambda x=x: lin(x), "int8-dyn": lambda x=x: qlin(x)}, sec)
         note = f"acc {accumulators(flin)}"
         add(f"Linear 4096x4096 batch {batch}", t, "fp32", note)
@@ -155,10 +143,10 @@ def bench_conv(add, sec: float) -> None:
     """Conv2d 3x3 64 -> 64, 56 x 56, batch 1, padding 1."""
     conv = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1)).eval()
     fconv = frozen_copy(conv)
-    uconv = fused_io(fconv)
+    uconv = via_op(fconv)
     x = torch.randn(1, 64, 56, 56)
     assert torch.equal(fconv(x), uconv(x))
-    t = measure({"frozen": lambda: fconv(x), "fused": lambda: uconv(x), "op": op_callable(fconv, x),
+    t = measure({"frozen": lambda: fconv(x), "via op": lambda: uconv(x), "op": op_callable(fconv, x),
                  "fp32": lambda: conv(x)}, sec)
     add("Conv2d 3x3 64->64 56x56 batch 1", t, "fp32", f"acc {accumulators(fconv)}")
 
@@ -173,11 +161,11 @@ def bench_resnet(add, sec: float) -> None:
         print(f"  ResNet-20 skipped: {type(exc).__name__}: {exc}")
         return
     fnet = frozen_copy(net)
-    unet = fused_io(fnet)
+    unet = via_op(fnet)
     for batch in (128, 1):
         x = torch.randn(batch, 3, 32, 32)
         assert torch.equal(fnet(x), unet(x))
-        t = measure({"frozen": lambda x=x: fnet(x), "fused": lambda x=x: unet(x), "op": op_callable(fnet, x),
+        t = measure({"frozen": lambda x=x: fnet(x), "via op": lambda x=x: unet(x), "op": op_callable(fnet, x),
                      "fp32": lambda x=x: net(x)}, sec)
         add(f"ResNet-20 CIFAR batch {batch}", t, "fp32", f"acc {accumulators(fnet)}")
 
@@ -201,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def add(name, t, base_name, note=""):
         rows.append((name, t, base_name, note))
-        (fr, frb), (fu, fub), (op, opb), (base, baseb) = t["frozen"], t["fused"], t["op"], t[base_name]
-        print(f"  {name:<32} vs {base_name:<8} median ms: frozen {fr * 1e3:8.3f} fused-io {fu * 1e3:8.3f} "
+        (fr, frb), (fu, fub), (op, opb), (base, baseb) = t["frozen"], t["via op"], t["op"], t[base_name]
+        print(f"  {name:<32} vs {base_name:<8} median ms: frozen {fr * 1e3:8.3f} via-op {fu * 1e3:8.3f} "
               f"op {op * 1e3:8.3f} base {base * 1e3:8.3f} | ratios (median) {fr / base:.3f} / "
               f"{fu / base:.3f} / {op / base:.3f}  (best) {frb / baseb:.3f} / {fub / baseb:.3f} / "
               f"{opb / baseb:.3f}  {note}",
@@ -214,11 +202,11 @@ def main(argv: list[str] | None = None) -> int:
         bench_resnet(add, sec)
     print(f"\nload average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print("\nRatios are ours / baseline; 'median' from the medians, 'best' from the fastest run of each.")
-    print("| case | baseline | baseline ms | frozen ms | fused-io ms | op ms | frozen/base | fused-io/base "
-          "| op/base | best: frozen / fused-io / op | note |")
+    print("| case | baseline | baseline ms | frozen ms | via-op ms | op ms | frozen/base | via-op/base "
+          "| op/base | best: frozen / via-op / op | note |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|")
     for name, t, bname, note in rows:
-        (fr, frb), (fu, fub), (op, opb), (base, baseb) = t["frozen"], t["fused"], t["op"], t[bname]
+        (fr, frb), (fu, fub), (op, opb), (base, baseb) = t["frozen"], t["via op"], t["op"], t[bname]
         print(f"| {name} | {bname} | {base * 1e3:.3f} | {fr * 1e3:.3f} | {fu * 1e3:.3f} | {op * 1e3:.3f} "
               f"| {fr / base:.3f} | {fu / base:.3f} | {op / base:.3f} "
               f"| {frb / baseb:.3f} / {fub / baseb:.3f} / {opb / baseb:.3f} | {note} |")

@@ -234,8 +234,14 @@ def test_frozen_ops_dispatch_to_native(native, monkeypatch):
     layer = deepshift.freeze_(deepshift.convert_(nn.Sequential(nn.Linear(6, 3)), deepshift.QConfig()))
     layer(torch.randn(2, 6))
     conv = deepshift.freeze_(deepshift.convert_(nn.Sequential(nn.Conv2d(2, 3, 3)), deepshift.QConfig()))
-    conv(torch.randn(1, 2, 5, 5))
-    assert "gemv" in calls and "conv" in calls
+    x = torch.randn(1, 2, 5, 5)
+    conv(x)
+    # Eager frozen layers take the fused native forward; the op itself dispatches to the native conv.
+    assert "gemv" in calls and "conv_fused" in calls and "conv" not in calls
+    q = conv[0]._quantize(x)
+    torch.ops.deepshift.shift_conv(q, conv[0].codes, list(conv[0].weight_shape), 5, False, conv[0].shift_lo,
+                                   conv[0]._bias(), [1, 1], [0, 0], [1, 1], 1, False, [0, 0])
+    assert "conv" in calls
 
 
 def _digits_cnn():
@@ -391,3 +397,182 @@ def test_fused_fake_quantize_equals_the_torch_path_bit_for_bit(native, act_bits,
     strided = torch.randn(6, 5, generator=g).t()  # non-contiguous input
     assert torch.equal(cpu.fake_quantize(strided, 4, -128, 127, False)[0],
                        _fixed_point_torch(strided, 4, -128, 127, False))
+
+
+# --- Flat mode (stride 1, rows narrower than a vector computed as one long row) -------------------
+
+
+@pytest.mark.parametrize("mag", [127, 2**15, 2**40])  # int16 tables, int32 lanes, int64 lanes
+@pytest.mark.parametrize("shape", [(1, 70, 8, 8), (2, 5, 4, 9), (3, 3, 2, 6), (1, 9, 7, 3)])
+def test_conv_flat_rows_bit_exact(native, mag, shape):
+    # 8x8 planes (16-lane vectors half idle row by row), odd widths, one-row planes; 70 channels
+    # split into several channel blocks, so the flat partial sums are accumulated across blocks.
+    rng = random.Random(mag + shape[1])
+    dtype = torch.int64 if mag > 2**31 else torch.int32
+    n, c, h, w = shape
+    for kernel, pad, dil in (([3, 3], [1, 1], [1, 1]), ([1, 3], [0, 2], [1, 2]), ([2, 1], [0, 0], [1, 1])):
+        x = _rand_int(rng, (n, c, h, w), mag, dtype)
+        codes = _random_codes(rng, 6 * c * kernel[0] * kernel[1], 5)
+        bias = _rand_int(rng, (6,), mag, dtype)
+        args = (x, codes, [6, c, *kernel], 5, True, -3, bias, [1, 1], pad, dil, 1, False, [0, 0])
+        _check(torch.ops.deepshift.shift_conv, ops.shift_conv_reference, args, f"flat {shape} {kernel}")
+    x3 = _rand_int(rng, (2, 4, 3, 5, 6), mag, dtype)  # 3-d: flat over (depth, rows) planes
+    codes = _random_codes(rng, 5 * 4 * 8, 4)
+    args = (x3, codes, [5, 4, 2, 2, 2], 4, False, 0, None, [1, 1, 1], [1, 0, 1], [1, 2, 1], 1, False,
+            [0, 0, 0])
+    _check(torch.ops.deepshift.shift_conv, ops.shift_conv_reference, args, "flat 3-d")
+
+
+# --- The frozen layers' fused native forward ------------------------------------------------------
+
+# act_bits with I + F <= 8 take the int16 tables, the others int32 ones.
+_FUSED_ACT_BITS = [(4, 4), (1, 7), (3, 3), (2, 6), (8, 8), (6, 10), (12, 4), (1, 0)]
+
+
+def _op_path(monkeypatch):
+    monkeypatch.setattr(deepshift.modules._FrozenShift, "_fused_ok", staticmethod(lambda: False))
+
+
+def _fused_used(layer) -> bool:
+    cached = layer.__dict__.get("_fused_cache")
+    return cached is not None and cached[1] is not None
+
+
+def _random_float_input(rng: random.Random, shape, act_bits, dtype) -> torch.Tensor:
+    g = torch.Generator().manual_seed(rng.randrange(2**31))
+    scale = rng.choice([0.05, 1.0, 4.0, 300.0])
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+    flat = x.view(-1)
+    step = 2.0 ** -act_bits[1]
+    # Exact halves between fixed-point steps (round half to even), and saturating values.
+    for i in range(0, flat.numel(), 7):
+        flat[i] = (rng.randint(-300, 300) + 0.5) * step
+    for i in range(3, flat.numel(), 29):
+        flat[i] = rng.choice([float("inf"), float("-inf"), 1e30, -1e30, -0.0, 2.0 ** act_bits[0]])
+    return x
+
+
+def _fused_conv_case(rng: random.Random):
+    dims = rng.choice([1, 2, 2, 2, 3])
+    groups = rng.choice([1, 1, 2, 3])
+    depthwise = rng.random() < 0.2
+    cin = groups * (1 if depthwise else rng.randint(1, 6))
+    cout = groups * rng.randint(1, 4)
+    kernel = [rng.randint(1, 3 if dims < 3 else 2) for _ in range(dims)]
+    stride = [rng.choice([1, 1, 2]) for _ in range(dims)]
+    dilation = [rng.choice([1, 1, 2]) for _ in range(dims)]
+    padding = [rng.randint(0, 2) for _ in range(dims)]
+    sizes = {1: lambda: [rng.choice([5, 8, 17, 40])],
+             2: lambda: rng.choice([[8, 8], [16, 16], [5, 11], [7, 33], [3, 4]]),
+             3: lambda: [rng.randint(2, 4), rng.randint(2, 6), rng.randint(3, 8)]}[dims]()
+    conv_type = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1]
+    conv = conv_type(cin, cout, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                     bias=rng.random() < 0.6)
+    cfg_type = rng.choice([deepshift.QConfig, deepshift.PSConfig])
+    act_bits = rng.choice(_FUSED_ACT_BITS)
+    cfg = cfg_type(weight_bits=rng.randint(2, 8), act_bits=act_bits,
+                   act_rounding=rng.choice(["nearest", "floor"]))
+    with torch.no_grad():
+        conv.weight.mul_(rng.choice([0.5, 4.0, 40.0]))
+    layer = deepshift.freeze_(deepshift.convert_(nn.Sequential(conv), cfg))[0].eval()
+    batch = rng.choice([[1], [2], [3], [5], []])  # [] = unbatched
+    dtype = rng.choice([torch.float32, torch.float32, torch.float64])
+    return layer, _random_float_input(rng, (*batch, cin, *sizes), act_bits, dtype)
+
+
+@pytest.mark.parametrize("chunk", range(3))
+def test_fused_conv_forward_equals_the_op_path(native, monkeypatch, chunk):
+    rng = random.Random(7000 + chunk)
+    done = fused = 0
+    while done < 25:
+        layer, x = _fused_conv_case(rng)
+        try:
+            with torch.no_grad():
+                monkeypatch.undo()
+                _op_path(monkeypatch)
+                expected = layer(x)
+        except (ValueError, RuntimeError):
+            continue  # no output for these options
+        monkeypatch.undo()
+        for isa in ("avx2", "portable"):
+            cpu.set_isa(isa)
+            try:
+                layer.__dict__.pop("_fused_cache", None)
+                with torch.no_grad():
+                    got = layer(x)
+            finally:
+                cpu.set_isa("auto")
+            label = f"case {chunk}/{done} {layer.extra_repr()} {tuple(x.shape)} {x.dtype} ({isa})"
+            assert got.dtype == expected.dtype and got.shape == expected.shape, label
+            assert torch.equal(got, expected), f"{label}: {(got != expected).sum()} elements differ"
+        fused += _fused_used(layer)
+        assert _fused_used(layer) == (layer.accumulator == "int32"), "int32 layers take the fused path"
+        done += 1
+    assert fused >= 10  # most random layers need only int32 accumulators
+
+
+@pytest.mark.parametrize("act_bits", [(4, 4), (8, 8)])
+@pytest.mark.parametrize("lead", [(), (1,), (3,), (4,), (5,), (2, 7)])
+def test_fused_linear_forward_equals_the_op_path(native, monkeypatch, act_bits, lead):
+    # Up to 4 rows: quantize + small-batch kernel + scale; more rows: the fused 1x1 convolution.
+    rng = random.Random(len(lead) * 10 + sum(lead))
+    lin = nn.Linear(37, 11)
+    layer = deepshift.freeze_(deepshift.convert_(nn.Sequential(lin), deepshift.PSConfig(
+        weight_bits=6, act_bits=act_bits)))[0].eval()
+    for dtype in (torch.float32, torch.float64):
+        x = _random_float_input(rng, (*lead, 37), act_bits, dtype)
+        with torch.no_grad():
+            got = layer(x)
+            assert _fused_used(layer)
+            _op_path(monkeypatch)
+            expected = layer(x)
+            monkeypatch.undo()
+        assert got.shape == (*lead, 11) and got.dtype == dtype
+        assert torch.equal(got, expected)
+
+
+def test_fused_forward_nan_error_and_weight_changes(native, monkeypatch):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 5))
+    deepshift.convert_(net, deepshift.QConfig(weight_bits=5, act_bits=(4, 4)))
+    frozen = deepshift.freeze_(net.eval())
+    x = torch.randn(2, 3, 6, 6)
+    bad = x.clone()
+    bad[1, 2, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        frozen(bad)
+    with pytest.raises(ValueError, match="NaN"):
+        frozen[3](torch.full((1, 4 * 36), float("nan")))
+    # New codes / bias through load_state_dict (in place): the cached fused forward follows them.
+    before = frozen(x)
+    other = deepshift.freeze_(deepshift.convert_(
+        nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 5)),
+        deepshift.QConfig(weight_bits=5, act_bits=(4, 4))).eval())
+    frozen.load_state_dict(other.state_dict())
+    after = frozen(x)
+    # (shift_lo is part of the layer's spec, not its state: the loaded codes mean other weights
+    # here than in `other`; what matters is that both paths agree on them.)
+    assert not torch.equal(before, after)
+    _op_path(monkeypatch)
+    assert torch.equal(after, frozen(x))
+    monkeypatch.undo()
+    # The cache is not part of a pickled / copied module; the copies compute the same.
+    import copy
+    import pickle
+
+    for clone in (pickle.loads(pickle.dumps(frozen)), copy.deepcopy(frozen)):
+        assert "_fused_cache" not in clone[0].__dict__
+        assert torch.equal(clone(x), after)
+
+
+def test_fused_forward_is_not_traced(native):
+    # Tracing records the op (and the torch rounding / scaling), never the native helpers' results
+    # as constants: the traced module computes the same on new inputs.
+    net = deepshift.freeze_(deepshift.convert_(nn.Sequential(nn.Conv2d(2, 3, 3)),
+                                               deepshift.QConfig(act_bits=(4, 4))).eval())
+    x = torch.randn(1, 2, 5, 5)
+    with torch.no_grad():
+        traced = torch.jit.trace(net, x, check_trace=False)
+        x = torch.randn(1, 2, 5, 5)
+        assert "deepshift::shift_conv" in str(traced.inlined_graph)  # the op, not opaque native calls
+        assert torch.equal(traced(x), net(x))

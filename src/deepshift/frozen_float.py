@@ -70,17 +70,28 @@ class FrozenBatchNorm(nn.Module):
         Cached per dtype while the statistics are unchanged (keyed on the buffers' storage and
         version counters, which every in-place write such as ``load_state_dict`` bumps).
         """
-        buffers = [t for t in (self.weight, self.bias, self.running_mean, self.running_var) if t is not None]
+        return self._affine(dtype, 1)
+
+    def _affine(self, dtype: torch.dtype, ndim: int) -> tuple[Tensor, Tensor]:
+        # Shaped (C, 1, ..., 1) to broadcast over an ndim-dimensional input's channel dimension.
+        # The key is built without loops: at batch 1 this runs once per layer per image.
+        w, b, m, v = self.weight, self.bias, self.running_mean, self.running_var
         try:
-            key = (dtype, *((t.data_ptr(), t._version, t.device) for t in buffers))
+            key = (dtype, ndim, m.device, m.data_ptr(), m._version, v.data_ptr(), v._version,
+                   None if w is None else (w.data_ptr(), w._version),
+                   None if b is None else (b.data_ptr(), b._version))
         except RuntimeError:  # inference tensors have no version counter: compute every time
             key = None
-        hit = self._affine_cache.get(dtype)
+        hit = self._affine_cache.get((dtype, ndim))
         if key is not None and hit is not None and hit[0] == key:
             return hit[1]
-        result = self._compute_affine(dtype)
+        scale, shift = self._compute_affine(dtype)
+        view = (-1,) + (1,) * (ndim - 1)
+        result = scale.view(view), shift.view(view)
         if key is not None and not torch.compiler.is_compiling():
-            self._affine_cache = {dtype: (key, result)}
+            if hit is None and len(self._affine_cache) >= 4:
+                self._affine_cache.clear()
+            self._affine_cache[(dtype, ndim)] = (key, result)
         return result
 
     def _compute_affine(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -96,11 +107,10 @@ class FrozenBatchNorm(nn.Module):
         if x.dim() < 2 or x.shape[1] != self.num_features:
             raise ValueError(f"FrozenBatchNorm expects (N, {self.num_features}, ...) input, got "
                              f"{tuple(x.shape)}")
-        scale, shift = self.affine(x.dtype)
-        view = (1, -1) + (1,) * (x.dim() - 2)
+        scale, shift = self._affine(x.dtype, x.dim() - 1)
         # Two operations on purpose: torch.addcmul or a fused kernel would round once (FMA), and
         # runtimes disagree on whether they fuse.
-        return torch.add(torch.mul(x, scale.view(view)), shift.view(view))
+        return torch.add(torch.mul(x, scale), shift)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}"

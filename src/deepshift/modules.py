@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .kernels.cpu import quantize_input, scale_output
+from .kernels.cpu import prepare_conv_fused, prepare_linear_fused, quantize_input, scale_output
 from .ops import accumulator_bound, conv_output_size
 from .packing import packed_numel
 from .quantize import fixed_point_limits, to_fixed_point_int
@@ -155,7 +155,7 @@ class _FrozenShift(nn.Module):
     def _quantize(self, x: Tensor) -> Tensor:
         if not x.is_floating_point():
             raise TypeError(f"{type(self).__name__} expects a float input, got {x.dtype}")
-        if not torch.compiler.is_compiling():
+        if self._fused_ok():
             # One fused native pass (same integers as below) when the C++ kernels are loaded.
             fused = quantize_input(x, self.act_bits, self.act_rounding, _ACC_DTYPES[self.accumulator])
             if fused is not None:
@@ -167,6 +167,35 @@ class _FrozenShift(nn.Module):
         q = to_fixed_point_int(x.to(torch.float64), self.act_bits, self.act_rounding)
         return q.to(_ACC_DTYPES[self.accumulator])
 
+    def _fused_forward(self, x: Tensor, prepare):
+        """The fused native forward for inputs like ``x`` (``prepare()``: kernels.cpu.prepare_*_fused),
+        or None; kept while the input's shape / dtype / device and the codes / bias tensors are
+        unchanged, so that a call costs little more than the kernel itself (what matters at batch 1)."""
+        try:
+            key = (x.shape, x.dtype, x.device, self.codes.data_ptr(), self.codes._version,
+                   None if self.bias_int is None else (self.bias_int.data_ptr(), self.bias_int._version))
+        except RuntimeError:  # inference tensors have no version counter: prepare every time
+            return prepare()
+        cached = self.__dict__.get("_fused_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        run = prepare()
+        self.__dict__["_fused_cache"] = (key, run)
+        return run
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_fused_cache", None)  # a closure over native objects: rebuilt on the next call
+        return state
+
+    @staticmethod
+    def _fused_ok() -> bool:
+        # The fused native forward (kernels.cpu.*_forward_fused: the same numbers as the op path
+        # below, in fewer passes and without the dispatcher) is for eager calls; compiling,
+        # tracing and exporting see the op.
+        # (torch.onnx.export traces, and deepshift.export_onnx swaps the layers out anyway.)
+        return not (torch.compiler.is_compiling() or torch._C._get_tracing_state())
+
     def _bias(self) -> Tensor | None:
         return None if self.bias_int is None else self.bias_int.to(_ACC_DTYPES[self.accumulator])
 
@@ -174,7 +203,7 @@ class _FrozenShift(nn.Module):
         # A power-of-two scale of the integer result: exact in float64 below 2**53.
         exponent = min(self.shift_lo, 0) - self.act_bits[1]
         dtype = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float32
-        if not torch.compiler.is_compiling():
+        if self._fused_ok():
             fused = scale_output(y, exponent, dtype)
             if fused is not None:
                 return fused
@@ -206,6 +235,12 @@ class ShiftLinear(_FrozenShift):
         return {"kind": self.kind, **super().spec()}
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._fused_ok():
+            run = self._fused_forward(x, lambda: prepare_linear_fused(
+                x, self.codes, list(self.weight_shape), self.weight_bits, self.has_zero, self.shift_lo,
+                self.bias_int, self.act_bits, self.act_rounding, self.accumulator))
+            if run is not None:
+                return run(x)
         y = torch.ops.deepshift.shift_linear(
             self._quantize(x), self.codes, list(self.weight_shape), self.weight_bits,
             self.has_zero, self.shift_lo, self._bias(),
@@ -307,6 +342,14 @@ class ShiftConvNd(_FrozenShift):
             padding = [0] * dims
         else:
             padding = list(self.padding)
+            if not self.transposed and self._fused_ok():
+                run = self._fused_forward(x, lambda: prepare_conv_fused(
+                    x, self.codes, list(self.weight_shape), self.weight_bits, self.has_zero, self.shift_lo,
+                    self.bias_int, list(self.stride), padding, list(self.dilation), self.groups,
+                    self.act_bits, self.act_rounding, self.accumulator))
+                if run is not None:
+                    y = run(x)
+                    return y.squeeze(0) if unbatched else y
         y = torch.ops.deepshift.shift_conv(
             self._quantize(x), self.codes, list(self.weight_shape), self.weight_bits, self.has_zero,
             self.shift_lo, self._bias(), list(self.stride), padding, list(self.dilation), self.groups,

@@ -35,6 +35,9 @@ index arithmetic: row / plane offsets, computed per row or per weight, never per
   holds int16 copies, 16 outputs per vector (half the loads and adds), and each shift group is
   split into chunks of at most 255 terms, whose sums are exact in int16; Horner's rule runs on the
   sign-extended chunk sums in int32 lanes, so results are the int32 path's bit for bit.
+* Flat rows: with stride 1, where rows are narrower than a vector (8x8 planes: half of every
+  16-lane vector idle), a whole plane is computed as one long row over the padded width (the
+  positions between rows are computed and dropped), which needs ~40% fewer vectors there.
 * int64 inputs run in int32 lanes (then widen) when :func:`deepshift.ops.accumulator_bound`, with
   the actual ``max|x|``, ``max|bias|`` and the largest used shift, proves every intermediate value is
   below ``2**31``; otherwise in int64 lanes.
@@ -46,10 +49,17 @@ keyed on the codes tensor's ``data_ptr``, ``_version`` (bumped by in-place write
 very tensor (a new tensor at a recycled address never hits a stale entry). Inference tensors (no
 version counter) are not cached. Calls with little work (< ~0.1 ms) run on one thread.
 
+The frozen layers' eager forward skips the op altogether (:func:`prepare_conv_fused`,
+:func:`prepare_linear_fused`): one native call takes the float input, rounds it to fixed point while
+building the kernel's table (8-bit ``act_bits`` guarantee the int16 path, so no range check), runs
+the same kernel and scales each image's output to float while it is still in cache; bit for bit the
+op path's result, without the dispatcher, the intermediate integer tensors or per-call Python work
+(at batch 1 that work cost as much as the kernels). Tracing and compiling use the op.
+
 Also here: :func:`quantize_input` / :func:`scale_output`, fused one-pass versions of the frozen
-layers' input rounding and output scaling (bit-identical to their float64 torch path), for
-:mod:`deepshift.modules` to use, and :func:`fake_quantize`, the one-pass forward of the
-training-time :func:`deepshift.fixed_point`.
+layers' input rounding and output scaling on the op path (bit-identical to their float64 torch
+path), and :func:`fake_quantize`, the one-pass forward of the training-time
+:func:`deepshift.fixed_point`.
 """
 
 from __future__ import annotations
@@ -275,17 +285,44 @@ def _valid_codes(codes: Tensor, weight_shape, weight_bits) -> bool:
     )
 
 
-def _linear_native_ok(x, codes, weight_shape, weight_bits, bias) -> bool:
+def _linear_native_ok(x, codes, weight_shape, weight_bits, bias, x_dtype=None) -> bool:
+    """Whether the native kernel takes the call (``x_dtype``: the integer dtype x stands for)."""
+    x_dtype = x.dtype if x_dtype is None else x_dtype
     return not (
         len(weight_shape) != 2
-        or x.dtype not in (torch.int32, torch.int64)
+        or x_dtype not in (torch.int32, torch.int64)
         or x.dim() < 1
         or x.shape[-1] != weight_shape[1]
         or not _valid_codes(codes, weight_shape, weight_bits)
-        or (bias is not None and (bias.dtype != x.dtype or bias.shape != (weight_shape[0],)))
+        or (bias is not None and (bias.dtype != x_dtype or bias.shape != (weight_shape[0],)))
         or x.numel() == 0
         or min(weight_shape) <= 0
     )
+
+
+def _gemv_tiles(ext, codes, weight_shape, weight_bits, has_zero, shift_lo):
+    """The small-batch Linear kernel's byte tiles (cached)."""
+    return _cached(
+        codes,
+        ("gemv", tuple(weight_shape), weight_bits, has_zero, shift_lo),
+        lambda: ext.gemv_layout(_decoded(ext, codes, weight_shape, weight_bits, has_zero, shift_lo, 32)[0]),
+    )
+
+
+def _linear_plan(ext, codes, weight_shape, weight_bits, has_zero, shift_lo, lanes, rows):
+    """The plan of a Linear over ``rows`` rows run as a 1x1 convolution (cached)."""
+    out_f, in_f = weight_shape
+
+    def make_plan():
+        scode, _ = _decoded(ext, codes, weight_shape, weight_bits, has_zero, shift_lo, max(lanes, 32))
+        w5 = scode.reshape(out_f, in_f, 1, 1, 1)
+        return ext.conv_plan(
+            w5, [1, in_f, 1, 1, rows], 1, [1, 1, 1], [0, 0, 0], [1, 1, 1], lanes // 8, TABLE_BLOCK_BYTES,
+            INT16_MAX_GROUP if lanes == 16 else 0,
+        )
+
+    return _cached(codes, ("plan", tuple(weight_shape), weight_bits, has_zero, shift_lo, lanes, rows, False),
+                   make_plan)
 
 
 def shift_linear_cpu(x, codes, weight_shape, weight_bits, has_zero, shift_lo, bias):
@@ -304,30 +341,10 @@ def shift_linear_cpu(x, codes, weight_shape, weight_bits, has_zero, shift_lo, bi
     x2 = (x2 if x2.dtype == dtype else x2.to(dtype)).contiguous()
     b = None if bias_s is None else bias_s.to(torch.int64 if lanes == 64 else torch.int32)
     if lanes == 32 and rows <= GEMV_MAX_ROWS:
-        tiles = _cached(
-            codes,
-            ("gemv", tuple(weight_shape), weight_bits, has_zero, shift_lo),
-            lambda: ext.gemv_layout(
-                _decoded(ext, codes, weight_shape, weight_bits, has_zero, shift_lo, 32)[0]
-            ),
-        )
-        y = ext.gemv(x2, tiles, out_f, b)
+        y = ext.gemv(x2, _gemv_tiles(ext, codes, weight_shape, weight_bits, has_zero, shift_lo), out_f, b)
     else:
         xt = x2.t().contiguous().reshape(1, in_f, 1, 1, rows)
-
-        def make_plan():
-            scode, _ = _decoded(ext, codes, weight_shape, weight_bits, has_zero, shift_lo, max(lanes, 32))
-            w5 = scode.reshape(out_f, in_f, 1, 1, 1)
-            return ext.conv_plan(
-                w5, list(xt.shape), 1, [1, 1, 1], [0, 0, 0], [1, 1, 1], lanes // 8, TABLE_BLOCK_BYTES,
-                INT16_MAX_GROUP if lanes == 16 else 0,
-            )
-
-        plan = _cached(
-            codes,
-            ("plan", tuple(weight_shape), weight_bits, has_zero, shift_lo, lanes, rows, False),
-            make_plan,
-        )
+        plan = _linear_plan(ext, codes, weight_shape, weight_bits, has_zero, shift_lo, lanes, rows)
         y = ext.conv(xt, [out_f, in_f, 1, 1, 1], plan, b, 1, [1, 1, 1], [0, 0, 0], [1, 1, 1])
         y = y.reshape(out_f, rows).t().contiguous()
     y = y if y.dtype == x.dtype else y.to(x.dtype)
@@ -413,6 +430,19 @@ class _ConvCall:
         w5 = scode.reshape(scode.shape[0], scode.shape[1], *([1] * self.pre), *scode.shape[2:])
         return w5
 
+    def prepared(self, ext, lanes, x5_shape):
+        """(w5 shape, plan) for the lane width and the kernel's 5-d input shape (fixed per call
+        signature), made once."""
+        prepared = self.by_lanes.get(lanes)
+        if prepared is None:
+            w5 = self.weights(max(lanes, 32))
+            plan = ext.conv_plan(
+                w5, list(x5_shape), self.groups, self.s3, self.p3, self.d3, lanes // 8, TABLE_BLOCK_BYTES,
+                INT16_MAX_GROUP if lanes == 16 else 0,
+            )
+            prepared = self.by_lanes[lanes] = (list(w5.shape), plan)
+        return prepared
+
     def run(self, ext, x, bias_s, lanes):
         """``lanes``: 64 / 32 (int64 / int32 arithmetic), or 16 (int16 table, int32 arithmetic)."""
         dtype = _LANE_DTYPES[lanes]
@@ -422,19 +452,26 @@ class _ConvCall:
                 xi, self.kernel, self.tstride, self.tpadding, self.tdilation, self.toutput_padding
             )
         x5 = xi.reshape(xi.shape[0], xi.shape[1], *([1] * self.pre), *xi.shape[2:]).contiguous()
-        prepared = self.by_lanes.get(lanes)
-        if prepared is None:
-            w5 = self.weights(max(lanes, 32))
-            plan = ext.conv_plan(
-                w5, list(x5.shape), self.groups, self.s3, self.p3, self.d3, lanes // 8, TABLE_BLOCK_BYTES,
-                INT16_MAX_GROUP if lanes == 16 else 0,
-            )
-            prepared = self.by_lanes[lanes] = (list(w5.shape), plan)
-        w5_shape, plan = prepared
+        w5_shape, plan = self.prepared(ext, lanes, x5.shape)
         b = None if bias_s is None else bias_s.to(torch.int64 if lanes == 64 else torch.int32)
         y = ext.conv(x5, w5_shape, plan, b, self.groups, self.s3, self.p3, self.d3)
         y = y.reshape(y.shape[0], y.shape[1], *y.shape[2 + self.pre :])
         return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def _conv_call(ext, args: tuple, x_dtype: torch.dtype):
+    """The prepared ``_ConvCall`` for the op's arguments ``args`` with x of integer dtype ``x_dtype``
+    (x itself may be the float input of the fused path), or False when the native kernel does not
+    take the call. One per signature: shapes and dtypes of the tensors, every option as is."""
+    x = args[0]
+    key = ("call", (tuple(x.shape), x_dtype), *((tuple(a.shape), a.dtype) if isinstance(a, Tensor) else
+                                                 tuple(a) if isinstance(a, list) else a for a in args[1:]))
+
+    def make():
+        a = args if x.dtype == x_dtype else (torch.empty(x.shape, dtype=x_dtype, device="meta"), *args[1:])
+        return _ConvCall(ext, *a) if _conv_native_ok(*a) else False
+
+    return _cached(args[1], key, make)
 
 
 def shift_conv_cpu(
@@ -471,14 +508,7 @@ def shift_conv_cpu(
     ext = load_extension()
     if ext is None:
         return _ops.shift_conv_reference(*args)
-    # One prepared call per signature: shapes and dtypes of the tensors, every option as is.
-    key = ("call", *((tuple(a.shape), a.dtype) if isinstance(a, Tensor) else
-                     tuple(a) if isinstance(a, list) else a for a in args))
-
-    def make():
-        return _ConvCall(ext, *args) if _conv_native_ok(*args) else False
-
-    call = _cached(codes, key, make)
+    call = _conv_call(ext, args, x.dtype)
     if call is False:
         return _ops.shift_conv_reference(*args)
     u = min(shift_lo, 0)
@@ -486,6 +516,121 @@ def shift_conv_cpu(
     lanes = _lanes_for(ext, x, codes, weight_shape, weight_bits, has_zero, shift_lo, bias_s, call.fan_in,
                        int16=True)
     return call.run(ext, x, bias_s, lanes)
+
+
+def _fused_setup(ext, x, act_bits, rounding, accumulator, shift_lo, bias):
+    """Common checks and constants of the fused frozen-layer paths, or None when they do not apply:
+    (lanes, lo, hi, exponent, shifted int32 bias or None)."""
+    if (
+        accumulator != "int32"
+        or not isinstance(x, Tensor)
+        or x.dtype not in (torch.float32, torch.float64)
+        or x.device.type != "cpu"
+        or rounding not in ("nearest", "floor")
+        or (bias is not None and bias.dtype != torch.int32)
+    ):
+        return None
+    total = act_bits[0] + act_bits[1]
+    lo, hi = -(2 ** (total - 1)), 2 ** (total - 1) - 1
+    u = min(shift_lo, 0)
+    b = None if bias is None else (bias if u == 0 else torch.bitwise_left_shift(bias, -u)).contiguous()
+    # 8-bit activations (|q| <= 128 by construction) take the int16 tables; others int32 ones.
+    return (16 if total <= 8 else 32), lo, hi, u - act_bits[1], b
+
+
+def prepare_conv_fused(x, codes, weight_shape, weight_bits, has_zero, shift_lo, bias, stride, padding,
+                       dilation, groups, act_bits, rounding, accumulator):
+    """A function computing a frozen (non-transposed, zero-padded) conv layer's whole forward on float
+    CPU inputs shaped and typed like ``x``, in one native call; None where that does not apply (no
+    native kernels, an int64 accumulator, another dtype or device, shapes the native kernel does not
+    take: use the op then).
+
+    The call rounds the input to fixed point while building the kernel's table and scales each
+    image's integer output to x's dtype while it is still in cache: bit for bit
+    ``scale(shift_conv(quantize(x)))`` as :class:`deepshift.ShiftConvNd` computes it through the op
+    (``bias`` is the layer's int32 ``bias_int``), without the dispatcher, the intermediate integer
+    tensors or the per-call range check (8-bit ``act_bits`` guarantee ``|q| <= 128``). The function
+    raises ValueError on NaN. Everything derived from the weights is computed here, once: callers
+    keep the function while ``codes`` and ``bias`` are unchanged (see ``ShiftConvNd``).
+    """
+    ext = load_extension()
+    setup = None if ext is None else _fused_setup(ext, x, act_bits, rounding, accumulator, shift_lo, bias)
+    if setup is None or x.dim() != len(weight_shape):
+        return None
+    lanes, lo, hi, exponent, b = setup
+    dims = len(weight_shape) - 2
+    args = (x, codes, weight_shape, weight_bits, has_zero, shift_lo, bias, stride, padding, dilation, groups,
+            False, [0] * dims)
+    call = _conv_call(ext, args, torch.int32)
+    if call is False:
+        return None
+    w5_shape, plan = call.prepared(ext, lanes, [x.shape[0], x.shape[1], *([1] * call.pre), *x.shape[2:]])
+    conv_fused, s3, p3, d3 = ext.conv_fused, call.s3, call.p3, call.d3
+    frac, floor = act_bits[1], rounding == "floor"
+
+    def run(x: Tensor) -> Tensor:
+        y, has_nan = conv_fused(x.contiguous(), w5_shape, plan, b, groups, s3, p3, d3, frac, lo, hi, floor,
+                                lanes, exponent)
+        if has_nan:
+            raise ValueError("got a NaN input; fixed point has no NaN")
+        return y
+
+    return run
+
+
+def conv_forward_fused(x, codes, weight_shape, weight_bits, has_zero, shift_lo, bias, stride, padding,
+                       dilation, groups, act_bits, rounding, accumulator) -> Tensor | None:
+    """One call of :func:`prepare_conv_fused`'s function on ``x`` (None where it does not apply)."""
+    run = prepare_conv_fused(x, codes, weight_shape, weight_bits, has_zero, shift_lo, bias, stride, padding,
+                             dilation, groups, act_bits, rounding, accumulator)
+    return None if run is None else run(x)
+
+
+def prepare_linear_fused(x, codes, weight_shape, weight_bits, has_zero, shift_lo, bias, act_bits, rounding,
+                         accumulator):
+    """What :func:`prepare_conv_fused` is for a frozen Linear layer: a function computing its forward
+    on float CPU inputs shaped and typed like ``x`` with native calls only (up to ``GEMV_MAX_ROWS``
+    rows: one rounding pass, the small-batch kernel and one scaling pass; more rows: the fused
+    1x1-convolution path). Bit for bit the op path's result; ValueError on NaN; None where it does
+    not apply."""
+    ext = load_extension()
+    setup = None if ext is None else _fused_setup(ext, x, act_bits, rounding, accumulator, shift_lo, bias)
+    if setup is None or not _linear_native_ok(x, codes, weight_shape, weight_bits, bias, torch.int32):
+        return None
+    lanes, lo, hi, exponent, b = setup
+    out_f, in_f = weight_shape
+    rows = x.numel() // in_f
+    out_shape = (*x.shape[:-1], out_f)
+    frac, floor, out64 = act_bits[1], rounding == "floor", x.dtype == torch.float64
+    if rows <= GEMV_MAX_ROWS:
+        tiles = _gemv_tiles(ext, codes, weight_shape, weight_bits, has_zero, shift_lo)
+
+        def run(x: Tensor) -> Tensor:
+            q, has_nan = ext.quantize(x.reshape(rows, in_f), frac, lo, hi, floor, False)
+            if has_nan:
+                raise ValueError("got a NaN input; fixed point has no NaN")
+            return ext.scale(ext.gemv(q, tiles, out_f, b), exponent, out64).reshape(out_shape)
+
+        return run
+    plan = _linear_plan(ext, codes, weight_shape, weight_bits, has_zero, shift_lo, lanes, rows)
+
+    def run(x: Tensor) -> Tensor:
+        xt = x.reshape(rows, in_f).t().contiguous().reshape(1, in_f, 1, 1, rows)
+        y, has_nan = ext.conv_fused(xt, [out_f, in_f, 1, 1, 1], plan, b, 1, [1, 1, 1], [0, 0, 0], [1, 1, 1],
+                                    frac, lo, hi, floor, lanes, exponent)
+        if has_nan:
+            raise ValueError("got a NaN input; fixed point has no NaN")
+        return y.reshape(out_f, rows).t().contiguous().reshape(out_shape)
+
+    return run
+
+
+def linear_forward_fused(x, codes, weight_shape, weight_bits, has_zero, shift_lo, bias, act_bits, rounding,
+                         accumulator) -> Tensor | None:
+    """One call of :func:`prepare_linear_fused`'s function on ``x`` (None where it does not apply)."""
+    run = prepare_linear_fused(x, codes, weight_shape, weight_bits, has_zero, shift_lo, bias, act_bits,
+                               rounding, accumulator)
+    return None if run is None else run(x)
 
 
 def fake_quantize(x: Tensor, frac_bits: int, lo: float, hi: float, floor: bool,

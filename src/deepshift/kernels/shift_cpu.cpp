@@ -17,6 +17,7 @@
 #include <tuple>
 #include <cstdint>
 #include <cstdlib>
+#include <climits>
 #include <cstring>
 #include <vector>
 
@@ -49,6 +50,17 @@ struct PlanView {
   const int32_t* fshift;
 };
 
+
+// The fused frozen-layer path (conv_fused): the table is built straight from the float
+// input, each value the layer's fixed-point integer q = clamp(round(x * 2**F), lo, hi), exactly as the
+// frozen modules' float64 path (and `quantize`) computes it: x * 2**F is exact in double, and so are
+// rounding and clamping. f32_exact: lo and hi are exact in float32 (|lo|, |hi| <= 2**24), so that for
+// float32 input the float32 vector path gives the same integers (x * 2**F is exact in float32 too,
+// or overflows to +-inf, which clamps to lo / hi like the huge double does).
+struct QuantSpec {
+  double scale, lo, hi;
+  bool floor_mode, f32_exact;
+};
 
 namespace ds_portable {
 #include "shift_cpu_impl.h"
@@ -353,32 +365,32 @@ std::vector<torch::Tensor> conv_plan(const torch::Tensor& scode, std::vector<int
   return {tt, tstart, gstart, gt, fshift, cbt};
 }
 
-// U/S: table lanes and x's dtype; UY/SY: output lanes and dtype (int16 x -> int32 y, else the same).
-template <typename U, typename S, typename UY, typename SY>
-torch::Tensor conv_run(const torch::Tensor& x, std::vector<int64_t> ws, const std::vector<torch::Tensor>& plan,
-                       const c10::optional<torch::Tensor>& bias, int64_t groups, std::vector<int64_t> stride,
-                       std::vector<int64_t> pad, std::vector<int64_t> dil) {
-  std::vector<int64_t> xs(x.sizes().begin(), x.sizes().end());
-  const auto& tt = plan[0];
+// Runs a conv plan over N images. build(n, tbl, c0, c1) fills channels [c0, c1) of image n's table.
+// Outputs: with yp (and not flat, below), image n's integer output goes to yp + n * (its size) directly;
+// otherwise to a scratch buffer per thread, and finish(n, dst, src, count) receives it in contiguous runs:
+// `count` values at src belong at element dst of image n's (Cout, OD, OH, OW) output.
+// Flat mode: with stride 1, an output plane is computed as one long row over the padded width (output
+// (od, oh, ow) at flat position (od * Hp + oh) * RW + ow reads the table at that position plus the
+// term's offset), so rows narrower than a vector (8x8 planes: half of each 16-lane vector idle) fill
+// whole vectors; the positions between rows are computed and dropped. Used where that needs
+// clearly fewer vectors than row by row. Returns whether some build call returned true.
+template <typename U, typename UY, typename BuildFn, typename FinishFn>
+bool conv_drive(const Geom& g0, int64_t N, const PlanView& pv, int64_t nterms, const UY* bp, UY* yp,
+                BuildFn build, FinishFn finish) {
   const int64_t P = 1;  // the table holds the zero-padded input only
-  const int64_t NCB = plan[5].data_ptr<int64_t>()[1];
-  auto g = make_geom(xs, ws, stride, pad, dil, groups, P, NCB);
-  const int64_t N = xs[0];
-  const torch::Tensor y =
-      torch::empty({N, g.Cout, g.OD, g.OH, g.OW}, x.options().dtype(c10::CppTypeToScalarType<SY>::value));
-  const U* xp = reinterpret_cast<const U*>(x.data_ptr<S>());
-  UY* yp = reinterpret_cast<UY*>(y.data_ptr<SY>());
-  const UY* bp = nullptr;
-  if (bias.has_value() && bias->defined()) bp = reinterpret_cast<const UY*>(bias->data_ptr<SY>());
-  const uint8_t zero_amount = 0;
-  const uint8_t* amp = &zero_amount;
-  const PlanView pv{tt.data_ptr<int32_t>(), plan[1].data_ptr<int64_t>(), plan[2].data_ptr<int64_t>(),
-                    plan[3].data_ptr<int32_t>(), plan[4].data_ptr<int32_t>()};
   constexpr int64_t L = 32 / sizeof(U);
+  const int64_t row_vectors = g0.OD * g0.OH * ((g0.OW + L - 1) / L);
+  const int64_t flat_len = ((g0.OD - 1) * g0.Hp + (g0.OH - 1)) * g0.RW + g0.OW;
+  const bool flat = g0.sd == 1 && g0.sh == 1 && g0.sw == 1 && 8 * ((flat_len + L - 1) / L) < 7 * row_vectors;
+  Geom g = g0;  // the geometry the work items see: in flat mode, one row of flat_len outputs
+  if (flat) {
+    g.OD = 1;
+    g.OH = 1;
+    g.OW = flat_len;
+  }
   const int V = vectors_for(g.OW, L);
   const int RM = rows_for_lanes(V, L);  // for the work split only
   const bool avx = use_avx2();
-  // Work items: (row0, full block?, ow0, V, o0, o1).
   struct Item {
     int64_t row0, ow0, o0, o1;
     int rows, v;
@@ -424,46 +436,101 @@ torch::Tensor conv_run(const torch::Tensor& x, std::vector<int64_t> ws, const st
       }
     }
   };
-  auto build = [&](const U* ximg, U* tbl, int64_t c0, int64_t c1) {
-#ifdef DS_X86
-    if (avx)
-      ds_avx2::build_table<U>(ximg, tbl, g, amp, c0, c1);
-    else
-#endif
-      ds_portable::build_table<U>(ximg, tbl, g, amp, c0, c1);
+  const int64_t yimg_stride = g.Cout * g.OD * g.OH * g.OW;  // the items' output (flat in flat mode)
+  const bool direct = yp != nullptr && !flat;
+  // Hands over output runs [r0, r1) of image n: in flat mode a run is one output row (c, od, oh).
+  const int64_t nruns = flat ? g0.Cout * g0.OD * g0.OH : yimg_stride;
+  auto hand_over = [&](int64_t n, const UY* yimg, int64_t r0, int64_t r1) {
+    if (!flat) {
+      finish(n, r0, yimg + r0, r1 - r0);
+      return;
+    }
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t c = r / (g0.OD * g0.OH), dh = r - c * (g0.OD * g0.OH);  // index arithmetic
+      const int64_t od = dh / g0.OH, oh = dh - od * g0.OH;
+      finish(n, r * g0.OW, yimg + c * flat_len + (od * g0.Hp + oh) * g0.RW, g0.OW);
+    }
   };
-  const int64_t ximg_stride = g.C * g.D * g.H * g.W;
-  const int64_t yimg_stride = g.Cout * g.OD * g.OH * g.OW;
+  std::atomic<bool> flag(false);
+  auto build_flag = [&](int64_t n, U* tbl, int64_t c0, int64_t c1) {
+    if (build(n, tbl, c0, c1)) flag.store(true);
+  };
   const int64_t nitems = static_cast<int64_t>(items.size());
   // Small problems run on the calling thread: a parallel region costs more than it saves there
   // (and far more when the machine is oversubscribed).
-  const double work = static_cast<double>(tt.numel()) * static_cast<double>(rows) *
+  const double work = static_cast<double>(nterms) * static_cast<double>(rows) *
                           static_cast<double>((g.OW + L - 1) / L) * static_cast<double>(N) +
                       static_cast<double>(g.C * P * g.S) * static_cast<double>(N) / L;
-  if (work < kSerialWork) {
-    std::vector<U> tbl(table_elems, 0);
-    for (int64_t n = 0; n < N; ++n) {
-      build(xp + n * ximg_stride, tbl.data(), 0, g.C);
-      run_items(tbl.data(), yp + n * yimg_stride, 0, nitems);
-    }
-  } else if (N >= nthreads && nthreads > 1) {
-    // Images in parallel, each thread with its own table.
-    at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+  if (work < kSerialWork || (N >= nthreads && nthreads > 1)) {
+    // Images in parallel (or all on this thread), each thread with its own table (and scratch).
+    auto images = [&](int64_t b, int64_t e) {
       std::vector<U> tbl(table_elems, 0);
+      std::vector<UY> scratch(direct ? 0 : yimg_stride);
       for (int64_t n = b; n < e; ++n) {
-        build(xp + n * ximg_stride, tbl.data(), 0, g.C);
-        run_items(tbl.data(), yp + n * yimg_stride, 0, nitems);
+        build_flag(n, tbl.data(), 0, g.C);
+        UY* yimg = direct ? yp + n * yimg_stride : scratch.data();
+        run_items(tbl.data(), yimg, 0, nitems);
+        if (!direct) hand_over(n, yimg, 0, nruns);
       }
-    });
+    };
+    if (work < kSerialWork)
+      images(0, N);
+    else
+      at::parallel_for(0, N, 1, images);
   } else {
     std::vector<U> tbl(table_elems, 0);
+    std::vector<UY> scratch(direct ? 0 : yimg_stride);
     for (int64_t n = 0; n < N; ++n) {
-      at::parallel_for(0, g.C, 1, [&](int64_t b, int64_t e) { build(xp + n * ximg_stride, tbl.data(), b, e); });
-      at::parallel_for(0, nitems, 1, [&](int64_t b, int64_t e) {
-        run_items(tbl.data(), yp + n * yimg_stride, b, e);
-      });
+      at::parallel_for(0, g.C, 1, [&](int64_t b, int64_t e) { build_flag(n, tbl.data(), b, e); });
+      UY* yimg = direct ? yp + n * yimg_stride : scratch.data();
+      at::parallel_for(0, nitems, 1, [&](int64_t b, int64_t e) { run_items(tbl.data(), yimg, b, e); });
+      if (!direct) {
+        const int64_t grain = flat ? std::max<int64_t>(1, (1 << 14) / g0.OW) : (1 << 14);
+        at::parallel_for(0, nruns, grain, [&](int64_t b, int64_t e) { hand_over(n, yimg, b, e); });
+      }
     }
   }
+  (void)avx;
+  return flag.load();
+}
+
+PlanView plan_view(const std::vector<torch::Tensor>& plan) {
+  return PlanView{plan[0].data_ptr<int32_t>(), plan[1].data_ptr<int64_t>(), plan[2].data_ptr<int64_t>(),
+                  plan[3].data_ptr<int32_t>(), plan[4].data_ptr<int32_t>()};
+}
+
+// U/S: table lanes and x's dtype; UY/SY: output lanes and dtype (int16 x -> int32 y, else the same).
+template <typename U, typename S, typename UY, typename SY>
+torch::Tensor conv_run(const torch::Tensor& x, std::vector<int64_t> ws, const std::vector<torch::Tensor>& plan,
+                       const c10::optional<torch::Tensor>& bias, int64_t groups, std::vector<int64_t> stride,
+                       std::vector<int64_t> pad, std::vector<int64_t> dil) {
+  std::vector<int64_t> xs(x.sizes().begin(), x.sizes().end());
+  const int64_t NCB = plan[5].data_ptr<int64_t>()[1];
+  auto g = make_geom(xs, ws, stride, pad, dil, groups, 1, NCB);
+  const int64_t N = xs[0];
+  const torch::Tensor y =
+      torch::empty({N, g.Cout, g.OD, g.OH, g.OW}, x.options().dtype(c10::CppTypeToScalarType<SY>::value));
+  const U* xp = reinterpret_cast<const U*>(x.data_ptr<S>());
+  UY* yp = reinterpret_cast<UY*>(y.data_ptr<SY>());
+  const UY* bp = nullptr;
+  if (bias.has_value() && bias->defined()) bp = reinterpret_cast<const UY*>(bias->data_ptr<SY>());
+  const uint8_t zero_amount = 0;
+  const bool avx = use_avx2();
+  const int64_t ximg_stride = g.C * g.D * g.H * g.W;
+  auto build = [&](int64_t n, U* tbl, int64_t c0, int64_t c1) {
+#ifdef DS_X86
+    if (avx)
+      ds_avx2::build_table<U>(xp + n * ximg_stride, tbl, g, &zero_amount, c0, c1);
+    else
+#endif
+      ds_portable::build_table<U>(xp + n * ximg_stride, tbl, g, &zero_amount, c0, c1);
+    return false;
+  };
+  const int64_t yimg_stride = g.Cout * g.OD * g.OH * g.OW;
+  auto copy = [&](int64_t n, int64_t dst, const UY* src, int64_t count) {  // flat mode's output rows
+    std::memcpy(yp + n * yimg_stride + dst, src, count * sizeof(UY));
+  };
+  conv_drive<U, UY>(g, N, plan_view(plan), plan[0].numel(), bp, yp, build, copy);
   (void)avx;
   return y;
 }
@@ -488,6 +555,76 @@ torch::Tensor conv(const torch::Tensor& x, std::vector<int64_t> ws, const std::v
     return conv_run<uint32_t, int32_t, uint32_t, int32_t>(x, ws, plan, bias, groups, stride, pad, dil);
   TORCH_CHECK(x.dtype() == torch::kInt64, "x must be int16, int32 or int64");
   return conv_run<uint64_t, int64_t, uint64_t, int64_t>(x, ws, plan, bias, groups, stride, pad, dil);
+}
+
+// A frozen conv layer's whole forward on float input, in one call: the table is built straight from
+// x (rounding to fixed point on the way: build_table_q), the integer conv runs as `conv` does on int16
+// (lanes 16; every |q| <= 128, which the caller guarantees through act_bits) or int32 (lanes 32)
+// tables with int32 outputs, and each image's output is scaled by 2**exponent into x's dtype while
+// still in cache (scale_run). Bit for bit `scale(conv(quantize(x)))`, without their intermediate
+// tensors. x: (N, C, D, H, W) float32/float64 contiguous; bias (Cout,) int32 already shifted by -u.
+// Returns (y, whether x has a NaN; y is then garbage and the caller raises).
+std::tuple<torch::Tensor, bool> conv_fused(const torch::Tensor& x, std::vector<int64_t> ws,
+                                           const std::vector<torch::Tensor>& plan,
+                                           const c10::optional<torch::Tensor>& bias, int64_t groups,
+                                           std::vector<int64_t> stride, std::vector<int64_t> pad,
+                                           std::vector<int64_t> dil, int64_t frac_bits, int64_t lo, int64_t hi,
+                                           bool floor_mode, int64_t lanes, int64_t exponent) {
+  // x may also be (N, C, W) or (N, C, H, W): the missing dims are size 1, and y has x's rank.
+  TORCH_CHECK(x.dim() >= 3 && x.dim() <= 5 && x.is_contiguous() && ws.size() == 5 && plan.size() == 6,
+              "bad x / plan");
+  TORCH_CHECK(x.dtype() == torch::kFloat32 || x.dtype() == torch::kFloat64, "x must be float32/float64");
+  TORCH_CHECK(lanes == 16 || lanes == 32, "lanes must be 16 or 32");
+  TORCH_CHECK(lo <= hi && lo >= INT32_MIN && hi <= INT32_MAX, "bad fixed-point range");
+  TORCH_CHECK(lanes == 32 || (lo >= -128 && hi <= 128), "the int16 table needs |q| <= 128");
+  const uint32_t* bp = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dtype() == torch::kInt32 && bias->is_contiguous() && bias->numel() == ws[0], "bad bias");
+    bp = reinterpret_cast<const uint32_t*>(bias->data_ptr<int32_t>());
+  }
+  std::vector<int64_t> xs(x.sizes().begin(), x.sizes().end());
+  const int64_t missing = 5 - x.dim();
+  xs.insert(xs.begin() + 2, missing, 1);
+  const int64_t NCB = plan[5].data_ptr<int64_t>()[1];
+  auto g = make_geom(xs, ws, stride, pad, dil, groups, 1, NCB);
+  const int64_t N = xs[0];
+  std::vector<int64_t> ys{N, g.Cout, g.OD, g.OH, g.OW};
+  ys.erase(ys.begin() + 2, ys.begin() + 2 + missing);
+  auto y = torch::empty(ys, x.options());
+  const QuantSpec qs{std::ldexp(1.0, static_cast<int>(frac_bits)), static_cast<double>(lo),
+                     static_cast<double>(hi), floor_mode, lo >= -(int64_t(1) << 24) && hi <= (int64_t(1) << 24)};
+  const int64_t ximg_stride = g.C * g.D * g.H * g.W;
+  const int64_t yimg_stride = g.Cout * g.OD * g.OH * g.OW;
+  const bool avx = use_avx2();
+  const int e = static_cast<int>(exponent);
+  auto go = [&](auto* xp, auto* op, auto table_tag) {
+    using U = decltype(table_tag);
+    using F = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
+    using FO = std::remove_pointer_t<decltype(op)>;
+    auto build = [&](int64_t n, U* tbl, int64_t c0, int64_t c1) {
+#ifdef DS_X86
+      if (avx) return ds_avx2::build_table_q<U, F>(xp + n * ximg_stride, tbl, g, c0, c1, qs);
+#endif
+      return ds_portable::build_table_q<U, F>(xp + n * ximg_stride, tbl, g, c0, c1, qs);
+    };
+    auto finish = [&](int64_t n, int64_t dst, const uint32_t* src, int64_t count) {
+#ifdef DS_X86
+      if (avx) return ds_avx2::scale_run<FO>(src, op + n * yimg_stride + dst, count, e);
+#endif
+      return ds_portable::scale_run<FO>(src, op + n * yimg_stride + dst, count, e);
+    };
+    return conv_drive<U, uint32_t>(g, N, plan_view(plan), plan[0].numel(), bp, nullptr, build, finish);
+  };
+  bool nan;
+  if (x.dtype() == torch::kFloat32) {
+    nan = lanes == 16 ? go(x.data_ptr<float>(), y.data_ptr<float>(), uint16_t{})
+                      : go(x.data_ptr<float>(), y.data_ptr<float>(), uint32_t{});
+  } else {
+    nan = lanes == 16 ? go(x.data_ptr<double>(), y.data_ptr<double>(), uint16_t{})
+                      : go(x.data_ptr<double>(), y.data_ptr<double>(), uint32_t{});
+  }
+  (void)avx;
+  return std::make_tuple(y, nan);
 }
 
 // Fixed-point rounding of a float input, fused: clamp(round(x * 2**F), lo, hi) as int32/int64 (round
@@ -591,6 +728,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv);
   m.def("conv_plan", &conv_plan);
   m.def("conv", &conv);
+  m.def("conv_fused", &conv_fused);
   m.def("set_isa", &set_isa);
   m.def("current_isa", &current_isa);
   m.def("quantize", &quantize);

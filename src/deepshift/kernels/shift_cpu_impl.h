@@ -425,3 +425,119 @@ inline bool fake_quantize_f32(const float* x, float* y, int64_t n, float s, floa
   }
   return outside;
 }
+
+// The fused frozen-layer path (conv_fused in shift_cpu.cpp): fixed-point rounding of float inputs
+// while building the table (QuantSpec, defined in shift_cpu.cpp, says how).
+template <typename U, typename F>
+inline bool quantize_one(F x, U* dst, const QuantSpec& q) {
+  const double v = static_cast<double>(x) * q.scale;
+  if (v != v) {
+    *dst = 0;
+    return true;
+  }
+  double r = q.floor_mode ? std::floor(v) : std::nearbyint(v);
+  r = r < q.lo ? q.lo : (r > q.hi ? q.hi : r);
+  *dst = static_cast<U>(static_cast<int64_t>(r));  // two's complement in the unsigned lanes
+  return false;
+}
+
+// dst[i] = q(src[i]) for i < n; returns whether some src[i] is NaN.
+template <typename U, typename F>
+inline bool quantize_run(const F* src, U* dst, int64_t n, const QuantSpec& q) {
+  int64_t i = 0;
+  bool nan = false;
+#if defined(DS_AVX2_TU)
+  if constexpr (std::is_same<F, float>::value) {
+    if (q.f32_exact) {
+      const __m256 vs = _mm256_set1_ps(static_cast<float>(q.scale));
+      const __m256 vlo = _mm256_set1_ps(static_cast<float>(q.lo)), vhi = _mm256_set1_ps(static_cast<float>(q.hi));
+      __m256 bad = _mm256_setzero_ps();
+      auto body = [&](auto mode) {
+        for (; i + 8 <= n; i += 8) {
+          __m256 v = _mm256_mul_ps(_mm256_loadu_ps(src + i), vs);
+          bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+          v = _mm256_round_ps(v, decltype(mode)::value | _MM_FROUND_NO_EXC);
+          const __m256i iv = _mm256_cvttps_epi32(_mm256_min_ps(vhi, _mm256_max_ps(vlo, v)));
+          if constexpr (sizeof(U) == 2) {
+            const __m128i p = _mm_packs_epi32(_mm256_castsi256_si128(iv), _mm256_extracti128_si256(iv, 1));
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), p);
+          } else {
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), iv);
+          }
+        }
+      };
+      if (q.floor_mode)
+        body(std::integral_constant<int, _MM_FROUND_TO_NEG_INF>());
+      else
+        body(std::integral_constant<int, _MM_FROUND_TO_NEAREST_INT>());
+      nan = _mm256_movemask_ps(bad) != 0;
+    }
+  }
+#endif
+  for (; i < n; ++i) nan |= quantize_one(src[i], dst + i, q);
+  return nan;
+}
+
+// build_table (one slot, amount 0) from float input, rounding to fixed point on the way; returns
+// whether some input value is NaN. Every input element lands in the table, so none goes unchecked.
+template <typename U, typename F>
+bool build_table_q(const F* x, U* tbl, const Geom& g, int64_t c0, int64_t c1, const QuantSpec& qs) {
+  const int64_t DHW = g.D * g.H * g.W;
+  bool nan = false;
+  for (int64_t c = c0; c < c1; ++c) {
+    const F* xc = x + c * DHW;
+    U* dst = tbl + c * g.S;
+    for (int64_t d = 0; d < g.Dp; ++d) {
+      const int64_t id = d - g.pd;
+      for (int64_t h = 0; h < g.Hp; ++h) {
+        U* row = dst + (d * g.Hp + h) * g.RW;
+        const int64_t ih = h - g.ph;
+        if (id < 0 || id >= g.D || ih < 0 || ih >= g.H) {
+          for (int64_t q = 0; q < g.RW; ++q) row[q] = 0;
+          continue;
+        }
+        const F* src = xc + (id * g.H + ih) * g.W;
+        if (g.sw == 1) {
+          const int64_t lo = g.pw < g.Wq ? g.pw : g.Wq;
+          const int64_t hi = (g.pw + g.W) < g.Wq ? (g.pw + g.W) : g.Wq;
+          for (int64_t q = 0; q < lo; ++q) row[q] = 0;
+          nan |= quantize_run(src + (lo - g.pw), row + lo, hi - lo, qs);
+          for (int64_t q = hi; q < g.Wq; ++q) row[q] = 0;
+        } else {
+          for (int64_t r = 0; r < g.sw; ++r) {
+            U* rr = row + r * g.Wq;
+            int64_t iw = r - g.pw;
+            for (int64_t q = 0; q < g.Wq; ++q, iw += g.sw) {
+              if (iw >= 0 && iw < g.W)
+                nan |= quantize_one(src[iw], rr + q, qs);
+              else
+                rr[q] = 0;
+            }
+          }
+        }
+      }
+    }
+  }
+  return nan;
+}
+
+// out[i] = FO(double(int32(y[i])) * 2**e): the frozen layers' output scaling. For float32 output with
+// -126 <= e <= 96 the vector path is the same: float(v) * 2**e rounds v to 24 bits and then scales
+// exactly (the result is a normal float for every non-zero int32 v), which is float(v * 2**e).
+template <typename FO>
+void scale_run(const uint32_t* y, FO* out, int64_t n, int exponent) {
+  int64_t i = 0;
+#if defined(DS_AVX2_TU)
+  if constexpr (std::is_same<FO, float>::value) {
+    if (exponent >= -126 && exponent <= 96) {
+      const __m256 s = _mm256_set1_ps(std::ldexp(1.0f, exponent));
+      for (; i + 8 <= n; i += 8) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y + i));
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_cvtepi32_ps(v), s));
+      }
+    }
+  }
+#endif
+  const double s = std::ldexp(1.0, exponent);
+  for (; i < n; ++i) out[i] = static_cast<FO>(static_cast<double>(static_cast<int32_t>(y[i])) * s);
+}
