@@ -108,3 +108,37 @@ def test_packed_file_reloads_into_the_same_frozen_model(tmp_path):
     b = deepshift.savings_report(loaded, (3, 32, 32))
     assert (a.float_mults_outside, a.float_adds_outside, a.other_float_params) == (
         b.float_mults_outside, b.float_adds_outside, b.other_float_params)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_frozen_batchnorm_native_pass_equals_multiply_then_add(dtype, monkeypatch):
+    # One native pass in eager mode; bit for bit torch.mul then torch.add (no fused multiply-add:
+    # on ~10^4 random products an FMA would differ in the last bit somewhere), specials included.
+    from deepshift.kernels import cpu
+
+    if cpu.load_extension() is None:
+        pytest.skip("native kernels unavailable (no compiler / DEEPSHIFT_NO_NATIVE)")
+    torch.manual_seed(1)
+    bn = FrozenBatchNorm.from_batchnorm(_trained_looking(nn.BatchNorm2d(7)))
+    bn.running_var.mul_(1e-3)  # large scales: products far from the shifts' magnitude
+    x = (torch.randn(3, 7, 9, 11, dtype=torch.float64) * 50).to(dtype)
+    specials = torch.tensor([float("inf"), float("-inf"), float("nan"), -0.0, 1e-40, 3e38], dtype=dtype)
+    x.view(-1)[:: 13][: specials.numel()] = specials
+    scale, shift = (t.view(-1, 1, 1) for t in bn.affine(dtype))
+    expected = torch.add(torch.mul(x, scale), shift)
+    calls = []
+    real = cpu.channel_affine
+    monkeypatch.setattr("deepshift.frozen_float.channel_affine", lambda *a: calls.append(1) or real(*a))
+    for isa in ("avx2", "portable"):
+        cpu.set_isa(isa)
+        try:
+            got = bn(x)
+        finally:
+            cpu.set_isa("auto")
+        assert torch.equal(got.nan_to_num(0.5), expected.nan_to_num(0.5)) and torch.equal(got.isnan(),
+                                                                                           expected.isnan())
+        assert got.dtype == dtype
+    assert len(calls) == 2
+    # Non-contiguous input: the same values.
+    xt = x.transpose(2, 3)
+    assert torch.equal(bn(xt).nan_to_num(0.5), torch.add(torch.mul(xt, scale), shift).nan_to_num(0.5))

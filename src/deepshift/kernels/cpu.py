@@ -119,8 +119,13 @@ def build_dir() -> Path:
     return Path(base) / "deepshift"
 
 
+# -ffp-contract=off: a multiply followed by an add must stay two roundings (never an FMA), as in torch.
+_CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]
+
+
 def _source_digest() -> str:
     h = hashlib.sha256()
+    h.update(repr(_CFLAGS).encode())
     for name in _SOURCES:
         h.update((_HERE / name).read_bytes())
     h.update(torch.__version__.encode())
@@ -139,7 +144,7 @@ def _build():
         name=name,
         sources=[str(_HERE / "shift_cpu.cpp")],
         extra_include_paths=[str(_HERE)],
-        extra_cflags=["-O3", "-fopenmp"],
+        extra_cflags=_CFLAGS,
         extra_ldflags=["-fopenmp"],
         build_directory=str(directory),
         verbose=os.environ.get("DEEPSHIFT_BUILD_VERBOSE", "") not in ("", "0"),
@@ -695,6 +700,27 @@ def scale_output(y: Tensor, exponent: int, dtype: torch.dtype) -> Tensor | None:
     ):
         return None
     return ext.scale(y, exponent, dtype == torch.float64)
+
+
+def channel_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor | None:
+    """``torch.add(torch.mul(x, scale), shift)`` with ``scale`` / ``shift`` of shape (C,) broadcast over
+    x's dimension 1, in one native pass (bit for bit the same: a multiply, then an add, each rounded);
+    None when the native kernels are unavailable or x is not a float32/float64 CPU tensor with
+    matching (C,) ``scale`` / ``shift``. :class:`deepshift.FrozenBatchNorm`'s forward."""
+    if (
+        x.device.type != "cpu"
+        or x.dtype not in (torch.float32, torch.float64)
+        or x.dim() < 2
+        or scale.dtype != x.dtype
+        or shift.dtype != x.dtype
+        or scale.device.type != "cpu"
+        or shift.device.type != "cpu"
+    ):
+        return None
+    ext = load_extension()
+    if ext is None:
+        return None
+    return ext.channel_affine(x.contiguous(), scale.reshape(-1).contiguous(), shift.reshape(-1).contiguous())
 
 
 def register() -> None:

@@ -307,7 +307,8 @@ inline ConvItem16Fn conv_item16_fn(int R, int V) {
     case 1: return pick_r16<1>(R);
     case 2: return pick_r16<2>(R);
     case 3: return pick_r16<3>(R);
-    default: return pick_r16<4>(R);
+    case 4: return pick_r16<4>(R);
+    default: return pick_r16<5>(R);
   }
 }
 
@@ -540,4 +541,23 @@ void scale_run(const uint32_t* y, FO* out, int64_t n, int exponent) {
 #endif
   const double s = std::ldexp(1.0, exponent);
   for (; i < n; ++i) out[i] = static_cast<FO>(static_cast<double>(static_cast<int32_t>(y[i])) * s);
+}
+
+// y[i] = x[i] * s + h, the multiply and the add each rounded (see channel_affine).
+template <typename F>
+void affine_run(const F* x, F* y, int64_t n, F s, F h) {
+  int64_t i = 0;
+#if defined(DS_AVX2_TU)
+  if constexpr (std::is_same<F, float>::value) {
+    const __m256 vs = _mm256_set1_ps(s), vh = _mm256_set1_ps(h);
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), vs), vh));
+  } else {
+    const __m256d vs = _mm256_set1_pd(s), vh = _mm256_set1_pd(h);
+    for (; i + 4 <= n; i += 4) _mm256_storeu_pd(y + i, _mm256_add_pd(_mm256_mul_pd(_mm256_loadu_pd(x + i), vs), vh));
+  }
+#endif
+  for (; i < n; ++i) {
+    const F t = x[i] * s;
+    y[i] = t + h;
+  }
 }
