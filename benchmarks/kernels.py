@@ -10,9 +10,9 @@ ours / baseline (< 1 means we are faster).
 * "frozen": the frozen module's forward as a user calls it (float in, float out): in eager mode the
   fused native path (input rounding inside the kernel's table build, output scaling per image while
   in cache, no dispatcher; ``deepshift.kernels.cpu.prepare_conv_fused``);
-* "via op": the same module forced through ``torch.ops.deepshift.*`` (round the input with one
-  native pass, the op with its per-call range check, scale the output), the path tracing and
-  compiling take; results identical to "frozen" (asserted);
+* "via op": the same module forced onto the path tracing and compiling take (input rounding and
+  output scaling in float64 torch operations around ``torch.ops.deepshift.*``, which checks the
+  input range per call); results identical to "frozen" (asserted);
 * "op": the raw ``torch.ops.deepshift.*`` calls on pre-quantized integer inputs (for a whole model,
   every shift layer's op on its input captured from one forward).
 
