@@ -423,6 +423,22 @@ def test_conv_flat_rows_bit_exact(native, mag, shape):
     _check(torch.ops.deepshift.shift_conv, ops.shift_conv_reference, args, "flat 3-d")
 
 
+@pytest.mark.parametrize("oh", [1, 2, 3, 5, 7, 13])  # row blocks of 6, 4, 3, 2, 1 and remainders
+def test_conv_half_width_rows_bit_exact(native, oh):
+    # Rows of at most 8 outputs on int16 tables, with stride 2 (never flat) and stride 1 (flat or
+    # half, by CPU): 8-lane items, one row each; 70 channels make several channel blocks.
+    rng = random.Random(oh)
+    for stride, width, channels in ((2, 15, 70), (2, 6, 3), (1, 8, 70), (1, 5, 4)):
+        h = (oh - 1) * stride + 1
+        x = _rand_int(rng, (2, channels, h, width), 127, torch.int32)  # padding 1: oh output rows
+        codes = _random_codes(rng, 5 * channels * 9, 6)
+        bias = _rand_int(rng, (5,), 127, torch.int32)
+        args = (x, codes, [5, channels, 3, 3], 6, rng.random() < 0.5, -4, bias, [stride, stride], [1, 1],
+                [1, 1], 1, False, [0, 0])
+        _check(torch.ops.deepshift.shift_conv, ops.shift_conv_reference, args,
+               f"half oh={oh} s{stride} w{width}")
+
+
 # --- The frozen layers' fused native forward ------------------------------------------------------
 
 # act_bits with I + F <= 8 take the int16 tables, the others int32 ones.

@@ -561,3 +561,69 @@ void affine_run(const F* x, F* y, int64_t n, F s, F h) {
     y[i] = t + h;
   }
 }
+
+// Half-width int16 items (conv_drive's "half" mode, for rows of at most 8 outputs that flat mode does
+// not cover, e.g. stride 2): like conv_item16 with one 8-lane (128-bit) int16 sum per row, so no lane
+// is idle; Horner's rule on one 8-lane int32 accumulator per row.
+template <int R>
+void conv_item16h(const uint16_t* tbl, uint32_t* yimg, const Geom& g, const PlanView& pv, int64_t row0,
+                  int64_t ow0, int64_t o0, int64_t o1, const uint32_t* bias) {
+  typedef int16_t H16 __attribute__((vector_size(16), aligned(2), may_alias));
+  typedef int32_t S32 __attribute__((vector_size(32)));
+  typedef uint32_t V32 __attribute__((vector_size(32)));
+  int64_t tb[R], yoff[R];
+  row_offsets(g, R, row0, ow0, tb, yoff);
+  const int64_t nvalid = (g.OW - ow0) < 8 ? (g.OW - ow0) : 8;
+  const int64_t plane = g.OD * g.OH * g.OW;
+  for (int64_t cb = 0; cb < g.NCB; ++cb) {
+    for (int64_t o = o0; o < o1; ++o) {
+      const int64_t gi = o / g.Cout_g;
+      const int64_t e = (gi * g.NCB + cb) * g.Cout_g + (o - gi * g.Cout_g);
+      uint32_t* yo = yimg + o * plane;
+      V32 acc[R];
+      for (int r = 0; r < R; ++r) acc[r] = V32{};
+      const int32_t* t = pv.terms + pv.tstart[e];
+      for (int64_t j = pv.gstart[e]; j < pv.gstart[e + 1]; ++j) {
+        const int32_t* gr = pv.groups + 3 * j;
+        const unsigned d = static_cast<unsigned>(gr[0]);
+        if (d)
+          for (int r = 0; r < R; ++r) acc[r] <<= d;
+        H16 sum[R];
+        for (int r = 0; r < R; ++r) sum[r] = H16{};
+        for (const int32_t* te = t + gr[1]; t < te; ++t) {
+          const uint16_t* p = tbl + *t;
+          for (int r = 0; r < R; ++r) sum[r] += *reinterpret_cast<const H16*>(p + tb[r]);
+        }
+        for (const int32_t* te = t + gr[2]; t < te; ++t) {
+          const uint16_t* p = tbl + *t;
+          for (int r = 0; r < R; ++r) sum[r] -= *reinterpret_cast<const H16*>(p + tb[r]);
+        }
+        for (int r = 0; r < R; ++r) acc[r] += reinterpret_cast<V32>(__builtin_convertvector(sum[r], S32));
+      }
+      const unsigned f = static_cast<unsigned>(pv.fshift[e]);
+      if (f)
+        for (int r = 0; r < R; ++r) acc[r] <<= f;
+      uint32_t tmp[8];
+      for (int r = 0; r < R; ++r) {
+        __builtin_memcpy(tmp, &acc[r], 32);
+        uint32_t* dst = yo + yoff[r];
+        if (cb == 0) {
+          const uint32_t b = bias ? bias[o] : 0u;
+          for (int64_t i = 0; i < nvalid; ++i) dst[i] = tmp[i] + b;
+        } else {
+          for (int64_t i = 0; i < nvalid; ++i) dst[i] += tmp[i];
+        }
+      }
+    }
+  }
+}
+
+inline ConvItem16Fn conv_item16h_fn(int R) {
+  switch (R) {
+    case 6: return &conv_item16h<6>;
+    case 4: return &conv_item16h<4>;
+    case 3: return &conv_item16h<3>;
+    case 2: return &conv_item16h<2>;
+    default: return &conv_item16h<1>;
+  }
+}
