@@ -35,9 +35,11 @@ index arithmetic: row / plane offsets, computed per row or per weight, never per
   holds int16 copies, 16 outputs per vector (half the loads and adds), and each shift group is
   split into chunks of at most 255 terms, whose sums are exact in int16; Horner's rule runs on the
   sign-extended chunk sums in int32 lanes, so results are the int32 path's bit for bit.
-* Flat rows: with stride 1, where rows are narrower than a vector (8x8 planes: half of every
-  16-lane vector idle), a whole plane is computed as one long row over the padded width (the
-  positions between rows are computed and dropped), which needs ~40% fewer vectors there.
+* Narrow rows (8x8 planes: half of every 16-lane vector idle): with stride 1 a whole plane can be
+  computed as one long row over the padded width (the positions between rows are computed and
+  dropped; ~40% fewer vectors there), and rows of at most 8 outputs can use 8-lane int16 vectors,
+  one per row (no idle lane). Where 256-bit operations cost two 128-bit ones (Zen 1, the portable
+  build) the latter is preferred; stride-2 rows always use it.
 * int64 inputs run in int32 lanes (then widen) when :func:`deepshift.ops.accumulator_bound`, with
   the actual ``max|x|``, ``max|bias|`` and the largest used shift, proves every intermediate value is
   below ``2**31``; otherwise in int64 lanes.
