@@ -190,7 +190,7 @@ class _FrozenShift(nn.Module):
 
     @staticmethod
     def _fused_ok() -> bool:
-        # The fused native forward (kernels.cpu.*_forward_fused: the same numbers as the op path
+        # The fused native forward (kernels.cpu.prepare_*_fused: the same numbers as the op path
         # below, in fewer passes and without the dispatcher) is for eager calls; compiling,
         # tracing and exporting see the op.
         # (torch.onnx.export traces, and deepshift.export_onnx swaps the layers out anyway.)

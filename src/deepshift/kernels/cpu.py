@@ -585,14 +585,6 @@ def prepare_conv_fused(x, codes, weight_shape, weight_bits, has_zero, shift_lo, 
     return run
 
 
-def conv_forward_fused(x, codes, weight_shape, weight_bits, has_zero, shift_lo, bias, stride, padding,
-                       dilation, groups, act_bits, rounding, accumulator) -> Tensor | None:
-    """One call of :func:`prepare_conv_fused`'s function on ``x`` (None where it does not apply)."""
-    run = prepare_conv_fused(x, codes, weight_shape, weight_bits, has_zero, shift_lo, bias, stride, padding,
-                             dilation, groups, act_bits, rounding, accumulator)
-    return None if run is None else run(x)
-
-
 def prepare_linear_fused(x, codes, weight_shape, weight_bits, has_zero, shift_lo, bias, act_bits, rounding,
                          accumulator):
     """What :func:`prepare_conv_fused` is for a frozen Linear layer: a function computing its forward
@@ -630,14 +622,6 @@ def prepare_linear_fused(x, codes, weight_shape, weight_bits, has_zero, shift_lo
         return y.reshape(out_f, rows).t().contiguous().reshape(out_shape)
 
     return run
-
-
-def linear_forward_fused(x, codes, weight_shape, weight_bits, has_zero, shift_lo, bias, act_bits, rounding,
-                         accumulator) -> Tensor | None:
-    """One call of :func:`prepare_linear_fused`'s function on ``x`` (None where it does not apply)."""
-    run = prepare_linear_fused(x, codes, weight_shape, weight_bits, has_zero, shift_lo, bias, act_bits,
-                               rounding, accumulator)
-    return None if run is None else run(x)
 
 
 def fake_quantize(x: Tensor, frac_bits: int, lo: float, hi: float, floor: bool,
