@@ -10,9 +10,9 @@ ours / baseline (< 1 means we are faster).
 * "frozen": the frozen module's forward as a user calls it (float in, float out): in eager mode the
   fused native path (input rounding inside the kernel's table build, output scaling per image while
   in cache, no dispatcher; ``deepshift.kernels.cpu.prepare_conv_fused``);
-* "via op": the same module forced onto the path tracing and compiling take (input rounding and
-  output scaling in float64 torch operations around ``torch.ops.deepshift.*``, which checks the
-  input range per call); results identical to "frozen" (asserted);
+* "via op": the same module forced through ``torch.ops.deepshift.*`` (a native rounding pass, the
+  op with its dispatcher and per-call range check, a native scaling pass); results identical to
+  "frozen" (asserted);
 * "op": the raw ``torch.ops.deepshift.*`` calls on pre-quantized integer inputs (for a whole model,
   every shift layer's op on its input captured from one forward).
 
@@ -101,21 +101,19 @@ def op_callable(frozen: nn.Module, x: torch.Tensor):
     return run
 
 
-class via_op:  # noqa: N801 - used like a function
-    """Calls ``frozen`` with its layers forced through the op path (see "via op" above)."""
+def via_op(frozen: nn.Module):
+    """``frozen``'s forward with its layers forced through the op (see "via op" above)."""
+    from deepshift import modules
 
-    def __init__(self, frozen: nn.Module):
-        self.frozen = frozen
-
-    def __call__(self, x):
-        from deepshift import modules
-
+    def run(x):
         saved = modules._FrozenShift.__dict__["_fused_ok"]  # the staticmethod object itself
         modules._FrozenShift._fused_ok = staticmethod(lambda: False)
         try:
-            return self.frozen(x)
+            return frozen(x)
         finally:
             modules._FrozenShift._fused_ok = saved
+
+    return run
 
 
 def accumulators(frozen: nn.Module) -> str:

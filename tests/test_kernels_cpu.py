@@ -592,3 +592,13 @@ def test_fused_forward_is_not_traced(native):
         x = torch.randn(1, 2, 5, 5)
         assert "deepshift::shift_conv" in str(traced.inlined_graph)  # the op, not opaque native calls
         assert torch.equal(traced(x), net(x))
+
+
+def test_traced_fixed_point_is_not_a_constant(native):
+    # Training-time rounding: tracing records the torch operations, not the native pass's result.
+    def f(x):
+        return deepshift.fixed_point(x, (4, 4))
+
+    traced = torch.jit.trace(f, torch.randn(3, 8), check_trace=False)
+    x = torch.randn(3, 8)
+    assert torch.equal(traced(x), f(x))

@@ -110,11 +110,10 @@ class FrozenBatchNorm(nn.Module):
             raise ValueError(f"FrozenBatchNorm expects (N, {self.num_features}, ...) input, got "
                              f"{tuple(x.shape)}")
         scale, shift = self._affine(x.dtype, x.dim() - 1)
-        if not (torch.compiler.is_compiling() or torch._C._get_tracing_state()):
-            # The same two roundings in one native pass over memory instead of two (eager, CPU).
-            y = channel_affine(x, scale, shift)
-            if y is not None:
-                return y
+        # The same two roundings in one native pass over memory instead of two (eager, CPU).
+        y = channel_affine(x, scale, shift)
+        if y is not None:
+            return y
         # Two operations on purpose: torch.addcmul or a fused kernel would round once (FMA), and
         # runtimes disagree on whether they fuse.
         return torch.add(torch.mul(x, scale), shift)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .kernels.cpu import prepare_conv_fused, prepare_linear_fused, quantize_input, scale_output
+from .kernels.cpu import eager, prepare_conv_fused, prepare_linear_fused, quantize_input, scale_output
 from .ops import accumulator_bound, conv_output_size
 from .packing import packed_numel
 from .quantize import fixed_point_limits, to_fixed_point_int
@@ -155,11 +155,10 @@ class _FrozenShift(nn.Module):
     def _quantize(self, x: Tensor) -> Tensor:
         if not x.is_floating_point():
             raise TypeError(f"{type(self).__name__} expects a float input, got {x.dtype}")
-        if self._fused_ok():
-            # One fused native pass (same integers as below) when the C++ kernels are loaded.
-            fused = quantize_input(x, self.act_bits, self.act_rounding, _ACC_DTYPES[self.accumulator])
-            if fused is not None:
-                return fused
+        # One fused native pass (same integers as below), in eager mode with the kernels loaded.
+        fused = quantize_input(x, self.act_bits, self.act_rounding, _ACC_DTYPES[self.accumulator])
+        if fused is not None:
+            return fused
         if bool(torch.isnan(x).any()):
             raise ValueError(f"{type(self).__name__} got a NaN input; fixed point has no NaN")
         # Rounded in float64, where x * 2**F and the saturation bounds (< 2**31) are exact, so
@@ -190,11 +189,10 @@ class _FrozenShift(nn.Module):
 
     @staticmethod
     def _fused_ok() -> bool:
-        # The fused native forward (kernels.cpu.prepare_*_fused: the same numbers as the op path
-        # below, in fewer passes and without the dispatcher) is for eager calls; compiling,
-        # tracing and exporting see the op.
-        # (torch.onnx.export traces, and deepshift.export_onnx swaps the layers out anyway.)
-        return not (torch.compiler.is_compiling() or torch._C._get_tracing_state())
+        # The fused native forward (kernels.cpu.prepare_*_fused: the same numbers as the op path,
+        # in fewer passes and without the dispatcher) is for eager calls; compiling and tracing
+        # (torch.onnx.export traces) see the op. Checked before the prepared forward is looked up.
+        return eager()
 
     def _bias(self) -> Tensor | None:
         return None if self.bias_int is None else self.bias_int.to(_ACC_DTYPES[self.accumulator])
@@ -203,10 +201,9 @@ class _FrozenShift(nn.Module):
         # A power-of-two scale of the integer result: exact in float64 below 2**53.
         exponent = min(self.shift_lo, 0) - self.act_bits[1]
         dtype = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float32
-        if self._fused_ok():
-            fused = scale_output(y, exponent, dtype)
-            if fused is not None:
-                return fused
+        fused = scale_output(y, exponent, dtype)  # one native pass, in eager mode
+        if fused is not None:
+            return fused
         return (y.to(torch.float64) * 2.0**exponent).to(dtype)
 
     def extra_repr(self) -> str:

@@ -129,8 +129,7 @@ class _FixedPoint(torch.autograd.Function):
         # (lo - 1/2, hi + 1/2) for nearest, (lo, hi + 1) for floor (the ends have measure zero).
         lo_x, hi_x = (lo, hi + 1) if floor else (lo - 0.5, hi + 0.5)
         ctx.bounds = (lo_x * 2.0**-frac_bits, hi_x * 2.0**-frac_bits)
-        native = None if torch.compiler.is_compiling() else fake_quantize(x, frac_bits, lo, hi, floor,
-                                                                          ctx.bounds)
+        native = fake_quantize(x, frac_bits, lo, hi, floor, ctx.bounds)  # None when compiling / tracing
         ctx.identity = native is not None and not native[1]
         if native is not None:
             y = native[0]

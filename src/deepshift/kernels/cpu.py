@@ -107,6 +107,21 @@ _cache: OrderedDict[tuple, tuple[Any, Any, int]] = OrderedDict()
 _cache_bytes = [0]
 
 
+def eager() -> bool:
+    """Whether the native helpers may run: not while compiling or tracing, where their results would
+    be opaque to the compiler or recorded as constants (the torch / op paths are taken then)."""
+    return not (torch.compiler.is_compiling() or torch._C._get_tracing_state())
+
+
+def _shifted_bias(bias: Tensor | None, u: int) -> Tensor | None:
+    """The op's bias in output units ``2**u`` (``u = min(shift_lo, 0)``): ``bias << -u``."""
+    return None if bias is None else (bias if u == 0 else torch.bitwise_left_shift(bias, -u)).contiguous()
+
+
+def _nan_error() -> ValueError:
+    return ValueError("got a NaN input; fixed point has no NaN")
+
+
 def native_disabled() -> bool:
     """True when ``DEEPSHIFT_NO_NATIVE`` is set (to anything but "" or "0")."""
     return os.environ.get("DEEPSHIFT_NO_NATIVE", "") not in ("", "0")
@@ -340,7 +355,7 @@ def shift_linear_cpu(x, codes, weight_shape, weight_bits, has_zero, shift_lo, bi
     out_f, in_f = weight_shape
     rows = x.numel() // in_f
     u = min(shift_lo, 0)
-    bias_s = None if bias is None else (bias if u == 0 else torch.bitwise_left_shift(bias, -u)).contiguous()
+    bias_s = _shifted_bias(bias, u)
     lanes = _lanes_for(ext, x, codes, weight_shape, weight_bits, has_zero, shift_lo, bias_s, in_f,
                        int16=rows > GEMV_MAX_ROWS)
     dtype = _LANE_DTYPES[lanes]
@@ -519,7 +534,7 @@ def shift_conv_cpu(
     if call is False:
         return _ops.shift_conv_reference(*args)
     u = min(shift_lo, 0)
-    bias_s = None if bias is None else (bias if u == 0 else torch.bitwise_left_shift(bias, -u)).contiguous()
+    bias_s = _shifted_bias(bias, u)
     lanes = _lanes_for(ext, x, codes, weight_shape, weight_bits, has_zero, shift_lo, bias_s, call.fan_in,
                        int16=True)
     return call.run(ext, x, bias_s, lanes)
@@ -530,6 +545,7 @@ def _fused_setup(ext, x, act_bits, rounding, accumulator, shift_lo, bias):
     (lanes, lo, hi, exponent, shifted int32 bias or None)."""
     if (
         accumulator != "int32"
+        or not eager()
         or not isinstance(x, Tensor)
         or x.dtype not in (torch.float32, torch.float64)
         or x.device.type != "cpu"
@@ -540,7 +556,7 @@ def _fused_setup(ext, x, act_bits, rounding, accumulator, shift_lo, bias):
     total = act_bits[0] + act_bits[1]
     lo, hi = -(2 ** (total - 1)), 2 ** (total - 1) - 1
     u = min(shift_lo, 0)
-    b = None if bias is None else (bias if u == 0 else torch.bitwise_left_shift(bias, -u)).contiguous()
+    b = _shifted_bias(bias, u)
     # 8-bit activations (|q| <= 128 by construction) take the int16 tables; others int32 ones.
     return (16 if total <= 8 else 32), lo, hi, u - act_bits[1], b
 
@@ -579,7 +595,7 @@ def prepare_conv_fused(x, codes, weight_shape, weight_bits, has_zero, shift_lo, 
         y, has_nan = conv_fused(x.contiguous(), w5_shape, plan, b, groups, s3, p3, d3, frac, lo, hi, floor,
                                 lanes, exponent)
         if has_nan:
-            raise ValueError("got a NaN input; fixed point has no NaN")
+            raise _nan_error()
         return y
 
     return run
@@ -607,7 +623,7 @@ def prepare_linear_fused(x, codes, weight_shape, weight_bits, has_zero, shift_lo
         def run(x: Tensor) -> Tensor:
             q, has_nan = ext.quantize(x.reshape(rows, in_f), frac, lo, hi, floor, False)
             if has_nan:
-                raise ValueError("got a NaN input; fixed point has no NaN")
+                raise _nan_error()
             return ext.scale(ext.gemv(q, tiles, out_f, b), exponent, out64).reshape(out_shape)
 
         return run
@@ -618,7 +634,7 @@ def prepare_linear_fused(x, codes, weight_shape, weight_bits, has_zero, shift_lo
         y, has_nan = ext.conv_fused(xt, [out_f, in_f, 1, 1, 1], plan, b, 1, [1, 1, 1], [0, 0, 0], [1, 1, 1],
                                     frac, lo, hi, floor, lanes, exponent)
         if has_nan:
-            raise ValueError("got a NaN input; fixed point has no NaN")
+            raise _nan_error()
         return y.reshape(out_f, rows).t().contiguous().reshape(out_shape)
 
     return run
@@ -635,7 +651,7 @@ def fake_quantize(x: Tensor, frac_bits: int, lo: float, hi: float, floor: bool,
     anything. Returns None when the native kernels are unavailable or ``x`` is not a float32 CPU
     tensor.
     """
-    if x.dtype != torch.float32 or x.device.type != "cpu":
+    if x.dtype != torch.float32 or x.device.type != "cpu" or not eager():
         return None
     ext = load_extension()
     if ext is None:
@@ -657,6 +673,7 @@ def quantize_input(x: Tensor, act_bits: tuple[int, int], rounding: str, dtype: t
     ext = load_extension()
     if (
         ext is None
+        or not eager()
         or x.device.type != "cpu"
         or x.dtype not in (torch.float32, torch.float64)
         or dtype not in (torch.int32, torch.int64)
@@ -668,7 +685,7 @@ def quantize_input(x: Tensor, act_bits: tuple[int, int], rounding: str, dtype: t
         x, act_bits[1], -(2 ** (total - 1)), 2 ** (total - 1) - 1, rounding == "floor", dtype == torch.int64
     )
     if has_nan:
-        raise ValueError("got a NaN input; fixed point has no NaN")
+        raise _nan_error()
     return q
 
 
@@ -680,6 +697,7 @@ def scale_output(y: Tensor, exponent: int, dtype: torch.dtype) -> Tensor | None:
     ext = load_extension()
     if (
         ext is None
+        or not eager()
         or y.device.type != "cpu"
         or y.dtype not in (torch.int32, torch.int64)
         or dtype not in (torch.float32, torch.float64)
@@ -694,7 +712,8 @@ def channel_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor | None:
     None when the native kernels are unavailable or x is not a float32/float64 CPU tensor with
     matching (C,) ``scale`` / ``shift``. :class:`deepshift.FrozenBatchNorm`'s forward."""
     if (
-        x.device.type != "cpu"
+        not eager()
+        or x.device.type != "cpu"
         or x.dtype not in (torch.float32, torch.float64)
         or x.dim() < 2
         or scale.dtype != x.dtype

@@ -26,15 +26,14 @@
 #define DS_X86 1
 #endif
 
-// Geometry of one conv call (1d/2d are 3d with size-1 dims). The per-call table of pre-shifted
-// inputs of one image is laid out [c][slot][Dp][Hp][sw phases][Wq]: phase r of a padded row holds the
+// Geometry of one conv call (1d/2d are 3d with size-1 dims). The per-call table of one image's
+// zero-padded input is laid out [c][Dp][Hp][sw phases][Wq]: phase r of a padded row holds the
 // columns r, r + sw, r + 2 sw, ... so every kernel offset reads a contiguous run of output columns.
 struct Geom {
   int64_t C, D, H, W;
   int64_t pd, ph, pw;
   int64_t sd, sh, sw;
-  int64_t Dp, Hp, Wq, RW, S;  // RW = sw * Wq (one padded row), S = Dp * Hp * RW (one (c, slot) plane)
-  int64_t P;                  // shift amounts in use (table slots)
+  int64_t Dp, Hp, Wq, RW, S;  // RW = sw * Wq (one padded row), S = Dp * Hp * RW (one channel's plane)
   int64_t OD, OH, OW;
   int64_t Cout, Cout_g, NCB;  // NCB: channel blocks the term lists are split into
 };
@@ -229,7 +228,7 @@ struct Plan {
 
 Geom make_geom(const std::vector<int64_t>& xs /*N,C,D,H,W*/, const std::vector<int64_t>& ws,
                             const std::vector<int64_t>& stride, const std::vector<int64_t>& pad,
-                            const std::vector<int64_t>& dil, int64_t groups, int64_t P, int64_t NCB) {
+                            const std::vector<int64_t>& dil, int64_t groups, int64_t NCB) {
   Geom g{};
   g.C = xs[1];
   g.D = xs[2];
@@ -247,7 +246,6 @@ Geom make_geom(const std::vector<int64_t>& xs /*N,C,D,H,W*/, const std::vector<i
   g.Wq = (Wp + g.sw - 1) / g.sw;
   g.RW = g.sw * g.Wq;
   g.S = g.Dp * g.Hp * g.RW;
-  g.P = P;
   g.OD = (g.Dp - dil[0] * (ws[2] - 1) - 1) / g.sd + 1;
   g.OH = (g.Hp - dil[1] * (ws[3] - 1) - 1) / g.sh + 1;
   g.OW = (Wp - dil[2] * (ws[4] - 1) - 1) / g.sw + 1;
@@ -284,7 +282,7 @@ std::vector<torch::Tensor> conv_plan(const torch::Tensor& scode, std::vector<int
   const int64_t Cout = ws[0], Cin_g = ws[1], KD = ws[2], KH = ws[3], KW = ws[4];
   const int64_t KK = KD * KH * KW;
   const int8_t* s = scode.data_ptr<int8_t>();
-  auto g = make_geom(xs, ws, stride, pad, dil, groups, 1, 1);
+  auto g = make_geom(xs, ws, stride, pad, dil, groups, 1);
   TORCH_CHECK(g.C * g.S < (int64_t(1) << 31), "per-image table too large");
   // Channel block: the table slice one row block reads stays within ~l2_budget bytes.
   const int64_t L = 32 / elem_size;
@@ -388,12 +386,11 @@ std::vector<torch::Tensor> conv_plan(const torch::Tensor& scode, std::vector<int
 // whole vectors; the positions between rows are computed and dropped. Used where that needs
 // at least 1/16 fewer vectors than row by row (a 64-channel 56x56 3x3 conv: 203 vs 224, measured
 // 4-6% faster). Half mode: int16 tables with rows of at most 8 outputs (not flat: stride > 1, or
-// where 256-bit operations are split anyway) use 8-lane vectors, one per row (conv_item16h).
+// where 256-bit operations are split anyway) use 8-lane vectors, one per row (conv_item16, W = 8).
 // Returns whether some build call returned true.
 template <typename U, typename UY, typename BuildFn, typename FinishFn>
 bool conv_drive(const Geom& g0, int64_t N, const PlanView& pv, int64_t nterms, const UY* bp, UY* yp,
                 BuildFn build, FinishFn finish) {
-  const int64_t P = 1;  // the table holds the zero-padded input only
   constexpr int64_t L = 32 / sizeof(U);
   const int64_t row_vectors = g0.OD * g0.OH * ((g0.OW + L - 1) / L);
   const int64_t flat_len = ((g0.OD - 1) * g0.Hp + (g0.OH - 1)) * g0.RW + g0.OW;
@@ -438,7 +435,7 @@ bool conv_drive(const Geom& g0, int64_t N, const PlanView& pv, int64_t nterms, c
         r += rr;
       }
     }
-  const size_t table_elems = static_cast<size_t>(g.C * P * g.S) + 8 * L + 64;
+  const size_t table_elems = static_cast<size_t>(g.C * g.S) + 8 * L + 64;
   auto run_items = [&](const U* tbl, UY* yimg, int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       const Item& it = items[i];
@@ -485,7 +482,7 @@ bool conv_drive(const Geom& g0, int64_t N, const PlanView& pv, int64_t nterms, c
   // (and far more when the machine is oversubscribed).
   const double work = static_cast<double>(nterms) * static_cast<double>(rows) *
                           static_cast<double>((g.OW + L - 1) / L) * static_cast<double>(N) +
-                      static_cast<double>(g.C * P * g.S) * static_cast<double>(N) / L;
+                      static_cast<double>(g.C * g.S) * static_cast<double>(N) / L;
   if (work < kSerialWork || (N >= nthreads && nthreads > 1)) {
     // Images in parallel (or all on this thread), each thread with its own table (and scratch).
     auto images = [&](int64_t b, int64_t e) {
@@ -531,7 +528,7 @@ torch::Tensor conv_run(const torch::Tensor& x, std::vector<int64_t> ws, const st
                        std::vector<int64_t> pad, std::vector<int64_t> dil) {
   std::vector<int64_t> xs(x.sizes().begin(), x.sizes().end());
   const int64_t NCB = plan[5].data_ptr<int64_t>()[1];
-  auto g = make_geom(xs, ws, stride, pad, dil, groups, 1, NCB);
+  auto g = make_geom(xs, ws, stride, pad, dil, groups, NCB);
   const int64_t N = xs[0];
   const torch::Tensor y =
       torch::empty({N, g.Cout, g.OD, g.OH, g.OW}, x.options().dtype(c10::CppTypeToScalarType<SY>::value));
@@ -539,17 +536,13 @@ torch::Tensor conv_run(const torch::Tensor& x, std::vector<int64_t> ws, const st
   UY* yp = reinterpret_cast<UY*>(y.data_ptr<SY>());
   const UY* bp = nullptr;
   if (bias.has_value() && bias->defined()) bp = reinterpret_cast<const UY*>(bias->data_ptr<SY>());
-  const uint8_t zero_amount = 0;
   const bool avx = use_avx2();
   const int64_t ximg_stride = g.C * g.D * g.H * g.W;
   auto build = [&](int64_t n, U* tbl, int64_t c0, int64_t c1) {
 #ifdef DS_X86
-    if (avx)
-      ds_avx2::build_table<U>(xp + n * ximg_stride, tbl, g, &zero_amount, c0, c1);
-    else
+    if (avx) return ds_avx2::build_table(xp + n * ximg_stride, tbl, g, c0, c1, ds_avx2::CopyIn<U>{});
 #endif
-      ds_portable::build_table<U>(xp + n * ximg_stride, tbl, g, &zero_amount, c0, c1);
-    return false;
+    return ds_portable::build_table(xp + n * ximg_stride, tbl, g, c0, c1, ds_portable::CopyIn<U>{});
   };
   const int64_t yimg_stride = g.Cout * g.OD * g.OH * g.OW;
   auto copy = [&](int64_t n, int64_t dst, const UY* src, int64_t count) {  // flat mode's output rows
@@ -583,7 +576,7 @@ torch::Tensor conv(const torch::Tensor& x, std::vector<int64_t> ws, const std::v
 }
 
 // A frozen conv layer's whole forward on float input, in one call: the table is built straight from
-// x (rounding to fixed point on the way: build_table_q), the integer conv runs as `conv` does on int16
+// x (rounding to fixed point on the way: build_table with QuantizeIn), the integer conv runs as `conv` does on int16
 // (lanes 16; every |q| <= 128, which the caller guarantees through act_bits) or int32 (lanes 32)
 // tables with int32 outputs, and each image's output is scaled by 2**exponent into x's dtype while
 // still in cache (scale_run). Bit for bit `scale(conv(quantize(x)))`, without their intermediate
@@ -611,7 +604,7 @@ std::tuple<torch::Tensor, bool> conv_fused(const torch::Tensor& x, std::vector<i
   const int64_t missing = 5 - x.dim();
   xs.insert(xs.begin() + 2, missing, 1);
   const int64_t NCB = plan[5].data_ptr<int64_t>()[1];
-  auto g = make_geom(xs, ws, stride, pad, dil, groups, 1, NCB);
+  auto g = make_geom(xs, ws, stride, pad, dil, groups, NCB);
   const int64_t N = xs[0];
   std::vector<int64_t> ys{N, g.Cout, g.OD, g.OH, g.OW};
   ys.erase(ys.begin() + 2, ys.begin() + 2 + missing);
@@ -628,9 +621,9 @@ std::tuple<torch::Tensor, bool> conv_fused(const torch::Tensor& x, std::vector<i
     using FO = std::remove_pointer_t<decltype(op)>;
     auto build = [&](int64_t n, U* tbl, int64_t c0, int64_t c1) {
 #ifdef DS_X86
-      if (avx) return ds_avx2::build_table_q<U, F>(xp + n * ximg_stride, tbl, g, c0, c1, qs);
+      if (avx) return ds_avx2::build_table(xp + n * ximg_stride, tbl, g, c0, c1, ds_avx2::QuantizeIn<U, F>{qs});
 #endif
-      return ds_portable::build_table_q<U, F>(xp + n * ximg_stride, tbl, g, c0, c1, qs);
+      return ds_portable::build_table(xp + n * ximg_stride, tbl, g, c0, c1, ds_portable::QuantizeIn<U, F>{qs});
     };
     auto finish = [&](int64_t n, int64_t dst, const uint32_t* src, int64_t count) {
 #ifdef DS_X86

@@ -21,46 +21,63 @@ struct VecOf<uint64_t> {
 
 // Geom (the geometry of one conv call) is defined once in shift_cpu.cpp, outside both namespaces.
 
-// Copies of channels [c0, c1) of one image: tbl[c][p] = pad(x[c]) << amt[p] (the conv uses P = 1,
-// amount 0: the zero-padded, phase-split input).
-template <typename U>
-void build_table(const U* x, U* tbl, const Geom& g, const uint8_t* amt, int64_t c0, int64_t c1) {
+// Table of channels [c0, c1) of one image: tbl[c] = the zero-padded, phase-split x[c]; cv says how input
+// values become table values: cv.run(src, dst, n) for a contiguous run, cv.one(v, dst) for one element,
+// both returning whether some value was invalid (NaN, for float input). Every input element lands in
+// the table, so none goes unchecked. Returns whether cv reported any.
+template <typename U, typename S, typename Cv>
+bool build_table(const S* x, U* tbl, const Geom& g, int64_t c0, int64_t c1, const Cv& cv) {
   const int64_t DHW = g.D * g.H * g.W;
+  bool bad = false;
   for (int64_t c = c0; c < c1; ++c) {
-    const U* xc = x + c * DHW;
-    for (int64_t p = 0; p < g.P; ++p) {
-      const unsigned a = amt[p];
-      U* dst = tbl + (c * g.P + p) * g.S;
-      for (int64_t d = 0; d < g.Dp; ++d) {
-        const int64_t id = d - g.pd;
-        for (int64_t h = 0; h < g.Hp; ++h) {
-          U* row = dst + (d * g.Hp + h) * g.RW;
-          const int64_t ih = h - g.ph;
-          if (id < 0 || id >= g.D || ih < 0 || ih >= g.H) {
-            for (int64_t q = 0; q < g.RW; ++q) row[q] = 0;
-            continue;
-          }
-          const U* src = xc + (id * g.H + ih) * g.W;
-          if (g.sw == 1) {
-            const int64_t lo = g.pw < g.Wq ? g.pw : g.Wq;
-            const int64_t hi = (g.pw + g.W) < g.Wq ? (g.pw + g.W) : g.Wq;
-            int64_t q = 0;
-            for (; q < lo; ++q) row[q] = 0;
-            const U* s = src - g.pw;
-            for (; q < hi; ++q) row[q] = s[q] << a;
-            for (; q < g.Wq; ++q) row[q] = 0;
-          } else {
-            for (int64_t r = 0; r < g.sw; ++r) {
-              U* rr = row + r * g.Wq;
-              int64_t iw = r - g.pw;
-              for (int64_t q = 0; q < g.Wq; ++q, iw += g.sw) rr[q] = (iw >= 0 && iw < g.W) ? (src[iw] << a) : 0;
+    const S* xc = x + c * DHW;
+    U* dst = tbl + c * g.S;
+    for (int64_t d = 0; d < g.Dp; ++d) {
+      const int64_t id = d - g.pd;
+      for (int64_t h = 0; h < g.Hp; ++h) {
+        U* row = dst + (d * g.Hp + h) * g.RW;
+        const int64_t ih = h - g.ph;
+        if (id < 0 || id >= g.D || ih < 0 || ih >= g.H) {
+          for (int64_t q = 0; q < g.RW; ++q) row[q] = 0;
+          continue;
+        }
+        const S* src = xc + (id * g.H + ih) * g.W;
+        if (g.sw == 1) {
+          const int64_t lo = g.pw < g.Wq ? g.pw : g.Wq;
+          const int64_t hi = (g.pw + g.W) < g.Wq ? (g.pw + g.W) : g.Wq;
+          for (int64_t q = 0; q < lo; ++q) row[q] = 0;
+          bad |= cv.run(src + (lo - g.pw), row + lo, hi - lo);
+          for (int64_t q = hi; q < g.Wq; ++q) row[q] = 0;
+        } else {
+          for (int64_t r = 0; r < g.sw; ++r) {
+            U* rr = row + r * g.Wq;
+            int64_t iw = r - g.pw;
+            for (int64_t q = 0; q < g.Wq; ++q, iw += g.sw) {
+              if (iw >= 0 && iw < g.W)
+                bad |= cv.one(src[iw], rr + q);
+              else
+                rr[q] = 0;
             }
           }
         }
       }
     }
   }
+  return bad;
 }
+
+// build_table's converter for integer input already in the table's lanes: a copy.
+template <typename U>
+struct CopyIn {
+  bool run(const U* src, U* dst, int64_t n) const {
+    for (int64_t i = 0; i < n; ++i) dst[i] = src[i];
+    return false;
+  }
+  bool one(U v, U* dst) const {
+    *dst = v;
+    return false;
+  }
+};
 
 // Table and output offsets of the R output rows (flattened (od, oh)) from row0, at column ow0.
 inline void row_offsets(const Geom& g, int R, int64_t row0, int64_t ow0, int64_t* tb, int64_t* yoff) {
@@ -210,69 +227,70 @@ ConvItemFn<U> conv_item_fn(int R, int V) {
 // terms, so a chunk's +/- sum is exact in int16 (|sum| <= 255 * 128 < 2**15). Horner's rule then runs
 // on int32 lanes with the chunk sums sign-extended: acc = (acc << d) + sum, mod 2**32, which is the
 // int32 path's result bit for bit. Accumulators: R * V int16 sums + 2 * R * V int32 (R * V <= 4).
+// W = 8 ("half" items, conv_drive): 8-lane (128-bit) sums, one int32 accumulator each, for rows of
+// at most 8 outputs, so that no lane is idle.
 inline int rows_for16(int V) { return V >= 3 ? 1 : (V == 2 ? 2 : 4); }
 inline bool has_rows16(int V, int R) { return R >= 1 && R <= rows_for16(V); }
 
-template <int R, int V>
+template <int R, int V, int W = 16>
 void conv_item16(const uint16_t* tbl, uint32_t* yimg, const Geom& g, const PlanView& pv, int64_t row0,
                  int64_t ow0, int64_t o0, int64_t o1, const uint32_t* bias) {
-  typedef int16_t V16 __attribute__((vector_size(32), aligned(2), may_alias));
+  typedef int16_t VS __attribute__((vector_size(2 * W), aligned(2), may_alias));
   typedef int16_t H16 __attribute__((vector_size(16)));
   typedef int32_t S32 __attribute__((vector_size(32)));
   typedef uint32_t V32 __attribute__((vector_size(32), aligned(4), may_alias));
-  constexpr int L = 16;
+  constexpr int A = W / 8;  // int32 accumulators (8 lanes) per vector
   int64_t tb[R], yoff[R];
   row_offsets(g, R, row0, ow0, tb, yoff);
-  const int64_t nvalid = (g.OW - ow0) < V * L ? (g.OW - ow0) : V * L;
+  const int64_t nvalid = (g.OW - ow0) < V * W ? (g.OW - ow0) : V * W;
   const int64_t plane = g.OD * g.OH * g.OW;
   for (int64_t cb = 0; cb < g.NCB; ++cb) {
     for (int64_t o = o0; o < o1; ++o) {
       const int64_t gi = o / g.Cout_g;
       const int64_t e = (gi * g.NCB + cb) * g.Cout_g + (o - gi * g.Cout_g);
       uint32_t* yo = yimg + o * plane;
-      V32 acc[R][2 * V];
+      V32 acc[R][A * V];
       for (int r = 0; r < R; ++r)
-        for (int v = 0; v < 2 * V; ++v) acc[r][v] = V32{};
+        for (int v = 0; v < A * V; ++v) acc[r][v] = V32{};
       const int32_t* t = pv.terms + pv.tstart[e];
       for (int64_t j = pv.gstart[e]; j < pv.gstart[e + 1]; ++j) {
         const int32_t* gr = pv.groups + 3 * j;
         const unsigned d = static_cast<unsigned>(gr[0]);
         if (d)
           for (int r = 0; r < R; ++r)
-            for (int v = 0; v < 2 * V; ++v) acc[r][v] <<= d;
-        V16 sum[R][V];
+            for (int v = 0; v < A * V; ++v) acc[r][v] <<= d;
+        VS sum[R][V];
         for (int r = 0; r < R; ++r)
-          for (int v = 0; v < V; ++v) sum[r][v] = V16{};
+          for (int v = 0; v < V; ++v) sum[r][v] = VS{};
         for (const int32_t* te = t + gr[1]; t < te; ++t) {
           const uint16_t* p = tbl + *t;
           for (int r = 0; r < R; ++r) {
-            const V16* q = reinterpret_cast<const V16*>(p + tb[r]);
+            const VS* q = reinterpret_cast<const VS*>(p + tb[r]);
             for (int v = 0; v < V; ++v) sum[r][v] += q[v];
           }
         }
         for (const int32_t* te = t + gr[2]; t < te; ++t) {
           const uint16_t* p = tbl + *t;
           for (int r = 0; r < R; ++r) {
-            const V16* q = reinterpret_cast<const V16*>(p + tb[r]);
+            const VS* q = reinterpret_cast<const VS*>(p + tb[r]);
             for (int v = 0; v < V; ++v) sum[r][v] -= q[v];
           }
         }
         for (int r = 0; r < R; ++r)
-          for (int v = 0; v < V; ++v) {
-            H16 lo, hi;
-            __builtin_memcpy(&lo, &sum[r][v], 16);
-            __builtin_memcpy(&hi, reinterpret_cast<const char*>(&sum[r][v]) + 16, 16);
-            acc[r][2 * v] += reinterpret_cast<V32>(__builtin_convertvector(lo, S32));
-            acc[r][2 * v + 1] += reinterpret_cast<V32>(__builtin_convertvector(hi, S32));
-          }
+          for (int v = 0; v < V; ++v)
+            for (int a = 0; a < A; ++a) {
+              H16 part;
+              __builtin_memcpy(&part, reinterpret_cast<const char*>(&sum[r][v]) + 16 * a, 16);
+              acc[r][A * v + a] += reinterpret_cast<V32>(__builtin_convertvector(part, S32));
+            }
       }
       const unsigned f = static_cast<unsigned>(pv.fshift[e]);
       if (f)
         for (int r = 0; r < R; ++r)
-          for (int v = 0; v < 2 * V; ++v) acc[r][v] <<= f;
-      uint32_t tmp[2 * V * 8];
+          for (int v = 0; v < A * V; ++v) acc[r][v] <<= f;
+      uint32_t tmp[A * V * 8];
       for (int r = 0; r < R; ++r) {
-        for (int v = 0; v < 2 * V; ++v) __builtin_memcpy(tmp + v * 8, &acc[r][v], 32);
+        for (int v = 0; v < A * V; ++v) __builtin_memcpy(tmp + v * 8, &acc[r][v], 32);
         uint32_t* dst = yo + yoff[r];
         if (cb == 0) {
           const uint32_t b = bias ? bias[o] : 0u;
@@ -301,7 +319,7 @@ void (*pick_r16(int R))(const uint16_t*, uint32_t*, const Geom&, const PlanView&
 typedef void (*ConvItem16Fn)(const uint16_t*, uint32_t*, const Geom&, const PlanView&, int64_t, int64_t, int64_t,
                              int64_t, const uint32_t*);
 
-// Function for an int16-table item of R rows (has_rows16(V, R)) x V vectors of 16 columns (V <= 4).
+// Function for an int16-table item of R rows (has_rows16(V, R)) x V vectors of 16 columns (V <= 5).
 inline ConvItem16Fn conv_item16_fn(int R, int V) {
   switch (V) {
     case 1: return pick_r16<1>(R);
@@ -309,6 +327,17 @@ inline ConvItem16Fn conv_item16_fn(int R, int V) {
     case 3: return pick_r16<3>(R);
     case 4: return pick_r16<4>(R);
     default: return pick_r16<5>(R);
+  }
+}
+
+// Function for a half item (8 columns) of R rows, R in {1, 2, 3, 4, 6}.
+inline ConvItem16Fn conv_item16h_fn(int R) {
+  switch (R) {
+    case 6: return &conv_item16<6, 1, 8>;
+    case 4: return &conv_item16<4, 1, 8>;
+    case 3: return &conv_item16<3, 1, 8>;
+    case 2: return &conv_item16<2, 1, 8>;
+    default: return &conv_item16<1, 1, 8>;
   }
 }
 
@@ -479,48 +508,13 @@ inline bool quantize_run(const F* src, U* dst, int64_t n, const QuantSpec& q) {
   return nan;
 }
 
-// build_table (one slot, amount 0) from float input, rounding to fixed point on the way; returns
-// whether some input value is NaN. Every input element lands in the table, so none goes unchecked.
+// build_table's converter for float input: rounds to fixed point on the way; reports NaN.
 template <typename U, typename F>
-bool build_table_q(const F* x, U* tbl, const Geom& g, int64_t c0, int64_t c1, const QuantSpec& qs) {
-  const int64_t DHW = g.D * g.H * g.W;
-  bool nan = false;
-  for (int64_t c = c0; c < c1; ++c) {
-    const F* xc = x + c * DHW;
-    U* dst = tbl + c * g.S;
-    for (int64_t d = 0; d < g.Dp; ++d) {
-      const int64_t id = d - g.pd;
-      for (int64_t h = 0; h < g.Hp; ++h) {
-        U* row = dst + (d * g.Hp + h) * g.RW;
-        const int64_t ih = h - g.ph;
-        if (id < 0 || id >= g.D || ih < 0 || ih >= g.H) {
-          for (int64_t q = 0; q < g.RW; ++q) row[q] = 0;
-          continue;
-        }
-        const F* src = xc + (id * g.H + ih) * g.W;
-        if (g.sw == 1) {
-          const int64_t lo = g.pw < g.Wq ? g.pw : g.Wq;
-          const int64_t hi = (g.pw + g.W) < g.Wq ? (g.pw + g.W) : g.Wq;
-          for (int64_t q = 0; q < lo; ++q) row[q] = 0;
-          nan |= quantize_run(src + (lo - g.pw), row + lo, hi - lo, qs);
-          for (int64_t q = hi; q < g.Wq; ++q) row[q] = 0;
-        } else {
-          for (int64_t r = 0; r < g.sw; ++r) {
-            U* rr = row + r * g.Wq;
-            int64_t iw = r - g.pw;
-            for (int64_t q = 0; q < g.Wq; ++q, iw += g.sw) {
-              if (iw >= 0 && iw < g.W)
-                nan |= quantize_one(src[iw], rr + q, qs);
-              else
-                rr[q] = 0;
-            }
-          }
-        }
-      }
-    }
-  }
-  return nan;
-}
+struct QuantizeIn {
+  QuantSpec q;
+  bool run(const F* src, U* dst, int64_t n) const { return quantize_run(src, dst, n, q); }
+  bool one(F v, U* dst) const { return quantize_one(v, dst, q); }
+};
 
 // out[i] = FO(double(int32(y[i])) * 2**e): the frozen layers' output scaling. For float32 output with
 // -126 <= e <= 96 the vector path is the same: float(v) * 2**e rounds v to 24 bits and then scales
@@ -562,68 +556,3 @@ void affine_run(const F* x, F* y, int64_t n, F s, F h) {
   }
 }
 
-// Half-width int16 items (conv_drive's "half" mode, for rows of at most 8 outputs that flat mode does
-// not cover, e.g. stride 2): like conv_item16 with one 8-lane (128-bit) int16 sum per row, so no lane
-// is idle; Horner's rule on one 8-lane int32 accumulator per row.
-template <int R>
-void conv_item16h(const uint16_t* tbl, uint32_t* yimg, const Geom& g, const PlanView& pv, int64_t row0,
-                  int64_t ow0, int64_t o0, int64_t o1, const uint32_t* bias) {
-  typedef int16_t H16 __attribute__((vector_size(16), aligned(2), may_alias));
-  typedef int32_t S32 __attribute__((vector_size(32)));
-  typedef uint32_t V32 __attribute__((vector_size(32)));
-  int64_t tb[R], yoff[R];
-  row_offsets(g, R, row0, ow0, tb, yoff);
-  const int64_t nvalid = (g.OW - ow0) < 8 ? (g.OW - ow0) : 8;
-  const int64_t plane = g.OD * g.OH * g.OW;
-  for (int64_t cb = 0; cb < g.NCB; ++cb) {
-    for (int64_t o = o0; o < o1; ++o) {
-      const int64_t gi = o / g.Cout_g;
-      const int64_t e = (gi * g.NCB + cb) * g.Cout_g + (o - gi * g.Cout_g);
-      uint32_t* yo = yimg + o * plane;
-      V32 acc[R];
-      for (int r = 0; r < R; ++r) acc[r] = V32{};
-      const int32_t* t = pv.terms + pv.tstart[e];
-      for (int64_t j = pv.gstart[e]; j < pv.gstart[e + 1]; ++j) {
-        const int32_t* gr = pv.groups + 3 * j;
-        const unsigned d = static_cast<unsigned>(gr[0]);
-        if (d)
-          for (int r = 0; r < R; ++r) acc[r] <<= d;
-        H16 sum[R];
-        for (int r = 0; r < R; ++r) sum[r] = H16{};
-        for (const int32_t* te = t + gr[1]; t < te; ++t) {
-          const uint16_t* p = tbl + *t;
-          for (int r = 0; r < R; ++r) sum[r] += *reinterpret_cast<const H16*>(p + tb[r]);
-        }
-        for (const int32_t* te = t + gr[2]; t < te; ++t) {
-          const uint16_t* p = tbl + *t;
-          for (int r = 0; r < R; ++r) sum[r] -= *reinterpret_cast<const H16*>(p + tb[r]);
-        }
-        for (int r = 0; r < R; ++r) acc[r] += reinterpret_cast<V32>(__builtin_convertvector(sum[r], S32));
-      }
-      const unsigned f = static_cast<unsigned>(pv.fshift[e]);
-      if (f)
-        for (int r = 0; r < R; ++r) acc[r] <<= f;
-      uint32_t tmp[8];
-      for (int r = 0; r < R; ++r) {
-        __builtin_memcpy(tmp, &acc[r], 32);
-        uint32_t* dst = yo + yoff[r];
-        if (cb == 0) {
-          const uint32_t b = bias ? bias[o] : 0u;
-          for (int64_t i = 0; i < nvalid; ++i) dst[i] = tmp[i] + b;
-        } else {
-          for (int64_t i = 0; i < nvalid; ++i) dst[i] += tmp[i];
-        }
-      }
-    }
-  }
-}
-
-inline ConvItem16Fn conv_item16h_fn(int R) {
-  switch (R) {
-    case 6: return &conv_item16h<6>;
-    case 4: return &conv_item16h<4>;
-    case 3: return &conv_item16h<3>;
-    case 2: return &conv_item16h<2>;
-    default: return &conv_item16h<1>;
-  }
-}
