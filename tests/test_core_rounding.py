@@ -7,6 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from deepshift import quantize
+from deepshift.kernels import cpu
 from deepshift.quantize import (
     fixed_point,
     fixed_point_limits,
@@ -16,6 +18,7 @@ from deepshift.quantize import (
     q_shift_sign,
     q_weight,
     round_,
+    sqrt_half_above,
 )
 
 R5Q = (-15, 0)  # 5-bit Q
@@ -160,3 +163,91 @@ def test_ps_from_weight_then_forward_equals_q_rounding_for_nonzero_weights(w, bi
         assert ps.item() == 0
     else:
         assert torch.equal(ps, q_weight(t(w), rng))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_q_rounding_is_exact_next_to_the_log_midpoints(dtype):
+    # sqrt(2) * 2**k is the log-domain midpoint between 2**k and 2**(k + 1); the floats on either
+    # side of it round to their own side. (round(log2(m)) in float32 gets one of them wrong per
+    # binade: its log2 rounds to exactly k + 1/2, and half-to-even then picks the even side.)
+    above = sqrt_half_above(dtype)
+    assert above**2 > 0.5
+    below = torch.nextafter(torch.tensor(above, dtype=dtype), torch.tensor(0.0, dtype=dtype)).item()
+    assert below**2 < 0.5
+    ks = torch.arange(-15, 1, dtype=dtype)
+    w = torch.cat([below * 2.0 ** (ks + 1), above * 2.0 ** (ks + 1)])
+    w = torch.cat([w, -w])
+    expected = torch.cat([ks, ks + 1] * 2)
+    shift, sign = q_shift_sign(w, (-16, 2))
+    assert torch.equal(shift, expected)
+    assert torch.equal(q_weight(w, (-16, 2)), sign * torch.exp2(expected))
+    assert torch.equal(ps_from_weight(w, (-16, 2))[0], expected)  # converting to PS rounds alike
+
+
+def _both_paths(fn, monkeypatch):
+    """fn() with the native weight-rounding passes, then with the torch path (natives disabled)."""
+    native = fn()
+    with monkeypatch.context() as m:
+        m.setattr(quantize, "q_round", lambda *a: None)
+        m.setattr(quantize, "ps_round", lambda *a: None)
+        torch_path = fn()
+    return native, torch_path
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)) \
+        and torch.equal(a.signbit(), b.signbit())
+
+
+SPECIALS = [0.0, -0.0, math.inf, -math.inf, math.nan, 2.0**-130, -(2.0**-140), 1e30, -1e30, 0.5, -2.5]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shift_range", [(-15, 0), (-3, 2), (-126, 0), (-127, 0), (0, 0)])
+def test_native_weight_rounding_equals_the_torch_path(dtype, shift_range, monkeypatch):
+    if cpu.load_extension() is None:
+        pytest.skip("native kernels unavailable (no compiler, or DEEPSHIFT_NO_NATIVE set)")
+    g = torch.Generator().manual_seed(0)
+    w = torch.cat([torch.randn(20000, generator=g, dtype=dtype) * 0.3, t(*SPECIALS, dtype=dtype)])
+    w.requires_grad_()
+    up = torch.randn(w.shape, generator=g, dtype=dtype)
+    # 2**-127 is subnormal in float32: the native pass declines and the torch path runs.
+    applies = cpu.q_round(w.detach(), *shift_range, sqrt_half_above(dtype)) is not None
+    assert applies == (dtype == torch.float64 or shift_range[0] >= -126)
+
+    def q():
+        out = q_weight(w, shift_range)
+        (grad,) = torch.autograd.grad((out * up).sum(), w)
+        return out.detach(), grad
+
+    (a, ga), (b, gb) = _both_paths(q, monkeypatch)
+    assert _same_bits(a, b) and torch.equal(ga, gb) and torch.equal(ga, up)
+    lo, hi = 2.0 ** shift_range[0], 2.0 ** shift_range[1]
+    # +-0 -> +2**p_min (Q has no zero), +-inf and +-1e30 saturate, NaN stays NaN
+    assert a[-11:-7].tolist()[:4] == [lo, lo, hi, -hi] and a[-4:-2].tolist() == [hi, -hi]
+    assert math.isnan(a[-7].item())
+
+    shift = torch.cat([torch.randn(20000, generator=g, dtype=dtype) * 4 - 3, t(*SPECIALS, dtype=dtype)])
+    sign = torch.cat([torch.randn(20000, generator=g, dtype=dtype), t(*SPECIALS[::-1], dtype=dtype)])
+    shift.requires_grad_()
+    sign.requires_grad_()
+
+    def ps():
+        out = ps_weight(shift, sign, shift_range)
+        gs, gg = torch.autograd.grad((out * up).sum(), (shift, sign))
+        return out.detach(), gs, gg
+
+    (a, gs_a, gg_a), (b, gs_b, gg_b) = _both_paths(ps, monkeypatch)
+    assert _same_bits(a, b) and _same_bits(gs_a, gs_b) and torch.equal(gg_a, gg_b)
+    assert torch.equal(gg_a, up)
+    torch.testing.assert_close(gs_a, up * a * math.log(2.0), equal_nan=True)
+
+
+def test_fixed_point_without_gradient_equals_the_autograd_path():
+    x = torch.cat([torch.randn(5000) * 3, t(math.nan, math.inf, -math.inf, 0.5, -0.0, dtype=torch.float32)])
+    for ab in [(3, 5), (16, 16), (1, 7)]:
+        for rounding in ("nearest", "floor"):
+            with torch.no_grad():
+                a = fixed_point(x, ab, rounding)
+            b = fixed_point(x.clone().requires_grad_(), ab, rounding).detach()
+            assert _same_bits(a, b)

@@ -1,19 +1,21 @@
 """Pure tensor math of DeepShift: power-of-two rounding, fixed point, straight-through estimators.
 
 Nothing here keeps state or modifies its inputs. Every rounded value is *exactly* a signed power
-of two (or a fixed-point number), because the straight-through trick used is
-``rounded.detach() + (x - x.detach())``: its value is ``rounded + 0`` (exact), its gradient
-with respect to ``x`` is the identity.
+of two (or a fixed-point number): the straight-through estimators are autograd Functions whose
+forward returns the rounded tensor itself and whose backward is the paper's gradient (the identity
+for Q and for fixed point inside its range).
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from fractions import Fraction
 
 import torch
 from torch import Tensor
 
-from .kernels.cpu import fake_quantize
+from .kernels.cpu import fake_quantize, ps_round, q_round
 
 LN2 = math.log(2.0)
 
@@ -30,32 +32,71 @@ def round_(x: Tensor, stochastic: bool = False) -> Tensor:
     return floor + torch.bernoulli(x - floor)
 
 
-def _ste(rounded: Tensor, x: Tensor) -> Tensor:
-    """Value of ``rounded`` exactly, gradient of the identity with respect to ``x``."""
-    return rounded.detach() + (x - x.detach())
+@functools.cache
+def sqrt_half_above(dtype: torch.dtype) -> float:
+    """The least value of ``dtype`` above ``sqrt(1/2)`` (which, irrational, is never a float itself)."""
+    x = math.sqrt(0.5)
+    if Fraction(x) ** 2 < Fraction(1, 2):
+        x = math.nextafter(x, 1.0)  # the least double above sqrt(1/2)
+    c = torch.tensor(x, dtype=torch.float64).to(dtype).item()
+    return c if c >= x else c + torch.finfo(dtype).eps / 2  # rounded down: one step up ([0.5, 1) spacing)
+
+
+def _log2_nearest(magnitude: Tensor) -> Tensor:
+    """``round(log2 m)`` exactly, for positive ``m`` (NaN kept), as ``m``'s dtype.
+
+    With ``m = f * 2**e``, ``f`` in [0.5, 1), it is ``e`` when ``f > sqrt(1/2)`` and ``e - 1`` below
+    (never a tie: ``sqrt(1/2)`` is irrational). Unlike ``round(log2(m))`` in floating point, which
+    near ``sqrt(2) * 2**k`` can round to the wrong side, and costs a transcendental function.
+    """
+    mantissa, exponent = torch.frexp(magnitude)
+    shift = (exponent - 1).add_(mantissa >= sqrt_half_above(magnitude.dtype)).to(magnitude.dtype)
+    return shift.masked_fill_(torch.isnan(magnitude), math.nan)
 
 
 def q_shift_sign(weight: Tensor, shift_range: tuple[int, int], stochastic: bool = False):
     """DeepShift-Q rounding of float weights to ``(shift, sign)``, both float tensors.
 
     ``shift = round(log2(clamp(|w|, 2**p_min, 2**p_max)))`` lies in ``[p_min, p_max]``;
+    deterministic rounding is exact (the power of two nearest to ``|w|`` in log scale),
+    stochastic rounding rounds ``log2`` up with probability its fractional part.
     ``sign`` is -1 for negative weights and +1 otherwise: Q has no zero weight (the paper's
     weight_bits count 2**(b-1) shifts times two signs), so an exact 0 becomes ``+2**p_min``,
-    the nearest value Q can represent. No ``log2(0)`` is ever taken.
+    the nearest value Q can represent. No ``log2(0)`` is ever taken; +-inf saturate.
     """
     p_min, p_max = shift_range
     with torch.no_grad():
         magnitude = weight.detach().abs().clamp(2.0**p_min, 2.0**p_max)
         # Clamping the magnitude first keeps both rounding modes inside [p_min, p_max].
-        shift = round_(torch.log2(magnitude), stochastic)
+        shift = round_(torch.log2(magnitude), True) if stochastic else _log2_nearest(magnitude)
         sign = torch.where(weight.detach() < 0, -1.0, 1.0).to(weight.dtype)
     return shift, sign
 
 
+class _QWeight(torch.autograd.Function):
+    """``sign * 2**shift`` of :func:`q_shift_sign`; backward: the identity (straight through).
+
+    Deterministic rounding of float32/float64 CPU weights is one native pass (``kernels.cpu.q_round``,
+    the same bits); the autograd graph is a single node either way. At ResNet-20's size the torch
+    path's dozen small passes cost ~1% of a training step.
+    """
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, shift_range: tuple[int, int], stochastic: bool) -> Tensor:
+        out = None if stochastic else q_round(weight, *shift_range, sqrt_half_above(weight.dtype))
+        if out is None:
+            shift, sign = q_shift_sign(weight, shift_range, stochastic)
+            out = sign.mul_(torch.exp2(shift))  # exact: a power of two times +-1
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None, None
+
+
 def q_weight(weight: Tensor, shift_range: tuple[int, int], stochastic: bool = False) -> Tensor:
     """DeepShift-Q forward weight ``sign(w) * 2**round(log2|w|)`` with a straight-through gradient."""
-    shift, sign = q_shift_sign(weight, shift_range, stochastic)
-    return _ste(sign * torch.exp2(shift), weight)
+    return _QWeight.apply(weight, tuple(shift_range), stochastic)
 
 
 def ps_shift_sign(
@@ -69,6 +110,28 @@ def ps_shift_sign(
     return p, s
 
 
+class _PSWeight(torch.autograd.Function):
+    """``s * 2**p`` of :func:`ps_shift_sign`, with the paper's gradients (see :func:`ps_weight`).
+
+    Deterministic rounding of float32/float64 CPU parameters is one native pass
+    (``kernels.cpu.ps_round``, the same bits).
+    """
+
+    @staticmethod
+    def forward(ctx, shift: Tensor, sign: Tensor, shift_range: tuple[int, int], stochastic: bool) -> Tensor:
+        w = None if stochastic else ps_round(shift, sign, *shift_range)
+        if w is None:
+            p, s = ps_shift_sign(shift, sign, shift_range, stochastic)
+            w = s.mul_(torch.exp2(p))  # exact: a power of two times -1, 0 or +1
+        ctx.save_for_backward(w)
+        return w
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (w,) = ctx.saved_tensors
+        return grad * (w * LN2), grad, None, None
+
+
 def ps_weight(
     shift: Tensor, sign: Tensor, shift_range: tuple[int, int], stochastic: bool = False
 ) -> Tensor:
@@ -77,11 +140,7 @@ def ps_weight(
     Gradients follow the paper (straight through both roundings and the range clamp):
     ``dL/dshift = dL/dW * s * 2**p * ln 2`` and ``dL/dsign = dL/dW``.
     """
-    p, s = ps_shift_sign(shift, sign, shift_range, stochastic)
-    w = s * torch.exp2(p)
-    # (x - x.detach()) is exactly zero in value, so the sum keeps w exact while injecting
-    # the paper's two gradients.
-    return w + (shift - shift.detach()) * (w * LN2) + (sign - sign.detach())
+    return _PSWeight.apply(shift, sign, tuple(shift_range), stochastic)
 
 
 def ps_from_weight(weight: Tensor, shift_range: tuple[int, int]) -> tuple[Tensor, Tensor]:
@@ -92,7 +151,7 @@ def ps_from_weight(weight: Tensor, shift_range: tuple[int, int]) -> tuple[Tensor
     p_min, p_max = shift_range
     with torch.no_grad():
         w = weight.detach()
-        shift = torch.round(torch.log2(w.abs().clamp(2.0**p_min, 2.0**p_max)))
+        shift = _log2_nearest(w.abs().clamp(2.0**p_min, 2.0**p_max))  # exactly as Q rounds
         sign = torch.sign(w)
     return shift, sign
 
@@ -161,4 +220,10 @@ def fixed_point(x: Tensor, act_bits: tuple[int, int], rounding: str = "nearest")
     In float32 with ``I + F > 24`` the saturation bounds themselves are rounded to float32.
     """
     lo, hi = fixed_point_limits(act_bits)
-    return _FixedPoint.apply(x, act_bits[1], lo, hi, rounding == "floor")
+    floor = rounding == "floor"
+    if not (x.requires_grad and torch.is_grad_enabled()):
+        # No gradient: the native pass alone, without the band check or an autograd node.
+        native = fake_quantize(x, act_bits[1], lo, hi, floor)
+        if native is not None:
+            return native[0]
+    return _FixedPoint.apply(x, act_bits[1], lo, hi, floor)

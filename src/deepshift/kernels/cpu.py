@@ -660,6 +660,43 @@ def fake_quantize(x: Tensor, frac_bits: int, lo: float, hi: float, floor: bool,
                              float(band[1]))
 
 
+def _weight_pass_ok(t: Tensor, p_min: int, p_max: int) -> bool:
+    """Whether the native weight-rounding passes apply: a float32/float64 CPU tensor, eager mode, and
+    ``2**p_min`` .. ``2**p_max`` normal numbers of its dtype (the passes build powers of two from bits)."""
+    if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64) or not eager():
+        return False
+    info = torch.finfo(t.dtype)
+    return 2.0**p_min >= info.tiny and 2.0**p_max <= info.max
+
+
+def q_round(weight: Tensor, p_min: int, p_max: int, threshold: float) -> Tensor | None:
+    """DeepShift-Q's deterministic rounded weight ``sign(w) * 2**round(log2|w|)`` in one native pass.
+
+    The forward of :func:`deepshift.quantize.q_weight`, bit for bit its torch path (``threshold``:
+    the least value of the dtype above ``sqrt(1/2)``, where ``round(log2 m)`` steps up), which takes
+    about ten passes over the weight. Returns None when the native kernels are unavailable or do not
+    apply (see ``_weight_pass_ok``).
+    """
+    if not _weight_pass_ok(weight, p_min, p_max):
+        return None
+    ext = load_extension()
+    if ext is None:
+        return None
+    return ext.q_round(weight.contiguous(), 2.0**p_min, 2.0**p_max, threshold)
+
+
+def ps_round(shift: Tensor, sign: Tensor, p_min: int, p_max: int) -> Tensor | None:
+    """DeepShift-PS's deterministic weight ``sign(round(sign)) * 2**round(clamp(shift))`` in one native
+    pass: the forward of :func:`deepshift.quantize.ps_weight`, bit for bit its torch path. Returns None
+    when the native kernels are unavailable or do not apply."""
+    if not _weight_pass_ok(shift, p_min, p_max) or sign.dtype != shift.dtype or sign.shape != shift.shape:
+        return None
+    ext = load_extension()
+    if ext is None:
+        return None
+    return ext.ps_round(shift.contiguous(), sign.contiguous(), float(p_min), float(p_max))
+
+
 def quantize_input(x: Tensor, act_bits: tuple[int, int], rounding: str, dtype: torch.dtype) -> Tensor | None:
     """Fused fixed-point rounding of a frozen layer's input: ``clamp(round(x * 2**F), lo, hi)`` as ``dtype``.
 

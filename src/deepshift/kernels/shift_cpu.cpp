@@ -774,6 +774,62 @@ std::tuple<torch::Tensor, bool> fake_quantize(const torch::Tensor& x, int64_t fr
   return std::make_tuple(y, outside.load());
 }
 
+// The deterministic DeepShift-Q / -PS weight rounding (deepshift.quantize), one pass each; see q_round
+// and ps_round. thr: the least value of w's dtype above sqrt(1/2). lo, hi: 2**p_min, 2**p_max (Q) or
+// p_min, p_max (PS), with 2**p_min and 2**p_max normal in the dtype (the caller checks).
+template <typename Body>
+torch::Tensor weight_pass(const torch::Tensor& like, Body body) {
+  auto y = torch::empty_like(like);
+  at::parallel_for(0, like.numel(), 1 << 15, [&](int64_t b, int64_t e) { body(y, b, e); });
+  return y;
+}
+
+torch::Tensor q_round(const torch::Tensor& w, double lo, double hi, double thr) {
+  TORCH_CHECK(w.is_contiguous() && (w.dtype() == torch::kFloat32 || w.dtype() == torch::kFloat64),
+              "w must be contiguous float32/float64");
+  const bool avx = use_avx2();
+  auto run = [&](auto tag) {
+    using F = decltype(tag);
+    using I = typename ds_portable::FloatBits<F>::I;
+    const F t2 = static_cast<F>(2 * thr);  // in [1, 2): the same mantissa bits
+    I mt;
+    std::memcpy(&mt, &t2, sizeof mt);
+    mt &= (I(1) << ds_portable::FloatBits<F>::M) - 1;
+    const F* wp = w.data_ptr<F>();
+    return weight_pass(w, [&](torch::Tensor& y, int64_t b, int64_t e) {
+      F* yp = y.data_ptr<F>();
+#ifdef DS_X86
+      if (avx) return ds_avx2::q_round<F>(wp + b, yp + b, e - b, F(lo), F(hi), mt);
+#endif
+      ds_portable::q_round<F>(wp + b, yp + b, e - b, F(lo), F(hi), mt);
+    });
+  };
+  (void)avx;
+  return w.dtype() == torch::kFloat32 ? run(float{}) : run(double{});
+}
+
+torch::Tensor ps_round(const torch::Tensor& shift, const torch::Tensor& sign, double lo, double hi) {
+  TORCH_CHECK(shift.is_contiguous() && sign.is_contiguous() && shift.dtype() == sign.dtype() &&
+                  shift.sizes() == sign.sizes() &&
+                  (shift.dtype() == torch::kFloat32 || shift.dtype() == torch::kFloat64),
+              "shift and sign must be contiguous float32/float64 of one shape");
+  const bool avx = use_avx2();
+  auto run = [&](auto tag) {
+    using F = decltype(tag);
+    const F* sp = shift.data_ptr<F>();
+    const F* gp = sign.data_ptr<F>();
+    return weight_pass(shift, [&](torch::Tensor& y, int64_t b, int64_t e) {
+      F* yp = y.data_ptr<F>();
+#ifdef DS_X86
+      if (avx) return ds_avx2::ps_round<F>(sp + b, gp + b, yp + b, e - b, F(lo), F(hi));
+#endif
+      ds_portable::ps_round<F>(sp + b, gp + b, yp + b, e - b, F(lo), F(hi));
+    });
+  };
+  (void)avx;
+  return shift.dtype() == torch::kFloat32 ? run(float{}) : run(double{});
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -789,4 +845,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scale", &scale);
   m.def("fake_quantize", &fake_quantize);
   m.def("channel_affine", &channel_affine);
+  m.def("q_round", &q_round);
+  m.def("ps_round", &ps_round);
 }

@@ -418,33 +418,52 @@ inline GemvFn gemv_fn(int M) {
 // NaN (max/min return their second operand when one is NaN), +-inf saturate.
 // Returns whether some x lies outside the gradient's pass band, i.e. x <= glo or x >= ghi (NaN is
 // not: aten's hardtanh_backward, the backward used otherwise, passes its gradient).
+#if defined(DS_AVX2_TU)
+// fake_quantize_f32's vector loop over whole 8-float blocks; returns how many floats it did. Band:
+// whether to check the gradient's pass band (not needed when no gradient is taken), into *outside:
+// through the running min and max of x (vminps / vmaxps return their second operand, the running
+// value, when x is NaN: NaN counts as inside), two operations per vector instead of four.
+template <bool Floor, bool Band>
+inline int64_t fake_quantize_f32_avx2(const float* x, float* y, int64_t n, float s, float inv_s, float lo, float hi,
+                                      float glo, float ghi, bool* outside) {
+  constexpr int mode = (Floor ? _MM_FROUND_TO_NEG_INF : _MM_FROUND_TO_NEAREST_INT) | _MM_FROUND_NO_EXC;
+  const __m256 vs = _mm256_set1_ps(s), vinv = _mm256_set1_ps(inv_s);
+  const __m256 vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi);
+  __m256 mn = _mm256_set1_ps(__builtin_inff()), mx = _mm256_set1_ps(-__builtin_inff());
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 xv = _mm256_loadu_ps(x + i);
+    if constexpr (Band) {
+      mn = _mm256_min_ps(xv, mn);
+      mx = _mm256_max_ps(xv, mx);
+    }
+    __m256 v = _mm256_round_ps(_mm256_mul_ps(xv, vs), mode);
+    v = _mm256_min_ps(vhi, _mm256_max_ps(vlo, v));
+    _mm256_storeu_ps(y + i, _mm256_mul_ps(v, vinv));
+  }
+  if constexpr (Band) {
+    float lo8[8], hi8[8];
+    _mm256_storeu_ps(lo8, mn);
+    _mm256_storeu_ps(hi8, mx);
+    for (int k = 0; k < 8; ++k)
+      if (lo8[k] <= glo || hi8[k] >= ghi) *outside = true;
+  }
+  return i;
+}
+#endif
+
 inline bool fake_quantize_f32(const float* x, float* y, int64_t n, float s, float inv_s, float lo, float hi,
                               bool floor_mode, float glo, float ghi) {
   int64_t i = 0;
   bool outside = false;
 #if defined(DS_AVX2_TU)
-  const __m256 vs = _mm256_set1_ps(s), vinv = _mm256_set1_ps(inv_s);
-  const __m256 vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi);
-  const __m256 vglo = _mm256_set1_ps(glo), vghi = _mm256_set1_ps(ghi);
-  __m256 out = _mm256_setzero_ps();
-  if (floor_mode) {
-    for (; i + 8 <= n; i += 8) {
-      const __m256 xv = _mm256_loadu_ps(x + i);
-      out = _mm256_or_ps(out, _mm256_or_ps(_mm256_cmp_ps(xv, vglo, _CMP_LE_OQ), _mm256_cmp_ps(xv, vghi, _CMP_GE_OQ)));
-      __m256 v = _mm256_round_ps(_mm256_mul_ps(xv, vs), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-      v = _mm256_min_ps(vhi, _mm256_max_ps(vlo, v));
-      _mm256_storeu_ps(y + i, _mm256_mul_ps(v, vinv));
-    }
-  } else {
-    for (; i + 8 <= n; i += 8) {
-      const __m256 xv = _mm256_loadu_ps(x + i);
-      out = _mm256_or_ps(out, _mm256_or_ps(_mm256_cmp_ps(xv, vglo, _CMP_LE_OQ), _mm256_cmp_ps(xv, vghi, _CMP_GE_OQ)));
-      __m256 v = _mm256_round_ps(_mm256_mul_ps(xv, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      v = _mm256_min_ps(vhi, _mm256_max_ps(vlo, v));
-      _mm256_storeu_ps(y + i, _mm256_mul_ps(v, vinv));
-    }
-  }
-  outside = _mm256_movemask_ps(out) != 0;
+  const bool band = glo > -__builtin_inff() || ghi < __builtin_inff();
+  if (floor_mode)
+    i = band ? fake_quantize_f32_avx2<true, true>(x, y, n, s, inv_s, lo, hi, glo, ghi, &outside)
+             : fake_quantize_f32_avx2<true, false>(x, y, n, s, inv_s, lo, hi, glo, ghi, &outside);
+  else
+    i = band ? fake_quantize_f32_avx2<false, true>(x, y, n, s, inv_s, lo, hi, glo, ghi, &outside)
+             : fake_quantize_f32_avx2<false, false>(x, y, n, s, inv_s, lo, hi, glo, ghi, &outside);
 #endif
   for (; i < n; ++i) {
     if (x[i] <= glo || x[i] >= ghi) outside = true;
@@ -556,3 +575,64 @@ void affine_run(const F* x, F* y, int64_t n, F s, F h) {
   }
 }
 
+
+// Bit layout of the float types the weight-rounding passes below handle.
+template <typename F>
+struct FloatBits;
+template <>
+struct FloatBits<float> {
+  typedef uint32_t I;
+  static constexpr int M = 23, BIAS = 127;
+};
+template <>
+struct FloatBits<double> {
+  typedef uint64_t I;
+  static constexpr int M = 52, BIAS = 1023;
+};
+
+// DeepShift-Q's deterministic weight rounding (deepshift.quantize.q_weight's forward) in one pass:
+// y = (w < 0 ? -1 : 1) * 2**round(log2(clamp(|w|, lo, hi))), NaN kept. lo and hi are normal powers of
+// two. round(log2 m) is exact: m = 1.f * 2**k rounds up to 2**(k + 1) iff 1.f >= sqrt 2 (never equal,
+// sqrt 2 being irrational), i.e. iff its mantissa bits are >= mt, those of the least F above sqrt 2.
+// The torch path (frexp, then the same comparison) gives the same bits.
+template <typename F>
+void q_round(const F* w, F* y, int64_t n, F lo, F hi, typename FloatBits<F>::I mt) {
+  typedef typename FloatBits<F>::I I;
+  constexpr int M = FloatBits<F>::M;
+  constexpr I mask = (I(1) << M) - 1, sign = I(1) << (8 * sizeof(I) - 1);
+  for (int64_t i = 0; i < n; ++i) {
+    const F v = w[i];
+    F m = v < 0 ? -v : v;
+    m = m < lo ? lo : m;  // comparisons with NaN are false: NaN stays
+    m = m > hi ? hi : m;
+    I b;
+    __builtin_memcpy(&b, &m, sizeof b);
+    const I e = (b >> M) + ((b & mask) >= mt ? I(1) : I(0));  // m >= lo > 0: no sign bit
+    const I o = (e << M) | (v < 0 ? sign : I(0));
+    F r;
+    __builtin_memcpy(&r, &o, sizeof r);
+    y[i] = m != m ? m : r;
+  }
+}
+
+// DeepShift-PS's deterministic weight (deepshift.quantize.ps_weight's forward) in one pass:
+// y = sign(round(sgn)) * 2**round(clamp(shift, lo, hi)), round = half to even, exactly as torch
+// computes it: sign(NaN) = 0, a NaN shift gives NaN. lo and hi are integers with 2**lo, 2**hi normal.
+template <typename F>
+void ps_round(const F* shift, const F* sgn, F* y, int64_t n, F lo, F hi) {
+  typedef typename FloatBits<F>::I I;
+  constexpr int M = FloatBits<F>::M;
+  for (int64_t i = 0; i < n; ++i) {
+    F p = shift[i];
+    p = p < lo ? lo : p;
+    p = p > hi ? hi : p;
+    p = __builtin_nearbyint(p);
+    const F r = __builtin_nearbyint(sgn[i]);
+    const F s = static_cast<F>((F(0) < r) - (r < F(0)));
+    const int32_t pi = p != p ? 0 : static_cast<int32_t>(p);
+    const I o = static_cast<I>(pi + FloatBits<F>::BIAS) << M;  // 2**p
+    F t;
+    __builtin_memcpy(&t, &o, sizeof t);
+    y[i] = p != p ? p : s * t;
+  }
+}
