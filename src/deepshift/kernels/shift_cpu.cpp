@@ -724,8 +724,8 @@ torch::Tensor channel_affine(const torch::Tensor& x, const torch::Tensor& scale,
   auto body = [&](auto* xp, auto* op, auto* sp, auto* hp) {
     at::parallel_for(0, planes, std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, inner)),
                      [&](int64_t b, int64_t e) {
-      for (int64_t p = b; p < e; ++p) {
-        const int64_t c = p % C;
+      // The channel advances with the plane (no division per plane: 8x8 planes are only 64 values).
+      for (int64_t p = b, c = b % C; p < e; ++p, c = c + 1 == C ? 0 : c + 1) {
 #ifdef DS_X86
         if (avx) {
           ds_avx2::affine_run(xp + p * inner, op + p * inner, inner, sp[c], hp[c]);

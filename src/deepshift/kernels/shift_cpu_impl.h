@@ -22,13 +22,14 @@ struct VecOf<uint64_t> {
 // Geom (the geometry of one conv call) is defined once in shift_cpu.cpp, outside both namespaces.
 
 // Table of channels [c0, c1) of one image: tbl[c] = the zero-padded, phase-split x[c]; cv says how input
-// values become table values: cv.run(src, dst, n) for a contiguous run, cv.one(v, dst) for one element,
-// both returning whether some value was invalid (NaN, for float input). Every input element lands in
-// the table, so none goes unchecked. Returns whether cv reported any.
+// values become table values: cv.run(src, dst, n) converts a contiguous run, returning whether some value
+// was invalid (NaN, for float input). Every input element is converted, so none goes unchecked.
+// Returns whether cv reported any.
 template <typename U, typename S, typename Cv>
 bool build_table(const S* x, U* tbl, const Geom& g, int64_t c0, int64_t c1, const Cv& cv) {
   const int64_t DHW = g.D * g.H * g.W;
   bool bad = false;
+  std::vector<U> rowbuf(g.sw == 1 ? 0 : g.W);  // strided: one converted input row
   for (int64_t c = c0; c < c1; ++c) {
     const S* xc = x + c * DHW;
     U* dst = tbl + c * g.S;
@@ -49,15 +50,12 @@ bool build_table(const S* x, U* tbl, const Geom& g, int64_t c0, int64_t c1, cons
           bad |= cv.run(src + (lo - g.pw), row + lo, hi - lo);
           for (int64_t q = hi; q < g.Wq; ++q) row[q] = 0;
         } else {
+          // Convert the row as one contiguous run (vectorised), then deal its columns out to the phases.
+          bad |= cv.run(src, rowbuf.data(), g.W);
           for (int64_t r = 0; r < g.sw; ++r) {
             U* rr = row + r * g.Wq;
             int64_t iw = r - g.pw;
-            for (int64_t q = 0; q < g.Wq; ++q, iw += g.sw) {
-              if (iw >= 0 && iw < g.W)
-                bad |= cv.one(src[iw], rr + q);
-              else
-                rr[q] = 0;
-            }
+            for (int64_t q = 0; q < g.Wq; ++q, iw += g.sw) rr[q] = (iw >= 0 && iw < g.W) ? rowbuf[iw] : U(0);
           }
         }
       }
@@ -71,10 +69,6 @@ template <typename U>
 struct CopyIn {
   bool run(const U* src, U* dst, int64_t n) const {
     for (int64_t i = 0; i < n; ++i) dst[i] = src[i];
-    return false;
-  }
-  bool one(U v, U* dst) const {
-    *dst = v;
     return false;
   }
 };
@@ -532,7 +526,6 @@ template <typename U, typename F>
 struct QuantizeIn {
   QuantSpec q;
   bool run(const F* src, U* dst, int64_t n) const { return quantize_run(src, dst, n, q); }
-  bool one(F v, U* dst) const { return quantize_one(v, dst, q); }
 };
 
 // out[i] = FO(double(int32(y[i])) * 2**e): the frozen layers' output scaling. For float32 output with
