@@ -423,7 +423,7 @@ def test_conv_flat_rows_bit_exact(native, mag, shape):
     _check(torch.ops.deepshift.shift_conv, ops.shift_conv_reference, args, "flat 3-d")
 
 
-@pytest.mark.parametrize("oh", [1, 2, 3, 5, 7, 13])  # row blocks of 6, 4, 3, 2, 1 and remainders
+@pytest.mark.parametrize("oh", [1, 2, 3, 5, 7, 8, 9, 13, 15])  # row blocks of 8, 6, 4, 3, 2, 1 and remainders
 def test_conv_half_width_rows_bit_exact(native, oh):
     # Rows of at most 8 outputs on int16 tables, with stride 2 (never flat) and stride 1 (flat or
     # half, by CPU): 8-lane items, one row each; 70 channels make several channel blocks.

@@ -409,7 +409,9 @@ bool conv_drive(const Geom& g0, int64_t N, const PlanView& pv, int64_t nterms, c
   // Half mode (int16 tables, rows of at most 8 outputs, not flat): items of R rows x one 8-lane vector.
   const bool half = sizeof(U) == 2 && !flat && g.OW <= 8;
   const int V = half ? 1 : vectors_for(g.OW, L);
-  const int RM = half ? 6 : rows_for_lanes(V, L);  // for the work split only
+  // Half items take up to 8 rows (8 int16 sums in registers; their int32 accumulators, touched only
+  // between shift groups, may live on the stack): on Zen 1, 8x8 planes ran 9% faster than as 6 + 2.
+  const int RM = half ? 8 : rows_for_lanes(V, L);  // for the work split only
   const bool avx = use_avx2();
   struct Item {
     int64_t row0, ow0, o0, o1;
@@ -429,8 +431,8 @@ bool conv_drive(const Geom& g0, int64_t N, const PlanView& pv, int64_t nterms, c
       // The last column block may be narrower: its row block size follows its own vector count.
       const int vv = static_cast<int>(std::min<int64_t>(V, (g.OW - ow0 + L - 1) / L));
       for (int64_t r = 0; r < rows;) {
-        int rr = static_cast<int>(std::min<int64_t>(half ? 6 : rows_for_lanes(vv, L), rows - r));
-        while (half ? rr == 5 : !has_rows_lanes(vv, rr, L)) --rr;
+        int rr = static_cast<int>(std::min<int64_t>(half ? 8 : rows_for_lanes(vv, L), rows - r));
+        while (half ? (rr == 5 || rr == 7) : !has_rows_lanes(vv, rr, L)) --rr;
         items.push_back({r, ow0, o0, std::min(g.Cout, o0 + osz), rr, vv});
         r += rr;
       }

@@ -324,9 +324,10 @@ inline ConvItem16Fn conv_item16_fn(int R, int V) {
   }
 }
 
-// Function for a half item (8 columns) of R rows, R in {1, 2, 3, 4, 6}.
+// Function for a half item (8 columns) of R rows, R in {1, 2, 3, 4, 6, 8}.
 inline ConvItem16Fn conv_item16h_fn(int R) {
   switch (R) {
+    case 8: return &conv_item16<8, 1, 8>;
     case 6: return &conv_item16<6, 1, 8>;
     case 4: return &conv_item16<4, 1, 8>;
     case 3: return &conv_item16<3, 1, 8>;
