@@ -67,33 +67,29 @@ class FrozenBatchNorm(nn.Module):
         return frozen.to(bn.running_mean.device)
 
     def affine(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """``(scale, shift)`` in ``dtype``, each computed in float64 and rounded once.
+        """``(scale, shift)`` in ``dtype``, each computed in float64 and rounded once; shape (C,).
 
         Cached per dtype while the statistics are unchanged (keyed on the buffers' storage and
         version counters, which every in-place write such as ``load_state_dict`` bumps).
         """
-        return self._affine(dtype, 1)
-
-    def _affine(self, dtype: torch.dtype, ndim: int) -> tuple[Tensor, Tensor]:
-        # Shaped (C, 1, ..., 1) to broadcast over an ndim-dimensional input's channel dimension.
-        # The key is built without loops: at batch 1 this runs once per layer per image.
-        w, b, m, v = self.weight, self.bias, self.running_mean, self.running_var
+        # The key is built from the buffer dict directly, without loops: at batch 1 this runs once
+        # per layer per image, and attribute lookups through nn.Module cost microseconds each.
+        b = self._buffers
+        m, v, w, h = b["running_mean"], b["running_var"], b["weight"], b["bias"]
         try:
-            key = (dtype, ndim, m.device, m.data_ptr(), m._version, v.data_ptr(), v._version,
+            key = (m.device, m.data_ptr(), m._version, v.data_ptr(), v._version,
                    None if w is None else (w.data_ptr(), w._version),
-                   None if b is None else (b.data_ptr(), b._version))
+                   None if h is None else (h.data_ptr(), h._version))
         except RuntimeError:  # inference tensors have no version counter: compute every time
             key = None
-        hit = self._affine_cache.get((dtype, ndim))
+        hit = self._affine_cache.get(dtype)
         if key is not None and hit is not None and hit[0] == key:
             return hit[1]
-        scale, shift = self._compute_affine(dtype)
-        view = (-1,) + (1,) * (ndim - 1)
-        result = scale.view(view), shift.view(view)
+        result = self._compute_affine(dtype)
         if key is not None and not torch.compiler.is_compiling():
             if hit is None and len(self._affine_cache) >= 4:
                 self._affine_cache.clear()
-            self._affine_cache[(dtype, ndim)] = (key, result)
+            self._affine_cache[dtype] = (key, result)
         return result
 
     def _compute_affine(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -109,14 +105,15 @@ class FrozenBatchNorm(nn.Module):
         if x.dim() < 2 or x.shape[1] != self.num_features:
             raise ValueError(f"FrozenBatchNorm expects (N, {self.num_features}, ...) input, got "
                              f"{tuple(x.shape)}")
-        scale, shift = self._affine(x.dtype, x.dim() - 1)
+        scale, shift = self.affine(x.dtype)
         # The same two roundings in one native pass over memory instead of two (eager, CPU).
         y = channel_affine(x, scale, shift)
         if y is not None:
             return y
         # Two operations on purpose: torch.addcmul or a fused kernel would round once (FMA), and
         # runtimes disagree on whether they fuse.
-        return torch.add(torch.mul(x, scale), shift)
+        view = (-1,) + (1,) * (x.dim() - 2)
+        return torch.add(torch.mul(x, scale.view(view)), shift.view(view))
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}"

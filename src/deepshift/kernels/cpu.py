@@ -743,26 +743,20 @@ def scale_output(y: Tensor, exponent: int, dtype: torch.dtype) -> Tensor | None:
     return ext.scale(y, exponent, dtype == torch.float64)
 
 
+_FLOAT_DTYPES = (torch.float32, torch.float64)
+
+
 def channel_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor | None:
-    """``torch.add(torch.mul(x, scale), shift)`` with ``scale`` / ``shift`` of shape (C,) broadcast over
-    x's dimension 1, in one native pass (bit for bit the same: a multiply, then an add, each rounded);
-    None when the native kernels are unavailable or x is not a float32/float64 CPU tensor with
-    matching (C,) ``scale`` / ``shift``. :class:`deepshift.FrozenBatchNorm`'s forward."""
-    if (
-        not eager()
-        or x.device.type != "cpu"
-        or x.dtype not in (torch.float32, torch.float64)
-        or x.dim() < 2
-        or scale.dtype != x.dtype
-        or shift.dtype != x.dtype
-        or scale.device.type != "cpu"
-        or shift.device.type != "cpu"
-    ):
+    """``torch.add(torch.mul(x, scale[c]), shift[c])`` over x's channel dimension 1, in one native pass
+    (bit for bit the same: a multiply, then an add, each rounded): :class:`deepshift.FrozenBatchNorm`'s
+    forward. ``scale`` and ``shift``: contiguous (C,) CPU tensors of x's dtype (the native op checks).
+    None when the native kernels are unavailable or x is not a float32/float64 CPU tensor."""
+    if not eager() or x.device.type != "cpu" or x.dtype not in _FLOAT_DTYPES or x.dim() < 2:
         return None
     ext = load_extension()
     if ext is None:
         return None
-    return ext.channel_affine(x.contiguous(), scale.reshape(-1).contiguous(), shift.reshape(-1).contiguous())
+    return ext.channel_affine(x.contiguous(), scale, shift)
 
 
 def register() -> None:
