@@ -776,9 +776,7 @@ std::tuple<torch::Tensor, bool> fake_quantize(const torch::Tensor& x, int64_t fr
   return std::make_tuple(y, outside.load());
 }
 
-// The deterministic DeepShift-Q / -PS weight rounding (deepshift.quantize), one pass each; see q_round
-// and ps_round. thr: the least value of w's dtype above sqrt(1/2). lo, hi: 2**p_min, 2**p_max (Q) or
-// p_min, p_max (PS), with 2**p_min and 2**p_max normal in the dtype (the caller checks).
+// A fresh tensor like `like`, filled by body(y, b, e) over element ranges in parallel.
 template <typename Body>
 torch::Tensor weight_pass(const torch::Tensor& like, Body body) {
   auto y = torch::empty_like(like);
@@ -786,6 +784,10 @@ torch::Tensor weight_pass(const torch::Tensor& like, Body body) {
   return y;
 }
 
+// The deterministic DeepShift-Q / -PS weight rounding (deepshift.quantize), one pass each (see q_round
+// and ps_round in shift_cpu_impl.h). thr: the least value of w's dtype above sqrt(1/2). lo, hi:
+// 2**p_min, 2**p_max (Q) or p_min, p_max (PS), with 2**p_min and 2**p_max normal in the dtype (the
+// caller checks).
 torch::Tensor q_round(const torch::Tensor& w, double lo, double hi, double thr) {
   TORCH_CHECK(w.is_contiguous() && (w.dtype() == torch::kFloat32 || w.dtype() == torch::kFloat64),
               "w must be contiguous float32/float64");

@@ -406,13 +406,6 @@ inline GemvFn gemv_fn(int M) {
   }
 }
 
-// Training-time fixed-point rounding of float32 values, fused into one pass:
-// y = min(hi, max(lo, round(x * s))) * inv_s with s = 2**F (round = half to even, or floor).
-// The same float32 operations, in the same order, as the torch path in deepshift.quantize
-// (x * 2**F, round_/floor_, clamp_, * 2**-F), so the result is identical bit for bit; NaN stays
-// NaN (max/min return their second operand when one is NaN), +-inf saturate.
-// Returns whether some x lies outside the gradient's pass band, i.e. x <= glo or x >= ghi (NaN is
-// not: aten's hardtanh_backward, the backward used otherwise, passes its gradient).
 #if defined(DS_AVX2_TU)
 // fake_quantize_f32's vector loop over whole 8-float blocks; returns how many floats it did. Band:
 // whether to check the gradient's pass band (not needed when no gradient is taken), into *outside:
@@ -447,6 +440,13 @@ inline int64_t fake_quantize_f32_avx2(const float* x, float* y, int64_t n, float
 }
 #endif
 
+// Training-time fixed-point rounding of float32 values, fused into one pass:
+// y = min(hi, max(lo, round(x * s))) * inv_s with s = 2**F (round = half to even, or floor).
+// The same float32 operations, in the same order, as the torch path in deepshift.quantize
+// (x * 2**F, round_/floor_, clamp_, * 2**-F), so the result is identical bit for bit; NaN stays
+// NaN (max/min return their second operand when one is NaN), +-inf saturate.
+// Returns whether some x lies outside the gradient's pass band, i.e. x <= glo or x >= ghi (NaN is
+// not: aten's hardtanh_backward, the backward used otherwise, passes its gradient).
 inline bool fake_quantize_f32(const float* x, float* y, int64_t n, float s, float inv_s, float lo, float hi,
                               bool floor_mode, float glo, float ghi) {
   int64_t i = 0;
@@ -568,7 +568,6 @@ void affine_run(const F* x, F* y, int64_t n, F s, F h) {
     y[i] = t + h;
   }
 }
-
 
 // Bit layout of the float types the weight-rounding passes below handle.
 template <typename F>
