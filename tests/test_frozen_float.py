@@ -142,3 +142,11 @@ def test_frozen_batchnorm_native_pass_equals_multiply_then_add(dtype, monkeypatc
     # Non-contiguous input: the same values.
     xt = x.transpose(2, 3)
     assert torch.equal(bn(xt).nan_to_num(0.5), torch.add(torch.mul(xt, scale), shift).nan_to_num(0.5))
+
+
+def test_batchnorm_on_another_device_is_torchs_error_not_a_crash():
+    # The native pass takes CPU tensors only: statistics elsewhere fall back to torch, which raises
+    # its usual device-mismatch error (here "meta" stands for any other device).
+    bn = FrozenBatchNorm.from_batchnorm(nn.BatchNorm2d(3).eval()).to("meta")
+    with pytest.raises(RuntimeError, match="device"):
+        bn(torch.randn(2, 3, 4, 4))

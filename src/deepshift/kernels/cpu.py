@@ -694,7 +694,8 @@ def ps_round(shift: Tensor, sign: Tensor, p_min: int, p_max: int) -> Tensor | No
     """DeepShift-PS's deterministic weight ``sign(round(sign)) * 2**round(clamp(shift))`` in one native
     pass: the forward of :func:`deepshift.quantize.ps_weight`, bit for bit its torch path. Returns None
     when the native kernels are unavailable or do not apply."""
-    if not _weight_pass_ok(shift, p_min, p_max) or sign.dtype != shift.dtype or sign.shape != shift.shape:
+    if (not _weight_pass_ok(shift, p_min, p_max) or sign.dtype != shift.dtype or sign.shape != shift.shape
+            or sign.device != shift.device):
         return None
     ext = load_extension()
     if ext is None:
@@ -754,9 +755,11 @@ _FLOAT_DTYPES = (torch.float32, torch.float64)
 def channel_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor | None:
     """``torch.add(torch.mul(x, scale[c]), shift[c])`` over x's channel dimension 1, in one native pass
     (bit for bit the same: a multiply, then an add, each rounded): :class:`deepshift.FrozenBatchNorm`'s
-    forward. ``scale`` and ``shift``: contiguous (C,) CPU tensors of x's dtype (the native op checks).
-    None when the native kernels are unavailable or x is not a float32/float64 CPU tensor."""
-    if not eager() or x.device.type != "cpu" or x.dtype not in _FLOAT_DTYPES or x.dim() < 2:
+    forward. ``scale`` and ``shift``: contiguous (C,) tensors of x's dtype on one device (the native op
+    checks shape and dtype). None when the native kernels are unavailable or x or ``scale`` is not on
+    the CPU, or x is not float32/float64 (torch then raises on a device mismatch)."""
+    if (not eager() or x.device.type != "cpu" or scale.device.type != "cpu" or x.dtype not in _FLOAT_DTYPES
+            or x.dim() < 2):
         return None
     ext = load_extension()
     if ext is None:
