@@ -472,7 +472,8 @@ def _fused_conv_case(rng: random.Random):
     dims = rng.choice([1, 2, 2, 2, 3])
     groups = rng.choice([1, 1, 2, 3])
     depthwise = rng.random() < 0.2
-    cin = groups * (1 if depthwise else rng.randint(1, 6))
+    # Few or many input channels: int16 tables need at least 2**weight_bits terms per output.
+    cin = groups * (1 if depthwise else rng.choice([rng.randint(1, 6), rng.randint(16, 40)]))
     cout = groups * rng.randint(1, 4)
     kernel = [rng.randint(1, 3 if dims < 3 else 2) for _ in range(dims)]
     stride = [rng.choice([1, 1, 2]) for _ in range(dims)]
@@ -500,6 +501,14 @@ def _fused_conv_case(rng: random.Random):
 def test_fused_conv_forward_equals_the_op_path(native, monkeypatch, chunk):
     rng = random.Random(7000 + chunk)
     done = fused = 0
+    lanes_used = []  # the table width of every fused call: both must stay covered
+    ext = cpu.load_extension()
+    real = ext.conv_fused
+
+    def spy(*args):
+        lanes_used.append(args[12])
+        return real(*args)
+
     while done < 25:
         layer, x = _fused_conv_case(rng)
         try:
@@ -510,6 +519,7 @@ def test_fused_conv_forward_equals_the_op_path(native, monkeypatch, chunk):
         except (ValueError, RuntimeError):
             continue  # no output for these options
         monkeypatch.undo()
+        monkeypatch.setattr(ext, "conv_fused", spy)
         for isa in ("avx2", "portable"):
             cpu.set_isa(isa)
             try:
@@ -525,6 +535,7 @@ def test_fused_conv_forward_equals_the_op_path(native, monkeypatch, chunk):
         assert _fused_used(layer) == (layer.accumulator == "int32"), "int32 layers take the fused path"
         done += 1
     assert fused >= 10  # most random layers need only int32 accumulators
+    assert lanes_used.count(16) >= 8 and lanes_used.count(32) >= 8, lanes_used  # int16 and int32 tables
 
 
 @pytest.mark.parametrize("act_bits", [(4, 4), (8, 8)])

@@ -107,6 +107,9 @@ _cache: OrderedDict[tuple, tuple[Any, Any, int]] = OrderedDict()
 _cache_bytes = [0]
 
 
+_FLOAT_DTYPES = (torch.float32, torch.float64)
+
+
 def eager() -> bool:
     """Whether the native helpers may run: not while compiling or tracing, where their results would
     be opaque to the compiler or recorded as constants (the torch / op paths are taken then)."""
@@ -540,14 +543,14 @@ def shift_conv_cpu(
     return call.run(ext, x, bias_s, lanes)
 
 
-def _fused_setup(ext, x, act_bits, rounding, accumulator, shift_lo, bias):
+def _fused_setup(ext, x, act_bits, rounding, accumulator, shift_lo, bias, terms, weight_bits):
     """Common checks and constants of the fused frozen-layer paths, or None when they do not apply:
-    (lanes, lo, hi, exponent, shifted int32 bias or None)."""
+    (lanes, lo, hi, exponent, shifted int32 bias or None). ``terms``: weights per output."""
     if (
         accumulator != "int32"
         or not eager()
         or not isinstance(x, Tensor)
-        or x.dtype not in (torch.float32, torch.float64)
+        or x.dtype not in _FLOAT_DTYPES
         or x.device.type != "cpu"
         or rounding not in ("nearest", "floor")
         or (bias is not None and bias.dtype != torch.int32)
@@ -557,8 +560,12 @@ def _fused_setup(ext, x, act_bits, rounding, accumulator, shift_lo, bias):
     lo, hi = -(2 ** (total - 1)), 2 ** (total - 1) - 1
     u = min(shift_lo, 0)
     b = _shifted_bias(bias, u)
-    # 8-bit activations (|q| <= 128 by construction) take the int16 tables; others int32 ones.
-    return (16 if total <= 8 else 32), lo, hi, u - act_bits[1], b
+    # 8-bit activations (|q| <= 128 by construction) take the int16 tables, unless an output has
+    # fewer terms than 2 * (shift amounts): then the int16 path's widening per shift group outweighs
+    # its narrower loads (ResNet's 3-channel first conv, 27 terms for 16 amounts: int32 tables were
+    # 1.45x faster, 3.85 vs 5.65 ms at batch 128; int16 was already ahead at 45 terms).
+    lanes = 16 if total <= 8 and terms >= 2**weight_bits else 32
+    return lanes, lo, hi, u - act_bits[1], b
 
 
 def prepare_conv_fused(x, codes, weight_shape, weight_bits, has_zero, shift_lo, bias, stride, padding,
@@ -577,15 +584,11 @@ def prepare_conv_fused(x, codes, weight_shape, weight_bits, has_zero, shift_lo, 
     keep the function while ``codes`` and ``bias`` are unchanged (see ``ShiftConvNd``).
     """
     ext = load_extension()
-    setup = None if ext is None else _fused_setup(ext, x, act_bits, rounding, accumulator, shift_lo, bias)
+    setup = None if ext is None else _fused_setup(ext, x, act_bits, rounding, accumulator, shift_lo, bias,
+                                                  math.prod(weight_shape[1:]), weight_bits)
     if setup is None or x.dim() != len(weight_shape):
         return None
     lanes, lo, hi, exponent, b = setup
-    if lanes == 16 and math.prod(weight_shape[1:]) < 2 ** weight_bits:
-        # Few terms per output (ResNet's 3-channel first conv: 27 for 16 shift amounts): the int16
-        # path's per-shift-group widening outweighs its narrower loads; int32 tables were 1.45x
-        # faster there (3.85 vs 5.65 ms at batch 128), int16 already ahead at 45 terms.
-        lanes = 32
     dims = len(weight_shape) - 2
     args = (x, codes, weight_shape, weight_bits, has_zero, shift_lo, bias, stride, padding, dilation, groups,
             False, [0] * dims)
@@ -614,7 +617,8 @@ def prepare_linear_fused(x, codes, weight_shape, weight_bits, has_zero, shift_lo
     1x1-convolution path). Bit for bit the op path's result; ValueError on NaN; None where it does
     not apply."""
     ext = load_extension()
-    setup = None if ext is None else _fused_setup(ext, x, act_bits, rounding, accumulator, shift_lo, bias)
+    setup = None if ext is None else _fused_setup(ext, x, act_bits, rounding, accumulator, shift_lo, bias,
+                                                  weight_shape[1], weight_bits)
     if setup is None or not _linear_native_ok(x, codes, weight_shape, weight_bits, bias, torch.int32):
         return None
     lanes, lo, hi, exponent, b = setup
@@ -668,7 +672,7 @@ def fake_quantize(x: Tensor, frac_bits: int, lo: float, hi: float, floor: bool,
 def _weight_pass_ok(t: Tensor, p_min: int, p_max: int) -> bool:
     """Whether the native weight-rounding passes apply: a float32/float64 CPU tensor, eager mode, and
     ``2**p_min`` .. ``2**p_max`` normal numbers of its dtype (the passes build powers of two from bits)."""
-    if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64) or not eager():
+    if t.device.type != "cpu" or t.dtype not in _FLOAT_DTYPES or not eager():
         return False
     info = torch.finfo(t.dtype)
     return 2.0**p_min >= info.tiny and 2.0**p_max <= info.max
@@ -718,7 +722,7 @@ def quantize_input(x: Tensor, act_bits: tuple[int, int], rounding: str, dtype: t
         ext is None
         or not eager()
         or x.device.type != "cpu"
-        or x.dtype not in (torch.float32, torch.float64)
+        or x.dtype not in _FLOAT_DTYPES
         or dtype not in (torch.int32, torch.int64)
         or rounding not in ("nearest", "floor")
     ):
@@ -747,9 +751,6 @@ def scale_output(y: Tensor, exponent: int, dtype: torch.dtype) -> Tensor | None:
     ):
         return None
     return ext.scale(y, exponent, dtype == torch.float64)
-
-
-_FLOAT_DTYPES = (torch.float32, torch.float64)
 
 
 def channel_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor | None:
