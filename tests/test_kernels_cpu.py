@@ -613,3 +613,86 @@ def test_traced_fixed_point_is_not_a_constant(native):
     traced = torch.jit.trace(f, torch.randn(3, 8), check_trace=False)
     x = torch.randn(3, 8)
     assert torch.equal(traced(x), f(x))
+
+
+def _random_frozen_bn(rng: random.Random, channels: int) -> deepshift.FrozenBatchNorm:
+    g = torch.Generator().manual_seed(rng.randrange(2**31))
+    bn = nn.BatchNorm2d(channels, eps=rng.choice([1e-5, 1e-3]), affine=rng.random() < 0.8).eval()
+    with torch.no_grad():
+        bn.running_mean.normal_(0, 3, generator=g)
+        bn.running_var.uniform_(0, 5, generator=g)  # includes variances near 0: large scales
+        if bn.affine:
+            bn.weight.normal_(0, 2, generator=g)  # negative scales too
+            bn.bias.normal_(0, 2, generator=g)
+    return deepshift.FrozenBatchNorm.from_batchnorm(bn)
+
+
+@pytest.mark.parametrize("chunk", range(2))
+def test_fused_conv_batchnorm_equals_the_two_modules(native, monkeypatch, chunk):
+    # ShiftConvBatchNorm's one native call (BatchNorm, residual add and ReLU applied per output run
+    # while in cache) against the op path and those operations in torch, for both table widths and
+    # both ISAs.
+    rng = random.Random(9100 + chunk)
+    ext = cpu.load_extension()
+    real = ext.conv_fused
+    affine_calls = []
+
+    def spy(*args):
+        affine_calls.append(args[-1] is not None)
+        return real(*args)
+
+    done, kinds = 0, set()
+    while done < 20:
+        layer, x = _fused_conv_case(rng)
+        if x.dim() != len(layer.kernel_size) + 2 or layer.accumulator != "int32":
+            continue  # unbatched input / int64 layers: no fused kernel (the fallback is tested in test_fuse)
+        bn = _random_frozen_bn(rng, layer.out_channels)
+        try:
+            with torch.no_grad():
+                monkeypatch.undo()
+                _op_path(monkeypatch)
+                y = layer(x)
+        except (ValueError, RuntimeError):
+            continue
+        scale, shift = bn.affine(y.dtype)
+        view = (-1,) + (1,) * (y.dim() - 2)
+        expected = torch.add(torch.mul(y, scale.view(view)), shift.view(view))
+        residual = relu = None
+        if rng.random() < 0.5:
+            residual = _random_float_input(rng, y.shape, (4, 4), y.dtype).clamp(-1e3, 1e3)
+            expected = expected + residual
+        if rng.random() < 0.5:
+            relu = True
+            expected = torch.relu(expected)
+        monkeypatch.undo()
+        monkeypatch.setattr(ext, "conv_fused", spy)
+        fused = deepshift.ShiftConvBatchNorm(layer, bn, relu=bool(relu))
+        for isa in ("avx2", "portable"):
+            cpu.set_isa(isa)
+            try:
+                layer.__dict__.pop("_fused_cache", None)
+                with torch.no_grad():
+                    got = fused(x, residual)
+            finally:
+                cpu.set_isa("auto")
+            label = (f"case {chunk}/{done} {layer.extra_repr()} {tuple(x.shape)} {x.dtype} ({isa}) "
+                     f"residual {residual is not None} relu {relu}")
+            # torch.equal: NaN (an infinite BatchNorm scale times 0) is unequal to itself.
+            assert torch.equal(got.nan_to_num(), expected.nan_to_num()), \
+                f"{label}: {(got != expected).sum()} elements differ"
+            assert torch.equal(got.isnan(), expected.isnan()), label
+        done += 1
+        kinds.add((residual is not None, bool(relu)))
+    assert affine_calls.count(True) == 2 * done  # every case went through the fused kernel
+    assert len(kinds) == 4, kinds  # with and without residual, with and without ReLU
+
+
+def test_conv_fused_rejects_bad_affine(native):
+    layer = deepshift.freeze_(deepshift.convert_(nn.Sequential(nn.Conv2d(3, 4, 3)), deepshift.QConfig()))[0]
+    x = torch.randn(2, 3, 6, 6)
+    run = layer.fused_run(x)
+    good = torch.ones(4)
+    for scale in (torch.ones(5), torch.ones(4, dtype=torch.float64), torch.ones(8)[::2]):
+        with pytest.raises(RuntimeError, match="affine scale / shift"):
+            run(x, (scale, good))
+    assert torch.equal(run(x, (good, torch.zeros(4))), layer(x))

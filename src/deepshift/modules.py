@@ -325,6 +325,16 @@ class ShiftConvNd(_FrozenShift):
                                           self.dilation[d], self.transposed, self.output_padding[d]))
         return (input_shape[0], self.out_channels, *sizes)
 
+    def fused_run(self, x: Tensor):
+        """The fused native forward for batched inputs like ``x`` (kernels.cpu.prepare_conv_fused's
+        ``run``, which takes an optional BatchNorm affine), or None where it does not apply."""
+        if self.transposed or self._pad_outside or not self._fused_ok():
+            return None
+        return self._fused_forward(x, lambda: prepare_conv_fused(
+            x, self.codes, list(self.weight_shape), self.weight_bits, self.has_zero, self.shift_lo,
+            self.bias_int, list(self.stride), list(self.padding), list(self.dilation), self.groups,
+            self.act_bits, self.act_rounding, self.accumulator))
+
     def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
         if output_size is not None:
             raise NotImplementedError("output_size is not supported by frozen transposed convolutions; "
@@ -339,14 +349,10 @@ class ShiftConvNd(_FrozenShift):
             padding = [0] * dims
         else:
             padding = list(self.padding)
-            if not self.transposed and self._fused_ok():
-                run = self._fused_forward(x, lambda: prepare_conv_fused(
-                    x, self.codes, list(self.weight_shape), self.weight_bits, self.has_zero, self.shift_lo,
-                    self.bias_int, list(self.stride), padding, list(self.dilation), self.groups,
-                    self.act_bits, self.act_rounding, self.accumulator))
-                if run is not None:
-                    y = run(x)
-                    return y.squeeze(0) if unbatched else y
+            run = self.fused_run(x)
+            if run is not None:
+                y = run(x)
+                return y.squeeze(0) if unbatched else y
         y = torch.ops.deepshift.shift_conv(
             self._quantize(x), self.codes, list(self.weight_shape), self.weight_bits, self.has_zero,
             self.shift_lo, self._bias(), list(self.stride), padding, list(self.dilation), self.groups,

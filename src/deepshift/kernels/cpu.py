@@ -582,6 +582,12 @@ def prepare_conv_fused(x, codes, weight_shape, weight_bits, has_zero, shift_lo, 
     tensors or the per-call range check (8-bit ``act_bits`` guarantee ``|q| <= 128``). The function
     raises ValueError on NaN. Everything derived from the weights is computed here, once: callers
     keep the function while ``codes`` and ``bias`` are unchanged (see ``ShiftConvNd``).
+
+    ``run(x, affine=(scale, shift), residual=None, relu=False)`` also applies a following
+    :class:`deepshift.FrozenBatchNorm` (its ``affine(x.dtype)``: contiguous (Cout,) CPU tensors),
+    then adds ``residual`` (contiguous, the output's shape and dtype) and applies ReLU, to each
+    output value while it is in cache, bit for bit as torch computes those operations (see
+    :class:`deepshift.ShiftConvBatchNorm`).
     """
     ext = load_extension()
     setup = None if ext is None else _fused_setup(ext, x, act_bits, rounding, accumulator, shift_lo, bias,
@@ -599,9 +605,10 @@ def prepare_conv_fused(x, codes, weight_shape, weight_bits, has_zero, shift_lo, 
     conv_fused, s3, p3, d3 = ext.conv_fused, call.s3, call.p3, call.d3
     frac, floor = act_bits[1], rounding == "floor"
 
-    def run(x: Tensor) -> Tensor:
+    def run(x: Tensor, affine: tuple[Tensor, Tensor] | None = None, residual: Tensor | None = None,
+            relu: bool = False) -> Tensor:
         y, has_nan = conv_fused(x.contiguous(), w5_shape, plan, b, groups, s3, p3, d3, frac, lo, hi, floor,
-                                lanes, exponent)
+                                lanes, exponent, None if affine is None else list(affine), residual, relu)
         if has_nan:
             raise _nan_error()
         return y
@@ -641,7 +648,7 @@ def prepare_linear_fused(x, codes, weight_shape, weight_bits, has_zero, shift_lo
     def run(x: Tensor) -> Tensor:
         xt = x.reshape(rows, in_f).t().contiguous().reshape(1, in_f, 1, 1, rows)
         y, has_nan = ext.conv_fused(xt, [out_f, in_f, 1, 1, 1], plan, b, 1, [1, 1, 1], [0, 0, 0], [1, 1, 1],
-                                    frac, lo, hi, floor, lanes, exponent)
+                                    frac, lo, hi, floor, lanes, exponent, None, None, False)
         if has_nan:
             raise _nan_error()
         return y.reshape(out_f, rows).t().contiguous().reshape(out_shape)

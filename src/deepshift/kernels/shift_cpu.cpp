@@ -583,13 +583,19 @@ torch::Tensor conv(const torch::Tensor& x, std::vector<int64_t> ws, const std::v
 // tables with int32 outputs, and each image's output is scaled by 2**exponent into x's dtype while
 // still in cache (scale_run). Bit for bit `scale(conv(quantize(x)))`, without their intermediate
 // tensors. x: (N, C, D, H, W) float32/float64 contiguous; bias (Cout,) int32 already shifted by -u.
+// With affine = (scale, shift), contiguous (Cout,) of x's dtype, each scaled output value then goes
+// through FrozenBatchNorm's forward, `+ residual` (y's shape and dtype, contiguous) if given and ReLU
+// if relu, while still in cache (epilogue_run): bit for bit those torch operations on the layer's
+// output (ShiftConvBatchNorm).
 // Returns (y, whether x has a NaN; y is then garbage and the caller raises).
 std::tuple<torch::Tensor, bool> conv_fused(const torch::Tensor& x, std::vector<int64_t> ws,
                                            const std::vector<torch::Tensor>& plan,
                                            const c10::optional<torch::Tensor>& bias, int64_t groups,
                                            std::vector<int64_t> stride, std::vector<int64_t> pad,
                                            std::vector<int64_t> dil, int64_t frac_bits, int64_t lo, int64_t hi,
-                                           bool floor_mode, int64_t lanes, int64_t exponent) {
+                                           bool floor_mode, int64_t lanes, int64_t exponent,
+                                           const c10::optional<std::vector<torch::Tensor>>& affine,
+                                           const c10::optional<torch::Tensor>& residual, bool relu) {
   // x may also be (N, C, W) or (N, C, H, W): the missing dims are size 1, and y has x's rank.
   TORCH_CHECK(x.dim() >= 3 && x.dim() <= 5 && x.is_contiguous() && ws.size() == 5 && plan.size() == 6,
               "bad x / plan");
@@ -602,6 +608,13 @@ std::tuple<torch::Tensor, bool> conv_fused(const torch::Tensor& x, std::vector<i
     TORCH_CHECK(bias->dtype() == torch::kInt32 && bias->is_contiguous() && bias->numel() == ws[0], "bad bias");
     bp = reinterpret_cast<const uint32_t*>(bias->data_ptr<int32_t>());
   }
+  if (affine.has_value()) {
+    const auto& a = *affine;
+    TORCH_CHECK(a.size() == 2, "affine must be (scale, shift)");
+    for (const auto& t : a)
+      TORCH_CHECK(t.dtype() == x.dtype() && t.is_contiguous() && t.numel() == ws[0] && t.device().is_cpu(),
+                  "affine scale / shift must be contiguous (Cout,) CPU tensors of x's dtype");
+  }
   std::vector<int64_t> xs(x.sizes().begin(), x.sizes().end());
   const int64_t missing = 5 - x.dim();
   xs.insert(xs.begin() + 2, missing, 1);
@@ -611,6 +624,12 @@ std::tuple<torch::Tensor, bool> conv_fused(const torch::Tensor& x, std::vector<i
   std::vector<int64_t> ys{N, g.Cout, g.OD, g.OH, g.OW};
   ys.erase(ys.begin() + 2, ys.begin() + 2 + missing);
   auto y = torch::empty(ys, x.options());
+  const bool has_res = residual.has_value() && residual->defined();
+  TORCH_CHECK(affine.has_value() || (!has_res && !relu), "residual / relu need the affine");
+  if (has_res)
+    TORCH_CHECK(residual->sizes() == y.sizes() && residual->dtype() == x.dtype() && residual->is_contiguous() &&
+                    residual->device().is_cpu(),
+                "residual must be a contiguous CPU tensor of the output's shape and x's dtype");
   const QuantSpec qs{std::ldexp(1.0, static_cast<int>(frac_bits)), static_cast<double>(lo),
                      static_cast<double>(hi), floor_mode, lo >= -(int64_t(1) << 24) && hi <= (int64_t(1) << 24)};
   const int64_t ximg_stride = g.C * g.D * g.H * g.W;
@@ -627,11 +646,36 @@ std::tuple<torch::Tensor, bool> conv_fused(const torch::Tensor& x, std::vector<i
 #endif
       return ds_portable::build_table(xp + n * ximg_stride, tbl, g, c0, c1, ds_portable::QuantizeIn<U, F>{qs});
     };
-    auto finish = [&](int64_t n, int64_t dst, const uint32_t* src, int64_t count) {
+    const FO* sp = affine.has_value() ? (*affine)[0].data_ptr<FO>() : nullptr;
+    const FO* hp = affine.has_value() ? (*affine)[1].data_ptr<FO>() : nullptr;
+    const FO* rp = has_res ? residual->data_ptr<FO>() : nullptr;
+    const int64_t plane = g.OD * g.OH * g.OW;
+    auto epilogue = [&](FO* out, int64_t k, int64_t c, const FO* r) {
 #ifdef DS_X86
-      if (avx) return ds_avx2::scale_run<FO>(src, op + n * yimg_stride + dst, count, e);
+      if (avx) {
+        if (relu) return ds_avx2::epilogue_run<true>(out, k, sp[c], hp[c], r);
+        return ds_avx2::epilogue_run<false>(out, k, sp[c], hp[c], r);
+      }
 #endif
-      return ds_portable::scale_run<FO>(src, op + n * yimg_stride + dst, count, e);
+      if (relu) return ds_portable::epilogue_run<true>(out, k, sp[c], hp[c], r);
+      return ds_portable::epilogue_run<false>(out, k, sp[c], hp[c], r);
+    };
+    auto finish = [&](int64_t n, int64_t dst, const uint32_t* src, int64_t count) {
+      FO* out = op + n * yimg_stride + dst;
+#ifdef DS_X86
+      if (avx) ds_avx2::scale_run<FO>(src, out, count, e);
+      else
+#endif
+        ds_portable::scale_run<FO>(src, out, count, e);
+      if (!sp) return;
+      // The run may span channels: one epilogue per channel segment, in place, still in cache.
+      const FO* r = rp ? rp + n * yimg_stride + dst : nullptr;
+      int64_t c = dst / plane, at = dst - c * plane;  // index arithmetic
+      for (int64_t i = 0; i < count; ++c, at = 0) {
+        const int64_t k = std::min(count - i, plane - at);
+        epilogue(out + i, k, c, r ? r + i : nullptr);
+        i += k;
+      }
     };
     return conv_drive<U, uint32_t>(g, N, plan_view(plan), plan[0].numel(), bp, nullptr, build, finish);
   };

@@ -569,6 +569,41 @@ void affine_run(const F* x, F* y, int64_t n, F s, F h) {
   }
 }
 
+// In place, y[i] = relu(y[i] * s + h + r[i]): what follows a frozen conv in a fused model
+// (ShiftConvBatchNorm: FrozenBatchNorm's multiply and add, then a residual add if r, then ReLU if
+// Relu), each operation rounded as torch rounds it. ReLU as torch computes it: y < 0 ? 0 : y (NaN
+// and -0.0 pass through); vmaxps(0, y) returns y when the comparison fails, which is the same.
+template <bool Relu, typename F>
+void epilogue_run(F* y, int64_t n, F s, F h, const F* r) {
+  int64_t i = 0;
+#if defined(DS_AVX2_TU)
+  if constexpr (std::is_same<F, float>::value) {
+    const __m256 vs = _mm256_set1_ps(s), vh = _mm256_set1_ps(h), zero = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) {
+      __m256 v = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(y + i), vs), vh);
+      if (r) v = _mm256_add_ps(v, _mm256_loadu_ps(r + i));
+      if constexpr (Relu) v = _mm256_max_ps(zero, v);
+      _mm256_storeu_ps(y + i, v);
+    }
+  } else {
+    const __m256d vs = _mm256_set1_pd(s), vh = _mm256_set1_pd(h), zero = _mm256_setzero_pd();
+    for (; i + 4 <= n; i += 4) {
+      __m256d v = _mm256_add_pd(_mm256_mul_pd(_mm256_loadu_pd(y + i), vs), vh);
+      if (r) v = _mm256_add_pd(v, _mm256_loadu_pd(r + i));
+      if constexpr (Relu) v = _mm256_max_pd(zero, v);
+      _mm256_storeu_pd(y + i, v);
+    }
+  }
+#endif
+  for (; i < n; ++i) {
+    const F t = y[i] * s;
+    F v = t + h;
+    if (r) v = v + r[i];
+    if constexpr (Relu) v = v < F(0) ? F(0) : v;
+    y[i] = v;
+  }
+}
+
 // Bit layout of the float types the weight-rounding passes below handle.
 template <typename F>
 struct FloatBits;
