@@ -29,6 +29,7 @@ from .convert import (
 from .export import PackedFormatError, compression_report, load_packed, save_packed
 from .freeze import DEFAULT_ACT_BITS, freeze_
 from .frozen_float import ExactGlobalAvgPool, FrozenBatchNorm
+from .fuse import ShiftConvBatchNorm, fuse_frozen
 from .kernels import cpu as _native_cpu  # noqa: F401  registers the C++ CPU kernels (built lazily)
 from .kernels import triton_ops as _triton_ops  # Triton CUDA kernels (triton imported on first use)
 from .modules import ShiftConvNd, ShiftLinear, is_frozen_layer
@@ -56,6 +57,7 @@ __all__ = [
     "PSConfig",
     "PackedFormatError",
     "QConfig",
+    "ShiftConvBatchNorm",
     "ShiftConvNd",
     "ShiftLinear",
     "TrainConfig",
@@ -68,6 +70,7 @@ __all__ = [
     "export_onnx",
     "fixed_point",
     "freeze_",
+    "fuse_frozen",
     "is_frozen_layer",
     "is_shift_layer",
     "load_packed",

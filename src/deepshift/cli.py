@@ -219,7 +219,10 @@ def _eval_packed(args: argparse.Namespace) -> dict:
 
     if not args.data:
         raise DeployError("eval --packed needs --data (the dataset to evaluate on)")
+    from .fuse import fuse_frozen
+
     model, _ = load_source(args.packed)
+    model = fuse_frozen(model)  # BatchNorm / residual / ReLU inside the convs: same numbers, faster
     splits = load_dataset(args.data, args.data_dir)
     loader = BatchLoader(getattr(splits, args.split), args.batch_size or 256, train=False)
     return evaluate(model, loader, resolve_device(args.device), quiet=args.quiet, desc=args.split)

@@ -140,6 +140,9 @@ def save_packed(model: nn.Module, path: str | os.PathLike, act_bits: tuple[int, 
         >>> type(frozen[0]).__name__
         'ShiftLinear'
     """
+    if any(type(m).__name__ == "ShiftConvBatchNorm" for m in model.modules()):
+        raise ValueError("save_packed stores the frozen model, not its fuse_frozen copy: save the "
+                         "frozen model (a loaded model can be fused again)")
     frozen = _frozen_copy(model, act_bits)
     # remove_duplicate=False: a layer shared by two parents is listed under both names, as in
     # the state_dict.
