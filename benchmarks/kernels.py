@@ -16,12 +16,19 @@ ours / baseline (< 1 means we are faster).
 * "op": the raw ``torch.ops.deepshift.*`` calls on pre-quantized integer inputs (for a whole model,
   every shift layer's op on its input captured from one forward).
 
+ResNet-20's "fused" rows time, as "frozen", the frozen model's ``deepshift.fuse_frozen`` copy (each
+BatchNorm, and the residual add and ReLU after it, applied inside the conv before them while its
+output is in cache; same numbers, asserted), against the float model as is and with its
+BatchNorms folded into the conv weights (``torch.fx.experimental.optimization.fuse``, which shift
+weights cannot do: they must stay powers of two).
+
 Weights: 5-bit DeepShift-Q; activations: 8-bit fixed point (act_bits = (4, 4)).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -150,7 +157,9 @@ def bench_conv(add, sec: float) -> None:
 
 
 def bench_resnet(add, sec: float) -> None:
-    """CIFAR ResNet-20, whole model, batch 128 and 1."""
+    """CIFAR ResNet-20, whole model, batch 128 and 1: frozen, and frozen with BatchNorm, residual add
+    and ReLU fused into the conv before them (deepshift.fuse_frozen), against the float model as is
+    and with its BatchNorms folded into the conv weights (torch.fx.experimental.optimization.fuse)."""
     try:
         from deepshift.models import build_model
 
@@ -158,14 +167,24 @@ def bench_resnet(add, sec: float) -> None:
     except Exception as exc:  # the model zoo is optional here
         print(f"  ResNet-20 skipped: {type(exc).__name__}: {exc}")
         return
+    from torch.fx.experimental.optimization import fuse as fold_batchnorm
+
+    folded = fold_batchnorm(copy.deepcopy(net))
     fnet = frozen_copy(net)
     unet = via_op(fnet)
+    hnet = deepshift.fuse_frozen(fnet)
     for batch in (128, 1):
         x = torch.randn(batch, 3, 32, 32)
-        assert torch.equal(fnet(x), unet(x))
-        t = measure({"frozen": lambda x=x: fnet(x), "via op": lambda x=x: unet(x), "op": op_callable(fnet, x),
-                     "fp32": lambda x=x: net(x)}, sec)
-        add(f"ResNet-20 CIFAR batch {batch}", t, "fp32", f"acc {accumulators(fnet)}")
+        assert torch.equal(fnet(x), unet(x)) and torch.equal(hnet(x), fnet(x))
+        t = measure({"frozen": lambda x=x: fnet(x), "fused": lambda x=x: hnet(x),
+                     "via op": lambda x=x: unet(x), "op": op_callable(fnet, x), "fp32": lambda x=x: net(x),
+                     "fp32 BN-folded": lambda x=x: folded(x)}, sec)
+        note = f"acc {accumulators(fnet)}"
+        add(f"ResNet-20 CIFAR batch {batch}", t, "fp32", note)
+        # The deployment form: "frozen" is the model's fuse_frozen copy.
+        fused = {**t, "frozen": t["fused"]}
+        add(f"ResNet-20 CIFAR batch {batch} fused", fused, "fp32", note)
+        add(f"ResNet-20 CIFAR batch {batch} fused", fused, "fp32 BN-folded", note)
 
 
 def main(argv: list[str] | None = None) -> int:
