@@ -263,3 +263,30 @@ def test_every_zoo_model_fuses_and_keeps_its_outputs(name):
     # Every BatchNorm that directly follows a conv went in (mnist-conv has none).
     bns = sum(isinstance(m, deepshift.FrozenBatchNorm) for m in net.modules())
     assert sum(isinstance(m, deepshift.ShiftConvBatchNorm) for m in fused.modules()) == bns
+
+
+@pytest.mark.parametrize("write", ["out", "method"])
+def test_a_write_between_conv_and_bn_blocks_the_fusion(write):
+    class Writes(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            x = x * 1.0
+            y = self.conv(x)
+            # Written after the conv read it: the conv must not move below this.
+            if write == "out":
+                torch.add(x, 1.0, out=x)
+            else:
+                x.clamp_(min=0.0)
+            return self.bn(y) + x.sum()
+
+    net = _frozen(Writes())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # traced, not given up on
+        fused = deepshift.fuse_frozen(net)
+    assert _fused_modules(fused) == {}
+    x = torch.randn(2, 3, 5, 5)
+    with torch.no_grad():
+        assert torch.equal(fused(x), net(x))

@@ -108,9 +108,11 @@ def _is_relu(node: torch.fx.Node, modules: dict) -> bool:
 def _may_mutate(node: torch.fx.Node, modules: dict) -> bool:
     """Whether a node may write into one of its inputs (then no computation may move across it)."""
     if node.op == "call_method":
-        return str(node.target).endswith("_")
+        return str(node.target).endswith("_") or "out" in node.kwargs
     if node.op == "call_function":
-        return bool(node.kwargs.get("inplace")) or getattr(node.target, "__name__", "").endswith("_")
+        # (fx records `a += b` as an add, and cannot trace item assignment at all.)
+        return (bool(node.kwargs.get("inplace")) or "out" in node.kwargs
+                or getattr(node.target, "__name__", "").endswith("_"))
     if node.op == "call_module":
         return bool(getattr(modules.get(node.target), "inplace", False))
     return False
