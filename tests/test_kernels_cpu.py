@@ -696,3 +696,23 @@ def test_conv_fused_rejects_bad_affine(native):
         with pytest.raises(RuntimeError, match="affine scale / shift"):
             run(x, (scale, good))
     assert torch.equal(run(x, (good, torch.zeros(4))), layer(x))
+
+
+def test_conv_plan_channel_blocks(native):
+    # The channel block keeps the table slice one work item reads near TABLE_BLOCK_BYTES: in flat
+    # mode the item's consecutive outputs plus the kernel's reach, row by row whole padded rows;
+    # blocks are of equal size.
+    def blocks(cin, hw, stride, budget=cpu.TABLE_BLOCK_BYTES):
+        w5 = torch.zeros(8, cin, 1, 3, 3, dtype=torch.int8)
+        plan = native.conv_plan(w5, [1, cin, 1, hw, hw], 1, [1, stride, stride], [0, 1, 1], [1, 1, 1], 2,
+                                budget, cpu.INT16_MAX_GROUP)
+        return plan[5].tolist()
+
+    assert cpu.TABLE_BLOCK_BYTES == 16 * 1024
+    assert blocks(64, 56, 1) == [32, 2]  # flat: (2 * 58 + 2 + 80) * 2 bytes per channel, 41 fit
+    assert blocks(256, 14, 1) == [64, 4]  # rows: 4 output rows need 6 padded rows of 16, 192 bytes
+    # rows: 2 output rows need 5 padded rows of 58, 580 bytes: 28 fit, but a block keeps >= 288 terms
+    assert blocks(64, 56, 2) == [32, 2]
+    assert blocks(64, 56, 2, 24 * 1024) == [32, 2]  # 42 fit: 32 + 32, not 42 + 22
+    assert blocks(32, 112, 1) == [32, 1]  # 23 fit (684 bytes), but not two blocks of 16
+    assert blocks(16, 32, 1) == [16, 1]

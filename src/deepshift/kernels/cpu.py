@@ -95,9 +95,15 @@ _LANE_DTYPES = {16: torch.int16, 32: torch.int32, 64: torch.int64}
 CACHE_MAX_BYTES = 1 << 30
 """Bytes of decoded weights / tiles / term lists the LRU cache may hold."""
 
-TABLE_BLOCK_BYTES = 24 * 1024
-"""Bytes of the input table one work item reads per channel block: sized to stay in L1 (Zen 1: 32 KiB
-L1D; measured here, 24 KiB beat 192 KiB by ~20% on a 64-channel 56x56 conv and ~7% on Linear batch 64)."""
+TABLE_BLOCK_BYTES = 16 * 1024
+"""Bytes of the input table one work item of a convolution reads per channel block: sized to stay in
+L1 together with the term lists streaming past (Zen 1: 32 KiB L1D). Measured here at batch 1, 3x3:
+a 64-channel 56x56 conv 1.06x fp32 in 2 blocks of 32 channels (12.7 KiB) vs 1.09x in one and 1.19x
+in 4; 256 channels at 14x14 1.06x in 4 blocks (12 KiB) vs 1.19x in 2."""
+
+LINEAR_BLOCK_BYTES = 24 * 1024
+"""The same for batched Linear layers (a 1x1 convolution over the rows, one term per channel):
+24 KiB beat 16 KiB by ~12% on 4096x4096 at batch 64 (31.7 vs 35.8 ms), 32 KiB was within noise."""
 
 _SOURCES = ("shift_cpu.cpp", "shift_cpu_impl.h")
 _HERE = Path(__file__).resolve().parent
@@ -342,7 +348,7 @@ def _linear_plan(ext, codes, weight_shape, weight_bits, has_zero, shift_lo, lane
         scode, _ = _decoded(ext, codes, weight_shape, weight_bits, has_zero, shift_lo, max(lanes, 32))
         w5 = scode.reshape(out_f, in_f, 1, 1, 1)
         return ext.conv_plan(
-            w5, [1, in_f, 1, 1, rows], 1, [1, 1, 1], [0, 0, 0], [1, 1, 1], lanes // 8, TABLE_BLOCK_BYTES,
+            w5, [1, in_f, 1, 1, rows], 1, [1, 1, 1], [0, 0, 0], [1, 1, 1], lanes // 8, LINEAR_BLOCK_BYTES,
             INT16_MAX_GROUP if lanes == 16 else 0,
         )
 

@@ -265,6 +265,20 @@ int rows_for_lanes(int V, int64_t lanes) {
   return lanes == 16 ? ds_portable::rows_for16(V) : ds_portable::rows_for(V);
 }
 
+// Whether conv_drive computes each output plane as one flat row over the padded width (see there),
+// for `elem_size`-byte table elements. Also decides the channel blocks of conv_plan.
+bool uses_flat(const Geom& g, int64_t elem_size) {
+  const int64_t L = 32 / elem_size;
+  // Where 256-bit operations cost two 128-bit ones (Zen 1, and the portable build), 8-output rows
+  // are cheapest in half mode: no idle lane at all. Measured on Zen 1, ResNet-20's 64-channel 8x8
+  // convolution: 9.8 ms half vs 11.4 ms flat at batch 128.
+  if (elem_size == 2 && g.OW <= 8 && splits_256()) return false;
+  if (g.sd != 1 || g.sh != 1 || g.sw != 1) return false;
+  const int64_t row_vectors = g.OD * g.OH * ((g.OW + L - 1) / L);
+  const int64_t flat_len = ((g.OD - 1) * g.Hp + (g.OH - 1)) * g.RW + g.OW;
+  return 16 * ((flat_len + L - 1) / L) <= 15 * row_vectors;
+}
+
 bool has_rows_lanes(int V, int R, int64_t lanes) {
   return lanes == 16 ? ds_portable::has_rows16(V, R) : ds_portable::has_rows(V, R);
 }
@@ -284,14 +298,29 @@ std::vector<torch::Tensor> conv_plan(const torch::Tensor& scode, std::vector<int
   const int8_t* s = scode.data_ptr<int8_t>();
   auto g = make_geom(xs, ws, stride, pad, dil, groups, 1);
   TORCH_CHECK(g.C * g.S < (int64_t(1) << 31), "per-image table too large");
-  // Channel block: the table slice one row block reads stays within ~l2_budget bytes.
+  // Channel block: the table slice one work item reads stays within ~l2_budget bytes (the item then
+  // finds it in L1 for each of its output channels).
   const int64_t L = 32 / elem_size;
-  const int V = vectors_for(g.OW, L);
-  const int R = static_cast<int>(std::min<int64_t>(rows_for_lanes(V, L), g.OD * g.OH));
-  const int64_t rows = KD * ((R - 1) * g.sh + (KH - 1) * dil[1] + 1);
-  const int64_t per_channel = rows * g.RW * elem_size;
-  const int64_t CB = std::max<int64_t>(1, std::min<int64_t>(Cin_g, l2_budget / std::max<int64_t>(1, per_channel)));
-  const int64_t NCB = (Cin_g + CB - 1) / CB;
+  int64_t per_channel;
+  if (uses_flat(g, elem_size)) {
+    // A flat item reads vectors_for(long row) vectors of consecutive outputs plus the kernel's reach
+    // below them: for a 64-channel 56x56 3x3 conv, 198 elements per channel, not 3 rows of 58.
+    const int64_t reach = (KD - 1) * dil[0] * g.Hp * g.RW + (KH - 1) * dil[1] * g.RW + (KW - 1) * dil[2];
+    per_channel = (reach + vectors_for(INT64_MAX / 2, L) * L) * elem_size;
+  } else {
+    const int V = vectors_for(g.OW, L);
+    const int R = static_cast<int>(std::min<int64_t>(rows_for_lanes(V, L), g.OD * g.OH));
+    per_channel = KD * ((R - 1) * g.sh + (KH - 1) * dil[1] + 1) * g.RW * elem_size;
+  }
+  const int64_t fit = std::max<int64_t>(1, std::min<int64_t>(Cin_g, l2_budget / std::max<int64_t>(1, per_channel)));
+  int64_t NCB = (Cin_g + fit - 1) / fit;
+  // Each block costs its own pass over an item's outputs and its own shift groups per output
+  // channel: spatial kernels keep at least 288 terms (32 channels of 3x3) per block. Measured at
+  // batch 1: 32 channels at 112x112 ran 1.08x fp32 in one block, 1.41x in two of 16; a 64 -> 128
+  // stride-2 conv 1.18x in two blocks, 1.27x in three.
+  if (KK > 1) NCB = std::max<int64_t>(1, std::min<int64_t>(NCB, Cin_g * KK / 288));
+  // Blocks of equal size (64 channels in two blocks of 32, not 51 + 13).
+  const int64_t CB = (Cin_g + NCB - 1) / NCB;
   const int64_t Cout_g = Cout / groups;
   const int64_t E = groups * NCB * Cout_g;
   // Offsets of each kernel position inside a channel plane (index arithmetic).
@@ -392,14 +421,8 @@ template <typename U, typename UY, typename BuildFn, typename FinishFn>
 bool conv_drive(const Geom& g0, int64_t N, const PlanView& pv, int64_t nterms, const UY* bp, UY* yp,
                 BuildFn build, FinishFn finish) {
   constexpr int64_t L = 32 / sizeof(U);
-  const int64_t row_vectors = g0.OD * g0.OH * ((g0.OW + L - 1) / L);
   const int64_t flat_len = ((g0.OD - 1) * g0.Hp + (g0.OH - 1)) * g0.RW + g0.OW;
-  // Where 256-bit operations cost two 128-bit ones (Zen 1, and the portable build), 8-output rows
-  // are cheapest in half mode (below): no idle lane at all. Measured on Zen 1, ResNet-20's 64-channel
-  // 8x8 convolution: 9.8 ms half vs 11.4 ms flat at batch 128.
-  const bool prefer_half = sizeof(U) == 2 && g0.OW <= 8 && splits_256();
-  const bool flat = !prefer_half && g0.sd == 1 && g0.sh == 1 && g0.sw == 1 &&
-                    16 * ((flat_len + L - 1) / L) <= 15 * row_vectors;
+  const bool flat = uses_flat(g0, sizeof(U));
   Geom g = g0;  // the geometry the work items see: in flat mode, one row of flat_len outputs
   if (flat) {
     g.OD = 1;
