@@ -676,12 +676,12 @@ std::tuple<torch::Tensor, bool> conv_fused(const torch::Tensor& x, std::vector<i
     auto epilogue = [&](FO* out, int64_t k, int64_t c, const FO* r) {
 #ifdef DS_X86
       if (avx) {
-        if (relu) return ds_avx2::epilogue_run<true>(out, k, sp[c], hp[c], r);
-        return ds_avx2::epilogue_run<false>(out, k, sp[c], hp[c], r);
+        if (relu) return ds_avx2::epilogue_run<true>(out, out, k, sp[c], hp[c], r);
+        return ds_avx2::epilogue_run<false>(out, out, k, sp[c], hp[c], r);
       }
 #endif
-      if (relu) return ds_portable::epilogue_run<true>(out, k, sp[c], hp[c], r);
-      return ds_portable::epilogue_run<false>(out, k, sp[c], hp[c], r);
+      if (relu) return ds_portable::epilogue_run<true>(out, out, k, sp[c], hp[c], r);
+      return ds_portable::epilogue_run<false>(out, out, k, sp[c], hp[c], r);
     };
     auto finish = [&](int64_t n, int64_t dst, const uint32_t* src, int64_t count) {
       FO* out = op + n * yimg_stride + dst;
@@ -793,15 +793,16 @@ torch::Tensor channel_affine(const torch::Tensor& x, const torch::Tensor& scale,
   auto body = [&](auto* xp, auto* op, auto* sp, auto* hp) {
     at::parallel_for(0, planes, std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, inner)),
                      [&](int64_t b, int64_t e) {
+      const decltype(xp) no_residual = nullptr;
       // The channel advances with the plane (no division per plane: 8x8 planes are only 64 values).
       for (int64_t p = b, c = b % C; p < e; ++p, c = c + 1 == C ? 0 : c + 1) {
 #ifdef DS_X86
         if (avx) {
-          ds_avx2::affine_run(xp + p * inner, op + p * inner, inner, sp[c], hp[c]);
+          ds_avx2::epilogue_run<false>(xp + p * inner, op + p * inner, inner, sp[c], hp[c], no_residual);
           continue;
         }
 #endif
-        ds_portable::affine_run(xp + p * inner, op + p * inner, inner, sp[c], hp[c]);
+        ds_portable::epilogue_run<false>(xp + p * inner, op + p * inner, inner, sp[c], hp[c], no_residual);
       }
     });
   };

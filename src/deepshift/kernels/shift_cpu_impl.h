@@ -550,37 +550,18 @@ void scale_run(const uint32_t* y, FO* out, int64_t n, int exponent) {
   for (; i < n; ++i) out[i] = static_cast<FO>(static_cast<double>(static_cast<int32_t>(y[i])) * s);
 }
 
-// y[i] = x[i] * s + h, the multiply and the add each rounded (see channel_affine).
-template <typename F>
-void affine_run(const F* x, F* y, int64_t n, F s, F h) {
-  int64_t i = 0;
-#if defined(DS_AVX2_TU)
-  if constexpr (std::is_same<F, float>::value) {
-    const __m256 vs = _mm256_set1_ps(s), vh = _mm256_set1_ps(h);
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), vs), vh));
-  } else {
-    const __m256d vs = _mm256_set1_pd(s), vh = _mm256_set1_pd(h);
-    for (; i + 4 <= n; i += 4) _mm256_storeu_pd(y + i, _mm256_add_pd(_mm256_mul_pd(_mm256_loadu_pd(x + i), vs), vh));
-  }
-#endif
-  for (; i < n; ++i) {
-    const F t = x[i] * s;
-    y[i] = t + h;
-  }
-}
-
-// In place, y[i] = relu(y[i] * s + h + r[i]): what follows a frozen conv in a fused model
-// (ShiftConvBatchNorm: FrozenBatchNorm's multiply and add, then a residual add if r, then ReLU if
-// Relu), each operation rounded as torch rounds it. ReLU as torch computes it: y < 0 ? 0 : y (NaN
-// and -0.0 pass through); vmaxps(0, y) returns y when the comparison fails, which is the same.
+// y[i] = relu(x[i] * s + h + r[i]) (x may be y): FrozenBatchNorm's forward (a multiply, then an add,
+// each rounded: channel_affine), then, in a fused model (ShiftConvBatchNorm), a residual add if r and
+// ReLU if Relu, each operation rounded as torch rounds it. ReLU as torch computes it: y < 0 ? 0 : y
+// (NaN and -0.0 pass through); vmaxps(0, y) returns y when the comparison fails, which is the same.
 template <bool Relu, typename F>
-void epilogue_run(F* y, int64_t n, F s, F h, const F* r) {
+void epilogue_run(const F* x, F* y, int64_t n, F s, F h, const F* r) {
   int64_t i = 0;
 #if defined(DS_AVX2_TU)
   if constexpr (std::is_same<F, float>::value) {
     const __m256 vs = _mm256_set1_ps(s), vh = _mm256_set1_ps(h), zero = _mm256_setzero_ps();
     for (; i + 8 <= n; i += 8) {
-      __m256 v = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(y + i), vs), vh);
+      __m256 v = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), vs), vh);
       if (r) v = _mm256_add_ps(v, _mm256_loadu_ps(r + i));
       if constexpr (Relu) v = _mm256_max_ps(zero, v);
       _mm256_storeu_ps(y + i, v);
@@ -588,7 +569,7 @@ void epilogue_run(F* y, int64_t n, F s, F h, const F* r) {
   } else {
     const __m256d vs = _mm256_set1_pd(s), vh = _mm256_set1_pd(h), zero = _mm256_setzero_pd();
     for (; i + 4 <= n; i += 4) {
-      __m256d v = _mm256_add_pd(_mm256_mul_pd(_mm256_loadu_pd(y + i), vs), vh);
+      __m256d v = _mm256_add_pd(_mm256_mul_pd(_mm256_loadu_pd(x + i), vs), vh);
       if (r) v = _mm256_add_pd(v, _mm256_loadu_pd(r + i));
       if constexpr (Relu) v = _mm256_max_pd(zero, v);
       _mm256_storeu_pd(y + i, v);
@@ -596,7 +577,7 @@ void epilogue_run(F* y, int64_t n, F s, F h, const F* r) {
   }
 #endif
   for (; i < n; ++i) {
-    const F t = y[i] * s;
+    const F t = x[i] * s;
     F v = t + h;
     if (r) v = v + r[i];
     if constexpr (Relu) v = v < F(0) ? F(0) : v;
