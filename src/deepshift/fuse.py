@@ -62,7 +62,7 @@ class ShiftConvBatchNorm(nn.Sequential):
         if (isinstance(conv, ShiftConvNd) and isinstance(bn, FrozenBatchNorm)
                 and x.dim() == len(conv.kernel_size) + 2 and not _hooked(conv) and not _hooked(bn)):
             run = conv.fused_run(x)
-            if run is not None and (residual is None or _fits(residual, x, conv)):
+            if run is not None and (residual is None or self._fits(residual, x)):
                 scale, shift = bn.affine(x.dtype)
                 if scale.device == x.device:
                     return run(x, (scale, shift), residual, self.relu)
@@ -71,19 +71,23 @@ class ShiftConvBatchNorm(nn.Sequential):
             y = y + residual
         return torch.relu(y) if self.relu else y
 
+    def _fits(self, residual: Tensor, x: Tensor) -> bool:
+        # The native epilogue reads the residual element for element: no broadcasting or promotion.
+        if not (isinstance(residual, Tensor) and residual.dtype == x.dtype and residual.device == x.device
+                and residual.is_contiguous()):
+            return False
+        # The output shape for x's shape, kept (computing it costs microseconds, per call at batch 1).
+        cached = self.__dict__.get("_output_shape")
+        if cached is None or cached[0] != x.shape:
+            cached = self.__dict__["_output_shape"] = (x.shape, self[0].output_shape(tuple(x.shape)))
+        return tuple(residual.shape) == tuple(cached[1])
+
     def extra_repr(self) -> str:
         return f"relu={self.relu}"
 
 
 def _hooked(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
-
-
-def _fits(residual: Tensor, x: Tensor, conv: ShiftConvNd) -> bool:
-    # The native epilogue reads the residual element for element: no broadcasting or promotion.
-    return (isinstance(residual, Tensor) and residual.dtype == x.dtype and residual.device == x.device
-            and residual.is_contiguous()
-            and tuple(residual.shape) == tuple(conv.output_shape(tuple(x.shape))))
 
 
 class _Tracer(torch.fx.Tracer):
