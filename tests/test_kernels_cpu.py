@@ -497,6 +497,36 @@ def _fused_conv_case(rng: random.Random):
     return layer, _random_float_input(rng, (*batch, cin, *sizes), act_bits, dtype)
 
 
+def _op_path_output(monkeypatch, layer, x):
+    """``layer(x)`` through the op path (no fused kernel), or None where these options have no output."""
+    monkeypatch.undo()
+    _op_path(monkeypatch)
+    try:
+        with torch.no_grad():
+            return layer(x)
+    except (ValueError, RuntimeError):
+        return None
+    finally:
+        monkeypatch.undo()
+
+
+def _on_both_isas(monkeypatch, layer, spy, module, *args):
+    """{isa: module(*args)} for the AVX2 and portable kernels, each preparing ``layer``'s fused
+    forward anew, with ``spy`` in place of the extension's conv_fused."""
+    monkeypatch.setattr(cpu.load_extension(), "conv_fused", spy)
+    results = {}
+    for isa in ("avx2", "portable"):
+        cpu.set_isa(isa)
+        try:
+            layer.__dict__.pop("_fused_cache", None)
+            with torch.no_grad():
+                results[isa] = module(*args)
+        finally:
+            cpu.set_isa("auto")
+    monkeypatch.undo()
+    return results
+
+
 @pytest.mark.parametrize("chunk", range(3))
 def test_fused_conv_forward_equals_the_op_path(native, monkeypatch, chunk):
     rng = random.Random(7000 + chunk)
@@ -511,23 +541,10 @@ def test_fused_conv_forward_equals_the_op_path(native, monkeypatch, chunk):
 
     while done < 25:
         layer, x = _fused_conv_case(rng)
-        try:
-            with torch.no_grad():
-                monkeypatch.undo()
-                _op_path(monkeypatch)
-                expected = layer(x)
-        except (ValueError, RuntimeError):
+        expected = _op_path_output(monkeypatch, layer, x)
+        if expected is None:
             continue  # no output for these options
-        monkeypatch.undo()
-        monkeypatch.setattr(ext, "conv_fused", spy)
-        for isa in ("avx2", "portable"):
-            cpu.set_isa(isa)
-            try:
-                layer.__dict__.pop("_fused_cache", None)
-                with torch.no_grad():
-                    got = layer(x)
-            finally:
-                cpu.set_isa("auto")
+        for isa, got in _on_both_isas(monkeypatch, layer, spy, layer, x).items():
             label = f"case {chunk}/{done} {layer.extra_repr()} {tuple(x.shape)} {x.dtype} ({isa})"
             assert got.dtype == expected.dtype and got.shape == expected.shape, label
             assert torch.equal(got, expected), f"{label}: {(got != expected).sum()} elements differ"
@@ -647,12 +664,8 @@ def test_fused_conv_batchnorm_equals_the_two_modules(native, monkeypatch, chunk)
         if x.dim() != len(layer.kernel_size) + 2 or layer.accumulator != "int32":
             continue  # unbatched input / int64 layers: no fused kernel (the fallback is tested in test_fuse)
         bn = _random_frozen_bn(rng, layer.out_channels)
-        try:
-            with torch.no_grad():
-                monkeypatch.undo()
-                _op_path(monkeypatch)
-                y = layer(x)
-        except (ValueError, RuntimeError):
+        y = _op_path_output(monkeypatch, layer, x)
+        if y is None:
             continue
         scale, shift = bn.affine(y.dtype)
         view = (-1,) + (1,) * (y.dim() - 2)
@@ -664,17 +677,8 @@ def test_fused_conv_batchnorm_equals_the_two_modules(native, monkeypatch, chunk)
         if rng.random() < 0.5:
             relu = True
             expected = torch.relu(expected)
-        monkeypatch.undo()
-        monkeypatch.setattr(ext, "conv_fused", spy)
         fused = deepshift.ShiftConvBatchNorm(layer, bn, relu=bool(relu))
-        for isa in ("avx2", "portable"):
-            cpu.set_isa(isa)
-            try:
-                layer.__dict__.pop("_fused_cache", None)
-                with torch.no_grad():
-                    got = fused(x, residual)
-            finally:
-                cpu.set_isa("auto")
+        for isa, got in _on_both_isas(monkeypatch, layer, spy, fused, x, residual).items():
             label = (f"case {chunk}/{done} {layer.extra_repr()} {tuple(x.shape)} {x.dtype} ({isa}) "
                      f"residual {residual is not None} relu {relu}")
             # torch.equal: NaN (an infinite BatchNorm scale times 0) is unequal to itself.

@@ -552,30 +552,21 @@ void scale_run(const uint32_t* y, FO* out, int64_t n, int exponent) {
 
 // y[i] = relu(x[i] * s + h + r[i]) (x may be y): FrozenBatchNorm's forward (a multiply, then an add,
 // each rounded: channel_affine), then, in a fused model (ShiftConvBatchNorm), a residual add if r and
-// ReLU if Relu, each operation rounded as torch rounds it. ReLU as torch computes it: y < 0 ? 0 : y
-// (NaN and -0.0 pass through); vmaxps(0, y) returns y when the comparison fails, which is the same.
+// ReLU if Relu, each operation rounded as torch rounds it (the file is built with -ffp-contract=off:
+// never one FMA). ReLU as torch computes it: y < 0 ? 0 : y, so NaN and -0.0 pass through. One vector
+// loop for float and double (GCC vector extensions: AVX2 in that build, SSE2 in the portable one).
 template <bool Relu, typename F>
 void epilogue_run(const F* x, F* y, int64_t n, F s, F h, const F* r) {
+  typedef F VF __attribute__((vector_size(32), aligned(sizeof(F)), may_alias));
+  constexpr int64_t L = 32 / sizeof(F);
   int64_t i = 0;
-#if defined(DS_AVX2_TU)
-  if constexpr (std::is_same<F, float>::value) {
-    const __m256 vs = _mm256_set1_ps(s), vh = _mm256_set1_ps(h), zero = _mm256_setzero_ps();
-    for (; i + 8 <= n; i += 8) {
-      __m256 v = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), vs), vh);
-      if (r) v = _mm256_add_ps(v, _mm256_loadu_ps(r + i));
-      if constexpr (Relu) v = _mm256_max_ps(zero, v);
-      _mm256_storeu_ps(y + i, v);
-    }
-  } else {
-    const __m256d vs = _mm256_set1_pd(s), vh = _mm256_set1_pd(h), zero = _mm256_setzero_pd();
-    for (; i + 4 <= n; i += 4) {
-      __m256d v = _mm256_add_pd(_mm256_mul_pd(_mm256_loadu_pd(x + i), vs), vh);
-      if (r) v = _mm256_add_pd(v, _mm256_loadu_pd(r + i));
-      if constexpr (Relu) v = _mm256_max_pd(zero, v);
-      _mm256_storeu_pd(y + i, v);
-    }
+  for (; i + L <= n; i += L) {
+    VF v = *reinterpret_cast<const VF*>(x + i) * s;
+    v = v + h;
+    if (r) v = v + *reinterpret_cast<const VF*>(r + i);
+    if constexpr (Relu) v = v < F(0) ? VF{} : v;
+    *reinterpret_cast<VF*>(y + i) = v;
   }
-#endif
   for (; i < n; ++i) {
     const F t = x[i] * s;
     F v = t + h;
