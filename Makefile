@@ -27,12 +27,12 @@ test: $(STAMP)
 test-triton: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest tests/test_kernels_triton.py
 
-# Float vs DeepShift-Q vs DeepShift-PS (5-bit), paper's MNIST conv model, one recipe: on
-# Fashion-MNIST when Debian's dataset-fashion-mnist is installed, else on scikit-learn's digits.
-# About 2 minutes on 2 cores. Output folders in runs/demo/{float,q,ps}.
+# Float vs DeepShift-Q vs DeepShift-PS (5-bit), paper's MNIST conv model, each with its default
+# recipe (no tuning flag): on Fashion-MNIST (10,000 training images) when Debian's
+# dataset-fashion-mnist is installed, else on scikit-learn's digits. A few minutes on 2 cores.
+# Output folders in runs/demo/{float,q,ps}.
 demo: $(STAMP)
-	$(PY) -m deepshift compare --data auto --model mnist-conv --epochs 3 --limit-train 10000 \
-		--optimizer radam --lr 0.001 --lr-shift 0.03 --lr-sign 0.03 --lr-schedule cosine \
+	$(PY) -m deepshift compare --data auto --model mnist-conv --limit-train 10000 \
 		--out runs/demo --overwrite --quiet
 
 # The accuracy grid (float vs Q vs PS, bits 5..2, scratch / from float) on Fashion-MNIST:

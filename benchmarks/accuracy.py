@@ -28,15 +28,9 @@ from pathlib import Path
 
 BITS = (5, 4, 3, 2)
 MODELS = ("mnist-fc", "mnist-conv")
-# One recipe for every run from scratch (float, Q and PS alike): the paper's MNIST setting (batch 64)
-# with RAdam, which the paper uses for PS, and a cosine schedule. PS's shift and sign parameters
-# live in log / sign space, where a step of 1e-3 barely moves them: they get their own rate, chosen
-# on the validation split (see results/accuracy.md). Float and Q have no such parameters.
-SCRATCH = {"optimizer": "radam", "lr": 1e-3, "batch_size": 64, "lr_schedule": "cosine"}
-SCRATCH_PS = {"lr_shift": 3e-2, "lr_sign": 3e-2}
-# Fine-tuning a converted float model starts close to a good solution: 10x smaller rates.
-FINETUNE = {"optimizer": "radam", "lr": 1e-4, "batch_size": 64, "lr_schedule": "cosine"}
-FINETUNE_PS = {"lr_shift": 1e-3, "lr_sign": 1e-3}
+# Every run takes the library's default recipe for its dataset, method and start (see
+# deepshift.train.RECIPES, PS_RECIPE, RECIPES_FROM_PRETRAINED): no tuning flag is passed, only the
+# epoch budget, so each cell is what `deepshift train --method M --weight-bits B` gives a user.
 # Options that do not change a run of the given method (ignored when deciding whether a finished
 # run can be reused).
 _UNUSED = {"none": ("lr_shift", "lr_sign", "freeze_sign", "weight_bits", "rounding", "shift_depth",
@@ -56,16 +50,15 @@ def plan(models, bits, epochs, finetune_epochs, runs_dir: Path, common: dict) ->
     for model in models:
         base = {**common, "model": model}
         float_name = f"{model}/float"
-        runs.append(Run(float_name, {**base, **SCRATCH, "method": "none", "epochs": epochs}))
+        scratch = {"epochs": epochs} if epochs else {}
+        finetune = {"epochs": finetune_epochs} if finetune_epochs else {}
+        runs.append(Run(float_name, {**base, "method": "none", **scratch}))
         for b in bits:
             for method in ("q", "ps"):
-                ps = method == "ps"
                 runs.append(Run(f"{model}/{method}{b}-scratch",
-                                {**base, **SCRATCH, **(SCRATCH_PS if ps else {}), "method": method,
-                                 "weight_bits": b, "epochs": epochs}))
+                                {**base, "method": method, "weight_bits": b, **scratch}))
                 runs.append(Run(f"{model}/{method}{b}-float",
-                                {**base, **FINETUNE, **(FINETUNE_PS if ps else {}), "method": method,
-                                 "weight_bits": b, "epochs": finetune_epochs,
+                                {**base, "method": method, "weight_bits": b, **finetune,
                                  "from_checkpoint": str(runs_dir / float_name / "best.pt")},
                                 needs=[float_name]))
     return runs
@@ -102,11 +95,12 @@ def post_training(models, bits, runs_dir: Path, common: dict) -> dict:
     """Test/val top-1 of each float model converted at each bit width with no training at all.
 
     Q and PS convert a float weight identically (round log2|w| to the nearest allowed shift), so
-    there is one post-training number per bit width.
+    there is one post-training number per bit width; the window is the default, placed per layer
+    (``max_shift="auto"``).
     """
     from deepshift import QConfig, convert_
     from deepshift.data import BatchLoader, load_dataset
-    from deepshift.train import build_run_model, evaluate, load_checkpoint
+    from deepshift.train import DEFAULT_MAX_SHIFT, build_run_model, evaluate, load_checkpoint
 
     splits = load_dataset(common["data"], common.get("data_dir"), 0.1, common.get("limit_train"))
     val_loader = BatchLoader(splits.val, 64, train=False)
@@ -117,7 +111,7 @@ def post_training(models, bits, runs_dir: Path, common: dict) -> dict:
         for b in bits:
             net = build_run_model(model, splits.num_classes, splits.in_channels, None, None)
             net.load_state_dict(ckpt["model"])
-            convert_(net, QConfig(weight_bits=b))
+            convert_(net, QConfig(weight_bits=b, max_shift=DEFAULT_MAX_SHIFT))
             out[(model, b)] = {"val_top1": evaluate(net, val_loader)["top1"],
                                "test_top1": evaluate(net, test_loader)["top1"]}
     return out
@@ -165,7 +159,49 @@ def _trained_rows(model: str):
             yield f"{model}/{method}{{b}}-{start}", label, start_label
 
 
-def write_table(path: Path, results, post, models, bits, header: str) -> None:
+def recipe_epochs(runs: list[Run]) -> str:
+    """"from scratch N epochs, from float M epochs" as the runs resolve them."""
+    from deepshift.train import TrainConfig
+
+    def epochs(run):
+        return TrainConfig(**run.options).resolved().epochs
+
+    scratch = {epochs(r) for r in runs if "from_checkpoint" not in r.options}
+    finetune = {epochs(r) for r in runs if "from_checkpoint" in r.options}
+    return (f"from scratch {'/'.join(map(str, sorted(scratch)))} epochs, "
+            f"from float {'/'.join(map(str, sorted(finetune)))} epochs")
+
+
+def recipe_note(runs: list[Run]) -> str:
+    """The resolved optimiser settings of one run per method and start, as the table header says them."""
+    from deepshift.train import TrainConfig
+
+    keys = ("optimizer", "lr", "lr_shift", "lr_sign", "lr_schedule", "batch_size", "max_shift")
+    seen, parts = set(), []
+    for run in runs:
+        start = "from float" if "from_checkpoint" in run.options else "scratch"
+        label = {"none": "float", "q": "Q", "ps": "PS"}[run.options["method"]]
+        if (label, start) in seen:
+            continue
+        seen.add((label, start))
+        cfg = TrainConfig(**run.options).resolved().to_dict()
+        parts.append(f"{label} {start}: " + ", ".join(f"{k} {cfg[k]}" for k in keys
+                                                       if cfg[k] is not None and not (
+                                                           label == "float" and k == "max_shift")))
+    return "; ".join(parts)
+
+
+def previous_table(path: Path) -> dict[tuple[str, str, str], list[str]]:
+    """The test top-1 cells of an earlier accuracy.md, keyed by (model, method, start)."""
+    cells = {}
+    for line in path.read_text().split("Difference to float")[0].splitlines():
+        parts = [p.strip() for p in line.strip().strip("|").split("|")]
+        if len(parts) > 3 and parts[0] not in ("model", "") and not parts[0].startswith("---"):
+            cells[(parts[0], parts[1], parts[2])] = parts[3:]
+    return cells
+
+
+def write_table(path: Path, results, post, models, bits, header: str, previous: Path | None = None) -> None:
     head = ["| model | method | start | " + " | ".join(f"{b}-bit" for b in bits) + " |",
             "|---|---|---|" + "---:|" * len(bits)]
 
@@ -184,7 +220,19 @@ def write_table(path: Path, results, post, models, bits, header: str) -> None:
             diff.append(row(model, label, start, [c - f for c in cells], "+.2f"))
     lines = [header, "", "Test top-1 (%) of the checkpoint with the best validation top-1. "
              "Float is the same at every bit width.", "", *table,
-             "", "Difference to float (points, test top-1):", "", *diff,
+             "", "Difference to float (points, test top-1):", "", *diff]
+    if previous is not None and previous.is_file():
+        old = previous_table(previous)
+        lines += ["", f"Beside the previous grid (`{previous.name}`; each cell: previous -> now, "
+                  "test top-1):", "", *head]
+        for line in table[2:]:
+            parts = [p.strip() for p in line.strip().strip("|").split("|")]
+            key = (parts[0], parts[1], parts[2])
+            if key in old:
+                cells = [f"{a} -> {b}" for a, b in zip(old[key], parts[3:], strict=False)]
+                lines.append(f"| {' | '.join(parts[:3])} | " + " | ".join(cells) + " |")
+    lines += [
+             "", "Seconds per run (training + validation each epoch + one test pass):", "",
              "", "Seconds per run (training + validation each epoch + one test pass):", "",
              "| run | epochs | best epoch | val top-1 | test top-1 | seconds |",
              "|---|---:|---:|---:|---:|---:|"]
@@ -231,8 +279,10 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     p.add_argument("--bits", nargs="+", type=int, help="weight bits (default 5 4 3 2; --quick: 5 2)")
-    p.add_argument("--epochs", type=int, help="epochs from scratch, float, Q and PS alike (default 5)")
-    p.add_argument("--finetune-epochs", type=int, help="epochs from the float model (default 2)")
+    p.add_argument("--epochs", type=int,
+                   help="epochs from scratch, float, Q and PS alike (default: the recipe's; 10 on MNIST)")
+    p.add_argument("--finetune-epochs", type=int,
+                   help="epochs from the float model (default: the recipe's, 3 for MNIST-like data)")
     p.add_argument("--limit-train", type=int, help="use only this many training examples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (threads = cores / jobs)")
@@ -242,6 +292,8 @@ def main(argv=None) -> int:
                    help="smoke check: by default bits 5 and 2, 1 epoch each, 6,000 training images; "
                         "writes accuracy-quick.md/png")
     p.add_argument("--fresh", action="store_true", help="retrain runs even when a finished one exists")
+    p.add_argument("--previous",
+                   help="an earlier accuracy.md whose test top-1 table is shown beside the new one")
     args = p.parse_args(argv)
     stem = "accuracy"
     if args.quick:
@@ -249,8 +301,7 @@ def main(argv=None) -> int:
         args.finetune_epochs, args.limit_train = args.finetune_epochs or 1, args.limit_train or 6000
         args.runs = args.runs + "-quick"
         stem = "accuracy-quick"
-    args.bits, args.epochs = args.bits or list(BITS), args.epochs or 5
-    args.finetune_epochs = args.finetune_epochs or 2
+    args.bits = args.bits or list(BITS)
     if args.data == "fashion-mnist" and args.data_dir is None:
         from deepshift.data import FASHION_MNIST_DEBIAN_DIR
 
@@ -275,12 +326,12 @@ def main(argv=None) -> int:
     cmd = "python benchmarks/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])
     header = (f"# Accuracy: float vs DeepShift-Q vs DeepShift-PS on {args.data}\n\n"
               f"Produced by `{cmd.strip()}` in {wall / 60:.1f} min wall time ({args.jobs} runs at a time, "
-              f"{os.cpu_count()} cores){reused_note}. From scratch: {args.epochs} epochs, "
-              f"{json.dumps(SCRATCH)}, PS also {json.dumps(SCRATCH_PS)}. From float: "
-              f"{args.finetune_epochs} epochs, {json.dumps(FINETUNE)}, PS also {json.dumps(FINETUNE_PS)}. "
-              f"Seed {args.seed}; validation = 10% of the training set"
+              f"{os.cpu_count()} cores){reused_note}. Every run uses the default recipe (no tuning flag): "
+              f"{recipe_epochs(runs)}; "
+              f"{recipe_note(runs)}. Seed {args.seed}; validation = 10% of the training set"
               + (f"; training limited to {args.limit_train} images" if args.limit_train else "") + ".")
-    write_table(results_dir / f"{stem}.md", results, post, args.models, args.bits, header)
+    write_table(results_dir / f"{stem}.md", results, post, args.models, args.bits, header,
+                previous=Path(args.previous) if args.previous else None)
     plot(results_dir / f"{stem}.png", results, post, args.models, args.bits)
     print(f"wrote {results_dir / (stem + '.md')} and {stem}.png in {wall / 60:.1f} min")
     return 0

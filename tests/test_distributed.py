@@ -40,8 +40,8 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 # splits unevenly, 11 + 10, which checks the global-mean weighting of the loss).
 BASE = dict(data="digits", model="mnist-conv", limit_train=95, batch_size=32, epochs=1, quiet=True,
             device="cpu")
-RUNS = {"none": dict(lr=0.05), "ps": dict(method="ps", optimizer="radam", lr=0.01),
-        "q": dict(method="q", lr=0.05, momentum=0.9)}
+RUNS = {"none": dict(optimizer="sgd", lr=0.05), "ps": dict(method="ps", optimizer="radam", lr=0.01),
+        "q": dict(method="q", optimizer="sgd", lr=0.05, momentum=0.9)}
 RUN_FILES = {"config.json", "metrics.csv", "metrics.json", "last.pt", "best.pt", "curves.png"}
 
 # Runs several CLI commands in one pair of processes (saves the start-up of torch per launch). The

@@ -25,7 +25,10 @@ from deepshift.train import (
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 # Tiny but real: the paper's FC model on 160 digits, 2 epochs of 10 steps.
-TINY = dict(data="digits", model="mnist-fc", epochs=2, batch_size=16, limit_train=160, quiet=True)
+# The loop's machinery, not a recipe, is under test: plain SGD without a schedule (so that epochs
+# add up: 1 + 1 epochs equal a 2-epoch run).
+TINY = dict(data="digits", model="mnist-fc", epochs=2, batch_size=16, limit_train=160, quiet=True,
+            optimizer="sgd", lr_schedule="none")
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +67,7 @@ def test_eval_reproduces_test_top1_exactly(float_run, capsys):
 def test_from_pretrained_then_ps_and_q(float_run, tmp_path):
     out, _ = float_run
     for method, opt in (("ps", "radam"), ("q", "sgd")):
-        m = train(TrainConfig(**{**TINY, "epochs": 1}, method=method, optimizer=opt, act_bits=(16, 16),
+        m = train(TrainConfig(**{**TINY, "epochs": 1, "optimizer": opt}, method=method, act_bits=(16, 16),
                               from_checkpoint=str(out / "best.pt"), out=str(tmp_path / method)))
         assert m["shift_weights"] > 0 and m["test_top1"] > 30
         got = evaluate_checkpoint(tmp_path / method / "best.pt", device="cpu")
@@ -262,3 +265,46 @@ def test_resume_can_extend_a_finished_run(float_run, tmp_path):
     assert extended["test_top1"] == metrics["test_top1"] and extended["epochs"] == 2
     with pytest.raises(ConfigError, match="already done"):
         resume(tmp_path, epochs=1)
+
+
+def test_default_recipe_per_method_and_start():
+    ps = TrainConfig(data="digits", method="ps").resolved()
+    assert (ps.optimizer, ps.lr, ps.lr_shift, ps.lr_sign, ps.max_shift) == ("radam", 0.01, 0.05, 0.05, "auto")
+    q = TrainConfig(data="fashion-mnist", method="q", weight_bits=2).resolved()
+    assert (q.optimizer, q.lr, q.lr_schedule, q.epochs, q.max_shift) == ("radam", 1e-3, "cosine", 10, "auto")
+    fine = TrainConfig(data="digits", method="ps", from_checkpoint="x.pt").resolved()
+    assert (fine.optimizer, fine.lr, fine.lr_shift, fine.lr_sign, fine.epochs) == (
+        "radam", 1e-3, 5e-3, 5e-3, 3)
+    # What the user gives wins; the other PS rate still follows lr.
+    given = TrainConfig(data="digits", method="ps", optimizer="adam", lr=0.1, lr_sign=0.2,
+                        max_shift=0).resolved()
+    assert (given.optimizer, given.lr, given.lr_shift, given.lr_sign, given.max_shift) == (
+        "adam", 0.1, 0.5, 0.2, 0)
+    assert TrainConfig(data="cifar10").resolved().optimizer == "sgd"  # the paper's CIFAR recipe
+    assert TrainConfig(data="digits").resolved().lr_shift is None  # float: no PS rates
+
+
+def test_ps_run_from_scratch_starts_from_the_papers_init(tmp_path):
+    # A learning rate too small to move anything: last.pt holds the initial parameters.
+    train(TrainConfig(**{**TINY, "epochs": 1}, method="ps", lr=1e-12, out=str(tmp_path)))
+    state = torch.load(tmp_path / "last.pt", weights_only=True)["model"]
+    for layer in ("fc1", "fc2", "fc3"):
+        shift = state[f"{layer}.parametrizations.weight.original0"]
+        sign = state[f"{layer}.parametrizations.weight.original1"]
+        top = int(state[f"{layer}.parametrizations.weight.0.max_shift"])
+        assert float((shift - shift.round()).abs().mean()) > 0.2  # not the exact conversion
+        assert top - 14.5 <= float(shift.min()) and float(shift.max()) <= top + 0.5
+        assert 0.45 < float((sign.abs() < 0.5).float().mean()) < 0.55
+
+
+@pytest.mark.parametrize("value, message", [("sometimes", "must be 'auto' or an integer"),
+                                            ("99", "max_shift=99 is out of range")])
+def test_cli_rejects_a_bad_max_shift(value, message, capsys, tmp_path):
+    argv = ["train", "--data", "digits", "--method", "ps", "--max-shift", value, "--out", str(tmp_path / "r")]
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own type check
+        code = exc.code
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # nothing was written

@@ -56,18 +56,20 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                    help="weight rounding during training (evaluation is always deterministic)")
     m.add_argument("--shift-depth", type=int, metavar="N",
                    help="convert only the last N conv/linear layers (default: all)")
-    m.add_argument("--max-shift", type=int, default=0, help="largest shift p_max (0: |w| <= 1, the paper)")
+    m.add_argument("--max-shift", type=_max_shift,
+                   help="largest shift p_max: an int in -16..16 (0: |w| <= 1, the paper's fixed window) "
+                        "or auto (default: each layer's window placed from its weights)")
     m.add_argument("--freeze-sign", action="store_true", help="PS: keep the sign parameters fixed")
 
     o = p.add_argument_group("optimisation (defaults: the paper's recipe for --data)")
-    o.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
-                   help="torch.optim optimizer (paper: sgd; radam for PS from scratch)")
-    o.add_argument("--lr", type=float, help="learning rate (mnist-like 0.01, cifar10 0.1, imagenet 0.1; "
-                                            "0.001 for cifar10 --from)")
-    o.add_argument("--lr-sign", type=float, help="PS: separate learning rate for sign parameters")
+    o.add_argument("--optimizer", choices=OPTIMIZERS,
+                   help="torch.optim optimizer (default: the paper's, sgd for float and Q, radam for PS)")
+    o.add_argument("--lr", type=float, help="learning rate (mnist-like 0.01, cifar10 0.1, imagenet 0.1, "
+                                            "PS 0.01; with --from: 0.001 for mnist-like and cifar10)")
+    o.add_argument("--lr-sign", type=float, help="PS: learning rate of the sign parameters (default 5 x lr)")
     o.add_argument("--lr-shift", type=float,
-                   help="PS: separate learning rate for shift parameters (they live in the log domain, "
-                        "so they often want a larger lr than float weights)")
+                   help="PS: learning rate of the shift parameters (default 5 x lr: they live in the log "
+                        "domain, where a step of lr changes a weight by only a factor 2**lr)")
     o.add_argument("--momentum", type=float, help="SGD/RMSprop momentum (mnist-like 0, else 0.9)")
     o.add_argument("--weight-decay", type=float, help="weight decay, not applied to PS shift/sign "
                                                       "(mnist-like 0, else 1e-4)")
@@ -101,6 +103,16 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                    help="synchronise BatchNorm statistics across processes (SyncBatchNorm)")
     g.add_argument("--compile", dest="compile_model", action="store_true",
                    help="torch.compile the training model (after conversion and DDP wrapping)")
+
+
+def _max_shift(text: str):
+    """``--max-shift``: ``auto`` or an integer (range checked with the config)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or an integer, got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,6 +15,7 @@ ACT_ROUNDINGS = ("nearest", "floor")
 MIN_BITS, MAX_BITS = 2, 8
 MAX_SHIFT_LIMIT = 16  # |max_shift| bound: keeps every weight a normal-or-subnormal float32 power of 2
 MAX_ACT_TOTAL_BITS = 32  # I + F; activations are held as int32 fixed point at most
+AUTO = "auto"  # max_shift placed per layer from its weights (see deepshift.convert_)
 
 
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -52,7 +53,7 @@ class _ShiftConfig:
     weight_bits: int = 5
     rounding: str = "deterministic"
     act_bits: tuple[int, int] | None = None
-    max_shift: int = 0
+    max_shift: int | str = 0
     act_rounding: str = "nearest"
 
     method: ClassVar[str] = ""
@@ -63,7 +64,11 @@ class _ShiftConfig:
         _check_int("weight_bits", self.weight_bits, MIN_BITS, MAX_BITS)
         _check_choice("rounding", self.rounding, ROUNDINGS)
         _check_choice("act_rounding", self.act_rounding, ACT_ROUNDINGS)
-        _check_int("max_shift", self.max_shift, -MAX_SHIFT_LIMIT, MAX_SHIFT_LIMIT)
+        if self.max_shift != AUTO:
+            if isinstance(self.max_shift, bool) or not isinstance(self.max_shift, int):
+                raise ValueError(f"max_shift must be 'auto' or an int in [{-MAX_SHIFT_LIMIT}, "
+                                 f"{MAX_SHIFT_LIMIT}], got {self.max_shift!r}")
+            _check_int("max_shift", self.max_shift, -MAX_SHIFT_LIMIT, MAX_SHIFT_LIMIT)
         object.__setattr__(self, "act_bits", _normalise_act_bits(self.act_bits))
 
     @property
@@ -72,9 +77,25 @@ class _ShiftConfig:
         return 2 ** (self.weight_bits - 1) - self._reserved_codes
 
     @property
+    def auto_range(self) -> bool:
+        """True when each layer places its own window of shifts (``max_shift="auto"``)."""
+        return self.max_shift == AUTO
+
+    def range_below(self, max_shift: int) -> tuple[int, int]:
+        """The inclusive ``(p_min, p_max)`` window of this bit width that ends at ``max_shift``."""
+        return (max_shift - self.num_shifts + 1, max_shift)
+
+    @property
     def shift_range(self) -> tuple[int, int]:
-        """Inclusive ``(p_min, p_max)`` of the integer shift ``p`` in ``w = s * 2**p``."""
-        return (self.max_shift - self.num_shifts + 1, self.max_shift)
+        """Inclusive ``(p_min, p_max)`` of the integer shift ``p`` in ``w = s * 2**p``.
+
+        With ``max_shift="auto"`` the window is a property of each layer, not of the config:
+        ask the layer (:func:`deepshift.layer_shift_range`).
+        """
+        if self.auto_range:
+            raise ValueError("max_shift='auto' places the window of shifts per layer: use "
+                             "deepshift.layer_shift_range(module) for a converted layer's range")
+        return self.range_below(self.max_shift)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict, including ``"method"`` so :func:`config_from_dict` can rebuild it."""
@@ -112,7 +133,9 @@ class QConfig(_ShiftConfig):
         act_bits: ``None`` (float inputs) or ``(I, F)``: inputs and bias are rounded to signed
             fixed point with ``I`` integer bits (sign included) and ``F`` fraction bits.
         max_shift: the largest shift ``p_max``; 0 is the paper (``|w| <= 1``), positive values
-            allow left shifts.
+            allow left shifts. ``"auto"`` places each layer's window where it rounds that layer's
+            weights with the least squared error (chosen when the layer is converted, stored in
+            its state_dict as ``parametrizations.weight.0.max_shift``).
         act_rounding: ``"nearest"`` (half to even, unbiased; default) or ``"floor"`` (the
             original code's choice).
 

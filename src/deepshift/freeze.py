@@ -42,9 +42,15 @@ def freeze_layer(module: nn.Module, act_bits: tuple[int, int] | None = None) -> 
 
     The layer's own ``act_bits`` win; otherwise ``act_bits`` (default :data:`DEFAULT_ACT_BITS`).
     """
-    from .convert import shift_config
+    from dataclasses import replace
+
+    from .convert import layer_shift_range, shift_config
 
     cfg = shift_config(module)
+    shift_range = layer_shift_range(module)
+    if cfg.auto_range:
+        # The frozen layer records its own window: the packed file and reports carry the offset.
+        cfg = replace(cfg, max_shift=shift_range[1])
     bits = cfg.act_bits or act_bits or DEFAULT_ACT_BITS
     bits = (int(bits[0]), int(bits[1]))
     # Validate the pair the same way configs do.
@@ -54,7 +60,7 @@ def freeze_layer(module: nn.Module, act_bits: tuple[int, int] | None = None) -> 
     used = shift[sign != 0]
     # Codes are relative to the lowest shift the layer actually uses: the integer accumulator
     # then spans only the used shifts, usually far narrower than the configured range.
-    shift_lo = int(used.min()) if used.numel() else cfg.shift_range[0]
+    shift_lo = int(used.min()) if used.numel() else shift_range[0]
     shift_hi = int(used.max()) if used.numel() else shift_lo
     codes = encode_codes(shift, sign, cfg.weight_bits, has_zero, shift_lo)
     bias = module.bias  # the parametrized (already rounded, if trained with act_bits) bias

@@ -6,18 +6,19 @@ import torch
 from torch import nn
 
 from .config import PSConfig
-from .convert import shift_layers, shift_parameters
+from .convert import layer_shift_range, shift_layers, shift_parameters
 
 
 def param_groups(
-    model: nn.Module, lr: float, weight_decay: float = 0.0, lr_sign: float | None = None
+    model: nn.Module, lr: float, weight_decay: float = 0.0, lr_sign: float | None = None,
+    lr_shift: float | None = None,
 ) -> list[dict]:
     """Optimizer parameter groups for a converted model.
 
     * ``"params"``: every other trainable parameter (including Q's float weights), with
       ``weight_decay``.
     * ``"shift"``: PS shift parameters, no weight decay (decaying a log-domain value towards 0
-      would push weights towards 1, not towards 0).
+      would push weights towards 1, not towards 0), learning rate ``lr_shift`` (default ``lr``).
     * ``"sign"``: PS sign parameters, no weight decay, learning rate ``lr_sign`` (default ``lr``).
 
     Empty groups are left out; frozen parameters (``requires_grad=False``) are skipped.
@@ -30,8 +31,8 @@ def param_groups(
         >>> [g["name"] for g in opt.param_groups]
         ['params', 'shift', 'sign']
     """
-    if lr <= 0 or (lr_sign is not None and lr_sign <= 0):
-        raise ValueError(f"learning rates must be > 0, got lr={lr}, lr_sign={lr_sign}")
+    if lr <= 0 or any(v is not None and v <= 0 for v in (lr_sign, lr_shift)):
+        raise ValueError(f"learning rates must be > 0, got lr={lr}, lr_sign={lr_sign}, lr_shift={lr_shift}")
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
     shift, sign = [], []
@@ -44,7 +45,7 @@ def param_groups(
     others = [p for p in model.parameters() if id(p) not in special]
     groups = [
         {"name": "params", "params": others, "lr": lr, "weight_decay": weight_decay},
-        {"name": "shift", "params": shift, "lr": lr, "weight_decay": 0.0},
+        {"name": "shift", "params": shift, "lr": lr if lr_shift is None else lr_shift, "weight_decay": 0.0},
         {"name": "sign", "params": sign, "lr": lr if lr_sign is None else lr_sign,
          "weight_decay": 0.0},
     ]
@@ -65,6 +66,6 @@ def clamp_parameters_(model: nn.Module) -> nn.Module:
     for _, module, config in shift_layers(model):
         if isinstance(config, PSConfig):
             params = shift_parameters(module)
-            params["shift"].clamp_(*config.shift_range)
+            params["shift"].clamp_(*layer_shift_range(module))
             params["sign"].clamp_(-1.0, 1.0)
     return model

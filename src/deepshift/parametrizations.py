@@ -43,27 +43,68 @@ class _EvalCache(nn.Module):
         return super().train(mode)
 
 
-class ShiftQ(_EvalCache):
+class _ShiftWeight(_EvalCache):
+    """What ShiftQ and ShiftPS share: the config and the layer's window of shifts.
+
+    A fixed ``max_shift`` gives every layer the config's window. With ``max_shift="auto"`` the
+    window's top is a per-layer int64 buffer ``max_shift`` (set by :func:`deepshift.convert_`
+    before the weights are converted, saved in the state_dict); a Python copy of it is kept so
+    that forward passes read no tensor (no device sync, nothing for torch.compile to trace).
+    """
+
+    def __init__(self, config: QConfig | PSConfig):
+        super().__init__()
+        self.config = config
+        if config.auto_range:
+            self.register_buffer("max_shift", torch.zeros((), dtype=torch.int64))
+            self._max_shift = 0
+
+    @property
+    def shift_range(self) -> tuple[int, int]:
+        """Inclusive ``(p_min, p_max)`` of this layer's shifts."""
+        if self.config.auto_range:
+            return self.config.range_below(self._max_shift)
+        return self.config.shift_range
+
+    def set_max_shift_(self, max_shift: int) -> None:
+        """Place an ``"auto"`` layer's window so that it ends at ``max_shift`` (in place)."""
+        if not self.config.auto_range:
+            raise ValueError("only layers converted with max_shift='auto' place their own window")
+        with torch.no_grad():
+            self.max_shift.fill_(int(max_shift))
+        self._max_shift = int(max_shift)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.config.auto_range:
+            self._max_shift = int(self.max_shift)
+
+    def _range_key(self) -> tuple[Tensor, ...]:
+        # The buffer joins the eval cache's key: its version moves when a window is re-placed.
+        return (self.max_shift,) if self.config.auto_range else ()
+
+    def extra_repr(self) -> str:
+        return _describe(self.config, self.shift_range)
+
+
+class ShiftQ(_ShiftWeight):
     """DeepShift-Q: the stored parameter is the float weight; forward rounds it to ``s * 2**p``.
 
     Registered on ``weight``, the float tensor stays at ``parametrizations.weight.original``.
     """
 
     def __init__(self, config: QConfig):
-        super().__init__()
         if not isinstance(config, QConfig):
             raise TypeError(f"ShiftQ needs a QConfig, got {type(config).__name__}")
-        self.config = config
+        super().__init__(config)
 
     def forward(self, weight: Tensor) -> Tensor:
         stochastic = self.training and self.config.rounding == "stochastic"
-        return self._cached(lambda: q_weight(weight, self.config.shift_range, stochastic), weight)
-
-    def extra_repr(self) -> str:
-        return _describe(self.config)
+        shift_range = self.shift_range
+        return self._cached(lambda: q_weight(weight, shift_range, stochastic), weight, *self._range_key())
 
 
-class ShiftPS(_EvalCache):
+class ShiftPS(_ShiftWeight):
     """DeepShift-PS: two stored parameters, ``shift`` and ``sign``; forward gives ``s * 2**p``.
 
     Registered on ``weight``, they live at ``parametrizations.weight.original0`` (shift) and
@@ -72,21 +113,18 @@ class ShiftPS(_EvalCache):
     """
 
     def __init__(self, config: PSConfig):
-        super().__init__()
         if not isinstance(config, PSConfig):
             raise TypeError(f"ShiftPS needs a PSConfig, got {type(config).__name__}")
-        self.config = config
+        super().__init__(config)
 
     def forward(self, shift: Tensor, sign: Tensor) -> Tensor:
         stochastic = self.training and self.config.rounding == "stochastic"
-        return self._cached(lambda: ps_weight(shift, sign, self.config.shift_range, stochastic),
-                            shift, sign)
+        shift_range = self.shift_range
+        return self._cached(lambda: ps_weight(shift, sign, shift_range, stochastic),
+                            shift, sign, *self._range_key())
 
     def right_inverse(self, weight: Tensor) -> tuple[Tensor, Tensor]:
-        return ps_from_weight(weight, self.config.shift_range)
-
-    def extra_repr(self) -> str:
-        return _describe(self.config)
+        return ps_from_weight(weight, self.shift_range)
 
 
 class FixedPointBias(_EvalCache):
@@ -113,9 +151,11 @@ class FixedPointInput:
         return (x, *args[1:])
 
 
-def _describe(config: QConfig | PSConfig) -> str:
-    lo, hi = config.shift_range
+def _describe(config: QConfig | PSConfig, shift_range: tuple[int, int]) -> str:
+    lo, hi = shift_range
     text = f"method={config.method}, weight_bits={config.weight_bits}, shifts=[{lo}, {hi}]"
+    if config.auto_range:
+        text += " (auto)"
     if config.rounding != "deterministic":
         text += f", rounding={config.rounding}"
     if config.act_bits is not None:

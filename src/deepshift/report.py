@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .convert import is_shift_layer, shift_and_sign, shift_config
+from .convert import is_shift_layer, layer_shift_range, shift_and_sign, shift_config
 from .frozen_float import ExactGlobalAvgPool, FrozenBatchNorm
 from .modules import _FrozenShift, is_frozen_layer
 from .ops import decode_codes
@@ -138,7 +138,7 @@ def _shift_sign(module: nn.Module) -> tuple[Tensor, Tensor, dict[str, Any]]:
     cfg = shift_config(module)
     shift, sign = shift_and_sign(module)
     return shift.long(), sign.long(), {"method": cfg.method, "bits": cfg.weight_bits,
-                                       "range": list(cfg.shift_range)}
+                                       "range": list(layer_shift_range(module))}
 
 
 def _configured_range(cfg: dict[str, Any], module: _FrozenShift) -> list[int]:

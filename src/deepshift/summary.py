@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .convert import shift_and_sign, shift_layers
+from .convert import layer_shift_range, shift_and_sign, shift_layers
 
 
 def summary(model: nn.Module) -> str:
@@ -29,7 +29,7 @@ def summary(model: nn.Module) -> str:
         nonzero = sign != 0
         used = (f"[{int(shift[nonzero].min())}, {int(shift[nonzero].max())}]"
                 if bool(nonzero.any()) else "-")
-        lo, hi = cfg.shift_range
+        lo, hi = layer_shift_range(module)
         rows.append((
             name or "(root)", type(module).__name__.removeprefix("Parametrized"),
             "x".join(str(d) for d in shift.shape), cfg.method.upper(), str(cfg.weight_bits),
