@@ -247,3 +247,24 @@ def test_eval_cache_follows_every_parameter_change(cfg):
         layer.train()
         assert layer.parametrizations.weight[0]._cache_value is None
         assert layer.eval().weight is not cached
+
+
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad", "enable_grad"])
+@pytest.mark.parametrize("method", ["q", "ps"])
+def test_models_made_under_any_grad_mode_convert_freeze_and_run(mode, method):
+    # Parameters created under torch.inference_mode are inference tensors without a version
+    # counter: the eval-time cache must not key on it.
+    cfg = {"q": deepshift.QConfig, "ps": deepshift.PSConfig}[method](act_bits=(8, 8), max_shift="auto")
+    with getattr(torch, mode)():
+        model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+        deepshift.convert_(model, cfg)
+    model.eval()
+    x = torch.randn(5, 4)
+    with torch.inference_mode():
+        simulated = model(x)
+        assert torch.equal(model(x), simulated)  # the second call (cached where allowed) agrees
+    with torch.no_grad():
+        assert torch.equal(model(x), simulated)
+    frozen = deepshift.freeze_(model)
+    with torch.inference_mode():
+        assert torch.equal(frozen(x), simulated)

@@ -21,14 +21,12 @@ Loading never unpickles anything: the header is parsed with ``json`` and tensors
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
 import math
 import os
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +34,7 @@ import torch
 from torch import nn
 
 from .config import config_from_dict
+from .files import atomic_path
 from .freeze import freeze_
 from .frozen_float import freeze_float_layers_
 from .modules import _FrozenShift, frozen_from_spec, is_frozen_layer
@@ -100,17 +99,8 @@ def _encode(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> bytes:
 
 
 def _atomic_write(path: Path, payload: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(payload)
 
 
 def _frozen_copy(model: nn.Module, act_bits: tuple[int, int] | None) -> nn.Module:

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .convert import effective_weight, is_shift_layer, shift_config
+from .files import atomic_path
 from .modules import ShiftConvNd, ShiftLinear, _FrozenShift, conv_pads, is_frozen_layer
 from .ops import _im2col, decode_codes
 from .quantize import fixed_point_limits
@@ -221,9 +222,9 @@ def export_onnx(
         raise TypeError(f"example_input must be a float tensor, got {example_input.dtype}")
     graph_model = exportable(model, mode).to(example_input.dtype)
     path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
     dynamic_axes = {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
-    try:
+    with atomic_path(path) as tmp_path:
+        tmp = os.fspath(tmp_path)
         with torch.no_grad(), warnings.catch_warnings():
             # Shapes are static by design (the example input fixes them): tracing says so.
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
@@ -235,9 +236,5 @@ def export_onnx(
                               output_names=["output"], opset_version=opset,
                               dynamic_axes=dynamic_axes, dynamo=False)
         onnx.checker.check_model(onnx.load(tmp), full_check=True)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 

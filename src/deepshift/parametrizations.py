@@ -30,7 +30,10 @@ class _EvalCache(nn.Module):
         self._cache_value: Tensor | None = None
 
     def _cached(self, compute, *tensors: Tensor) -> Tensor:
-        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        # Inference tensors (made under torch.inference_mode) have no version counter: an in-place
+        # change could not be seen, so they are never cached.
+        if (self.training or torch.is_grad_enabled() or torch.compiler.is_compiling()
+                or any(t.is_inference() for t in tensors)):
             return compute()
         key = tuple((t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape)) for t in tensors)
         if key != self._cache_key or self._cache_value is None:

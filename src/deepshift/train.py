@@ -58,6 +58,7 @@ from .distributed import (
     wrap_model,
 )
 from .distributed import setup as dist_setup
+from .files import atomic_path
 from .models import build_model
 from .optim import clamp_parameters_, param_groups
 
@@ -304,10 +305,8 @@ def build_run_model(model_name: str, num_classes: int, in_channels: int,
 
 def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
     """``torch.save`` to a temporary file, then ``os.replace``: a crash never leaves half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -432,22 +431,19 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 CSV_COLUMNS = ("epoch", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr", "seconds")
 
 
 def _write_csv(path: Path, history: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
         writer.writeheader()
         for row in history:
             writer.writerow({k: row[k] for k in CSV_COLUMNS})
-    os.replace(tmp, path)
 
 
 def plot_curves(path: Path, history: list[dict]) -> bool:
@@ -472,10 +468,9 @@ def plot_curves(path: Path, history: list[dict]) -> bool:
     ax2.set_ylabel("accuracy (%)")
     ax2.legend()
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
     return True
 
 
