@@ -267,3 +267,25 @@ def test_auto_config_has_no_global_range_and_round_trips_as_a_dict():
         _ = cfg.shift_range
     assert cfg.range_below(-4) == (-6, -4)
     assert deepshift.config_from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("bits", [2, 3, 5])
+def test_q_from_scratch_places_its_window_for_he_scale_with_headroom(bits):
+    from deepshift.convert import SCRATCH_WINDOW_TOLERANCE, he_scaled
+
+    torch.manual_seed(0)
+    cfg = deepshift.QConfig(weight_bits=bits, max_shift="auto")
+    fresh = nn.Linear(784, 256)
+    w = fresh.weight.detach().clone()
+    scaled = he_scaled(w)
+    assert math.isclose(float(scaled.double().std()), math.sqrt(2 / 784), rel_tol=1e-6)
+    deepshift.convert_(fresh, cfg, init="scratch")
+    assert layer_shift_range(fresh)[1] == auto_max_shift(scaled, cfg, SCRATCH_WINDOW_TOLERANCE)
+    # Converting the same weights as trained ones keeps the least-error window of the weights
+    # themselves, which lies below: PyTorch's default init is 1/2.45 of He's standard deviation.
+    trained = nn.Linear(784, 256)
+    with torch.no_grad():
+        trained.weight.copy_(w)
+    deepshift.convert_(trained, cfg)
+    assert layer_shift_range(trained)[1] == auto_max_shift(w, cfg)
+    assert layer_shift_range(trained)[1] < layer_shift_range(fresh)[1]

@@ -20,10 +20,12 @@ INITS = ("weights", "scratch")
 CLAMP_WARN_SHARE = 0.01
 # The paper's code draws PS shifts from scratch in U(-10, -1) below its p_max = 0.
 PAPER_SHIFT_INIT = (-10.0, -1.0)
-# From scratch an "auto" window takes the highest placement whose rounding error of the initial
-# weights is within this share of the least: trained layers outgrow their initial scale (on
-# Fashion-MNIST, Q from scratch with the least-error window lost 0.8-0.9 points at 4-5 bits, where
-# two more octaves of headroom cost <7% of initial error); at 2-3 bits no other window comes close.
+# Q from scratch: trained float weights outgrow a fresh layer's init (PyTorch's default has 1/2.45
+# of He's standard deviation), so the "auto" window is placed for the initial weights rescaled to
+# He variance 2 / fan_in, and takes the highest placement whose rounding error of them is within
+# this share of the least (two more octaves at 4-5 bits; at 2-3 bits no other window comes close).
+# Each step was better on Fashion-MNIST validation (results/lowbit.md). PS from scratch draws its
+# weights at He scale already and keeps the least-error window (headroom was worse there).
 SCRATCH_WINDOW_TOLERANCE = 0.1
 
 # Every nn.ConvNd and nn.ConvTransposeNd (and user subclasses) derives from _ConvNd.
@@ -96,7 +98,10 @@ def convert_(
 
     With ``max_shift="auto"`` each layer's window ``[p_max - R, p_max]`` is placed first, from
     that layer's current weights: the ``p_max`` whose rounding of them has the least squared
-    error (from scratch, the initial weights' scale). It is stored in the layer's state_dict.
+    error. From scratch it is placed for weights at He scale (PS draws them so; Q's initial weights
+    are rescaled to ``2 / fan_in`` variance for the placement only, and Q takes the highest window
+    within 10% of the least error: room for float weights to grow). It is stored in the layer's
+    state_dict.
     With a fixed ``max_shift``, a layer whose window rounds more than 1% of its weights down to
     ``2**max_shift`` is named in one warning.
 
@@ -188,8 +193,12 @@ def _convert_module(module: nn.Module, config: QConfig | PSConfig, init: str) ->
         draw = torch.empty_like(weight).uniform_(*interval).round_()
         weight = torch.empty_like(weight).uniform_(-1.0, 1.0).round_().mul_(torch.exp2(draw))
     if config.auto_range:
-        tolerance = SCRATCH_WINDOW_TOLERANCE if init == "scratch" else 0.0
-        param.set_max_shift_(auto_max_shift(weight[weight != 0] if scratch_ps else weight, config, tolerance))
+        if scratch_ps:
+            param.set_max_shift_(auto_max_shift(weight[weight != 0], config))
+        elif init == "scratch":
+            param.set_max_shift_(auto_max_shift(he_scaled(weight), config, SCRATCH_WINDOW_TOLERANCE))
+        else:
+            param.set_max_shift_(auto_max_shift(weight, config))
     elif init == "weights" and weight.numel():
         # Magnitudes whose nearest power of two (in log scale) lies above the window.
         top = 2.0 ** param.shift_range[1] * math.sqrt(2.0)
@@ -223,6 +232,15 @@ def scratch_shift_init(shape, shift_range: tuple[int, int], interval: tuple[floa
     if hi <= lo:
         lo, hi = p_min - 0.5, p_max + 0.5
     return torch.empty(shape, dtype=dtype, device=device).uniform_(lo, hi)
+
+
+def he_scaled(weight: Tensor) -> Tensor:
+    """``weight`` rescaled to He's variance ``2 / fan_in`` (unchanged when it is all zero)."""
+    std = float(weight.detach().double().std()) if weight.numel() > 1 else 0.0
+    if not math.isfinite(std) or std == 0.0:
+        return weight
+    fan_in = nn.init._calculate_fan_in_and_fan_out(weight)[0] if weight.dim() >= 2 else weight.numel()
+    return weight * (math.sqrt(2.0 / max(fan_in, 1)) / std)
 
 
 def scaled_shift_interval(fan_in: int) -> tuple[float, float]:
