@@ -91,8 +91,9 @@ def convert_(
     * ``"scratch"`` (the paper's "from scratch" for a freshly built model): Q starts from the
       model's own initialisation as well; PS draws its parameters as the paper's code does,
       ``sign ~ U(-1, 1)`` (about half the weights start inside the zero band ``|sign| < 0.5``)
-      and ``shift ~ U(p_max - 10, p_max - 1)``, kept inside the window's rounding cells
-      ``[p_min - 0.5, p_max + 0.5]`` (for 5-bit and ``max_shift=0``: the paper's ``U(-10, -1)``).
+      and ``shift ~ U(-10, -1)``, cut to the window's rounding cells ``[p_min - 0.5, p_max + 0.5]``
+      (5-bit, ``max_shift=0``: exactly the paper's; 3-bit: ``U(-2.5, -1)``). With ``"auto"`` the
+      9-octave interval is placed for the layer's fan-in instead (:func:`scaled_shift_interval`).
       Converting exactly instead would put every PS parameter on an integer, where steps of the
       usual size move no weight to another value for many steps.
 
@@ -190,11 +191,12 @@ def _convert_module(module: nn.Module, config: QConfig | PSConfig, init: str) ->
     if scratch_ps:
         interval = (PAPER_SHIFT_INIT if not config.auto_range
                     else scaled_shift_interval(nn.init._calculate_fan_in_and_fan_out(weight)[0]))
-        draw = torch.empty_like(weight).uniform_(*interval).round_()
-        weight = torch.empty_like(weight).uniform_(-1.0, 1.0).round_().mul_(torch.exp2(draw))
     if config.auto_range:
         if scratch_ps:
-            param.set_max_shift_(auto_max_shift(weight[weight != 0], config))
+            # The window for weights drawn as the init below draws them: rounded shifts and signs.
+            draw = torch.empty_like(weight).uniform_(*interval).round_()
+            sample = torch.empty_like(weight).uniform_(-1.0, 1.0).round_().mul_(torch.exp2(draw))
+            param.set_max_shift_(auto_max_shift(sample[sample != 0], config))
         elif init == "scratch":
             param.set_max_shift_(auto_max_shift(he_scaled(weight), config, SCRATCH_WINDOW_TOLERANCE))
         else:
