@@ -38,7 +38,7 @@ demo: $(STAMP)
 # The accuracy grid (float vs Q vs PS, bits 5..2, scratch / from float) on Fashion-MNIST:
 # results/accuracy.md and .png. `make accuracy-quick` is a smoke check of under 10 minutes.
 accuracy: $(STAMP)
-	$(PY) benchmarks/accuracy.py
+	$(PY) benchmarks/accuracy.py --previous results/accuracy-previous.md
 
 accuracy-quick: $(STAMP)
 	$(PY) benchmarks/accuracy.py --quick

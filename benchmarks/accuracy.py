@@ -265,7 +265,8 @@ def plot(path: Path, results, post, models, bits) -> None:
         ax.set_xlabel("weight bits")
         ax.set_ylabel("test top-1 (%)")
         ax.set_title(model)
-        ax.set_ylim(max(min(f - 5, min(trained) - 1), 0), min(f + 2, 100))
+        post_cells = [post[(model, b)]["test_top1"] for b in bits]
+        ax.set_ylim(max(min(f - 5, min(trained + post_cells) - 1), 0), min(f + 2, 100))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
