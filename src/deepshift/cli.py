@@ -61,11 +61,14 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                         "or auto (default: each layer's window placed from its weights)")
     m.add_argument("--freeze-sign", action="store_true", help="PS: keep the sign parameters fixed")
 
-    o = p.add_argument_group("optimisation (defaults: the paper's recipe for --data)")
+    o = p.add_argument_group("optimisation (defaults: the recipe for --data, --method and --from; "
+                                                "config.json records it)")
     o.add_argument("--optimizer", choices=OPTIMIZERS,
-                   help="torch.optim optimizer (default: the paper's, sgd for float and Q, radam for PS)")
-    o.add_argument("--lr", type=float, help="learning rate (mnist-like 0.01, cifar10 0.1, imagenet 0.1, "
-                                            "PS 0.01; with --from: 0.001 for mnist-like and cifar10)")
+                   help="torch.optim optimizer (default per recipe: radam for PS and on mnist-like data, "
+                        "the paper's sgd for float and Q on cifar10 / imagefolder)")
+    o.add_argument("--lr", type=float, help="learning rate (mnist-like 0.001, cifar10 0.1, imagenet 0.1, "
+                                            "PS 0.01; with --from: mnist-like 1e-4 (PS 1e-3), cifar10 1e-3 "
+                                            "(PS 1e-2))")
     o.add_argument("--lr-sign", type=float, help="PS: learning rate of the sign parameters (default 5 x lr)")
     o.add_argument("--lr-shift", type=float,
                    help="PS: learning rate of the shift parameters (default 5 x lr: they live in the log "
@@ -74,13 +77,14 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     o.add_argument("--weight-decay", type=float, help="weight decay, not applied to PS shift/sign "
                                                       "(mnist-like 0, else 1e-4)")
     o.add_argument("--lr-schedule", choices=SCHEDULES,
-                   help="mnist-like: none; cifar10: multistep 80,120,160,180 (--from: step 5); "
+                   help="mnist-like: cosine; cifar10: multistep 80,120,160,180 (--from: step 5); "
                         "imagefolder: step 30")
     o.add_argument("--lr-step", type=int, help="epochs between x gamma decays for --lr-schedule step")
     o.add_argument("--lr-milestones", type=lambda s: [int(v) for v in s.split(",")], metavar="E1,E2,...",
                    help="epochs of x gamma decays for --lr-schedule multistep")
     o.add_argument("--lr-gamma", type=float, default=0.1, help="decay factor (default 0.1)")
-    o.add_argument("--epochs", type=int, help="epochs (mnist-like 10, cifar10 200 (--from: 15), imagenet 90)")
+    o.add_argument("--epochs", type=int,
+                   help="epochs (mnist-like 10 (--from: 3), cifar10 200 (--from: 15), imagenet 90)")
     o.add_argument("--batch-size", type=int, help="batch size (mnist-like 64, cifar10 128, imagenet 256)")
     o.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and augmentation")
 
