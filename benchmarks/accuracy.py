@@ -159,24 +159,11 @@ def _trained_rows(model: str):
             yield f"{model}/{method}{{b}}-{start}", label, start_label
 
 
-def recipe_epochs(runs: list[Run]) -> str:
-    """"from scratch N epochs, from float M epochs" as the runs resolve them."""
-    from deepshift.train import TrainConfig
-
-    def epochs(run):
-        return TrainConfig(**run.options).resolved().epochs
-
-    scratch = {epochs(r) for r in runs if "from_checkpoint" not in r.options}
-    finetune = {epochs(r) for r in runs if "from_checkpoint" in r.options}
-    return (f"from scratch {'/'.join(map(str, sorted(scratch)))} epochs, "
-            f"from float {'/'.join(map(str, sorted(finetune)))} epochs")
-
-
 def recipe_note(runs: list[Run]) -> str:
-    """The resolved optimiser settings of one run per method and start, as the table header says them."""
+    """The resolved recipe (epochs and optimiser settings) of one run per method and start."""
     from deepshift.train import TrainConfig
 
-    keys = ("optimizer", "lr", "lr_shift", "lr_sign", "lr_schedule", "batch_size", "max_shift")
+    keys = ("epochs", "optimizer", "lr", "lr_shift", "lr_sign", "lr_schedule", "batch_size", "max_shift")
     seen, parts = set(), []
     for run in runs:
         start = "from float" if "from_checkpoint" in run.options else "scratch"
@@ -231,9 +218,7 @@ def write_table(path: Path, results, post, models, bits, header: str, previous: 
             if key in old:
                 cells = [f"{a} -> {b}" for a, b in zip(old[key], parts[3:], strict=False)]
                 lines.append(f"| {' | '.join(parts[:3])} | " + " | ".join(cells) + " |")
-    lines += [
-             "", "Seconds per run (training + validation each epoch + one test pass):", "",
-             "", "Seconds per run (training + validation each epoch + one test pass):", "",
+    lines += ["", "Seconds per run (training + validation each epoch + one test pass):", "",
              "| run | epochs | best epoch | val top-1 | test top-1 | seconds |",
              "|---|---:|---:|---:|---:|---:|"]
     for name, m in results.items():
@@ -328,7 +313,6 @@ def main(argv=None) -> int:
     header = (f"# Accuracy: float vs DeepShift-Q vs DeepShift-PS on {args.data}\n\n"
               f"Produced by `{cmd.strip()}` in {wall / 60:.1f} min wall time ({args.jobs} runs at a time, "
               f"{os.cpu_count()} cores){reused_note}. Every run uses the default recipe (no tuning flag): "
-              f"{recipe_epochs(runs)}; "
               f"{recipe_note(runs)}. Seed {args.seed}; validation = 10% of the training set"
               + (f"; training limited to {args.limit_train} images" if args.limit_train else "") + ".")
     write_table(results_dir / f"{stem}.md", results, post, args.models, args.bits, header,

@@ -720,3 +720,19 @@ def test_conv_plan_channel_blocks(native):
     assert blocks(64, 56, 2, 24 * 1024) == [32, 2]  # 42 fit: 32 + 32, not 42 + 22
     assert blocks(32, 112, 1) == [32, 1]  # 23 fit (684 bytes), but not two blocks of 16
     assert blocks(16, 32, 1) == [16, 1]
+
+
+def test_a_build_lock_left_by_a_killed_builder_does_not_hang(tmp_path):
+    # A process killed while building (kill -9, OOM, a timeout) leaves torch's "lock" file behind;
+    # every later process used to wait for it forever without a word.
+    if not cpu.native_available():
+        pytest.skip("native kernels do not build on this machine")
+    name = f"deepshift_cpu_{cpu._source_digest()}"
+    shutil.copytree(cpu.build_dir() / name, tmp_path / name,
+                    ignore=shutil.ignore_patterns("lock", "deepshift.lock"))
+    (tmp_path / name / "lock").touch()
+    code = "from deepshift.kernels import cpu\nassert cpu.native_available()\nprint('ok')\n"
+    env = dict(os.environ, DEEPSHIFT_BUILD_DIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+    assert not (tmp_path / name / "lock").exists()

@@ -189,8 +189,7 @@ def _convert_module(module: nn.Module, config: QConfig | PSConfig, init: str) ->
     clamped = 0.0
     scratch_ps = init == "scratch" and isinstance(config, PSConfig)
     if scratch_ps:
-        interval = (PAPER_SHIFT_INIT if not config.auto_range
-                    else scaled_shift_interval(nn.init._calculate_fan_in_and_fan_out(weight)[0]))
+        interval = PAPER_SHIFT_INIT if not config.auto_range else scaled_shift_interval(_init_fan_in(weight))
     if config.auto_range:
         if scratch_ps:
             # The window for weights drawn as the init below draws them: rounded shifts and signs.
@@ -241,8 +240,12 @@ def he_scaled(weight: Tensor) -> Tensor:
     std = float(weight.detach().double().std()) if weight.numel() > 1 else 0.0
     if not math.isfinite(std) or std == 0.0:
         return weight
-    fan_in = nn.init._calculate_fan_in_and_fan_out(weight)[0] if weight.dim() >= 2 else weight.numel()
-    return weight * (math.sqrt(2.0 / max(fan_in, 1)) / std)
+    return weight * (math.sqrt(2.0 / max(_init_fan_in(weight), 1)) / std)
+
+
+def _init_fan_in(weight: Tensor) -> int:
+    """Fan-in as torch.nn.init counts it (the convention its initialisers scale by)."""
+    return nn.init._calculate_fan_in_and_fan_out(weight)[0] if weight.dim() >= 2 else weight.numel()
 
 
 def scaled_shift_interval(fan_in: int) -> tuple[float, float]:

@@ -98,11 +98,6 @@ def _encode(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> bytes:
     return _seal(text, b"".join(chunks))
 
 
-def _atomic_write(path: Path, payload: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(payload)
-
-
 def _frozen_copy(model: nn.Module, act_bits: tuple[int, int] | None) -> nn.Module:
     zoo = getattr(model, "zoo_spec", None)
     frozen = freeze_(copy.deepcopy(model), act_bits=act_bits)
@@ -148,7 +143,8 @@ def save_packed(model: nn.Module, path: str | os.PathLike, act_bits: tuple[int, 
     except (TypeError, ValueError) as e:
         raise ValueError(f"model.zoo_spec must be JSON-serialisable: {e}") from None
     payload = _encode(dict(frozen.state_dict()), meta)
-    _atomic_write(Path(path), payload)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(payload)
     return len(payload)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -42,8 +43,6 @@ def freeze_layer(module: nn.Module, act_bits: tuple[int, int] | None = None) -> 
 
     The layer's own ``act_bits`` win; otherwise ``act_bits`` (default :data:`DEFAULT_ACT_BITS`).
     """
-    from dataclasses import replace
-
     from .convert import layer_shift_range, shift_config
 
     cfg = shift_config(module)

@@ -66,6 +66,7 @@ path), and :func:`fake_quantize`, the one-pass forward of the training-time
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -159,6 +160,29 @@ def _source_digest() -> str:
     return h.hexdigest()[:16]
 
 
+@contextlib.contextmanager
+def _build_lock(directory: Path):
+    """Hold the build folder's lock for one process at a time; a killed holder never blocks others.
+
+    torch's own lock (a ``lock`` file that its holder deletes when done) stays behind when the
+    holder is killed mid-build (kill -9, OOM, a CI timeout), and every later process then waits
+    for it forever, silently. ``flock`` is released by the kernel when its holder dies, and every
+    deepshift process takes it before torch's, so a ``lock`` file found while holding it is stale.
+    """
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): torch's lock alone
+        yield
+        return
+    with open(directory / "deepshift.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            (directory / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _build():
     """Compile (or load the cached build of) the extension; raises on any failure."""
     from torch.utils import cpp_extension
@@ -166,15 +190,19 @@ def _build():
     name = f"deepshift_cpu_{_source_digest()}"
     directory = build_dir() / name
     directory.mkdir(parents=True, exist_ok=True)
-    return cpp_extension.load(
-        name=name,
-        sources=[str(_HERE / "shift_cpu.cpp")],
-        extra_include_paths=[str(_HERE)],
-        extra_cflags=_CFLAGS,
-        extra_ldflags=["-fopenmp"],
-        build_directory=str(directory),
-        verbose=os.environ.get("DEEPSHIFT_BUILD_VERBOSE", "") not in ("", "0"),
-    )
+    with _build_lock(directory):
+        if not (directory / f"{name}.so").exists():
+            print(f"deepshift: building the native CPU kernels (once, about a minute) in {directory}",
+                  file=sys.stderr, flush=True)
+        return cpp_extension.load(
+            name=name,
+            sources=[str(_HERE / "shift_cpu.cpp")],
+            extra_include_paths=[str(_HERE)],
+            extra_cflags=_CFLAGS,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(directory),
+            verbose=os.environ.get("DEEPSHIFT_BUILD_VERBOSE", "") not in ("", "0"),
+        )
 
 
 def load_extension():
