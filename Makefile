@@ -21,11 +21,11 @@ $(STAMP): requirements-dev.txt requirements-triton.txt pyproject.toml
 # imported and stays set for the whole process.
 test: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks
-	$(PY) -m pytest tests src/deepshift --doctest-modules --ignore=tests/test_kernels_triton.py
-	TRITON_INTERPRET=1 $(PY) -m pytest tests/test_kernels_triton.py
+	$(PY) -m pytest tests src/deepshift --doctest-modules --ignore=tests/backends/test_triton.py
+	TRITON_INTERPRET=1 $(PY) -m pytest tests/backends/test_triton.py
 
 test-triton: $(STAMP)
-	TRITON_INTERPRET=1 $(PY) -m pytest tests/test_kernels_triton.py
+	TRITON_INTERPRET=1 $(PY) -m pytest tests/backends/test_triton.py
 
 # Float vs DeepShift-Q vs DeepShift-PS (5-bit), paper's MNIST conv model, each with its default
 # recipe (no tuning flag): on Fashion-MNIST (10,000 training images) when Debian's

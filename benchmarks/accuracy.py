@@ -29,7 +29,7 @@ from pathlib import Path
 BITS = (5, 4, 3, 2)
 MODELS = ("mnist-fc", "mnist-conv")
 # Every run takes the library's default recipe for its dataset, method and start (see
-# deepshift.train.RECIPES, PS_RECIPE, RECIPES_FROM_PRETRAINED): no tuning flag is passed, only the
+# deepshift.training.config.RECIPES, PS_RECIPE, RECIPES_FROM_PRETRAINED): no tuning flag is passed, only the
 # epoch budget, so each cell is what `deepshift train --method M --weight-bits B` gives a user.
 # Options that do not change a run of the given method (ignored when deciding whether a finished
 # run can be reused).
@@ -67,7 +67,8 @@ def plan(models, bits, epochs, finetune_epochs, runs_dir: Path, common: dict) ->
 def _execute(name: str, options: dict, out: str, threads: int, fresh: bool) -> dict:
     import torch
 
-    from deepshift.train import TrainConfig, resume, train
+    from deepshift.training.config import TrainConfig
+    from deepshift.training.loop import resume, train
 
     torch.set_num_threads(threads)
     cfg = TrainConfig(**options, out=out, quiet=True, overwrite=True)
@@ -99,8 +100,11 @@ def post_training(models, bits, runs_dir: Path, common: dict) -> dict:
     (``max_shift="auto"``).
     """
     from deepshift import QConfig, convert_
-    from deepshift.data import BatchLoader, load_dataset
-    from deepshift.train import DEFAULT_MAX_SHIFT, build_run_model, evaluate, load_checkpoint
+    from deepshift.training.checkpoint import load_checkpoint
+    from deepshift.training.config import DEFAULT_MAX_SHIFT, build_run_model
+    from deepshift.training.data.datasets import load_dataset
+    from deepshift.training.data.loader import BatchLoader
+    from deepshift.training.evaluate import evaluate
 
     splits = load_dataset(common["data"], common.get("data_dir"), 0.1, common.get("limit_train"))
     val_loader = BatchLoader(splits.val, 64, train=False)
@@ -161,7 +165,7 @@ def _trained_rows(model: str):
 
 def recipe_note(runs: list[Run]) -> str:
     """The resolved recipe (epochs and optimiser settings) of one run per method and start."""
-    from deepshift.train import TrainConfig
+    from deepshift.training.config import TrainConfig
 
     keys = ("epochs", "optimizer", "lr", "lr_shift", "lr_sign", "lr_schedule", "batch_size", "max_shift")
     seen, parts = set(), []
@@ -289,7 +293,7 @@ def main(argv=None) -> int:
         stem = "accuracy-quick"
     args.bits = args.bits or list(BITS)
     if args.data == "fashion-mnist" and args.data_dir is None:
-        from deepshift.data import FASHION_MNIST_DEBIAN_DIR
+        from deepshift.training.data.datasets import FASHION_MNIST_DEBIAN_DIR
 
         if not Path(FASHION_MNIST_DEBIAN_DIR).is_dir():
             print(f"accuracy.py: Fashion-MNIST not found at {FASHION_MNIST_DEBIAN_DIR}; install Debian's "

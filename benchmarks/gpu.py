@@ -177,8 +177,8 @@ def bench_linear(table: Table, timer: Timer, device, dry: bool, tune: bool) -> N
     import torch
     import torch.nn.functional as F
 
-    from deepshift.kernels import triton_ops
-    from deepshift.ops import accumulator_bound, shift_linear_reference
+    from deepshift.backends.triton import register as triton_ops
+    from deepshift.ops.reference import accumulator_bound, shift_linear_reference
 
     gen = torch.Generator().manual_seed(0)
     out_f = in_f = 48 if dry else 4096
@@ -236,9 +236,9 @@ def bench_resnet(table: Table, timer: Timer, device, dry: bool) -> None:
     from torch.utils._python_dispatch import TorchDispatchMode
 
     import deepshift
-    from deepshift.kernels import triton_ops
+    from deepshift.backends.triton import register as triton_ops
     from deepshift.models import build_model
-    from deepshift.ops import shift_conv_reference, shift_linear_reference
+    from deepshift.ops.reference import shift_conv_reference, shift_linear_reference
 
     class RouteToTriton(TorchDispatchMode):
         """Send every shift op to the Triton wrappers (shift or multiply variant).
@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    from deepshift.kernels import triton_ops
+    from deepshift.backends.triton import register as triton_ops
 
     if not triton_ops.triton_available():
         print(

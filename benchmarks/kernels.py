@@ -7,12 +7,12 @@ of repeated runs after warm-up, the candidates of a case run interleaved (round-
 see the same load on a shared machine; the fastest run of each is printed too. Ratios are
 ours / baseline (< 1 means we are faster).
 
-* "frozen": the frozen module's forward as a user calls it (float in, float out): in eager mode the
-  fused native path (input rounding inside the kernel's table build, output scaling per image while
-  in cache, no dispatcher; ``deepshift.kernels.cpu.prepare_conv_fused``);
-* "via op": the same module forced through ``torch.ops.deepshift.*`` (a native rounding pass, the
-  op with its dispatcher and per-call range check, a native scaling pass); results identical to
-  "frozen" (asserted);
+* "frozen": the frozen module's forward as a user calls it (float in, float out): one op per layer,
+  ``deepshift::frozen_conv`` / ``frozen_linear``, whose CPU kernel is one fused native call (input
+  rounding inside the kernel's table build, output scaling per image while in cache);
+* "via op": the same module with the fused call switched off, so each layer's op composes the
+  smaller ops as its reference does (a native rounding pass, ``shift_conv``/``shift_linear`` with
+  its per-call range check, a native scaling pass); results identical to "frozen" (asserted);
 * "op": the raw ``torch.ops.deepshift.*`` calls on pre-quantized integer inputs (for a whole model,
   every shift layer's op on its input captured from one forward).
 
@@ -39,7 +39,8 @@ import torch
 from torch import nn
 
 import deepshift
-from deepshift.kernels import cpu as native
+from deepshift.backends.cpu import build as native
+from deepshift.backends.cpu import cache, conv, linear
 
 ACT_BITS = (4, 4)
 WEIGHT_BITS = 5
@@ -110,15 +111,16 @@ def op_callable(frozen: nn.Module, x: torch.Tensor):
 
 def via_op(frozen: nn.Module):
     """``frozen``'s forward with its layers forced through the op (see "via op" above)."""
-    from deepshift import modules
 
     def run(x):
-        saved = modules._FrozenShift.__dict__["_fused_ok"]  # the staticmethod object itself
-        modules._FrozenShift._fused_ok = staticmethod(lambda: False)
+        saved = conv._prepare_conv_fused, linear._prepare_linear_fused
+        conv._prepare_conv_fused = linear._prepare_linear_fused = lambda *a: None
+        cache.clear_cache()  # no prepared fused forward: each op composes quantize, shift op, scale
         try:
             return frozen(x)
         finally:
-            modules._FrozenShift._fused_ok = saved
+            conv._prepare_conv_fused, linear._prepare_linear_fused = saved
+            cache.clear_cache()
 
     return run
 

@@ -11,7 +11,7 @@ from torch import nn
 
 import deepshift
 from deepshift.files import atomic_path
-from deepshift.train import save_checkpoint
+from deepshift.training.checkpoint import save_checkpoint
 
 
 @pytest.fixture

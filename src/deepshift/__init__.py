@@ -16,8 +16,13 @@ Example:
     True
 """
 
-from .config import PSConfig, QConfig, config_from_dict
-from .convert import (
+# The ops first: every layer below calls torch.ops.deepshift.*; then the backends' kernels.
+import deepshift.ops.schemas  # noqa: F401,I001  declares every deepshift::* op
+import deepshift.backends.cpu.register  # noqa: F401  the C++ CPU kernels (built on first use)
+from deepshift.backends.triton.register import register_cuda_kernels as _register_cuda_kernels
+from deepshift._version import __version__
+from deepshift.core.config import PSConfig, QConfig, config_from_dict
+from deepshift.core.convert import (
     convert_,
     effective_weight,
     is_shift_layer,
@@ -27,31 +32,34 @@ from .convert import (
     shift_layers,
     shift_parameters,
 )
-from .export import PackedFormatError, compression_report, load_packed, save_packed
-from .freeze import DEFAULT_ACT_BITS, freeze_
-from .frozen_float import ExactGlobalAvgPool, FrozenBatchNorm
-from .fuse import ShiftConvBatchNorm, fuse_frozen
-from .kernels import cpu as _native_cpu  # noqa: F401  registers the C++ CPU kernels (built lazily)
-from .kernels import triton_ops as _triton_ops  # Triton CUDA kernels (triton imported on first use)
-from .modules import ShiftConvNd, ShiftLinear, is_frozen_layer
-from .onnx_export import export_onnx
-from .optim import clamp_parameters_, param_groups
-from .packing import pack_codes, unpack_codes
-from .quantize import fixed_point
-from .report import plot_shift_histograms, savings_report
-from .summary import summary
+from deepshift.core.optim import clamp_parameters_, param_groups
+from deepshift.core.quantize import fixed_point
+from deepshift.formats.onnx import export_onnx
+from deepshift.formats.packed import PackedFormatError, load_packed, save_packed
+from deepshift.frozen.float_layers import ExactGlobalAvgPool, FrozenBatchNorm
+from deepshift.frozen.freeze import DEFAULT_ACT_BITS, freeze_
+from deepshift.frozen.fuse import ShiftConvBatchNorm, fuse_frozen
+from deepshift.frozen.layers import ShiftConvNd, ShiftLinear, is_frozen_layer
+from deepshift.models import build_model
+from deepshift.ops.codes import pack_codes, unpack_codes
+from deepshift.core.summary import summary
+from deepshift.report import compression_report, plot_shift_histograms, savings_report
 
-__version__ = "0.1.0"
+_register_cuda_kernels()  # no-op without CUDA, triton or with DEEPSHIFT_NO_NATIVE=1
 
-# Training config and the model zoo (after __version__: run folders record it). The training
-# functions stay in their module (`from deepshift.train import train, evaluate`): a function
-# named `train` here would shadow the submodule `deepshift.train`.
-from .models import build_model  # noqa: E402
-from .train import TrainConfig  # noqa: E402
 
-_triton_ops.register_cuda_kernels()  # no-op without CUDA, triton or with DEEPSHIFT_NO_NATIVE=1
+def __getattr__(name: str):
+    # The training application (deepshift.training) is imported on first use only, so that
+    # `import deepshift` loads no data, distributed or training-loop code.
+    if name == "TrainConfig":
+        from deepshift.training.config import TrainConfig
+
+        return TrainConfig
+    raise AttributeError(f"module 'deepshift' has no attribute {name!r}")
+
 
 __all__ = [
+    "__version__",
     "DEFAULT_ACT_BITS",
     "ExactGlobalAvgPool",
     "FrozenBatchNorm",

@@ -2,7 +2,7 @@
 
 import sys
 
-from .cli import main
+from deepshift.cli import main
 
 if __name__ == "__main__":  # importing this module (e.g. doctest collection) runs nothing
     sys.exit(main())

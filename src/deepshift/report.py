@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .convert import is_shift_layer, layer_shift_range, shift_and_sign, shift_config
-from .frozen_float import ExactGlobalAvgPool, FrozenBatchNorm
-from .modules import _FrozenShift, is_frozen_layer
-from .ops import decode_codes
+from deepshift.frozen.float_layers import ExactGlobalAvgPool, FrozenBatchNorm
+from deepshift.frozen.freeze import frozen_copy
+from deepshift.frozen.layers import _FrozenShift, is_frozen_layer
+from deepshift.ops.codes import decode_codes
 
 _BATCHNORM = (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm)
 _AVG_POOL = (nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd, ExactGlobalAvgPool)
@@ -127,33 +127,22 @@ class Report:
         return "\n".join(lines)
 
 
-def _shift_sign(module: nn.Module) -> tuple[Tensor, Tensor, dict[str, Any]]:
-    """(shift, sign, info) of a converted or frozen shift layer."""
-    if is_frozen_layer(module):
-        rel, sign = decode_codes(module.codes, module.weight_shape, module.weight_bits, module.has_zero)
-        cfg = module.config or {}
-        lo_hi = _configured_range(cfg, module)
-        return rel + module.shift_lo, sign, {"method": module.method, "bits": module.weight_bits,
-                                              "range": lo_hi}
-    cfg = shift_config(module)
-    shift, sign = shift_and_sign(module)
-    return shift.long(), sign.long(), {"method": cfg.method, "bits": cfg.weight_bits,
-                                       "range": list(layer_shift_range(module))}
+def _shift_sign(module: _FrozenShift) -> tuple[Tensor, Tensor, dict[str, Any]]:
+    """(shift, sign, info) of a frozen shift layer."""
+    rel, sign = decode_codes(module.codes, module.weight_shape, module.weight_bits, module.has_zero)
+    lo_hi = _configured_range(module.config or {}, module)
+    return rel + module.shift_lo, sign, {"method": module.method, "bits": module.weight_bits, "range": lo_hi}
 
 
 def _configured_range(cfg: dict[str, Any], module: _FrozenShift) -> list[int]:
     if cfg:
-        from .config import config_from_dict
+        from deepshift.core.config import config_from_dict
 
         try:
             return list(config_from_dict(cfg).shift_range)
         except ValueError:
             pass
     return [module.shift_lo, module.shift_hi]
-
-
-def _is_shift(module: nn.Module) -> bool:
-    return is_frozen_layer(module) or is_shift_layer(module)
 
 
 def _fan_in(module: nn.Module, weight_shape: list[int]) -> int:
@@ -163,20 +152,19 @@ def _fan_in(module: nn.Module, weight_shape: list[int]) -> int:
     return weight_shape[1] * math.prod(weight_shape[2:])
 
 
-def _type_name(module: nn.Module) -> str:
-    if is_frozen_layer(module):
-        if module.kind == "linear":
-            return "Linear"
-        dims = len(module.weight_shape) - 2
-        return f"ConvTranspose{dims}d" if module.transposed else f"Conv{dims}d"
-    return type(module).__name__.removeprefix("Parametrized")
+def _type_name(module: _FrozenShift) -> str:
+    if module.kind == "linear":
+        return "Linear"
+    dims = len(module.weight_shape) - 2
+    return f"ConvTranspose{dims}d" if module.transposed else f"Conv{dims}d"
 
 
 @torch.no_grad()
 def savings_report(
     model: nn.Module, input_shape: tuple[int, ...], energy_table: dict[str, float] | None = None
 ) -> Report:
-    """Count what ``model`` (converted or frozen) saves per input sample of shape ``input_shape``.
+    """Count what ``model`` saves per input sample of shape ``input_shape``, as deployed: frozen
+    (a converted model is reported as its frozen copy, see :func:`deepshift.frozen.freeze.frozen_copy`).
 
     ``input_shape`` excludes the batch dimension (e.g. ``(1, 28, 28)``). One forward pass with a
     batch of one zero input records every layer's shapes. Float work outside shift layers:
@@ -195,12 +183,13 @@ def savings_report(
     missing = sorted(set(ENERGY_45NM_PJ) - set(table))
     if missing:
         raise ValueError(f"energy_table lacks {missing}")
-    modes = {m: m.training for m in model.modules()}  # restored below; no copy of the model
+    model = frozen_copy(model)  # a frozen model is reported as is, without a copy
+    modes = {m: m.training for m in model.modules()}  # restored below
     model.eval()
     shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
     hooks = []
     for name, module in model.named_modules():
-        if _is_shift(module) or isinstance(module, (nn.Linear, nn.modules.conv._ConvNd, *_BATCHNORM,
+        if is_frozen_layer(module) or isinstance(module, (nn.Linear, nn.modules.conv._ConvNd, *_BATCHNORM,
                                                     *_AVG_POOL)):
             def hook(mod, args, out, name=name):
                 shapes[name] = (tuple(args[0].shape), tuple(out.shape))
@@ -220,13 +209,12 @@ def savings_report(
             m.training = mode
 
     layers: list[LayerReport] = []
-    shift_param_ids: set[int] = set()
     float_macs = float_mults = float_adds = 0
     for name, module in model.named_modules():
         if name not in shapes:
             continue
         in_shape, out_shape = shapes[name]
-        if _is_shift(module):
+        if is_frozen_layer(module):
             shift, sign, info = _shift_sign(module)
             weight_shape = list(shift.shape)
             # Elements that each sum fan_in terms: every output of Linear and conv; every input
@@ -245,8 +233,6 @@ def savings_report(
                 float32_bytes=numel * 4, packed_bytes=math.ceil(numel * info["bits"] / 8),
                 shift_histogram={str(int(v)): int(c) for v, c in zip(values, counts, strict=True)},
             ))
-            if not is_frozen_layer(module):
-                shift_param_ids.update(id(p) for p in module.parameters())  # weight and bias
         elif isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
             w = module.weight
             if isinstance(module, nn.Linear):
@@ -263,7 +249,7 @@ def savings_report(
             n_out = math.prod(out_shape[1:])
             float_mults += n_out
             float_adds += max(0, math.prod(in_shape[1:]) - n_out)
-    other_params = sum(p.numel() for p in model.parameters() if id(p) not in shift_param_ids)
+    other_params = sum(p.numel() for p in model.parameters())
     # A frozen BatchNorm holds its affine weight and bias as buffers; they are still float values.
     other_params += sum(t.numel() for m in model.modules() if isinstance(m, FrozenBatchNorm)
                         for t in (m.weight, m.bias) if t is not None)
@@ -315,3 +301,43 @@ def plot_shift_histograms(report: Report, path: str, title: str | None = None) -
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+
+
+
+def compression_report(model: nn.Module, act_bits: tuple[int, int] | None = None) -> dict[str, Any]:
+    """Bytes of the packed form vs float32: shift weights, other tensors, totals and ratios.
+
+    ``model`` is frozen, or converted (reported as its frozen copy with ``act_bits``; not changed).
+    Keys: ``shift_weights`` (count), ``packed_weight_bytes``, ``float32_weight_bytes``,
+    ``other_bytes`` (every other tensor of the state_dict as stored, biases included),
+    ``packed_bytes`` / ``float32_bytes`` (totals,
+    excluding the file header), ``weight_ratio`` and ``total_ratio`` (float32 / packed).
+
+    Example:
+        >>> import torch, deepshift
+        >>> net = deepshift.convert_(torch.nn.Linear(256, 64, bias=False), deepshift.QConfig(weight_bits=5))
+        >>> r = deepshift.compression_report(net)
+        >>> r["packed_weight_bytes"], r["float32_weight_bytes"], r["weight_ratio"]
+        (10240, 65536, 6.4)
+    """
+    frozen = frozen_copy(model, act_bits)
+    weights = packed = 0
+    code_keys = set()
+    for name, m in frozen.named_modules(remove_duplicate=False):  # as the state_dict counts them
+        if is_frozen_layer(m):
+            weights += math.prod(m.weight_shape)
+            packed += m.codes.numel()
+            code_keys.add(f"{name}.codes" if name else "codes")
+    other = sum(t.numel() * t.element_size() for k, t in frozen.state_dict().items() if k not in code_keys)
+    return {
+        "shift_weights": weights,
+        "packed_weight_bytes": packed,
+        "float32_weight_bytes": 4 * weights,
+        "other_bytes": other,
+        "packed_bytes": packed + other,
+        "float32_bytes": 4 * weights + other,
+        "weight_ratio": 4 * weights / packed if packed else float("nan"),
+        "total_ratio": (4 * weights + other) / (packed + other) if packed + other else float("nan"),
+    }

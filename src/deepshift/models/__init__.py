@@ -17,10 +17,10 @@ from typing import Any
 
 from torch import nn
 
-from .cifar import CifarMobileNetV2, CifarResNet, CifarResNet18, CifarVGG16
-from .imagenet import resnet18 as _imagenet_resnet18
-from .imagenet import resnet50 as _imagenet_resnet50
-from .mnist import MnistConv, MnistFC
+from deepshift.models.cifar import CifarMobileNetV2, CifarResNet, CifarResNet18, CifarVGG16
+from deepshift.models.imagenet import resnet18 as _imagenet_resnet18
+from deepshift.models.imagenet import resnet50 as _imagenet_resnet50
+from deepshift.models.mnist import MnistConv, MnistFC
 
 
 class UnknownModelError(ValueError):

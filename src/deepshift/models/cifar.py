@@ -57,7 +57,7 @@ class CifarResNet(nn.Module):
                 layers.append(_BasicBlockA(in_planes, planes, stride if i == 0 else 1))
                 in_planes = planes
         self.layers = nn.Sequential(*layers)
-        # A module, not F.adaptive_avg_pool2d: freeze_ makes it exact (deepshift.frozen_float).
+        # A module, not F.adaptive_avg_pool2d: freeze_ makes it exact (deepshift.frozen.float_layers).
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(64, num_classes)
         _init(self)
@@ -99,7 +99,7 @@ class CifarResNet18(nn.Module):
                 layers.append(_BasicBlockB(in_planes, planes, stride if i == 0 else 1))
                 in_planes = planes
         self.layers = nn.Sequential(*layers)
-        # A module, not F.adaptive_avg_pool2d: freeze_ makes it exact (deepshift.frozen_float).
+        # A module, not F.adaptive_avg_pool2d: freeze_ makes it exact (deepshift.frozen.float_layers).
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(512, num_classes)
 
@@ -152,7 +152,7 @@ class CifarMobileNetV2(nn.Module):
         self.layers = nn.Sequential(*layers)
         self.conv2 = nn.Conv2d(320, 1280, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(1280)
-        # A module, not F.adaptive_avg_pool2d: freeze_ makes it exact (deepshift.frozen_float).
+        # A module, not F.adaptive_avg_pool2d: freeze_ makes it exact (deepshift.frozen.float_layers).
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(1280, num_classes)
 
@@ -179,7 +179,7 @@ class CifarVGG16(nn.Module):
                            nn.ReLU(inplace=True)]
                 c = v
         self.features = nn.Sequential(*layers)
-        # A module, not F.adaptive_avg_pool2d: freeze_ makes it exact (deepshift.frozen_float).
+        # A module, not F.adaptive_avg_pool2d: freeze_ makes it exact (deepshift.frozen.float_layers).
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(512, num_classes)
 

@@ -1,0 +1,410 @@
+"""Native CPU kernels (C++, portable + AVX2, OpenMP) for ``deepshift::shift_linear`` / ``shift_conv``.
+
+Importing this module registers :func:`shift_linear_cpu` and :func:`shift_conv_cpu` as the ops' CPU
+kernels (``torch.library.register_kernel``), so frozen models use them automatically. The C++
+extension (``shift_cpu.cpp`` + ``shift_cpu_impl.h`` beside this file) is built lazily, on the first
+op call, with ``torch.utils.cpp_extension.load`` into a persistent cache directory:
+``$DEEPSHIFT_BUILD_DIR`` or ``~/.cache/deepshift/`` (``$XDG_CACHE_HOME/deepshift``), one
+sub-directory per hash of the sources, torch and Python versions, so a warm cache loads in well
+under a second and a source change rebuilds. If there is no compiler or the build fails, one
+``RuntimeWarning`` is issued and the pure-torch reference implementation is used; setting
+``DEEPSHIFT_NO_NATIVE=1`` disables native code without a warning.
+
+Results equal the reference op bit for bit for every input (the kernels use wrapping integer
+arithmetic exactly like torch's int32/int64 tensors). The instruction set is chosen at run time:
+AVX2 where ``__builtin_cpu_supports("avx2")``, else a portable path (:func:`set_isa` forces one).
+
+Algorithms (no multiplication of an activation by a weight anywhere; multiplications occur only in
+index arithmetic: row / plane offsets, computed per row or per weight, never per activation):
+
+* Linear, up to ``GEMV_MAX_ROWS`` input rows, int32 lanes: a cached byte per weight (sign, shift
+  amount) in tiles of 8 output features; per weight column: broadcast ``x[k]``, variable left shift
+  (``vpsllvd``), sign (``vpsignd``), add.
+* Convolution (any dims, stride, padding, dilation, groups; transposed through the reference's
+  rewrite to a stride-1 convolution) and Linear with more rows (as a 1x1 convolution over the
+  rows): per image, a table of the zero-padded input (strided columns split into phases so every
+  read is contiguous); each non-zero weight becomes a *term*, an offset into the table. An output's
+  terms are grouped by shift amount, largest first, and summed by Horner's rule
+  ``((S_a1 << (a1 - a2)) + S_a2) << ... << a_last`` (exact mod 2**bits, like torch's wrapping ops):
+  the inner loop is one vector load and one add (positive weight) or subtract (negative weight) per
+  8 (int32) or 4 (int64) outputs, plus one uniform shift of the accumulators per distinct amount.
+  Zero weights have no term. Term lists are split into channel blocks so the table slice in use
+  stays in L1. (A first version kept one pre-shifted copy of the input per shift amount, the
+  design note's idea; Horner needs no copies, so the table is ~P times smaller and 1.3-2.5x faster.)
+* 8-bit activations (every ``|x| <= 128``, checked per call; computed on int32 lanes): the table
+  holds int16 copies, 16 outputs per vector (half the loads and adds), and each shift group is
+  split into chunks of at most 255 terms, whose sums are exact in int16; Horner's rule runs on the
+  sign-extended chunk sums in int32 lanes, so results are the int32 path's bit for bit.
+* Narrow rows (8x8 planes: half of every 16-lane vector idle): with stride 1 a whole plane can be
+  computed as one long row over the padded width (the positions between rows are computed and
+  dropped; ~40% fewer vectors there), and rows of at most 8 outputs can use 8-lane int16 vectors,
+  one per row (no idle lane). Where 256-bit operations cost two 128-bit ones (Zen 1, the portable
+  build) the latter is preferred; stride-2 rows always use it.
+* int64 inputs run in int32 lanes (then widen) when :func:`deepshift.ops.reference.accumulator_bound`, with
+  the actual ``max|x|``, ``max|bias|`` and the largest used shift, proves every intermediate value is
+  below ``2**31``; otherwise in int64 lanes.
+
+Caches: decoded weights (an int8 signed shift code per weight), the Linear tiles, the term lists and
+each call signature's prepared arguments are kept in a small LRU (``CACHE_MAX_BYTES`` in total)
+keyed on the codes tensor's ``data_ptr``, ``_version`` (bumped by in-place writes such as
+``load_state_dict``), size and the layer/input geometry, and validated by a weak reference to the
+very tensor (a new tensor at a recycled address never hits a stale entry). Inference tensors (no
+version counter) are not cached. Calls with little work (< ~0.1 ms) run on one thread.
+
+A frozen layer's whole forward (``deepshift::frozen_conv``, ``frozen_linear``) is one native call:
+it takes the float input, rounds it to fixed point while building the kernel's table (8-bit
+``act_bits`` guarantee the int16 path, so no range check), runs the same kernel and scales each
+image's output to float while it is still in cache; bit for bit the reference's composition of
+``quantize_input``, ``shift_conv`` and ``scale_output``, without the intermediate integer tensors or
+the per-call Python work of three ops (at batch 1 that work cost as much as the kernels).
+
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from deepshift.backends.cpu.build import load_extension
+from deepshift.backends.cpu.cache import _cached, fused_forward
+from deepshift.ops import reference as ref
+
+_FLOAT_DTYPES = (torch.float32, torch.float64)
+
+INT16_MAX_ABS = 128
+"""Inputs with every |x| <= this (8-bit activations) take the int16-table fast path of the conv kernel
+(and of Linear beyond GEMV_MAX_ROWS rows) when the result is computed on int32 lanes: 255 such
+terms sum exactly in int16, and the plan chunks its shift groups to at most 255 terms."""
+
+
+INT16_MAX_GROUP = 255
+
+
+_LANE_DTYPES = {16: torch.int16, 32: torch.int32, 64: torch.int64}
+
+
+TABLE_BLOCK_BYTES = 16 * 1024
+"""Bytes of the input table one work item of a convolution reads per channel block: sized to stay in
+L1 together with the term lists streaming past (Zen 1: 32 KiB L1D). Measured here at batch 1, 3x3:
+a 64-channel 56x56 conv 1.06x fp32 in 2 blocks of 32 channels (12.7 KiB) vs 1.09x in one and 1.19x
+in 4; 256 channels at 14x14 1.06x in 4 blocks (12 KiB) vs 1.19x in 2."""
+
+
+def _shifted_bias(bias: Tensor | None, u: int) -> Tensor | None:
+    """The op's bias in output units ``2**u`` (``u = min(shift_lo, 0)``): ``bias << -u``."""
+    return None if bias is None else (bias if u == 0 else torch.bitwise_left_shift(bias, -u)).contiguous()
+
+
+def _decoded(ext, codes, weight_shape, weight_bits, has_zero, shift_lo, lanes):
+    """(scode int8 in the weight's shape, largest used shift amount or -1): cached."""
+    u = min(shift_lo, 0)
+
+    def make():
+        scode, max_amount = ext.decode(
+            codes.contiguous(), math.prod(weight_shape), weight_bits, has_zero, shift_lo - u, lanes
+        )
+        return scode.reshape(tuple(weight_shape)), int(max_amount)
+
+    return _cached(codes, ("dec", tuple(weight_shape), weight_bits, has_zero, shift_lo, lanes), make)
+
+
+def _max_abs(t: Tensor) -> int:
+    if t.numel() == 0:
+        return 0
+    lo, hi = torch.aminmax(t)
+    return max(-int(lo), int(hi))
+
+
+def _lanes_for(ext, x, codes, weight_shape, weight_bits, has_zero, shift_lo, bias_s, fan_in,
+               int16: bool) -> int:
+    """The lanes a call computes in: 64 (int64), 32 (int32), or 16 (int16 tables, int32 arithmetic).
+
+    int32 x computes in int32; int64 x in int32 when the accumulator bound proves that exact, else
+    int64. Where int32 is used and ``int16`` (the kernel has the 8-bit path), inputs with every
+    ``|x| <= INT16_MAX_ABS`` take 16. ``max|x|`` is computed at most once, and not at all for int32
+    x without the 8-bit path (the small-batch Linear kernel).
+    """
+    if x.dtype == torch.int32 and not int16:
+        return 32
+    x_max = _max_abs(x)
+    if x.dtype != torch.int32:
+        _, max_amount = _decoded(ext, codes, weight_shape, weight_bits, has_zero, shift_lo, 64)
+        weights = 0 if max_amount < 0 else fan_in * x_max * 2**max_amount
+        bias_max = 0 if bias_s is None else _max_abs(bias_s)
+        if weights + bias_max >= 2**31:
+            return 64
+    return 16 if int16 and x_max <= INT16_MAX_ABS else 32
+
+
+def _valid_codes(codes: Tensor, weight_shape, weight_bits) -> bool:
+    return (
+        isinstance(weight_bits, int)
+        and 2 <= weight_bits <= 8
+        and codes.dtype == torch.uint8
+        and codes.device.type == "cpu"
+        and codes.numel() == (math.prod(weight_shape) * weight_bits + 7) // 8
+    )
+
+
+def _conv_native_ok(
+    x, codes, weight_shape, weight_bits, has_zero, shift_lo, bias, stride, padding, dilation, groups,
+    transposed, output_padding
+) -> bool:
+    dims = len(weight_shape) - 2
+    if not 1 <= dims <= 3 or x.dtype not in (torch.int32, torch.int64) or x.dim() != dims + 2:
+        return False
+    if not _valid_codes(codes, weight_shape, weight_bits) or min(weight_shape) <= 0 or x.numel() == 0:
+        return False
+    if any(len(v) != dims for v in (stride, padding, dilation, output_padding)) or groups < 1:
+        return False
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0 or min(output_padding) < 0:
+        return False
+    c_out = weight_shape[1] * groups if transposed else weight_shape[0]
+    if bias is not None and (bias.dtype != x.dtype or bias.shape != (c_out,)):
+        return False
+    if transposed:
+        if weight_shape[0] % groups or x.shape[1] != weight_shape[0]:
+            return False
+    elif weight_shape[0] % groups or x.shape[1] != weight_shape[1] * groups:
+        return False
+    sizes = [
+        ref.conv_output_size(
+            x.shape[2 + d],
+            weight_shape[2 + d],
+            stride[d],
+            padding[d],
+            dilation[d],
+            transposed,
+            output_padding[d],
+        )
+        for d in range(dims)
+    ]
+    return min(sizes) >= 1
+
+
+class _ConvCall:
+    """What a conv call with one signature (shapes, options) needs besides x and bias: cached."""
+
+    def __init__(self, ext, x, codes, weight_shape, weight_bits, has_zero, shift_lo, _bias, stride, padding,
+                 dilation, groups, transposed, output_padding):  # the op's arguments (bias: per call)
+        dims = len(weight_shape) - 2
+        self.kernel = list(weight_shape[2:])
+        self.transposed = transposed
+        self.groups = groups
+        self.tstride, self.tpadding = list(stride), list(padding)
+        self.tdilation, self.toutput_padding = list(dilation), list(output_padding)
+        if transposed:
+            self.fan_in = weight_shape[0] // groups * math.prod(self.kernel)
+            stride, padding = [1] * dims, [0] * dims
+        else:
+            self.fan_in = weight_shape[1] * math.prod(self.kernel)
+        self.pre = 3 - dims
+        self.s3 = [1] * self.pre + list(stride)
+        self.p3 = [0] * self.pre + list(padding)
+        self.d3 = [1] * self.pre + list(dilation)
+        self.args = (ext, codes, tuple(weight_shape), weight_bits, has_zero, shift_lo)
+        self.by_lanes: dict[int, tuple] = {}
+
+    def weights(self, lanes):
+        """(w5 shape, conv-layout scode) for the lane width."""
+        ext, codes, weight_shape, weight_bits, has_zero, shift_lo = self.args
+        scode, _ = _decoded(ext, codes, list(weight_shape), weight_bits, has_zero, shift_lo, lanes)
+        if self.transposed:
+            groups, kernel = self.groups, self.kernel
+            c_in_g, c_out_g = weight_shape[0] // groups, weight_shape[1]
+
+            def as_conv():
+                # (C_in, C_out/g, *k) -> (C_out, C_in/g, *k), kernel flipped: the reference's rewrite.
+                t = scode.reshape(groups, c_in_g, c_out_g, *kernel).transpose(1, 2)
+                t = t.reshape(groups * c_out_g, c_in_g, *kernel).flip(list(range(2, len(kernel) + 2)))
+                return t.contiguous()
+
+            scode = _cached(
+                codes, ("tconv", weight_shape, weight_bits, has_zero, shift_lo, lanes, groups), as_conv
+            )
+        w5 = scode.reshape(scode.shape[0], scode.shape[1], *([1] * self.pre), *scode.shape[2:])
+        return w5
+
+    def prepared(self, ext, lanes, x5_shape):
+        """(w5 shape, plan) for the lane width and the kernel's 5-d input shape (fixed per call
+        signature), made once."""
+        prepared = self.by_lanes.get(lanes)
+        if prepared is None:
+            w5 = self.weights(max(lanes, 32))
+            plan = ext.conv_plan(
+                w5, list(x5_shape), self.groups, self.s3, self.p3, self.d3, lanes // 8, TABLE_BLOCK_BYTES,
+                INT16_MAX_GROUP if lanes == 16 else 0,
+            )
+            prepared = self.by_lanes[lanes] = (list(w5.shape), plan)
+        return prepared
+
+    def run(self, ext, x, bias_s, lanes):
+        """``lanes``: 64 / 32 (int64 / int32 arithmetic), or 16 (int16 table, int32 arithmetic)."""
+        dtype = _LANE_DTYPES[lanes]
+        xi = x if x.dtype == dtype else x.to(dtype)
+        if self.transposed:
+            xi = ref._dilate_and_pad_for_transpose(
+                xi, self.kernel, self.tstride, self.tpadding, self.tdilation, self.toutput_padding
+            )
+        x5 = xi.reshape(xi.shape[0], xi.shape[1], *([1] * self.pre), *xi.shape[2:]).contiguous()
+        w5_shape, plan = self.prepared(ext, lanes, x5.shape)
+        b = None if bias_s is None else bias_s.to(torch.int64 if lanes == 64 else torch.int32)
+        y = ext.conv(x5, w5_shape, plan, b, self.groups, self.s3, self.p3, self.d3)
+        y = y.reshape(y.shape[0], y.shape[1], *y.shape[2 + self.pre :])
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def _conv_call(ext, args: tuple, x_dtype: torch.dtype):
+    """The prepared ``_ConvCall`` for the op's arguments ``args`` with x of integer dtype ``x_dtype``
+    (x itself may be the float input of the fused path), or False when the native kernel does not
+    take the call. One per signature: shapes and dtypes of the tensors, every option as is."""
+    x = args[0]
+    key = ("call", (tuple(x.shape), x_dtype), *((tuple(a.shape), a.dtype) if isinstance(a, Tensor) else
+                                                 tuple(a) if isinstance(a, list) else a for a in args[1:]))
+
+    def make():
+        a = args if x.dtype == x_dtype else (torch.empty(x.shape, dtype=x_dtype, device="meta"), *args[1:])
+        return _ConvCall(ext, *a) if _conv_native_ok(*a) else False
+
+    return _cached(args[1], key, make)
+
+
+def shift_conv_cpu(
+    x,
+    codes,
+    weight_shape,
+    weight_bits,
+    has_zero,
+    shift_lo,
+    bias,
+    stride,
+    padding,
+    dilation,
+    groups,
+    transposed,
+    output_padding,
+):
+    """CPU kernel of ``deepshift::shift_conv`` (native when available, else the reference)."""
+    args = (
+        x,
+        codes,
+        weight_shape,
+        weight_bits,
+        has_zero,
+        shift_lo,
+        bias,
+        stride,
+        padding,
+        dilation,
+        groups,
+        transposed,
+        output_padding,
+    )
+    ext = load_extension()
+    if ext is None:
+        return ref.shift_conv_reference(*args)
+    call = _conv_call(ext, args, x.dtype)
+    if call is False:
+        return ref.shift_conv_reference(*args)
+    u = min(shift_lo, 0)
+    bias_s = _shifted_bias(bias, u)
+    lanes = _lanes_for(ext, x, codes, weight_shape, weight_bits, has_zero, shift_lo, bias_s, call.fan_in,
+                       int16=True)
+    return call.run(ext, x, bias_s, lanes)
+
+
+def _fused_setup(ext, x, act_bits, rounding, accumulator, shift_lo, bias, terms, weight_bits):
+    """Common checks and constants of the fused frozen-layer paths, or None when they do not apply:
+    (lanes, lo, hi, exponent, shifted int32 bias or None). ``terms``: weights per output."""
+    if (
+        accumulator != "int32"
+        or not isinstance(x, Tensor)
+        or x.dtype not in _FLOAT_DTYPES
+        or x.device.type != "cpu"
+        or rounding not in ("nearest", "floor")
+        or (bias is not None and bias.dtype != torch.int32)
+    ):
+        return None
+    total = act_bits[0] + act_bits[1]
+    lo, hi = -(2 ** (total - 1)), 2 ** (total - 1) - 1
+    u = min(shift_lo, 0)
+    b = _shifted_bias(bias, u)
+    # 8-bit activations (|q| <= 128 by construction) take the int16 tables, unless an output has
+    # fewer terms than 2 * (shift amounts): then the int16 path's widening per shift group outweighs
+    # its narrower loads (ResNet's 3-channel first conv, 27 terms for 16 amounts: int32 tables were
+    # 1.45x faster, 3.85 vs 5.65 ms at batch 128; int16 was already ahead at 45 terms).
+    lanes = 16 if total <= 8 and terms >= 2**weight_bits else 32
+    return lanes, lo, hi, u - act_bits[1], b
+
+
+def _prepare_conv_fused(x, codes, weight_shape, weight_bits, has_zero, shift_lo, bias, stride, padding,
+                        dilation, groups, act_bits, rounding, accumulator):
+    """``(run, output shape)`` computing a frozen (non-transposed) conv layer's whole forward on float
+    CPU inputs shaped and typed like ``x`` in one native call; None where that does not apply (no
+    native kernels, an int64 accumulator, another dtype, shapes the native kernel does not take).
+
+    The call rounds the input to fixed point while building the kernel's table and scales each
+    image's integer output to x's dtype while it is still in cache: bit for bit the reference's
+    ``scale_output(shift_conv(quantize_input(x)))``, without the intermediate integer tensors or the
+    per-call range check (8-bit ``act_bits`` guarantee ``|q| <= 128``); ValueError on NaN.
+    ``run(x, affine=[scale, shift], residual, relu)`` also applies a per-channel affine (a frozen
+    BatchNorm), adds ``residual`` and applies ReLU to each output value while it is in cache, bit for
+    bit as torch computes those operations.
+    """
+    ext = load_extension()
+    setup = None if ext is None else _fused_setup(ext, x, act_bits, rounding, accumulator, shift_lo, bias,
+                                                  math.prod(weight_shape[1:]), weight_bits)
+    if setup is None or x.dim() != len(weight_shape):
+        return None
+    lanes, lo, hi, exponent, b = setup
+    dims = len(weight_shape) - 2
+    args = (x, codes, weight_shape, weight_bits, has_zero, shift_lo, bias, stride, padding, dilation, groups,
+            False, [0] * dims)
+    call = _conv_call(ext, args, torch.int32)
+    if call is False:
+        return None
+    w5_shape, plan = call.prepared(ext, lanes, [x.shape[0], x.shape[1], *([1] * call.pre), *x.shape[2:]])
+    conv_fused, s3, p3, d3 = ext.conv_fused, call.s3, call.p3, call.d3
+    frac, floor = act_bits[1], rounding == "floor"
+
+    def run(x: Tensor, affine: list[Tensor] | None, residual: Tensor | None, relu: bool) -> Tensor:
+        y, has_nan = conv_fused(x.contiguous(), w5_shape, plan, b, groups, s3, p3, d3, frac, lo, hi, floor,
+                                lanes, exponent, affine, residual, relu)
+        if has_nan:
+            raise ref._nan_error()
+        return y
+
+    sizes = [ref.conv_output_size(x.shape[2 + d], weight_shape[2 + d], stride[d], padding[d], dilation[d],
+                                  False, 0) for d in range(dims)]
+    return run, (x.shape[0], weight_shape[0], *sizes)
+
+
+def _channel_vector_ok(t: Tensor, like: Tensor, channels: int) -> bool:
+    return t.dtype == like.dtype and t.device.type == "cpu" and t.is_contiguous() and t.shape == (channels,)
+
+
+def frozen_conv_cpu(x, codes, weight_shape, weight_bits, has_zero, shift_lo, bias, stride, padding, dilation,
+                    groups, transposed, output_padding, act_bits, rounding, accumulator, bn_scale, bn_shift,
+                    residual, relu):
+    """CPU kernel of ``deepshift::frozen_conv``: one native call (convolution, BatchNorm affine, residual
+    and ReLU included) where it applies, else the reference's composition of the smaller ops."""
+    fused = None
+    if not transposed:
+        key = ("frozen_conv", tuple(weight_shape), weight_bits, has_zero, shift_lo, tuple(stride),
+               tuple(padding), tuple(dilation), groups, tuple(act_bits), rounding, accumulator)
+        fused = fused_forward(x, codes, bias, key, lambda: _prepare_conv_fused(
+            x, codes, weight_shape, weight_bits, has_zero, shift_lo, bias, stride, padding, dilation, groups,
+            act_bits, rounding, accumulator))
+    if fused is not None:
+        run, out_shape = fused
+        channels = out_shape[1]
+        if ((bn_scale is None or (_channel_vector_ok(bn_scale, x, channels)
+                                  and _channel_vector_ok(bn_shift, x, channels)))
+                and (residual is None or (residual.dtype == x.dtype and residual.device.type == "cpu"
+                                          and residual.is_contiguous() and residual.shape == out_shape))):
+            return run(x, None if bn_scale is None else [bn_scale, bn_shift], residual, relu)
+    return ref.frozen_conv_reference(x, codes, weight_shape, weight_bits, has_zero, shift_lo, bias, stride,
+                                     padding, dilation, groups, transposed, output_padding, act_bits,
+                                     rounding, accumulator, bn_scale, bn_shift, residual, relu)

@@ -1,0 +1,932 @@
+// deepshift native CPU kernels for deepshift::shift_linear / deepshift::shift_conv.
+//
+// Built on first use by deepshift/kernels/cpu.py (torch.utils.cpp_extension.load), which registers
+// the Python wrappers as the ops' CPU kernels. Semantics: see deepshift/ops.py (bit-exact contract).
+//
+// Two instruction-set variants of the kernels (shift_cpu_impl.h) live in this one translation unit:
+// ds_portable (baseline x86-64 / any GCC target) and ds_avx2 (compiled under a target pragma); the
+// AVX2 one is picked at run time with __builtin_cpu_supports("avx2"). Parallelism: at::parallel_for
+// (OpenMP, torch's thread count).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <atomic>
+#include <tuple>
+#include <cstdint>
+#include <cstdlib>
+#include <climits>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define DS_X86 1
+#endif
+
+// Geometry of one conv call (1d/2d are 3d with size-1 dims). The per-call table of one image's
+// zero-padded input is laid out [c][Dp][Hp][sw phases][Wq]: phase r of a padded row holds the
+// columns r, r + sw, r + 2 sw, ... so every kernel offset reads a contiguous run of output columns.
+struct Geom {
+  int64_t C, D, H, W;
+  int64_t pd, ph, pw;
+  int64_t sd, sh, sw;
+  int64_t Dp, Hp, Wq, RW, S;  // RW = sw * Wq (one padded row), S = Dp * Hp * RW (one channel's plane)
+  int64_t OD, OH, OW;
+  int64_t Cout, Cout_g, NCB;  // NCB: channel blocks the term lists are split into
+};
+
+// Term lists of one conv plan (see conv_plan): per entry e = (group, channel block, output channel),
+// terms[tstart[e] ..] grouped by shift amount; groups[3 j ..] = (shift before the group, positive count,
+// negative count) for j in [gstart[e], gstart[e + 1]); fshift[e] = final shift (the smallest amount).
+struct PlanView {
+  const int32_t* terms;
+  const int64_t* tstart;
+  const int64_t* gstart;
+  const int32_t* groups;
+  const int32_t* fshift;
+};
+
+
+// The fused frozen-layer path (conv_fused): the table is built straight from the float
+// input, each value the layer's fixed-point integer q = clamp(round(x * 2**F), lo, hi), exactly as the
+// frozen modules' float64 path (and `quantize`) computes it: x * 2**F is exact in double, and so are
+// rounding and clamping. f32_exact: lo and hi are exact in float32 (|lo|, |hi| <= 2**24), so that for
+// float32 input the float32 vector path gives the same integers (x * 2**F is exact in float32 too,
+// or overflows to +-inf, which clamps to lo / hi like the huge double does).
+struct QuantSpec {
+  double scale, lo, hi;
+  bool floor_mode, f32_exact;
+};
+
+namespace ds_portable {
+#include "shift_cpu_impl.h"
+}  // namespace ds_portable
+
+#ifdef DS_X86
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,bmi2")
+#define DS_AVX2_TU 1
+namespace ds_avx2 {
+#include "shift_cpu_impl.h"
+}  // namespace ds_avx2
+#undef DS_AVX2_TU
+#pragma GCC pop_options
+#endif
+
+namespace {
+
+// Below this many vector operations a call runs on one thread (~25 us of work: measured on 2 cores,
+// parallel regions pay off above it; at batch 1 a CIFAR ResNet-20 ran 1.3x faster than with 2e5).
+constexpr double kSerialWork = 5e4;
+
+// 1 = AVX2, 0 = portable; -1 = not decided yet.
+int g_isa = -1;
+
+bool use_avx2() {
+  if (g_isa < 0) {
+#ifdef DS_X86
+    __builtin_cpu_init();
+    g_isa = __builtin_cpu_supports("avx2") ? 1 : 0;
+#else
+    g_isa = 0;
+#endif
+  }
+  return g_isa == 1;
+}
+
+// Force the instruction set (tests): 1 = AVX2 (if the CPU has it), 0 = portable, -1 = auto.
+int64_t set_isa(int64_t isa) {
+  g_isa = -1;
+  bool has = use_avx2();
+  if (isa == 0) g_isa = 0;
+  if (isa == 1) g_isa = has ? 1 : 0;
+  return g_isa;
+}
+
+int64_t current_isa() { return use_avx2() ? 1 : 0; }
+
+// Whether a 256-bit vector operation costs as much as two 128-bit ones here: the portable build
+// (no AVX: the compiler splits them) and AMD Zen 1 (256-bit operations issue as two halves).
+bool splits_256() {
+  if (!use_avx2()) return true;
+#ifdef DS_X86
+  static const bool zen1 = __builtin_cpu_is("znver1");
+  return zen1;
+#else
+  return true;
+#endif
+}
+
+// Decode canonical packed codes into signed shift codes (int8, one per weight):
+// 0 = the weight contributes nothing (PS zero, or a shift >= the lane width, which torch's
+// left shift turns into 0), else sign * (amount + 1) with amount = rel + base the left-shift
+// amount (base = shift_lo - min(shift_lo, 0) >= 0).
+// Returns (scode, max amount over non-zero weights regardless of width, or -1).
+std::tuple<torch::Tensor, int64_t> decode(const torch::Tensor& codes, int64_t numel, int64_t bits, bool has_zero,
+                                          int64_t base, int64_t width) {
+  TORCH_CHECK(codes.dtype() == torch::kUInt8 && codes.is_contiguous(), "codes must be contiguous uint8");
+  TORCH_CHECK(bits >= 2 && bits <= 8 && base >= 0, "bad bits/base");
+  TORCH_CHECK(codes.numel() == (numel * bits + 7) / 8, "codes have the wrong length");
+  auto out = torch::empty({numel}, torch::kInt8);
+  const uint8_t* c = codes.data_ptr<uint8_t>();
+  int8_t* o = out.data_ptr<int8_t>();
+  const int64_t nbytes = codes.numel();
+  const unsigned mask = (1u << bits) - 1u, fmask = (1u << (bits - 1)) - 1u;
+  std::atomic<int64_t> max_amount(-1);
+  at::parallel_for(0, numel, 1 << 16, [&](int64_t b, int64_t e) {
+    int64_t local_max = -1;
+    int64_t bit = b * bits;  // index arithmetic
+    for (int64_t i = b; i < e; ++i, bit += bits) {
+      const int64_t byte = bit >> 3;
+      unsigned v = c[byte];
+      if (byte + 1 < nbytes) v |= static_cast<unsigned>(c[byte + 1]) << 8;
+      const unsigned code = (v >> (bit & 7)) & mask;
+      const unsigned field = code & fmask;
+      const bool neg = (code >> (bits - 1)) != 0;
+      int8_t s = 0;
+      if (!(has_zero && field == 0)) {
+        const int64_t amount = static_cast<int64_t>(has_zero ? field - 1 : field) + base;
+        local_max = std::max(local_max, amount);
+        if (amount < width) s = static_cast<int8_t>(neg ? -(amount + 1) : amount + 1);
+      }
+      o[i] = s;
+    }
+    int64_t cur = max_amount.load();
+    while (local_max > cur && !max_amount.compare_exchange_weak(cur, local_max)) {
+    }
+  });
+  return std::make_tuple(out, max_amount.load());
+}
+
+// Byte tiles for the small-batch Linear kernel: [ceil(O/8)][K][8], see gemv_tiles.
+torch::Tensor gemv_layout(const torch::Tensor& scode) {
+  TORCH_CHECK(scode.dim() == 2 && scode.dtype() == torch::kInt8 && scode.is_contiguous(), "bad scode");
+  const int64_t O = scode.size(0), K = scode.size(1), OT = (O + 7) / 8;
+  auto out = torch::zeros({OT, K, 8}, torch::kInt8);
+  const int8_t* s = scode.data_ptr<int8_t>();
+  int8_t* t = out.data_ptr<int8_t>();
+  at::parallel_for(0, OT, 1, [&](int64_t b, int64_t e) {
+    for (int64_t ot = b; ot < e; ++ot)
+      for (int64_t j = 0; j < 8 && ot * 8 + j < O; ++j) {
+        const int8_t* row = s + (ot * 8 + j) * K;
+        int8_t* dst = t + ot * K * 8 + j;
+        for (int64_t k = 0; k < K; ++k) {
+          const int v = row[k];
+          int8_t code = 0;
+          if (v != 0) {
+            const int a = (v < 0 ? -v : v) - 1;
+            if (a < 32) code = static_cast<int8_t>((v < 0 ? 0xA0 : 0x20) | a);
+          }
+          dst[k * 8] = code;
+        }
+      }
+  });
+  return out;
+}
+
+// Small-batch Linear on int32 lanes: x (M, K) int32, tiles from gemv_layout, bias (O,) int32 already
+// shifted, or an undefined tensor.
+torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& tiles, int64_t O,
+                   const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && x.dtype() == torch::kInt32 && x.is_contiguous(), "bad x");
+  const int64_t M = x.size(0), K = x.size(1), OT = (O + 7) / 8;
+  TORCH_CHECK(tiles.numel() == OT * K * 8, "bad tiles");
+  auto y = torch::empty({M, O}, torch::kInt32);
+  const uint32_t* xp = reinterpret_cast<const uint32_t*>(x.data_ptr<int32_t>());
+  const int8_t* tp = tiles.data_ptr<int8_t>();
+  const uint32_t* bp = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dtype() == torch::kInt32 && bias->numel() == O && bias->is_contiguous(), "bad bias");
+    bp = reinterpret_cast<const uint32_t*>(bias->data_ptr<int32_t>());
+  }
+  uint32_t* yp = reinterpret_cast<uint32_t*>(y.data_ptr<int32_t>());
+  const bool avx = use_avx2();
+  for (int64_t m0 = 0; m0 < M; m0 += 4) {
+    const int mb = static_cast<int>(std::min<int64_t>(4, M - m0));
+#ifdef DS_X86
+    auto fn = avx ? ds_avx2::gemv_fn(mb) : ds_portable::gemv_fn(mb);
+#else
+    auto fn = ds_portable::gemv_fn(mb);
+#endif
+    // Output rows m0.. write y[(m0 + m) * O + o]: pass shifted base pointers.
+    const int64_t grain = std::max<int64_t>(16, static_cast<int64_t>(kSerialWork / std::max<int64_t>(1, K * mb)));
+    at::parallel_for(0, OT, grain, [&](int64_t b, int64_t e) {
+      fn(xp + m0 * K, K, tp, b, e, O, bp, yp + m0 * O);
+    });
+  }
+  (void)avx;
+  return y;
+}
+
+struct Plan {
+  std::vector<uint8_t> amounts;
+  int64_t CB = 1;
+};
+
+Geom make_geom(const std::vector<int64_t>& xs /*N,C,D,H,W*/, const std::vector<int64_t>& ws,
+                            const std::vector<int64_t>& stride, const std::vector<int64_t>& pad,
+                            const std::vector<int64_t>& dil, int64_t groups, int64_t NCB) {
+  Geom g{};
+  g.C = xs[1];
+  g.D = xs[2];
+  g.H = xs[3];
+  g.W = xs[4];
+  g.pd = pad[0];
+  g.ph = pad[1];
+  g.pw = pad[2];
+  g.sd = stride[0];
+  g.sh = stride[1];
+  g.sw = stride[2];
+  g.Dp = g.D + 2 * g.pd;
+  g.Hp = g.H + 2 * g.ph;
+  const int64_t Wp = g.W + 2 * g.pw;
+  g.Wq = (Wp + g.sw - 1) / g.sw;
+  g.RW = g.sw * g.Wq;
+  g.S = g.Dp * g.Hp * g.RW;
+  g.OD = (g.Dp - dil[0] * (ws[2] - 1) - 1) / g.sd + 1;
+  g.OH = (g.Hp - dil[1] * (ws[3] - 1) - 1) / g.sh + 1;
+  g.OW = (Wp - dil[2] * (ws[4] - 1) - 1) / g.sw + 1;
+  g.Cout = ws[0];
+  g.Cout_g = ws[0] / groups;
+  g.NCB = NCB;
+  return g;
+}
+
+int vectors_for(int64_t OW, int64_t lanes) {
+  const int64_t nv = (OW + lanes - 1) / lanes;
+  // int16 tables (16 lanes) keep 3 registers per vector (one int16 sum, two int32 accumulators).
+  return static_cast<int>(std::min<int64_t>(lanes == 16 ? 5 : 8, std::max<int64_t>(1, nv)));
+}
+
+int rows_for_lanes(int V, int64_t lanes) {
+  return lanes == 16 ? ds_portable::rows_for16(V) : ds_portable::rows_for(V);
+}
+
+// Whether conv_drive computes each output plane as one flat row over the padded width (see there),
+// for `elem_size`-byte table elements. Also decides the channel blocks of conv_plan.
+bool uses_flat(const Geom& g, int64_t elem_size) {
+  const int64_t L = 32 / elem_size;
+  // Where 256-bit operations cost two 128-bit ones (Zen 1, and the portable build), 8-output rows
+  // are cheapest in half mode: no idle lane at all. Measured on Zen 1, ResNet-20's 64-channel 8x8
+  // convolution: 9.8 ms half vs 11.4 ms flat at batch 128.
+  if (elem_size == 2 && g.OW <= 8 && splits_256()) return false;
+  if (g.sd != 1 || g.sh != 1 || g.sw != 1) return false;
+  const int64_t row_vectors = g.OD * g.OH * ((g.OW + L - 1) / L);
+  const int64_t flat_len = ((g.OD - 1) * g.Hp + (g.OH - 1)) * g.RW + g.OW;
+  return 16 * ((flat_len + L - 1) / L) <= 15 * row_vectors;
+}
+
+bool has_rows_lanes(int V, int R, int64_t lanes) {
+  return lanes == 16 ? ds_portable::has_rows16(V, R) : ds_portable::has_rows(V, R);
+}
+
+// Term lists of a conv for one input geometry. scode: (Cout, Cin_g, KD, KH, KW) int8.
+// Returns (terms int32, tstart int64 [E + 1], gstart int64 [E + 1], groups int32 [NG, 3], fshift int32 [E],
+// [CB, NCB]). A term is the offset of a weight's input (channel, kernel position) in the per-image table
+// of the zero-padded input; see conv_item for the order and the Horner evaluation.
+std::vector<torch::Tensor> conv_plan(const torch::Tensor& scode, std::vector<int64_t> xs, int64_t groups,
+                                     std::vector<int64_t> stride, std::vector<int64_t> pad,
+                                     std::vector<int64_t> dil, int64_t elem_size, int64_t l2_budget,
+                                     int64_t max_group) {
+  TORCH_CHECK(scode.dim() == 5 && scode.dtype() == torch::kInt8 && scode.is_contiguous(), "bad scode");
+  std::vector<int64_t> ws(scode.sizes().begin(), scode.sizes().end());
+  const int64_t Cout = ws[0], Cin_g = ws[1], KD = ws[2], KH = ws[3], KW = ws[4];
+  const int64_t KK = KD * KH * KW;
+  const int8_t* s = scode.data_ptr<int8_t>();
+  auto g = make_geom(xs, ws, stride, pad, dil, groups, 1);
+  TORCH_CHECK(g.C * g.S < (int64_t(1) << 31), "per-image table too large");
+  // Channel block: the table slice one work item reads stays within ~l2_budget bytes (the item then
+  // finds it in L1 for each of its output channels).
+  const int64_t L = 32 / elem_size;
+  int64_t per_channel;
+  if (uses_flat(g, elem_size)) {
+    // A flat item reads vectors_for(long row) vectors of consecutive outputs plus the kernel's reach
+    // below them: for a 64-channel 56x56 3x3 conv, 198 elements per channel, not 3 rows of 58.
+    const int64_t reach = (KD - 1) * dil[0] * g.Hp * g.RW + (KH - 1) * dil[1] * g.RW + (KW - 1) * dil[2];
+    per_channel = (reach + vectors_for(INT64_MAX / 2, L) * L) * elem_size;
+  } else {
+    const int V = vectors_for(g.OW, L);
+    const int R = static_cast<int>(std::min<int64_t>(rows_for_lanes(V, L), g.OD * g.OH));
+    per_channel = KD * ((R - 1) * g.sh + (KH - 1) * dil[1] + 1) * g.RW * elem_size;
+  }
+  const int64_t fit = std::max<int64_t>(1, std::min<int64_t>(Cin_g, l2_budget / std::max<int64_t>(1, per_channel)));
+  int64_t NCB = (Cin_g + fit - 1) / fit;
+  // Each block costs its own pass over an item's outputs and its own shift groups per output
+  // channel: spatial kernels keep at least 288 terms (32 channels of 3x3) per block. Measured at
+  // batch 1: 32 channels at 112x112 ran 1.08x fp32 in one block, 1.41x in two of 16; a 64 -> 128
+  // stride-2 conv 1.18x in two blocks, 1.27x in three.
+  if (KK > 1) NCB = std::max<int64_t>(1, std::min<int64_t>(NCB, Cin_g * KK / 288));
+  // Blocks of equal size (64 channels in two blocks of 32, not 51 + 13).
+  const int64_t CB = (Cin_g + NCB - 1) / NCB;
+  const int64_t Cout_g = Cout / groups;
+  const int64_t E = groups * NCB * Cout_g;
+  // Offsets of each kernel position inside a channel plane (index arithmetic).
+  std::vector<int64_t> koff(KK);
+  for (int64_t kd = 0; kd < KD; ++kd)
+    for (int64_t kh = 0; kh < KH; ++kh)
+      for (int64_t kw = 0; kw < KW; ++kw) {
+        const int64_t w = kw * dil[2];
+        koff[(kd * KH + kh) * KW + kw] = (kd * dil[0] * g.Hp + kh * dil[1]) * g.RW + (w % g.sw) * g.Wq + w / g.sw;
+      }
+  auto tstart = torch::empty({E + 1}, torch::kInt64);
+  auto gstart = torch::empty({E + 1}, torch::kInt64);
+  auto fshift = torch::zeros({E}, torch::kInt32);
+  int64_t* ts = tstart.data_ptr<int64_t>();
+  int64_t* gs = gstart.data_ptr<int64_t>();
+  int32_t* fs = fshift.data_ptr<int32_t>();
+  std::vector<int32_t> terms;
+  terms.reserve(scode.numel());
+  std::vector<int32_t> grp;
+  // Counting sort of one entry's terms by key = (63 - amount) * 2 + negative: amounts descending,
+  // positives before negatives.
+  std::vector<int32_t> key_of, off_of;
+  int64_t count[129];
+  int64_t e = 0;
+  for (int64_t gi = 0; gi < groups; ++gi)
+    for (int64_t cb = 0; cb < NCB; ++cb)
+      for (int64_t ol = 0; ol < Cout_g; ++ol, ++e) {
+        const int64_t o = gi * Cout_g + ol;
+        ts[e] = static_cast<int64_t>(terms.size());
+        gs[e] = static_cast<int64_t>(grp.size() / 3);
+        key_of.clear();
+        off_of.clear();
+        for (int64_t cl = cb * CB; cl < std::min(Cin_g, (cb + 1) * CB); ++cl) {
+          const int64_t c = gi * Cin_g + cl;
+          const int8_t* w = s + (o * Cin_g + cl) * KK;
+          for (int64_t k = 0; k < KK; ++k) {
+            const int v = w[k];
+            if (v == 0) continue;
+            const int amount = (v < 0 ? -v : v) - 1;
+            key_of.push_back((63 - amount) * 2 + (v < 0 ? 1 : 0));
+            off_of.push_back(static_cast<int32_t>(c * g.S + koff[k]));
+          }
+        }
+        std::fill(count, count + 129, 0);
+        for (int32_t k : key_of) ++count[k + 1];
+        for (int k = 0; k < 128; ++k) count[k + 1] += count[k];
+        const size_t base = terms.size();
+        terms.resize(base + key_of.size());
+        for (size_t i = 0; i < key_of.size(); ++i) terms[base + count[key_of[i]]++] = off_of[i];
+        // count[k] is now the end of bucket k; bucket k starts at count[k - 1] (0 for k = 0).
+        int prev = -1;
+        for (int a = 63; a >= 0; --a) {
+          const int kp = (63 - a) * 2, kn = kp + 1;
+          const int64_t sp = kp ? count[kp - 1] : 0;
+          const int64_t np = count[kp] - sp, nn = count[kn] - count[kp];
+          if (np + nn == 0) continue;
+          // max_group > 0 (int16 tables): chunks of at most max_group terms, positives first, the
+          // later chunks with no shift before them.
+          int64_t rp = np, rn = nn;
+          bool first = true;
+          while (first || rp + rn > 0) {
+            const int64_t cap = max_group > 0 ? max_group : rp + rn;
+            const int64_t cp = std::min(rp, cap), cn = std::min(rn, cap - cp);
+            grp.push_back(first ? (prev < 0 ? 0 : prev - a) : 0);
+            grp.push_back(static_cast<int32_t>(cp));
+            grp.push_back(static_cast<int32_t>(cn));
+            rp -= cp;
+            rn -= cn;
+            first = false;
+          }
+          prev = a;
+        }
+        fs[e] = prev < 0 ? 0 : prev;
+      }
+  ts[E] = static_cast<int64_t>(terms.size());
+  gs[E] = static_cast<int64_t>(grp.size() / 3);
+  auto tt = torch::empty({static_cast<int64_t>(terms.size())}, torch::kInt32);
+  if (!terms.empty()) std::memcpy(tt.data_ptr<int32_t>(), terms.data(), terms.size() * sizeof(int32_t));
+  auto gt = torch::empty({static_cast<int64_t>(grp.size() / 3), 3}, torch::kInt32);
+  if (!grp.empty()) std::memcpy(gt.data_ptr<int32_t>(), grp.data(), grp.size() * sizeof(int32_t));
+  auto cbt = torch::tensor({CB, NCB}, torch::kInt64);
+  return {tt, tstart, gstart, gt, fshift, cbt};
+}
+
+// Runs a conv plan over N images. build(n, tbl, c0, c1) fills channels [c0, c1) of image n's table.
+// Outputs: with yp (and not flat, below), image n's integer output goes to yp + n * (its size) directly;
+// otherwise to a scratch buffer per thread, and finish(n, dst, src, count) receives it in contiguous runs:
+// `count` values at src belong at element dst of image n's (Cout, OD, OH, OW) output.
+// Flat mode: with stride 1, an output plane is computed as one long row over the padded width (output
+// (od, oh, ow) at flat position (od * Hp + oh) * RW + ow reads the table at that position plus the
+// term's offset), so rows narrower than a vector (8x8 planes: half of each 16-lane vector idle) fill
+// whole vectors; the positions between rows are computed and dropped. Used where that needs
+// at least 1/16 fewer vectors than row by row (a 64-channel 56x56 3x3 conv: 203 vs 224, measured
+// 4-6% faster). Half mode: int16 tables with rows of at most 8 outputs (not flat: stride > 1, or
+// where 256-bit operations are split anyway) use 8-lane vectors, one per row (conv_item16, W = 8).
+// Returns whether some build call returned true.
+template <typename U, typename UY, typename BuildFn, typename FinishFn>
+bool conv_drive(const Geom& g0, int64_t N, const PlanView& pv, int64_t nterms, const UY* bp, UY* yp,
+                BuildFn build, FinishFn finish) {
+  constexpr int64_t L = 32 / sizeof(U);
+  const int64_t flat_len = ((g0.OD - 1) * g0.Hp + (g0.OH - 1)) * g0.RW + g0.OW;
+  const bool flat = uses_flat(g0, sizeof(U));
+  Geom g = g0;  // the geometry the work items see: in flat mode, one row of flat_len outputs
+  if (flat) {
+    g.OD = 1;
+    g.OH = 1;
+    g.OW = flat_len;
+  }
+  // Half mode (int16 tables, rows of at most 8 outputs, not flat): items of R rows x one 8-lane vector.
+  const bool half = sizeof(U) == 2 && !flat && g.OW <= 8;
+  const int V = half ? 1 : vectors_for(g.OW, L);
+  // Half items take up to 8 rows (8 int16 sums in registers; their int32 accumulators, touched only
+  // between shift groups, may live on the stack): on Zen 1, 8x8 planes ran 9% faster than as 6 + 2.
+  const int RM = half ? 8 : rows_for_lanes(V, L);  // for the work split only
+  const bool avx = use_avx2();
+  struct Item {
+    int64_t row0, ow0, o0, o1;
+    int rows, v;
+  };
+  std::vector<Item> items;
+  const int64_t rows = g.OD * g.OH;
+  const int64_t nthreads = at::get_num_threads();
+  const int64_t rblocks = rows / RM + rows % RM;
+  const int64_t owblocks = (g.OW + V * L - 1) / (V * L);
+  const int64_t spatial_items = rblocks * owblocks;
+  const int64_t ochunks =
+      std::max<int64_t>(1, std::min<int64_t>(g.Cout, (4 * nthreads + spatial_items - 1) / spatial_items));
+  const int64_t osz = (g.Cout + ochunks - 1) / ochunks;
+  for (int64_t o0 = 0; o0 < g.Cout; o0 += osz)
+    for (int64_t ow0 = 0; ow0 < g.OW; ow0 += V * L) {
+      // The last column block may be narrower: its row block size follows its own vector count.
+      const int vv = static_cast<int>(std::min<int64_t>(V, (g.OW - ow0 + L - 1) / L));
+      for (int64_t r = 0; r < rows;) {
+        int rr = static_cast<int>(std::min<int64_t>(half ? 8 : rows_for_lanes(vv, L), rows - r));
+        while (half ? (rr == 5 || rr == 7) : !has_rows_lanes(vv, rr, L)) --rr;
+        items.push_back({r, ow0, o0, std::min(g.Cout, o0 + osz), rr, vv});
+        r += rr;
+      }
+    }
+  const size_t table_elems = static_cast<size_t>(g.C * g.S) + 8 * L + 64;
+  auto run_items = [&](const U* tbl, UY* yimg, int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const Item& it = items[i];
+      if constexpr (sizeof(U) == 2) {
+        ds_portable::ConvItem16Fn fn;
+#ifdef DS_X86
+        if (avx)
+          fn = half ? ds_avx2::conv_item16h_fn(it.rows) : ds_avx2::conv_item16_fn(it.rows, it.v);
+        else
+#endif
+          fn = half ? ds_portable::conv_item16h_fn(it.rows) : ds_portable::conv_item16_fn(it.rows, it.v);
+        fn(tbl, yimg, g, pv, it.row0, it.ow0, it.o0, it.o1, bp);
+      } else {
+        auto fn =
+#ifdef DS_X86
+            avx ? ds_avx2::conv_item_fn<U>(it.rows, it.v) :
+#endif
+                ds_portable::conv_item_fn<U>(it.rows, it.v);
+        fn(tbl, yimg, g, pv, it.row0, it.ow0, it.o0, it.o1, bp);
+      }
+    }
+  };
+  const int64_t yimg_stride = g.Cout * g.OD * g.OH * g.OW;  // the items' output (flat in flat mode)
+  const bool direct = yp != nullptr && !flat;
+  // Buffers without value-initialisation (at batch 1 zeroing the table and the scratch output cost
+  // as much as a few percent of a conv): build writes every element of the C * S table and the
+  // items every scratch output; only the table's tail, read past the last row, is zeroed.
+  auto new_table = [&]() {
+    std::unique_ptr<U[]> t(new U[table_elems]);
+    std::fill(t.get() + g.C * g.S, t.get() + table_elems, U(0));
+    return t;
+  };
+  auto new_scratch = [&]() { return std::unique_ptr<UY[]>(direct ? nullptr : new UY[yimg_stride]); };
+  // Hands over output runs [r0, r1) of image n: in flat mode a run is one output row (c, od, oh).
+  const int64_t nruns = flat ? g0.Cout * g0.OD * g0.OH : yimg_stride;
+  auto hand_over = [&](int64_t n, const UY* yimg, int64_t r0, int64_t r1) {
+    if (!flat) {
+      finish(n, r0, yimg + r0, r1 - r0);
+      return;
+    }
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t c = r / (g0.OD * g0.OH), dh = r - c * (g0.OD * g0.OH);  // index arithmetic
+      const int64_t od = dh / g0.OH, oh = dh - od * g0.OH;
+      finish(n, r * g0.OW, yimg + c * flat_len + (od * g0.Hp + oh) * g0.RW, g0.OW);
+    }
+  };
+  std::atomic<bool> flag(false);
+  auto build_flag = [&](int64_t n, U* tbl, int64_t c0, int64_t c1) {
+    if (build(n, tbl, c0, c1)) flag.store(true);
+  };
+  const int64_t nitems = static_cast<int64_t>(items.size());
+  // Small problems run on the calling thread: a parallel region costs more than it saves there
+  // (and far more when the machine is oversubscribed).
+  const double work = static_cast<double>(nterms) * static_cast<double>(rows) *
+                          static_cast<double>((g.OW + L - 1) / L) * static_cast<double>(N) +
+                      static_cast<double>(g.C * g.S) * static_cast<double>(N) / L;
+  if (work < kSerialWork || (N >= nthreads && nthreads > 1)) {
+    // Images in parallel (or all on this thread), each thread with its own table (and scratch).
+    auto images = [&](int64_t b, int64_t e) {
+      const auto tbl = new_table();
+      const auto scratch = new_scratch();
+      for (int64_t n = b; n < e; ++n) {
+        build_flag(n, tbl.get(), 0, g.C);
+        UY* yimg = direct ? yp + n * yimg_stride : scratch.get();
+        run_items(tbl.get(), yimg, 0, nitems);
+        if (!direct) hand_over(n, yimg, 0, nruns);
+      }
+    };
+    if (work < kSerialWork)
+      images(0, N);
+    else
+      at::parallel_for(0, N, 1, images);
+  } else {
+    const auto tbl = new_table();
+    const auto scratch = new_scratch();
+    for (int64_t n = 0; n < N; ++n) {
+      at::parallel_for(0, g.C, 1, [&](int64_t b, int64_t e) { build_flag(n, tbl.get(), b, e); });
+      UY* yimg = direct ? yp + n * yimg_stride : scratch.get();
+      at::parallel_for(0, nitems, 1, [&](int64_t b, int64_t e) { run_items(tbl.get(), yimg, b, e); });
+      if (!direct) {
+        const int64_t grain = flat ? std::max<int64_t>(1, (1 << 14) / g0.OW) : (1 << 14);
+        at::parallel_for(0, nruns, grain, [&](int64_t b, int64_t e) { hand_over(n, yimg, b, e); });
+      }
+    }
+  }
+  (void)avx;
+  return flag.load();
+}
+
+PlanView plan_view(const std::vector<torch::Tensor>& plan) {
+  return PlanView{plan[0].data_ptr<int32_t>(), plan[1].data_ptr<int64_t>(), plan[2].data_ptr<int64_t>(),
+                  plan[3].data_ptr<int32_t>(), plan[4].data_ptr<int32_t>()};
+}
+
+// U/S: table lanes and x's dtype; UY/SY: output lanes and dtype (int16 x -> int32 y, else the same).
+template <typename U, typename S, typename UY, typename SY>
+torch::Tensor conv_run(const torch::Tensor& x, std::vector<int64_t> ws, const std::vector<torch::Tensor>& plan,
+                       const c10::optional<torch::Tensor>& bias, int64_t groups, std::vector<int64_t> stride,
+                       std::vector<int64_t> pad, std::vector<int64_t> dil) {
+  std::vector<int64_t> xs(x.sizes().begin(), x.sizes().end());
+  const int64_t NCB = plan[5].data_ptr<int64_t>()[1];
+  auto g = make_geom(xs, ws, stride, pad, dil, groups, NCB);
+  const int64_t N = xs[0];
+  const torch::Tensor y =
+      torch::empty({N, g.Cout, g.OD, g.OH, g.OW}, x.options().dtype(c10::CppTypeToScalarType<SY>::value));
+  const U* xp = reinterpret_cast<const U*>(x.data_ptr<S>());
+  UY* yp = reinterpret_cast<UY*>(y.data_ptr<SY>());
+  const UY* bp = nullptr;
+  if (bias.has_value() && bias->defined()) bp = reinterpret_cast<const UY*>(bias->data_ptr<SY>());
+  const bool avx = use_avx2();
+  const int64_t ximg_stride = g.C * g.D * g.H * g.W;
+  auto build = [&](int64_t n, U* tbl, int64_t c0, int64_t c1) {
+#ifdef DS_X86
+    if (avx) return ds_avx2::build_table(xp + n * ximg_stride, tbl, g, c0, c1, ds_avx2::CopyIn<U>{});
+#endif
+    return ds_portable::build_table(xp + n * ximg_stride, tbl, g, c0, c1, ds_portable::CopyIn<U>{});
+  };
+  const int64_t yimg_stride = g.Cout * g.OD * g.OH * g.OW;
+  auto copy = [&](int64_t n, int64_t dst, const UY* src, int64_t count) {  // flat mode's output rows
+    std::memcpy(yp + n * yimg_stride + dst, src, count * sizeof(UY));
+  };
+  conv_drive<U, UY>(g, N, plan_view(plan), plan[0].numel(), bp, yp, build, copy);
+  (void)avx;
+  return y;
+}
+
+// x: (N, C, D, H, W) int32/int64 contiguous; ws: (Cout, Cin_g, KD, KH, KW); plan from conv_plan for
+// this x shape and dtype; bias (Cout,) of x's dtype already shifted by -u, or None.
+torch::Tensor conv(const torch::Tensor& x, std::vector<int64_t> ws, const std::vector<torch::Tensor>& plan,
+                   const c10::optional<torch::Tensor>& bias, int64_t groups, std::vector<int64_t> stride,
+                   std::vector<int64_t> pad, std::vector<int64_t> dil) {
+  TORCH_CHECK(x.dim() == 5 && x.is_contiguous() && ws.size() == 5, "bad x");
+  TORCH_CHECK(plan.size() == 6, "bad plan");
+  if (x.dtype() == torch::kInt16) {
+    // The 8-bit fast path: the plan must come from conv_plan(elem_size 2, max_group <= 255) and
+    // every |x| <= 128 (the caller checks); the output is int32.
+    if (bias.has_value() && bias->defined())
+      TORCH_CHECK(bias->dtype() == torch::kInt32 && bias->is_contiguous() && bias->numel() == ws[0], "bad bias");
+    return conv_run<uint16_t, int16_t, uint32_t, int32_t>(x, ws, plan, bias, groups, stride, pad, dil);
+  }
+  if (bias.has_value() && bias->defined())
+    TORCH_CHECK(bias->dtype() == x.dtype() && bias->is_contiguous() && bias->numel() == ws[0], "bad bias");
+  if (x.dtype() == torch::kInt32)
+    return conv_run<uint32_t, int32_t, uint32_t, int32_t>(x, ws, plan, bias, groups, stride, pad, dil);
+  TORCH_CHECK(x.dtype() == torch::kInt64, "x must be int16, int32 or int64");
+  return conv_run<uint64_t, int64_t, uint64_t, int64_t>(x, ws, plan, bias, groups, stride, pad, dil);
+}
+
+// A frozen conv layer's whole forward on float input, in one call: the table is built straight from
+// x (rounding to fixed point on the way: build_table with QuantizeIn), the integer conv runs as `conv` does on int16
+// (lanes 16; every |q| <= 128, which the caller guarantees through act_bits) or int32 (lanes 32)
+// tables with int32 outputs, and each image's output is scaled by 2**exponent into x's dtype while
+// still in cache (scale_run). Bit for bit `scale(conv(quantize(x)))`, without their intermediate
+// tensors. x: (N, C, D, H, W) float32/float64 contiguous; bias (Cout,) int32 already shifted by -u.
+// With affine = (scale, shift), contiguous (Cout,) of x's dtype, each scaled output value then goes
+// through FrozenBatchNorm's forward, `+ residual` (y's shape and dtype, contiguous) if given and ReLU
+// if relu, while still in cache (epilogue_run): bit for bit those torch operations on the layer's
+// output (ShiftConvBatchNorm).
+// Returns (y, whether x has a NaN; y is then garbage and the caller raises).
+std::tuple<torch::Tensor, bool> conv_fused(const torch::Tensor& x, std::vector<int64_t> ws,
+                                           const std::vector<torch::Tensor>& plan,
+                                           const c10::optional<torch::Tensor>& bias, int64_t groups,
+                                           std::vector<int64_t> stride, std::vector<int64_t> pad,
+                                           std::vector<int64_t> dil, int64_t frac_bits, int64_t lo, int64_t hi,
+                                           bool floor_mode, int64_t lanes, int64_t exponent,
+                                           const c10::optional<std::vector<torch::Tensor>>& affine,
+                                           const c10::optional<torch::Tensor>& residual, bool relu) {
+  // x may also be (N, C, W) or (N, C, H, W): the missing dims are size 1, and y has x's rank.
+  TORCH_CHECK(x.dim() >= 3 && x.dim() <= 5 && x.is_contiguous() && ws.size() == 5 && plan.size() == 6,
+              "bad x / plan");
+  TORCH_CHECK(x.dtype() == torch::kFloat32 || x.dtype() == torch::kFloat64, "x must be float32/float64");
+  TORCH_CHECK(lanes == 16 || lanes == 32, "lanes must be 16 or 32");
+  TORCH_CHECK(lo <= hi && lo >= INT32_MIN && hi <= INT32_MAX, "bad fixed-point range");
+  TORCH_CHECK(lanes == 32 || (lo >= -128 && hi <= 128), "the int16 table needs |q| <= 128");
+  const uint32_t* bp = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dtype() == torch::kInt32 && bias->is_contiguous() && bias->numel() == ws[0], "bad bias");
+    bp = reinterpret_cast<const uint32_t*>(bias->data_ptr<int32_t>());
+  }
+  if (affine.has_value()) {
+    const auto& a = *affine;
+    TORCH_CHECK(a.size() == 2, "affine must be (scale, shift)");
+    for (const auto& t : a)
+      TORCH_CHECK(t.dtype() == x.dtype() && t.is_contiguous() && t.numel() == ws[0] && t.device().is_cpu(),
+                  "affine scale / shift must be contiguous (Cout,) CPU tensors of x's dtype");
+  }
+  std::vector<int64_t> xs(x.sizes().begin(), x.sizes().end());
+  const int64_t missing = 5 - x.dim();
+  xs.insert(xs.begin() + 2, missing, 1);
+  const int64_t NCB = plan[5].data_ptr<int64_t>()[1];
+  auto g = make_geom(xs, ws, stride, pad, dil, groups, NCB);
+  const int64_t N = xs[0];
+  std::vector<int64_t> ys{N, g.Cout, g.OD, g.OH, g.OW};
+  ys.erase(ys.begin() + 2, ys.begin() + 2 + missing);
+  auto y = torch::empty(ys, x.options());
+  const bool has_res = residual.has_value() && residual->defined();
+  TORCH_CHECK(affine.has_value() || (!has_res && !relu), "residual / relu need the affine");
+  if (has_res)
+    TORCH_CHECK(residual->sizes() == y.sizes() && residual->dtype() == x.dtype() && residual->is_contiguous() &&
+                    residual->device().is_cpu(),
+                "residual must be a contiguous CPU tensor of the output's shape and x's dtype");
+  const QuantSpec qs{std::ldexp(1.0, static_cast<int>(frac_bits)), static_cast<double>(lo),
+                     static_cast<double>(hi), floor_mode, lo >= -(int64_t(1) << 24) && hi <= (int64_t(1) << 24)};
+  const int64_t ximg_stride = g.C * g.D * g.H * g.W;
+  const int64_t yimg_stride = g.Cout * g.OD * g.OH * g.OW;
+  const bool avx = use_avx2();
+  const int e = static_cast<int>(exponent);
+  auto go = [&](auto* xp, auto* op, auto table_tag) {
+    using U = decltype(table_tag);
+    using F = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
+    using FO = std::remove_pointer_t<decltype(op)>;
+    auto build = [&](int64_t n, U* tbl, int64_t c0, int64_t c1) {
+#ifdef DS_X86
+      if (avx) return ds_avx2::build_table(xp + n * ximg_stride, tbl, g, c0, c1, ds_avx2::QuantizeIn<U, F>{qs});
+#endif
+      return ds_portable::build_table(xp + n * ximg_stride, tbl, g, c0, c1, ds_portable::QuantizeIn<U, F>{qs});
+    };
+    const FO* sp = affine.has_value() ? (*affine)[0].data_ptr<FO>() : nullptr;
+    const FO* hp = affine.has_value() ? (*affine)[1].data_ptr<FO>() : nullptr;
+    const FO* rp = has_res ? residual->data_ptr<FO>() : nullptr;
+    const int64_t plane = g.OD * g.OH * g.OW;
+    auto epilogue = [&](FO* out, int64_t k, int64_t c, const FO* r) {
+#ifdef DS_X86
+      if (avx) {
+        if (relu) return ds_avx2::epilogue_run<true>(out, out, k, sp[c], hp[c], r);
+        return ds_avx2::epilogue_run<false>(out, out, k, sp[c], hp[c], r);
+      }
+#endif
+      if (relu) return ds_portable::epilogue_run<true>(out, out, k, sp[c], hp[c], r);
+      return ds_portable::epilogue_run<false>(out, out, k, sp[c], hp[c], r);
+    };
+    auto finish = [&](int64_t n, int64_t dst, const uint32_t* src, int64_t count) {
+      FO* out = op + n * yimg_stride + dst;
+#ifdef DS_X86
+      if (avx) ds_avx2::scale_run<FO>(src, out, count, e);
+      else
+#endif
+        ds_portable::scale_run<FO>(src, out, count, e);
+      if (!sp) return;
+      // The run may span channels: one epilogue per channel segment, in place, still in cache.
+      const FO* r = rp ? rp + n * yimg_stride + dst : nullptr;
+      int64_t c = dst / plane, at = dst - c * plane;  // index arithmetic
+      for (int64_t i = 0; i < count; ++c, at = 0) {
+        const int64_t k = std::min(count - i, plane - at);
+        epilogue(out + i, k, c, r ? r + i : nullptr);
+        i += k;
+      }
+    };
+    return conv_drive<U, uint32_t>(g, N, plan_view(plan), plan[0].numel(), bp, nullptr, build, finish);
+  };
+  bool nan;
+  if (x.dtype() == torch::kFloat32) {
+    nan = lanes == 16 ? go(x.data_ptr<float>(), y.data_ptr<float>(), uint16_t{})
+                      : go(x.data_ptr<float>(), y.data_ptr<float>(), uint32_t{});
+  } else {
+    nan = lanes == 16 ? go(x.data_ptr<double>(), y.data_ptr<double>(), uint16_t{})
+                      : go(x.data_ptr<double>(), y.data_ptr<double>(), uint32_t{});
+  }
+  (void)avx;
+  return std::make_tuple(y, nan);
+}
+
+// Fixed-point rounding of a float input, fused: clamp(round(x * 2**F), lo, hi) as int32/int64 (round
+// = half to even, or floor). Equal to the frozen modules' float64 path for float32/float64 input:
+// x * 2**F is exact in double (a power-of-two scale), and so are rounding and clamping. Returns
+// (q, has_nan); a NaN element makes has_nan true (the caller raises).
+std::tuple<torch::Tensor, bool> quantize(const torch::Tensor& x, int64_t frac_bits, int64_t lo, int64_t hi,
+                                         bool floor_mode, bool out64) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 || x.dtype() == torch::kFloat64, "x must be float32/float64");
+  auto xc = x.contiguous();
+  auto q = torch::empty(xc.sizes(), out64 ? torch::kInt64 : torch::kInt32);
+  const int64_t n = xc.numel();
+  const double scale = std::ldexp(1.0, static_cast<int>(frac_bits));
+  const double dlo = static_cast<double>(lo), dhi = static_cast<double>(hi);
+  std::atomic<bool> nan(false);
+  auto body = [&](auto* xp, auto* qp) {
+    at::parallel_for(0, n, 1 << 16, [&](int64_t b, int64_t e) {
+      bool local_nan = false;
+      for (int64_t i = b; i < e; ++i) {
+        const double v = static_cast<double>(xp[i]) * scale;
+        if (v != v) {
+          local_nan = true;
+          qp[i] = 0;
+          continue;
+        }
+        double r = floor_mode ? std::floor(v) : std::nearbyint(v);
+        r = r < dlo ? dlo : (r > dhi ? dhi : r);
+        qp[i] = static_cast<std::remove_pointer_t<decltype(qp)>>(r);
+      }
+      if (local_nan) nan.store(true);
+    });
+  };
+  if (xc.dtype() == torch::kFloat32) {
+    if (out64) body(xc.data_ptr<float>(), q.data_ptr<int64_t>());
+    else body(xc.data_ptr<float>(), q.data_ptr<int32_t>());
+  } else {
+    if (out64) body(xc.data_ptr<double>(), q.data_ptr<int64_t>());
+    else body(xc.data_ptr<double>(), q.data_ptr<int32_t>());
+  }
+  return std::make_tuple(q, nan.load());
+}
+
+// float(double(y) * 2**exponent) into float32 / float64: the frozen modules' output scaling, fused.
+torch::Tensor scale(const torch::Tensor& y, int64_t exponent, bool out64) {
+  TORCH_CHECK(y.dtype() == torch::kInt32 || y.dtype() == torch::kInt64, "y must be int32/int64");
+  auto yc = y.contiguous();
+  auto out = torch::empty(yc.sizes(), out64 ? torch::kFloat64 : torch::kFloat32);
+  const int64_t n = yc.numel();
+  const double s = std::ldexp(1.0, static_cast<int>(exponent));
+  auto body = [&](auto* yp, auto* op) {
+    at::parallel_for(0, n, 1 << 16, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i)
+        op[i] = static_cast<std::remove_pointer_t<decltype(op)>>(static_cast<double>(yp[i]) * s);
+    });
+  };
+  if (yc.dtype() == torch::kInt32) {
+    if (out64) body(yc.data_ptr<int32_t>(), out.data_ptr<double>());
+    else body(yc.data_ptr<int32_t>(), out.data_ptr<float>());
+  } else {
+    if (out64) body(yc.data_ptr<int64_t>(), out.data_ptr<double>());
+    else body(yc.data_ptr<int64_t>(), out.data_ptr<float>());
+  }
+  return out;
+}
+
+// out[n, c, ...] = x[n, c, ...] * scale[c] + shift[c] as two separately rounded operations (a multiply,
+// then an add; built with -ffp-contract=off, so never one FMA): FrozenBatchNorm's forward in one pass,
+// bit for bit torch.add(torch.mul(x, scale), shift). x: contiguous (N, C, ...) float32/float64.
+torch::Tensor channel_affine(const torch::Tensor& x, const torch::Tensor& scale, const torch::Tensor& shift) {
+  TORCH_CHECK(x.dim() >= 2 && x.is_contiguous(), "x must be contiguous (N, C, ...)");
+  TORCH_CHECK(x.dtype() == torch::kFloat32 || x.dtype() == torch::kFloat64, "x must be float32/float64");
+  const int64_t C = x.size(1);
+  TORCH_CHECK(scale.dtype() == x.dtype() && shift.dtype() == x.dtype() && scale.is_contiguous() &&
+                  shift.is_contiguous() && scale.numel() == C && shift.numel() == C,
+              "scale / shift must be contiguous (C,) of x's dtype");
+  auto out = torch::empty_like(x);
+  const int64_t planes = x.size(0) * C, inner = C ? x.numel() / std::max<int64_t>(1, planes) : 0;
+  const bool avx = use_avx2();
+  auto body = [&](auto* xp, auto* op, auto* sp, auto* hp) {
+    at::parallel_for(0, planes, std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, inner)),
+                     [&](int64_t b, int64_t e) {
+      const decltype(xp) no_residual = nullptr;
+      // The channel advances with the plane (no division per plane: 8x8 planes are only 64 values).
+      for (int64_t p = b, c = b % C; p < e; ++p, c = c + 1 == C ? 0 : c + 1) {
+#ifdef DS_X86
+        if (avx) {
+          ds_avx2::epilogue_run<false>(xp + p * inner, op + p * inner, inner, sp[c], hp[c], no_residual);
+          continue;
+        }
+#endif
+        ds_portable::epilogue_run<false>(xp + p * inner, op + p * inner, inner, sp[c], hp[c], no_residual);
+      }
+    });
+  };
+  if (x.dtype() == torch::kFloat32)
+    body(x.data_ptr<float>(), out.data_ptr<float>(), scale.data_ptr<float>(), shift.data_ptr<float>());
+  else
+    body(x.data_ptr<double>(), out.data_ptr<double>(), scale.data_ptr<double>(), shift.data_ptr<double>());
+  (void)avx;
+  return out;
+}
+
+// Training-time fixed-point rounding (deepshift.fixed_point's forward) of a contiguous float32
+// tensor in one pass; see fake_quantize_f32. lo/hi are the float32 bounds the torch path uses,
+// glo/ghi the gradient's pass band. Returns (y, whether some x lies outside the band).
+std::tuple<torch::Tensor, bool> fake_quantize(const torch::Tensor& x, int64_t frac_bits, double lo, double hi,
+                                              bool floor_mode, double glo, double ghi) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous(), "x must be contiguous float32");
+  auto y = torch::empty_like(x);
+  const int64_t n = x.numel();
+  const float s = std::ldexp(1.0f, static_cast<int>(frac_bits));
+  const float inv = std::ldexp(1.0f, -static_cast<int>(frac_bits));
+  const float flo = static_cast<float>(lo), fhi = static_cast<float>(hi);
+  const float fglo = static_cast<float>(glo), fghi = static_cast<float>(ghi);
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const bool avx2 = use_avx2();
+  std::atomic<bool> outside(false);
+  at::parallel_for(0, n, 1 << 15, [&](int64_t b, int64_t e) {
+    bool o;
+#ifdef DS_X86
+    if (avx2)
+      o = ds_avx2::fake_quantize_f32(xp + b, yp + b, e - b, s, inv, flo, fhi, floor_mode, fglo, fghi);
+    else
+#endif
+      o = ds_portable::fake_quantize_f32(xp + b, yp + b, e - b, s, inv, flo, fhi, floor_mode, fglo, fghi);
+    if (o) outside.store(true);
+  });
+  (void)avx2;
+  return std::make_tuple(y, outside.load());
+}
+
+// A fresh tensor like `like`, filled by body(y, b, e) over element ranges in parallel.
+template <typename Body>
+torch::Tensor weight_pass(const torch::Tensor& like, Body body) {
+  auto y = torch::empty_like(like);
+  at::parallel_for(0, like.numel(), 1 << 15, [&](int64_t b, int64_t e) { body(y, b, e); });
+  return y;
+}
+
+// The deterministic DeepShift-Q / -PS weight rounding (deepshift.core.quantize), one pass each (see q_round
+// and ps_round in shift_cpu_impl.h). thr: the least value of w's dtype above sqrt(1/2). lo, hi:
+// 2**p_min, 2**p_max (Q) or p_min, p_max (PS), with 2**p_min and 2**p_max normal in the dtype (the
+// caller checks).
+torch::Tensor q_round(const torch::Tensor& w, double lo, double hi, double thr) {
+  TORCH_CHECK(w.is_contiguous() && (w.dtype() == torch::kFloat32 || w.dtype() == torch::kFloat64),
+              "w must be contiguous float32/float64");
+  const bool avx = use_avx2();
+  auto run = [&](auto tag) {
+    using F = decltype(tag);
+    using I = typename ds_portable::FloatBits<F>::I;
+    const F t2 = static_cast<F>(2 * thr);  // in [1, 2): the same mantissa bits
+    I mt;
+    std::memcpy(&mt, &t2, sizeof mt);
+    mt &= (I(1) << ds_portable::FloatBits<F>::M) - 1;
+    const F* wp = w.data_ptr<F>();
+    return weight_pass(w, [&](torch::Tensor& y, int64_t b, int64_t e) {
+      F* yp = y.data_ptr<F>();
+#ifdef DS_X86
+      if (avx) return ds_avx2::q_round<F>(wp + b, yp + b, e - b, F(lo), F(hi), mt);
+#endif
+      ds_portable::q_round<F>(wp + b, yp + b, e - b, F(lo), F(hi), mt);
+    });
+  };
+  (void)avx;
+  return w.dtype() == torch::kFloat32 ? run(float{}) : run(double{});
+}
+
+torch::Tensor ps_round(const torch::Tensor& shift, const torch::Tensor& sign, double lo, double hi) {
+  TORCH_CHECK(shift.is_contiguous() && sign.is_contiguous() && shift.dtype() == sign.dtype() &&
+                  shift.sizes() == sign.sizes() &&
+                  (shift.dtype() == torch::kFloat32 || shift.dtype() == torch::kFloat64),
+              "shift and sign must be contiguous float32/float64 of one shape");
+  const bool avx = use_avx2();
+  auto run = [&](auto tag) {
+    using F = decltype(tag);
+    const F* sp = shift.data_ptr<F>();
+    const F* gp = sign.data_ptr<F>();
+    return weight_pass(shift, [&](torch::Tensor& y, int64_t b, int64_t e) {
+      F* yp = y.data_ptr<F>();
+#ifdef DS_X86
+      if (avx) return ds_avx2::ps_round<F>(sp + b, gp + b, yp + b, e - b, F(lo), F(hi));
+#endif
+      ds_portable::ps_round<F>(sp + b, gp + b, yp + b, e - b, F(lo), F(hi));
+    });
+  };
+  (void)avx;
+  return shift.dtype() == torch::kFloat32 ? run(float{}) : run(double{});
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("decode", &decode);
+  m.def("gemv_layout", &gemv_layout);
+  m.def("gemv", &gemv);
+  m.def("conv_plan", &conv_plan);
+  m.def("conv", &conv);
+  m.def("conv_fused", &conv_fused);
+  m.def("set_isa", &set_isa);
+  m.def("current_isa", &current_isa);
+  m.def("quantize", &quantize);
+  m.def("scale", &scale);
+  m.def("fake_quantize", &fake_quantize);
+  m.def("channel_affine", &channel_affine);
+  m.def("q_round", &q_round);
+  m.def("ps_round", &ps_round);
+}

@@ -1,0 +1,638 @@
+// Multiplication-free shift-layer kernels, compiled twice by shift_cpu.cpp: once portable (namespace
+// ds_portable) and once under `#pragma GCC target("avx2,fma,bmi2")` (namespace ds_avx2, where
+// DS_AVX2_TU is defined). No #include here: the including file provides everything.
+//
+// All arithmetic is on unsigned lanes (uint32_t / uint64_t), so it wraps exactly like torch's int32 /
+// int64 tensor arithmetic: results equal the reference op bit for bit even where a sum overflows.
+//
+// Hot loops use only shifts, sign application (negation / vpsignd) and adds/subtracts on activations.
+// Multiplications appear only in index arithmetic (row / plane offsets), never on activation values.
+
+template <typename U>
+struct VecOf;
+template <>
+struct VecOf<uint32_t> {
+  typedef uint32_t T __attribute__((vector_size(32), aligned(4), may_alias));
+};
+template <>
+struct VecOf<uint64_t> {
+  typedef uint64_t T __attribute__((vector_size(32), aligned(8), may_alias));
+};
+
+// Geom (the geometry of one conv call) is defined once in shift_cpu.cpp, outside both namespaces.
+
+// Table of channels [c0, c1) of one image: tbl[c] = the zero-padded, phase-split x[c]; cv says how input
+// values become table values: cv.run(src, dst, n) converts a contiguous run, returning whether some value
+// was invalid (NaN, for float input). Every input element is converted, so none goes unchecked.
+// Returns whether cv reported any.
+template <typename U, typename S, typename Cv>
+bool build_table(const S* x, U* tbl, const Geom& g, int64_t c0, int64_t c1, const Cv& cv) {
+  const int64_t DHW = g.D * g.H * g.W;
+  bool bad = false;
+  std::vector<U> rowbuf(g.sw == 1 ? 0 : g.W);  // strided: one converted input row
+  for (int64_t c = c0; c < c1; ++c) {
+    const S* xc = x + c * DHW;
+    U* dst = tbl + c * g.S;
+    for (int64_t d = 0; d < g.Dp; ++d) {
+      const int64_t id = d - g.pd;
+      for (int64_t h = 0; h < g.Hp; ++h) {
+        U* row = dst + (d * g.Hp + h) * g.RW;
+        const int64_t ih = h - g.ph;
+        if (id < 0 || id >= g.D || ih < 0 || ih >= g.H) {
+          for (int64_t q = 0; q < g.RW; ++q) row[q] = 0;
+          continue;
+        }
+        const S* src = xc + (id * g.H + ih) * g.W;
+        if (g.sw == 1) {
+          const int64_t lo = g.pw < g.Wq ? g.pw : g.Wq;
+          const int64_t hi = (g.pw + g.W) < g.Wq ? (g.pw + g.W) : g.Wq;
+          for (int64_t q = 0; q < lo; ++q) row[q] = 0;
+          bad |= cv.run(src + (lo - g.pw), row + lo, hi - lo);
+          for (int64_t q = hi; q < g.Wq; ++q) row[q] = 0;
+        } else {
+          // Convert the row as one contiguous run (vectorised), then deal its columns out to the phases.
+          bad |= cv.run(src, rowbuf.data(), g.W);
+          for (int64_t r = 0; r < g.sw; ++r) {
+            U* rr = row + r * g.Wq;
+            int64_t iw = r - g.pw;
+            for (int64_t q = 0; q < g.Wq; ++q, iw += g.sw) rr[q] = (iw >= 0 && iw < g.W) ? rowbuf[iw] : U(0);
+          }
+        }
+      }
+    }
+  }
+  return bad;
+}
+
+// build_table's converter for integer input already in the table's lanes: a copy.
+template <typename U>
+struct CopyIn {
+  bool run(const U* src, U* dst, int64_t n) const {
+    for (int64_t i = 0; i < n; ++i) dst[i] = src[i];
+    return false;
+  }
+};
+
+// Table and output offsets of the R output rows (flattened (od, oh)) from row0, at column ow0.
+inline void row_offsets(const Geom& g, int R, int64_t row0, int64_t ow0, int64_t* tb, int64_t* yoff) {
+  for (int r = 0; r < R; ++r) {
+    const int64_t rr = row0 + r;
+    const int64_t od = rr / g.OH, oh = rr - od * g.OH;
+    tb[r] = (od * g.sd * g.Hp + oh * g.sh) * g.RW + ow0;  // index arithmetic only
+    yoff[r] = rr * g.OW + ow0;
+  }
+}
+
+// One work item of the conv: R output rows (flattened (od, oh) from row0) x V vectors of output
+// columns from ow0, for output channels [o0, o1). The table holds the zero-padded input (no
+// pre-shifted copies): each output's terms (offsets of its non-zero weights' inputs) come grouped by
+// shift amount, largest first, and are summed by Horner's rule,
+//     acc = ((S_a1 << (a1 - a2)) + S_a2) << (a2 - a3) ... << a_last,
+// where S_a is the sum of the +/- inputs of the weights with amount a. Per term the inner step is one
+// vector load and one add (positive weight) or subtract (negative weight) per accumulator; per
+// distinct shift amount, one uniform shift of the accumulators. All mod 2**lane bits, like torch.
+template <typename U, int R, int V>
+void conv_item(const U* tbl, U* yimg, const Geom& g, const PlanView& pv, int64_t row0, int64_t ow0,
+               int64_t o0, int64_t o1, const U* bias) {
+  typedef typename VecOf<U>::T Vt;
+  constexpr int L = 32 / sizeof(U);
+  int64_t tb[R], yoff[R];
+  row_offsets(g, R, row0, ow0, tb, yoff);
+  const int64_t nvalid = (g.OW - ow0) < V * L ? (g.OW - ow0) : V * L;
+  const int64_t plane = g.OD * g.OH * g.OW;
+  for (int64_t cb = 0; cb < g.NCB; ++cb) {
+    for (int64_t o = o0; o < o1; ++o) {
+      const int64_t gi = o / g.Cout_g;
+      const int64_t e = (gi * g.NCB + cb) * g.Cout_g + (o - gi * g.Cout_g);
+      U* yo = yimg + o * plane;
+      Vt acc[R][V];
+      for (int r = 0; r < R; ++r)
+        for (int v = 0; v < V; ++v) acc[r][v] = Vt{};
+      const int32_t* t = pv.terms + pv.tstart[e];
+      for (int64_t j = pv.gstart[e]; j < pv.gstart[e + 1]; ++j) {
+        const int32_t* gr = pv.groups + 3 * j;
+        const unsigned d = static_cast<unsigned>(gr[0]);
+        if (d)
+          for (int r = 0; r < R; ++r)
+            for (int v = 0; v < V; ++v) acc[r][v] <<= d;
+        for (const int32_t* te = t + gr[1]; t < te; ++t) {
+          const U* p = tbl + *t;
+          for (int r = 0; r < R; ++r) {
+            const Vt* q = reinterpret_cast<const Vt*>(p + tb[r]);
+            for (int v = 0; v < V; ++v) acc[r][v] += q[v];
+          }
+        }
+        for (const int32_t* te = t + gr[2]; t < te; ++t) {
+          const U* p = tbl + *t;
+          for (int r = 0; r < R; ++r) {
+            const Vt* q = reinterpret_cast<const Vt*>(p + tb[r]);
+            for (int v = 0; v < V; ++v) acc[r][v] -= q[v];
+          }
+        }
+      }
+      const unsigned f = static_cast<unsigned>(pv.fshift[e]);
+      if (f)
+        for (int r = 0; r < R; ++r)
+          for (int v = 0; v < V; ++v) acc[r][v] <<= f;
+      if (cb == 0) {
+        const U b = bias ? bias[o] : U(0);
+        if (b)
+          for (int r = 0; r < R; ++r)
+            for (int v = 0; v < V; ++v) acc[r][v] += b;
+      } else {
+        for (int r = 0; r < R; ++r) {
+          U tmp[V * L] = {};
+          __builtin_memcpy(tmp, yo + yoff[r], nvalid * sizeof(U));
+          for (int v = 0; v < V; ++v) {
+            Vt prev;
+            __builtin_memcpy(&prev, tmp + v * L, sizeof(Vt));
+            acc[r][v] += prev;
+          }
+        }
+      }
+      if (nvalid == V * L) {
+        for (int r = 0; r < R; ++r)
+          for (int v = 0; v < V; ++v) *reinterpret_cast<Vt*>(yo + yoff[r] + v * L) = acc[r][v];
+      } else {
+        for (int r = 0; r < R; ++r) {
+          U tmp[V * L];
+          for (int v = 0; v < V; ++v) __builtin_memcpy(tmp + v * L, &acc[r][v], sizeof(Vt));
+          __builtin_memcpy(yo + yoff[r], tmp, nvalid * sizeof(U));
+        }
+      }
+    }
+  }
+}
+
+// Largest row block for V vectors per row (R * V accumulators <= 12 of the 16 vector registers).
+inline int rows_for(int V) { return V >= 7 ? 1 : (V >= 5 ? 2 : 12 / V); }
+
+// Row-block sizes available for V vectors per row (at most rows_for(V)); items use the largest that fits.
+inline bool has_rows(int V, int R) {
+  return R >= 1 && R <= rows_for(V) && (R <= 4 || R == 6 || R == 8 || R == 12);
+}
+
+template <typename U>
+using ConvItemFn = void (*)(const U*, U*, const Geom&, const PlanView&, int64_t, int64_t, int64_t, int64_t,
+                            const U*);
+
+template <typename U, int V>
+ConvItemFn<U> pick_r(int R) {
+  if constexpr (V == 1) {
+    switch (R) {
+      case 12: return &conv_item<U, 12, 1>;
+      case 8: return &conv_item<U, 8, 1>;
+      case 6: return &conv_item<U, 6, 1>;
+      default: break;
+    }
+  }
+  if constexpr (V <= 2) {
+    if (R == 6) return &conv_item<U, 6, V>;
+  }
+  if constexpr (V <= 3) {
+    if (R == 4) return &conv_item<U, 4, V>;
+  }
+  if constexpr (V <= 4) {
+    if (R == 3) return &conv_item<U, 3, V>;
+  }
+  if constexpr (V <= 6) {
+    if (R == 2) return &conv_item<U, 2, V>;
+  }
+  return &conv_item<U, 1, V>;
+}
+
+// Function for an item of R rows (has_rows(V, R)) x V vectors.
+template <typename U>
+ConvItemFn<U> conv_item_fn(int R, int V) {
+  switch (V) {
+    case 1: return pick_r<U, 1>(R);
+    case 2: return pick_r<U, 2>(R);
+    case 3: return pick_r<U, 3>(R);
+    case 4: return pick_r<U, 4>(R);
+    case 5: return pick_r<U, 5>(R);
+    case 6: return pick_r<U, 6>(R);
+    case 7: return pick_r<U, 7>(R);
+    default: return pick_r<U, 8>(R);
+  }
+}
+
+// The 8-bit-activation fast path: the table holds int16 copies of inputs with |x| <= 128 (16 lanes per
+// vector, half the loads of int32), and the plan splits every shift group into chunks of at most 255
+// terms, so a chunk's +/- sum is exact in int16 (|sum| <= 255 * 128 < 2**15). Horner's rule then runs
+// on int32 lanes with the chunk sums sign-extended: acc = (acc << d) + sum, mod 2**32, which is the
+// int32 path's result bit for bit. Accumulators: R * V int16 sums + 2 * R * V int32 (R * V <= 4).
+// W = 8 ("half" items, conv_drive): 8-lane (128-bit) sums, one int32 accumulator each, for rows of
+// at most 8 outputs, so that no lane is idle.
+inline int rows_for16(int V) { return V >= 3 ? 1 : (V == 2 ? 2 : 4); }
+inline bool has_rows16(int V, int R) { return R >= 1 && R <= rows_for16(V); }
+
+template <int R, int V, int W = 16>
+void conv_item16(const uint16_t* tbl, uint32_t* yimg, const Geom& g, const PlanView& pv, int64_t row0,
+                 int64_t ow0, int64_t o0, int64_t o1, const uint32_t* bias) {
+  typedef int16_t VS __attribute__((vector_size(2 * W), aligned(2), may_alias));
+  typedef int16_t H16 __attribute__((vector_size(16)));
+  typedef int32_t S32 __attribute__((vector_size(32)));
+  typedef uint32_t V32 __attribute__((vector_size(32), aligned(4), may_alias));
+  constexpr int A = W / 8;  // int32 accumulators (8 lanes) per vector
+  int64_t tb[R], yoff[R];
+  row_offsets(g, R, row0, ow0, tb, yoff);
+  const int64_t nvalid = (g.OW - ow0) < V * W ? (g.OW - ow0) : V * W;
+  const int64_t plane = g.OD * g.OH * g.OW;
+  for (int64_t cb = 0; cb < g.NCB; ++cb) {
+    for (int64_t o = o0; o < o1; ++o) {
+      const int64_t gi = o / g.Cout_g;
+      const int64_t e = (gi * g.NCB + cb) * g.Cout_g + (o - gi * g.Cout_g);
+      uint32_t* yo = yimg + o * plane;
+      V32 acc[R][A * V];
+      for (int r = 0; r < R; ++r)
+        for (int v = 0; v < A * V; ++v) acc[r][v] = V32{};
+      const int32_t* t = pv.terms + pv.tstart[e];
+      for (int64_t j = pv.gstart[e]; j < pv.gstart[e + 1]; ++j) {
+        const int32_t* gr = pv.groups + 3 * j;
+        const unsigned d = static_cast<unsigned>(gr[0]);
+        if (d)
+          for (int r = 0; r < R; ++r)
+            for (int v = 0; v < A * V; ++v) acc[r][v] <<= d;
+        VS sum[R][V];
+        for (int r = 0; r < R; ++r)
+          for (int v = 0; v < V; ++v) sum[r][v] = VS{};
+        for (const int32_t* te = t + gr[1]; t < te; ++t) {
+          const uint16_t* p = tbl + *t;
+          for (int r = 0; r < R; ++r) {
+            const VS* q = reinterpret_cast<const VS*>(p + tb[r]);
+            for (int v = 0; v < V; ++v) sum[r][v] += q[v];
+          }
+        }
+        for (const int32_t* te = t + gr[2]; t < te; ++t) {
+          const uint16_t* p = tbl + *t;
+          for (int r = 0; r < R; ++r) {
+            const VS* q = reinterpret_cast<const VS*>(p + tb[r]);
+            for (int v = 0; v < V; ++v) sum[r][v] -= q[v];
+          }
+        }
+        for (int r = 0; r < R; ++r)
+          for (int v = 0; v < V; ++v)
+            for (int a = 0; a < A; ++a) {
+              H16 part;
+              __builtin_memcpy(&part, reinterpret_cast<const char*>(&sum[r][v]) + 16 * a, 16);
+              acc[r][A * v + a] += reinterpret_cast<V32>(__builtin_convertvector(part, S32));
+            }
+      }
+      const unsigned f = static_cast<unsigned>(pv.fshift[e]);
+      if (f)
+        for (int r = 0; r < R; ++r)
+          for (int v = 0; v < A * V; ++v) acc[r][v] <<= f;
+      uint32_t tmp[A * V * 8];
+      for (int r = 0; r < R; ++r) {
+        for (int v = 0; v < A * V; ++v) __builtin_memcpy(tmp + v * 8, &acc[r][v], 32);
+        uint32_t* dst = yo + yoff[r];
+        if (cb == 0) {
+          const uint32_t b = bias ? bias[o] : 0u;
+          for (int64_t i = 0; i < nvalid; ++i) dst[i] = tmp[i] + b;
+        } else {
+          for (int64_t i = 0; i < nvalid; ++i) dst[i] += tmp[i];
+        }
+      }
+    }
+  }
+}
+
+template <int V>
+void (*pick_r16(int R))(const uint16_t*, uint32_t*, const Geom&, const PlanView&, int64_t, int64_t, int64_t,
+                        int64_t, const uint32_t*) {
+  if constexpr (V == 1) {
+    if (R == 4) return &conv_item16<4, 1>;
+    if (R == 3) return &conv_item16<3, 1>;
+  }
+  if constexpr (V <= 2) {
+    if (R == 2) return &conv_item16<2, V>;
+  }
+  return &conv_item16<1, V>;
+}
+
+typedef void (*ConvItem16Fn)(const uint16_t*, uint32_t*, const Geom&, const PlanView&, int64_t, int64_t, int64_t,
+                             int64_t, const uint32_t*);
+
+// Function for an int16-table item of R rows (has_rows16(V, R)) x V vectors of 16 columns (V <= 5).
+inline ConvItem16Fn conv_item16_fn(int R, int V) {
+  switch (V) {
+    case 1: return pick_r16<1>(R);
+    case 2: return pick_r16<2>(R);
+    case 3: return pick_r16<3>(R);
+    case 4: return pick_r16<4>(R);
+    default: return pick_r16<5>(R);
+  }
+}
+
+// Function for a half item (8 columns) of R rows, R in {1, 2, 3, 4, 6, 8}.
+inline ConvItem16Fn conv_item16h_fn(int R) {
+  switch (R) {
+    case 8: return &conv_item16<8, 1, 8>;
+    case 6: return &conv_item16<6, 1, 8>;
+    case 4: return &conv_item16<4, 1, 8>;
+    case 3: return &conv_item16<3, 1, 8>;
+    case 2: return &conv_item16<2, 1, 8>;
+    default: return &conv_item16<1, 1, 8>;
+  }
+}
+
+// Small-batch Linear (int32 lanes): tiles[t][k][j] is the byte code of weight (8 t + j, k):
+// 0 = no contribution, else bit 7 = sign (1 = negative), bits 0-4 = the left-shift amount, bit 5 set
+// (so a positive code is non-zero). Lanes are 8 output features; per weight column the step is
+// broadcast x[k], variable shift (vpsllvd), sign (vpsignd), add: no multiplication.
+template <int M>
+void gemv_tiles(const uint32_t* x, int64_t K, const int8_t* tiles, int64_t t0, int64_t t1, int64_t O,
+                const uint32_t* bias, uint32_t* y) {
+  for (int64_t t = t0; t < t1; ++t) {
+    const int8_t* ct = tiles + t * K * 8;
+    uint32_t out[M][8];
+#if defined(DS_AVX2_TU)
+    __m256i acc[M], acc2[M];
+    for (int m = 0; m < M; ++m) acc[m] = acc2[m] = _mm256_setzero_si256();
+    const __m256i m31 = _mm256_set1_epi32(31);
+    int64_t k = 0;
+    for (; k + 2 <= K; k += 2) {
+      const __m256i c0 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(ct + k * 8)));
+      const __m256i c1 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(ct + k * 8 + 8)));
+      const __m256i a0 = _mm256_and_si256(c0, m31), a1 = _mm256_and_si256(c1, m31);
+      for (int m = 0; m < M; ++m) {
+        const __m256i x0 = _mm256_set1_epi32(static_cast<int>(x[m * K + k]));
+        const __m256i x1 = _mm256_set1_epi32(static_cast<int>(x[m * K + k + 1]));
+        acc[m] = _mm256_add_epi32(acc[m], _mm256_sign_epi32(_mm256_sllv_epi32(x0, a0), c0));
+        acc2[m] = _mm256_add_epi32(acc2[m], _mm256_sign_epi32(_mm256_sllv_epi32(x1, a1), c1));
+      }
+    }
+    for (; k < K; ++k) {
+      const __m256i c0 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(ct + k * 8)));
+      const __m256i a0 = _mm256_and_si256(c0, m31);
+      for (int m = 0; m < M; ++m) {
+        const __m256i x0 = _mm256_set1_epi32(static_cast<int>(x[m * K + k]));
+        acc[m] = _mm256_add_epi32(acc[m], _mm256_sign_epi32(_mm256_sllv_epi32(x0, a0), c0));
+      }
+    }
+    for (int m = 0; m < M; ++m)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[m]), _mm256_add_epi32(acc[m], acc2[m]));
+#else
+    for (int m = 0; m < M; ++m)
+      for (int j = 0; j < 8; ++j) out[m][j] = 0;
+    for (int64_t k = 0; k < K; ++k) {
+      for (int j = 0; j < 8; ++j) {
+        const int8_t c = ct[k * 8 + j];
+        if (c == 0) continue;
+        const unsigned a = static_cast<unsigned>(c) & 31u;
+        for (int m = 0; m < M; ++m) {
+          const uint32_t s = x[m * K + k] << a;
+          out[m][j] += c < 0 ? 0u - s : s;
+        }
+      }
+    }
+#endif
+    const int64_t o0 = t * 8;
+    const int64_t n = (O - o0) < 8 ? (O - o0) : 8;
+    for (int m = 0; m < M; ++m)
+      for (int64_t j = 0; j < n; ++j) y[m * O + o0 + j] = out[m][j] + (bias ? bias[o0 + j] : 0u);
+  }
+}
+
+typedef void (*GemvFn)(const uint32_t*, int64_t, const int8_t*, int64_t, int64_t, int64_t, const uint32_t*,
+                       uint32_t*);
+
+inline GemvFn gemv_fn(int M) {
+  switch (M) {
+    case 1: return &gemv_tiles<1>;
+    case 2: return &gemv_tiles<2>;
+    case 3: return &gemv_tiles<3>;
+    default: return &gemv_tiles<4>;
+  }
+}
+
+#if defined(DS_AVX2_TU)
+// fake_quantize_f32's vector loop over whole 8-float blocks; returns how many floats it did. Band:
+// whether to check the gradient's pass band (not needed when no gradient is taken), into *outside:
+// through the running min and max of x (vminps / vmaxps return their second operand, the running
+// value, when x is NaN: NaN counts as inside), two operations per vector instead of four.
+template <bool Floor, bool Band>
+inline int64_t fake_quantize_f32_avx2(const float* x, float* y, int64_t n, float s, float inv_s, float lo, float hi,
+                                      float glo, float ghi, bool* outside) {
+  constexpr int mode = (Floor ? _MM_FROUND_TO_NEG_INF : _MM_FROUND_TO_NEAREST_INT) | _MM_FROUND_NO_EXC;
+  const __m256 vs = _mm256_set1_ps(s), vinv = _mm256_set1_ps(inv_s);
+  const __m256 vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi);
+  __m256 mn = _mm256_set1_ps(__builtin_inff()), mx = _mm256_set1_ps(-__builtin_inff());
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 xv = _mm256_loadu_ps(x + i);
+    if constexpr (Band) {
+      mn = _mm256_min_ps(xv, mn);
+      mx = _mm256_max_ps(xv, mx);
+    }
+    __m256 v = _mm256_round_ps(_mm256_mul_ps(xv, vs), mode);
+    v = _mm256_min_ps(vhi, _mm256_max_ps(vlo, v));
+    _mm256_storeu_ps(y + i, _mm256_mul_ps(v, vinv));
+  }
+  if constexpr (Band) {
+    float lo8[8], hi8[8];
+    _mm256_storeu_ps(lo8, mn);
+    _mm256_storeu_ps(hi8, mx);
+    for (int k = 0; k < 8; ++k)
+      if (lo8[k] <= glo || hi8[k] >= ghi) *outside = true;
+  }
+  return i;
+}
+#endif
+
+// Training-time fixed-point rounding of float32 values, fused into one pass:
+// y = min(hi, max(lo, round(x * s))) * inv_s with s = 2**F (round = half to even, or floor).
+// The same float32 operations, in the same order, as the torch path in deepshift.core.quantize
+// (x * 2**F, round_/floor_, clamp_, * 2**-F), so the result is identical bit for bit; NaN stays
+// NaN (max/min return their second operand when one is NaN), +-inf saturate.
+// Returns whether some x lies outside the gradient's pass band, i.e. x <= glo or x >= ghi (NaN is
+// not: aten's hardtanh_backward, the backward used otherwise, passes its gradient).
+inline bool fake_quantize_f32(const float* x, float* y, int64_t n, float s, float inv_s, float lo, float hi,
+                              bool floor_mode, float glo, float ghi) {
+  int64_t i = 0;
+  bool outside = false;
+#if defined(DS_AVX2_TU)
+  const bool band = glo > -__builtin_inff() || ghi < __builtin_inff();
+  if (floor_mode)
+    i = band ? fake_quantize_f32_avx2<true, true>(x, y, n, s, inv_s, lo, hi, glo, ghi, &outside)
+             : fake_quantize_f32_avx2<true, false>(x, y, n, s, inv_s, lo, hi, glo, ghi, &outside);
+  else
+    i = band ? fake_quantize_f32_avx2<false, true>(x, y, n, s, inv_s, lo, hi, glo, ghi, &outside)
+             : fake_quantize_f32_avx2<false, false>(x, y, n, s, inv_s, lo, hi, glo, ghi, &outside);
+#endif
+  for (; i < n; ++i) {
+    if (x[i] <= glo || x[i] >= ghi) outside = true;
+    float v = x[i] * s;
+    v = floor_mode ? std::floor(v) : std::nearbyint(v);
+    if (!(v != v)) v = v < lo ? lo : (v > hi ? hi : v);
+    y[i] = v * inv_s;
+  }
+  return outside;
+}
+
+// The fused frozen-layer path (conv_fused in shift_cpu.cpp): fixed-point rounding of float inputs
+// while building the table (QuantSpec, defined in shift_cpu.cpp, says how).
+template <typename U, typename F>
+inline bool quantize_one(F x, U* dst, const QuantSpec& q) {
+  const double v = static_cast<double>(x) * q.scale;
+  if (v != v) {
+    *dst = 0;
+    return true;
+  }
+  double r = q.floor_mode ? std::floor(v) : std::nearbyint(v);
+  r = r < q.lo ? q.lo : (r > q.hi ? q.hi : r);
+  *dst = static_cast<U>(static_cast<int64_t>(r));  // two's complement in the unsigned lanes
+  return false;
+}
+
+// dst[i] = q(src[i]) for i < n; returns whether some src[i] is NaN.
+template <typename U, typename F>
+inline bool quantize_run(const F* src, U* dst, int64_t n, const QuantSpec& q) {
+  int64_t i = 0;
+  bool nan = false;
+#if defined(DS_AVX2_TU)
+  if constexpr (std::is_same<F, float>::value) {
+    if (q.f32_exact) {
+      const __m256 vs = _mm256_set1_ps(static_cast<float>(q.scale));
+      const __m256 vlo = _mm256_set1_ps(static_cast<float>(q.lo)), vhi = _mm256_set1_ps(static_cast<float>(q.hi));
+      __m256 bad = _mm256_setzero_ps();
+      auto body = [&](auto mode) {
+        for (; i + 8 <= n; i += 8) {
+          __m256 v = _mm256_mul_ps(_mm256_loadu_ps(src + i), vs);
+          bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+          v = _mm256_round_ps(v, decltype(mode)::value | _MM_FROUND_NO_EXC);
+          const __m256i iv = _mm256_cvttps_epi32(_mm256_min_ps(vhi, _mm256_max_ps(vlo, v)));
+          if constexpr (sizeof(U) == 2) {
+            const __m128i p = _mm_packs_epi32(_mm256_castsi256_si128(iv), _mm256_extracti128_si256(iv, 1));
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), p);
+          } else {
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), iv);
+          }
+        }
+      };
+      if (q.floor_mode)
+        body(std::integral_constant<int, _MM_FROUND_TO_NEG_INF>());
+      else
+        body(std::integral_constant<int, _MM_FROUND_TO_NEAREST_INT>());
+      nan = _mm256_movemask_ps(bad) != 0;
+    }
+  }
+#endif
+  for (; i < n; ++i) nan |= quantize_one(src[i], dst + i, q);
+  return nan;
+}
+
+// build_table's converter for float input: rounds to fixed point on the way; reports NaN.
+template <typename U, typename F>
+struct QuantizeIn {
+  QuantSpec q;
+  bool run(const F* src, U* dst, int64_t n) const { return quantize_run(src, dst, n, q); }
+};
+
+// out[i] = FO(double(int32(y[i])) * 2**e): the frozen layers' output scaling. For float32 output with
+// -126 <= e <= 96 the vector path is the same: float(v) * 2**e rounds v to 24 bits and then scales
+// exactly (the result is a normal float for every non-zero int32 v), which is float(v * 2**e).
+template <typename FO>
+void scale_run(const uint32_t* y, FO* out, int64_t n, int exponent) {
+  int64_t i = 0;
+#if defined(DS_AVX2_TU)
+  if constexpr (std::is_same<FO, float>::value) {
+    if (exponent >= -126 && exponent <= 96) {
+      const __m256 s = _mm256_set1_ps(std::ldexp(1.0f, exponent));
+      for (; i + 8 <= n; i += 8) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y + i));
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_cvtepi32_ps(v), s));
+      }
+    }
+  }
+#endif
+  const double s = std::ldexp(1.0, exponent);
+  for (; i < n; ++i) out[i] = static_cast<FO>(static_cast<double>(static_cast<int32_t>(y[i])) * s);
+}
+
+// y[i] = relu(x[i] * s + h + r[i]) (x may be y): FrozenBatchNorm's forward (a multiply, then an add,
+// each rounded: channel_affine), then, in a fused model (ShiftConvBatchNorm), a residual add if r and
+// ReLU if Relu, each operation rounded as torch rounds it (the file is built with -ffp-contract=off:
+// never one FMA). ReLU as torch computes it: y < 0 ? 0 : y, so NaN and -0.0 pass through. One vector
+// loop for float and double (GCC vector extensions: AVX2 in that build, SSE2 in the portable one).
+template <bool Relu, typename F>
+void epilogue_run(const F* x, F* y, int64_t n, F s, F h, const F* r) {
+  typedef F VF __attribute__((vector_size(32), aligned(sizeof(F)), may_alias));
+  constexpr int64_t L = 32 / sizeof(F);
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    VF v = *reinterpret_cast<const VF*>(x + i) * s;
+    v = v + h;
+    if (r) v = v + *reinterpret_cast<const VF*>(r + i);
+    if constexpr (Relu) v = v < F(0) ? VF{} : v;
+    *reinterpret_cast<VF*>(y + i) = v;
+  }
+  for (; i < n; ++i) {
+    const F t = x[i] * s;
+    F v = t + h;
+    if (r) v = v + r[i];
+    if constexpr (Relu) v = v < F(0) ? F(0) : v;
+    y[i] = v;
+  }
+}
+
+// Bit layout of the float types the weight-rounding passes below handle.
+template <typename F>
+struct FloatBits;
+template <>
+struct FloatBits<float> {
+  typedef uint32_t I;
+  static constexpr int M = 23, BIAS = 127;
+};
+template <>
+struct FloatBits<double> {
+  typedef uint64_t I;
+  static constexpr int M = 52, BIAS = 1023;
+};
+
+// DeepShift-Q's deterministic weight rounding (deepshift.core.quantize.q_weight's forward) in one pass:
+// y = (w < 0 ? -1 : 1) * 2**round(log2(clamp(|w|, lo, hi))), NaN kept. lo and hi are normal powers of
+// two. round(log2 m) is exact: m = 1.f * 2**k rounds up to 2**(k + 1) iff 1.f >= sqrt 2 (never equal,
+// sqrt 2 being irrational), i.e. iff its mantissa bits are >= mt, those of the least F above sqrt 2.
+// The torch path (frexp, then the same comparison) gives the same bits.
+template <typename F>
+void q_round(const F* w, F* y, int64_t n, F lo, F hi, typename FloatBits<F>::I mt) {
+  typedef typename FloatBits<F>::I I;
+  constexpr int M = FloatBits<F>::M;
+  constexpr I mask = (I(1) << M) - 1, sign = I(1) << (8 * sizeof(I) - 1);
+  for (int64_t i = 0; i < n; ++i) {
+    const F v = w[i];
+    F m = v < 0 ? -v : v;
+    m = m < lo ? lo : m;  // comparisons with NaN are false: NaN stays
+    m = m > hi ? hi : m;
+    I b;
+    __builtin_memcpy(&b, &m, sizeof b);
+    const I e = (b >> M) + ((b & mask) >= mt ? I(1) : I(0));  // m >= lo > 0: no sign bit
+    const I o = (e << M) | (v < 0 ? sign : I(0));
+    F r;
+    __builtin_memcpy(&r, &o, sizeof r);
+    y[i] = m != m ? m : r;
+  }
+}
+
+// DeepShift-PS's deterministic weight (deepshift.core.quantize.ps_weight's forward) in one pass:
+// y = sign(round(sgn)) * 2**round(clamp(shift, lo, hi)), round = half to even, exactly as torch
+// computes it: sign(NaN) = 0, a NaN shift gives NaN. lo and hi are integers with 2**lo, 2**hi normal.
+template <typename F>
+void ps_round(const F* shift, const F* sgn, F* y, int64_t n, F lo, F hi) {
+  typedef typename FloatBits<F>::I I;
+  constexpr int M = FloatBits<F>::M;
+  for (int64_t i = 0; i < n; ++i) {
+    F p = shift[i];
+    p = p < lo ? lo : p;
+    p = p > hi ? hi : p;
+    p = __builtin_nearbyint(p);
+    const F r = __builtin_nearbyint(sgn[i]);
+    const F s = static_cast<F>((F(0) < r) - (r < F(0)));
+    const int32_t pi = p != p ? 0 : static_cast<int32_t>(p);
+    const I o = static_cast<I>(pi + FloatBits<F>::BIAS) << M;  // 2**p
+    F t;
+    __builtin_memcpy(&t, &o, sizeof t);
+    y[i] = p != p ? p : s * t;
+  }
+}

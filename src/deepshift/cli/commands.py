@@ -1,0 +1,279 @@
+"""What the ``deepshift`` commands do, thinly over the library: train / resume, eval, compare, and
+from a finished run to deployment artefacts (load a run folder, checkpoint or packed file; export
+it packed or as ONNX; report its savings).
+
+Every user error (bad option value, missing or corrupt data, unreadable checkpoint or packed file,
+non-empty output folder) prints one line ``deepshift: error: ...`` and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from deepshift.cli.parser import EXIT_USAGE, build_parser
+from deepshift.core.convert import convert_, shift_layers
+from deepshift.formats.packed import _MAX_HEADER, PackedFormatError, load_packed, save_packed
+from deepshift.frozen.freeze import frozen_copy
+from deepshift.frozen.layers import is_frozen_layer
+
+
+class DeployError(ValueError):
+    """A source that cannot be exported or reported (missing, float-only, unknown input shape)."""
+
+
+def default_input_shape(model_name: str | None, data: str | None = None,
+                        image_size: int = 224) -> tuple[int, ...] | None:
+    """Input shape (without batch) a zoo model / dataset expects, or None when unknown."""
+    if data in ("digits", "mnist", "fashion-mnist"):
+        return (1, 28, 28)
+    if data == "cifar10":
+        return (3, 32, 32)
+    if data == "imagefolder":
+        return (3, image_size, image_size)
+    if model_name is None:
+        return None
+    if model_name.startswith("mnist-"):
+        return (1, 28, 28)
+    if model_name.startswith(("imagenet-", "torchvision:")):
+        return (3, 224, 224)
+    return (3, 32, 32)  # the CIFAR zoo
+
+
+def _is_packed_file(path: Path) -> bool:
+    if path.suffix == ".dshift":
+        return True
+    with open(path, "rb") as fh:  # a safetensors file starts with a small header length and '{'
+        head = fh.read(9)
+    return len(head) == 9 and int.from_bytes(head[:8], "little") < _MAX_HEADER and head[8:] == b"{"
+
+
+def load_source(source: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
+    """Load a model for deployment from a run folder (its ``best.pt``), a checkpoint, or a packed file.
+
+    Returns ``(model, info)``: a converted model (checkpoints) or a frozen one (packed files), in
+    eval mode, and ``info`` with ``"kind"`` (checkpoint|packed), ``"model"`` (zoo name or None),
+    ``"data"`` (dataset name or None) and ``"input_shape"`` (or None when it cannot be told).
+    """
+    from deepshift.training.checkpoint import _load_into, load_checkpoint
+    from deepshift.training.config import TrainConfig
+
+    path = Path(source)
+    if path.is_dir():
+        path = path / "best.pt"
+    if not path.is_file():
+        raise DeployError(f"{source}: no such run folder, checkpoint or packed file")
+    if _is_packed_file(path):
+        model = load_packed(path)
+        spec = getattr(model, "zoo_spec", None) or {}
+        name = spec.get("name")
+        return model, {"kind": "packed", "model": name, "data": None,
+                       "input_shape": default_input_shape(name)}
+    ckpt = load_checkpoint(path)
+    try:
+        cfg = TrainConfig.from_dict(ckpt["config"])
+        spec = ckpt["zoo_spec"]
+        from deepshift.models import build_model
+
+        model = build_model(spec["name"], **spec["kwargs"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DeployError(f"{path} is not a deepshift training checkpoint ({exc})") from None
+    shift_cfg = cfg.shift_config()
+    if shift_cfg is not None:
+        convert_(model, shift_cfg, depth=cfg.shift_depth)
+    _load_into(model, ckpt["model"], path, "checkpoint")
+    return model.eval(), {"kind": "checkpoint", "model": spec["name"], "data": cfg.data,
+                          "input_shape": default_input_shape(spec["name"], cfg.data, cfg.image_size)}
+
+
+def _require_shift_layers(model: nn.Module, source) -> None:
+    if not shift_layers(model) and not any(is_frozen_layer(m) for m in model.modules()):
+        raise DeployError(f"{source} has no shift layers (a float run): train with --method q or ps")
+
+
+def export(source: str | os.PathLike, fmt: str, output: str | os.PathLike,
+           act_bits: tuple[int, int] | None = None, onnx_mode: str = "fixed_point",
+           input_shape: tuple[int, ...] | None = None) -> dict[str, Any]:
+    """Export ``source`` to a packed file (``fmt="packed"``) or ONNX (``fmt="onnx"``); returns a summary."""
+    model, info = load_source(source)
+    _require_shift_layers(model, source)
+    if fmt not in ("packed", "onnx"):
+        raise DeployError(f"format {fmt!r} is not allowed; choose packed or onnx")
+    frozen = frozen_copy(model, act_bits)  # a packed file's model is frozen already
+    if fmt == "packed":
+        size = save_packed(frozen, output)
+        from deepshift.report import compression_report
+
+        return {"path": str(output), "bytes": size, **compression_report(frozen)}
+    if fmt == "onnx":
+        shape = input_shape or info["input_shape"]
+        if shape is None:
+            raise DeployError("cannot tell the model's input shape: pass --input-shape")
+        from deepshift.formats.onnx import export_onnx
+
+        export_onnx(frozen, torch.zeros((1, *shape)), output, mode=onnx_mode)
+        return {"path": str(output), "bytes": Path(output).stat().st_size, "input_shape": list(shape)}
+
+
+def report(source: str | os.PathLike, input_shape: tuple[int, ...] | None = None):
+    """The :class:`~deepshift.report.Report` of ``source`` (run folder, checkpoint or packed file)."""
+    from deepshift.report import savings_report
+
+    model, info = load_source(source)
+    _require_shift_layers(model, source)
+    shape = input_shape or info["input_shape"]
+    if shape is None:
+        raise DeployError("cannot tell the model's input shape: pass --input-shape")
+    return savings_report(model, tuple(shape))
+
+
+
+
+
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from deepshift.cli.commands import export
+
+    act = tuple(args.act_bits) if args.act_bits else None
+    shape = tuple(args.input_shape) if args.input_shape else None
+    info = export(args.source, args.format, args.output, act_bits=act, onnx_mode=args.onnx_mode,
+                  input_shape=shape)
+    line = f"wrote {info['path']} ({info['bytes']:,} bytes)"
+    if args.format == "packed":
+        line += (f"; shift weights {info['float32_weight_bytes']:,} B float32 -> "
+                 f"{info['packed_weight_bytes']:,} B packed ({info['weight_ratio']:.2f}x), "
+                 f"whole model {info['total_ratio']:.2f}x smaller than float32")
+    print(line)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from deepshift.cli.commands import report
+    from deepshift.report import plot_shift_histograms
+
+    rep = report(args.source, tuple(args.input_shape) if args.input_shape else None)
+    print(rep.to_json() if args.json else rep.table())
+    if args.plot:
+        plot_shift_histograms(rep, args.plot, title=f"shift values per layer: {args.source}")
+        if not args.json:
+            print(f"wrote {args.plot}")
+    return 0
+
+
+def _eval_packed(args: argparse.Namespace) -> dict:
+    from deepshift.cli.commands import DeployError, load_source
+    from deepshift.training.config import resolve_device
+    from deepshift.training.data.datasets import load_dataset
+    from deepshift.training.data.loader import BatchLoader
+    from deepshift.training.evaluate import evaluate
+
+    if not args.data:
+        raise DeployError("eval --packed needs --data (the dataset to evaluate on)")
+    from deepshift.frozen.fuse import fuse_frozen
+
+    model, _ = load_source(args.packed)
+    model = fuse_frozen(model)  # BatchNorm / residual / ReLU inside the convs: same numbers, faster
+    splits = load_dataset(args.data, args.data_dir)
+    loader = BatchLoader(getattr(splits, args.split), args.batch_size or 256, train=False)
+    return evaluate(model, loader, resolve_device(args.device), quiet=args.quiet, desc=args.split)
+
+
+def _config_from_args(args: argparse.Namespace):
+    from deepshift.training.config import TrainConfig
+
+    names = set(TrainConfig.__dataclass_fields__)
+    kwargs = {k: v for k, v in vars(args).items() if k in names}
+    if kwargs.get("data") == "auto":
+        from deepshift.training.data.datasets import default_dataset
+
+        kwargs["data"] = default_dataset()
+    if kwargs.get("act_bits") is not None:
+        kwargs["act_bits"] = tuple(kwargs["act_bits"])
+    return TrainConfig(**kwargs)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from deepshift.training.loop import resume, train
+
+    if args.list_models:
+        from deepshift.models import model_names
+
+        print("\n".join(model_names()))
+        return 0
+    if args.resume:
+        resume(args.resume, quiet=args.quiet or None, epochs=args.epochs, dist_backend=args.dist_backend,
+               device=None if args.device == "auto" else args.device)
+    else:
+        train(_config_from_args(args))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from deepshift.training.evaluate import evaluate_checkpoint
+
+    if args.packed:
+        m = _eval_packed(args)
+    else:
+        m = evaluate_checkpoint(args.from_checkpoint, split=args.split, data_dir=args.data_dir,
+                                device=args.device, batch_size=args.batch_size, quiet=args.quiet)
+    if args.json:
+        print(json.dumps(m, sort_keys=True))
+    else:
+        print(f"{args.split} top-1 {m['top1']:.2f}  top-5 {m['top5']:.2f}  loss {m['loss']:.4f}  "
+              f"({m['n']} examples)")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from deepshift.training.loop import train
+
+    base = _config_from_args(args)
+    rows = []
+    for label, method in (("float", "none"), ("Q", "q"), ("PS", "ps")):
+        cfg = replace(base, method=method, out=str(Path(base.out) / label.lower()))
+        if not base.quiet:
+            print(f"== {label} ==", flush=True)
+        m = train(cfg)
+        rows.append((label, m["test_top1"], m["test_top5"], m["seconds_per_epoch"]))
+    print(f"{base.data}, {base.model or 'default model'}, {base.epochs or 'default'} epochs")
+    print(f"{'method':<8}{'test top-1':>11}{'test top-5':>11}{'s/epoch':>9}")
+    for label, top1, top5, spe in rows:
+        print(f"{label:<8}{top1:>11.2f}{top5:>11.2f}{spe:>9.1f}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``deepshift`` console script; returns the exit status."""
+    from deepshift.cli.commands import DeployError
+    from deepshift.models import UnknownModelError
+    from deepshift.training.config import TrainError
+    from deepshift.training.data.readers import DataError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return EXIT_USAGE
+    handler = {"train": _cmd_train, "eval": _cmd_eval, "compare": _cmd_compare, "export": _cmd_export,
+               "report": _cmd_report}[args.command]
+    try:
+        return handler(args)
+    except (TrainError, DataError, UnknownModelError, DeployError, PackedFormatError) as exc:
+        message = " ".join(str(exc).split())
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: say it once
+            print(f"deepshift: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("deepshift: interrupted", file=sys.stderr)
+        return 130
+

@@ -1,0 +1,362 @@
+"""Turning a model's convolution and linear layers into shift layers, and finding them again."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from deepshift.core.config import MAX_SHIFT_LIMIT, PSConfig, QConfig
+from deepshift.core.parametrizations import FixedPointBias, FixedPointInput, ShiftPS, ShiftQ
+from deepshift.core.quantize import ps_shift_sign, q_shift_sign
+
+INITS = ("weights", "scratch")
+# A fixed window that rounds more than this share of a layer's weights down to 2**max_shift
+# (their nearest power of two lies above it) is reported when converting.
+CLAMP_WARN_SHARE = 0.01
+# The paper's code draws PS shifts from scratch in U(-10, -1) below its p_max = 0.
+PAPER_SHIFT_INIT = (-10.0, -1.0)
+# Q from scratch: trained float weights outgrow a fresh layer's init (PyTorch's default has 1/2.45
+# of He's standard deviation), so the "auto" window is placed for the initial weights rescaled to
+# He variance 2 / fan_in, and takes the highest placement whose rounding error of them is within
+# this share of the least (two more octaves at 4-5 bits; at 2-3 bits no other window comes close).
+# Each step was better on Fashion-MNIST validation (results/lowbit.md). PS from scratch draws its
+# weights at He scale already and keeps the least-error window (headroom was worse there).
+SCRATCH_WINDOW_TOLERANCE = 0.1
+
+# Every nn.ConvNd and nn.ConvTransposeNd (and user subclasses) derives from _ConvNd.
+CONVERTIBLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd)
+
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+def is_convertible(module: nn.Module) -> bool:
+    """True for Linear and every (transposed) convolution, including subclasses."""
+    return isinstance(module, CONVERTIBLE_TYPES)
+
+
+def _shift_parametrization(module: nn.Module) -> ShiftQ | ShiftPS | None:
+    if not parametrize.is_parametrized(module, "weight"):
+        return None
+    for p in module.parametrizations.weight:
+        if isinstance(p, (ShiftQ, ShiftPS)):
+            return p
+    return None
+
+
+def is_shift_layer(module: nn.Module) -> bool:
+    """True when ``module``'s weight has been converted by :func:`convert_`."""
+    return _shift_parametrization(module) is not None
+
+
+def layer_shift_range(module: nn.Module) -> tuple[int, int]:
+    """Inclusive ``(p_min, p_max)`` of a shift layer's shifts (its own window with ``"auto"``)."""
+    p = _shift_parametrization(module)
+    if p is None:
+        raise ValueError(f"{type(module).__name__} is not a shift layer (run deepshift.convert_)")
+    return p.shift_range
+
+
+def shift_config(module: nn.Module) -> QConfig | PSConfig:
+    """The config a shift layer was converted with (ValueError for other modules)."""
+    p = _shift_parametrization(module)
+    if p is None:
+        raise ValueError(f"{type(module).__name__} is not a shift layer (run deepshift.convert_)")
+    return p.config
+
+
+def convert_(
+    model: nn.Module,
+    config: QConfig | PSConfig,
+    filter_fn: FilterFn | None = None,
+    depth: int | None = None,
+    init: str = "weights",
+) -> nn.Module:
+    """Convert ``model``'s linear and convolution layers to shift layers, in place.
+
+    Every ``nn.Linear``, ``nn.Conv1d/2d/3d`` and ``nn.ConvTranspose1d/2d/3d`` (and subclasses, any
+    groups, dilation, stride or padding mode) that ``filter_fn(module, qualified_name)`` accepts
+    becomes a DeepShift-Q or DeepShift-PS layer. Layers that already are shift layers are left
+    alone.
+
+    Two starting points (``init``):
+
+    * ``"weights"`` (default, the paper's "from pretrained"): the current weights are converted
+      exactly: Q keeps them as its float weights, PS sets ``shift = round(log2|w|)`` (clamped to
+      the window) and ``sign = sign(w)``.
+    * ``"scratch"`` (the paper's "from scratch" for a freshly built model): Q starts from the
+      model's own initialisation as well; PS draws its parameters as the paper's code does,
+      ``sign ~ U(-1, 1)`` (about half the weights start inside the zero band ``|sign| < 0.5``)
+      and ``shift ~ U(-10, -1)``, cut to the window's rounding cells ``[p_min - 0.5, p_max + 0.5]``
+      (5-bit, ``max_shift=0``: exactly the paper's; 3-bit: ``U(-2.5, -1)``). With ``"auto"`` the
+      9-octave interval is placed for the layer's fan-in instead (:func:`scaled_shift_interval`).
+      Converting exactly instead would put every PS parameter on an integer, where steps of the
+      usual size move no weight to another value for many steps.
+
+    With ``max_shift="auto"`` each layer's window ``[p_max - R, p_max]`` is placed first, from
+    that layer's current weights: the ``p_max`` whose rounding of them has the least squared
+    error. From scratch it is placed for weights at He scale (PS draws them so; Q's initial weights
+    are rescaled to ``2 / fan_in`` variance for the placement only, and Q takes the highest window
+    within 10% of the least error: room for float weights to grow). It is stored in the layer's
+    state_dict.
+    With a fixed ``max_shift``, a layer whose window rounds more than 1% of its weights down to
+    ``2**max_shift`` is named in one warning.
+
+    Args:
+        model: any module; it is changed in place and returned.
+        config: :class:`QConfig` or :class:`PSConfig`.
+        filter_fn: optional ``(module, name) -> bool`` choosing which candidates to convert.
+        depth: the paper's shift depth: convert only the last ``depth`` candidates in module
+            order (counted from the output side, after ``filter_fn``); ``None`` converts all.
+        init: ``"weights"`` or ``"scratch"``, see above.
+
+    Build the optimizer *after* converting: PS creates new parameters. To load a checkpoint of a
+    converted model, build the model, ``convert_`` it with the same config, then
+    ``load_state_dict``.
+
+    Example:
+        >>> import torch, deepshift
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.Flatten(),
+        ...                           torch.nn.Linear(8 * 26 * 26, 10))
+        >>> _ = deepshift.convert_(net, deepshift.PSConfig(weight_bits=5))
+        >>> [name for name, _, _ in deepshift.shift_layers(net)]
+        ['0', '2']
+        >>> net = torch.nn.Linear(784, 512)   # a fresh layer, trained as 3-bit PS from scratch:
+        >>> cfg = deepshift.PSConfig(weight_bits=3, max_shift="auto")
+        >>> _ = deepshift.convert_(net, cfg, init="scratch")
+        >>> deepshift.layer_shift_range(net)  # a window at the layer's scale, not the paper's [-2, 0]
+        (-5, -3)
+    """
+    if not isinstance(config, (QConfig, PSConfig)):
+        raise TypeError(f"config must be a QConfig or PSConfig, got {type(config).__name__}")
+    if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or depth < 0):
+        raise ValueError(f"depth must be None or an int >= 0, got {depth!r}")
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError("filter_fn must be callable as filter_fn(module, name) -> bool")
+    if init not in INITS:
+        raise ValueError(f"init={init!r} is not allowed; choose one of {', '.join(INITS)}")
+
+    candidates = [
+        (name, m)
+        for name, m in model.named_modules()
+        if is_convertible(m)
+        and not is_shift_layer(m)
+        and (filter_fn is None or filter_fn(m, name))
+    ]
+    if depth is not None:
+        candidates = candidates[len(candidates) - depth :] if depth else []
+    for name, module in candidates:
+        _check_convertible(module, name)
+    clamped = []
+    for name, module in candidates:
+        share = _convert_module(module, config, init)
+        if share > CLAMP_WARN_SHARE:
+            clamped.append(f"{name or '(root)'} ({100 * share:.1f}%)")
+    if clamped:
+        warnings.warn(
+            f"convert_: max_shift={config.max_shift} rounds more than {100 * CLAMP_WARN_SHARE:g}% of "
+            f"the weights of {len(clamped)} layer(s) down to 2**{config.max_shift}: "
+            f"{', '.join(clamped[:8])}{', ...' if len(clamped) > 8 else ''}. "
+            "Use max_shift='auto' (a window per layer) or a larger max_shift.", stacklevel=2)
+    return model
+
+
+def _check_convertible(module: nn.Module, name: str) -> None:
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, nn.parameter.UninitializedParameter):
+        raise ValueError(
+            f"layer {name!r} is lazy and not initialised yet: run one forward pass before convert_"
+        )
+    if not isinstance(weight, Tensor):
+        raise ValueError(f"layer {name!r} has no weight tensor to convert")
+    if not weight.is_floating_point():
+        raise ValueError(f"layer {name!r} has a {weight.dtype} weight; shift layers need floats")
+    if parametrize.is_parametrized(module, "weight"):
+        raise ValueError(
+            f"layer {name!r} already has a parametrization on its weight (e.g. weight_norm); "
+            "remove it before convert_"
+        )
+
+
+def _convert_module(module: nn.Module, config: QConfig | PSConfig, init: str) -> float:
+    """Convert one layer in place; returns the share of its weights clamped by a fixed window."""
+    param = ShiftQ(config) if isinstance(config, QConfig) else ShiftPS(config)
+    weight = module.weight.detach()
+    clamped = 0.0
+    scratch_ps = init == "scratch" and isinstance(config, PSConfig)
+    if scratch_ps:
+        interval = PAPER_SHIFT_INIT if not config.auto_range else scaled_shift_interval(_init_fan_in(weight))
+    if config.auto_range:
+        if scratch_ps:
+            # The window for weights drawn as the init below draws them: rounded shifts and signs.
+            draw = torch.empty_like(weight).uniform_(*interval).round_()
+            sample = torch.empty_like(weight).uniform_(-1.0, 1.0).round_().mul_(torch.exp2(draw))
+            param.set_max_shift_(auto_max_shift(sample[sample != 0], config))
+        elif init == "scratch":
+            param.set_max_shift_(auto_max_shift(he_scaled(weight), config, SCRATCH_WINDOW_TOLERANCE))
+        else:
+            param.set_max_shift_(auto_max_shift(weight, config))
+    elif init == "weights" and weight.numel():
+        # Magnitudes whose nearest power of two (in log scale) lies above the window.
+        top = 2.0 ** param.shift_range[1] * math.sqrt(2.0)
+        clamped = float((weight.abs() > top).float().mean())
+    parametrize.register_parametrization(module, "weight", param)
+    if isinstance(config, PSConfig):
+        if scratch_ps:
+            shift, sign = module.parametrizations.weight.original0, module.parametrizations.weight.original1
+            with torch.no_grad():
+                shift.copy_(scratch_shift_init(shift.shape, param.shift_range, interval, shift.dtype,
+                                               shift.device))
+                sign.uniform_(-1.0, 1.0)
+        if config.freeze_sign:
+            module.parametrizations.weight.original1.requires_grad_(False)
+    if config.act_bits is not None:
+        if module.bias is not None:
+            parametrize.register_parametrization(module, "bias", FixedPointBias(config))
+        module.register_forward_pre_hook(FixedPointInput(config))
+    return clamped
+
+
+def scratch_shift_init(shape, shift_range: tuple[int, int], interval: tuple[float, float] = PAPER_SHIFT_INIT,
+                       dtype=torch.float32, device=None) -> Tensor:
+    """PS shifts from scratch: ``U(interval)`` intersected with the window's rounding cells.
+
+    The cells are ``[p_min - 0.5, p_max + 0.5]``; when the intersection is empty (the window
+    lies outside the interval, or 2-bit PS's single shift above it), the shifts fill the cells.
+    """
+    p_min, p_max = shift_range
+    lo, hi = max(interval[0], p_min - 0.5), min(interval[1], p_max + 0.5)
+    if hi <= lo:
+        lo, hi = p_min - 0.5, p_max + 0.5
+    return torch.empty(shape, dtype=dtype, device=device).uniform_(lo, hi)
+
+
+def he_scaled(weight: Tensor) -> Tensor:
+    """``weight`` rescaled to He's variance ``2 / fan_in`` (unchanged when it is all zero)."""
+    std = float(weight.detach().double().std()) if weight.numel() > 1 else 0.0
+    if not math.isfinite(std) or std == 0.0:
+        return weight
+    return weight * (math.sqrt(2.0 / max(_init_fan_in(weight), 1)) / std)
+
+
+def _init_fan_in(weight: Tensor) -> int:
+    """Fan-in as torch.nn.init counts it (the convention its initialisers scale by)."""
+    return nn.init._calculate_fan_in_and_fan_out(weight)[0] if weight.dim() >= 2 else weight.numel()
+
+
+def scaled_shift_interval(fan_in: int) -> tuple[float, float]:
+    """The paper's 9-octave shift interval, placed for a layer's scale (``max_shift="auto"``).
+
+    With ``shift ~ U(t - 9, t)`` and ``sign ~ U(-1, 1)`` (half the weights zero), the weights'
+    mean square is ``(4**t - 4**(t - 9)) / (2 * 9 * ln 4)``; ``t`` makes it ``2 / fan_in``, the
+    variance that keeps a ReLU network's activations at scale (He et al. 2015). The paper's
+    ``U(-10, -1)`` is about this for its MNIST layers (fan-in 784: ``t = -2``); a fixed offset
+    from the layer's largest initial weight is not: multiplicative updates then need thousands
+    of steps to grow a network that starts too small.
+    """
+    width = PAPER_SHIFT_INIT[1] - PAPER_SHIFT_INIT[0]
+    mean_square = 2.0 / max(int(fan_in), 1)
+    t = 0.5 * math.log2(mean_square * 2 * width * math.log(4.0) / (1 - 4.0**-width))
+    return (t - width, t)
+
+
+@torch.no_grad()
+def auto_max_shift(weight: Tensor, config: QConfig | PSConfig, tolerance: float = 0.0) -> int:
+    """The ``p_max`` whose window rounds ``weight`` with the least squared error.
+
+    With ``tolerance > 0``: the highest ``p_max`` whose error is at most ``1 + tolerance`` times
+    the least (headroom for weights that will grow; used from scratch).
+
+    Candidates run from two above to ``R + 1`` below ``round(log2 max|w|)`` (``R + 1`` is the
+    window's width), within ``[-16, 16]``; among equal errors (weights that are already powers
+    of two fit several windows) the one nearest ``round(log2 max|w|)`` wins. An all-zero (or
+    empty) weight gets 0.
+    """
+    w = weight.detach().to(torch.float64)
+    finite = w[torch.isfinite(w)]
+    top = float(finite.abs().max()) if finite.numel() else 0.0
+    if top == 0.0:
+        return 0
+    m = round(math.log2(top))
+    width = config.num_shifts
+    scored = []
+    for p_max in range(max(m - width - 1, -MAX_SHIFT_LIMIT), min(m + 2, MAX_SHIFT_LIMIT) + 1):
+        shift, sign = q_shift_sign(finite, config.range_below(p_max))
+        err = float((finite - sign * torch.exp2(shift)).square().sum())
+        scored.append((err, abs(p_max - m), -p_max))
+    if not scored:
+        return max(-MAX_SHIFT_LIMIT, min(m, MAX_SHIFT_LIMIT))
+    least = min(scored)
+    if tolerance > 0:
+        return max(-s[2] for s in scored if s[0] <= least[0] * (1 + tolerance))
+    return -least[2]
+
+
+def shift_layers(model: nn.Module) -> list[tuple[str, nn.Module, QConfig | PSConfig]]:
+    """``(qualified_name, module, config)`` of every shift layer in ``model``, in module order."""
+    return [
+        (name, m, p.config)
+        for name, m in model.named_modules()
+        if (p := _shift_parametrization(m)) is not None
+    ]
+
+
+def shift_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
+    """The stored parameters behind a shift layer's weight.
+
+    Q: ``{"weight": float weight}``; PS: ``{"shift": ..., "sign": ...}``.
+    """
+    p = _shift_parametrization(module)
+    if p is None:
+        raise ValueError(f"{type(module).__name__} is not a shift layer")
+    originals = module.parametrizations.weight
+    if isinstance(p, ShiftQ):
+        return {"weight": originals.original}
+    return {"shift": originals.original0, "sign": originals.original1}
+
+
+@torch.no_grad()
+def shift_and_sign(module: nn.Module) -> tuple[Tensor, Tensor]:
+    """Integer shift ``p`` and sign ``s`` (both int16 tensors) of a shift layer at evaluation.
+
+    ``effective_weight(module) == s * 2**p`` exactly; ``s`` is 0 only for PS zero weights.
+    """
+    p = _shift_parametrization(module)
+    if p is None:
+        raise ValueError(f"{type(module).__name__} is not a shift layer")
+    params = shift_parameters(module)
+    if isinstance(p, ShiftQ):
+        shift, sign = q_shift_sign(params["weight"], p.shift_range)
+    else:
+        shift, sign = ps_shift_sign(params["shift"], params["sign"], p.shift_range)
+    return shift.to(torch.int16), sign.to(torch.int16)
+
+
+@torch.no_grad()
+def effective_weight(module: nn.Module) -> Tensor:
+    """The exact power-of-two weight tensor a shift layer uses at evaluation (no grad).
+
+    Deterministic whatever the module's mode: stochastic rounding only ever happens inside a
+    training-mode forward pass.
+
+    Example:
+        >>> import torch, deepshift
+        >>> layer = deepshift.convert_(torch.nn.Linear(4, 2), deepshift.QConfig())
+        >>> w = deepshift.effective_weight(layer)
+        >>> bool(((w.abs().log2() % 1) == 0).all())
+        True
+    """
+    shift, sign = shift_and_sign(module)
+    dtype = next(iter(shift_parameters(module).values())).dtype
+    return sign.to(dtype) * torch.exp2(shift.to(dtype))
+
+
+def iter_shift_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """``(kind, parameter)`` for every PS shift/sign parameter in ``model`` (kind: shift|sign)."""
+    for _, module, config in shift_layers(model):
+        if isinstance(config, PSConfig):
+            yield from shift_parameters(module).items()

@@ -1,0 +1,776 @@
+"""Native C++ CPU kernels: bit-exact against the reference ops, used by frozen models, safe fallback."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from conftest import isa_paths
+from torch import nn
+
+import deepshift
+from deepshift.backends.cpu import build, cache, conv, elementwise, linear
+from deepshift.ops import reference as ops
+from deepshift.ops.codes import pack_codes
+from deepshift.ops.reference import quantize_input_reference
+
+
+def _has_compiler() -> bool:
+    return any(shutil.which(c) for c in (os.environ.get("CXX", "c++"), "c++", "g++", "clang++"))
+
+
+@pytest.fixture(scope="session")
+def native():
+    """The extension, built once per test run (cached on disk across runs)."""
+    if not _has_compiler():
+        pytest.skip("no C++ compiler: the native CPU kernels cannot be built here")
+    if build.native_disabled():
+        pytest.skip("DEEPSHIFT_NO_NATIVE is set")
+    ext = build.load_extension()
+    assert ext is not None, f"native build failed: {build._state['error']!r}"
+    return ext
+
+
+@pytest.fixture(autouse=True)
+def _two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def _random_codes(rng: random.Random, numel: int, bits: int, max_field: int | None = None) -> torch.Tensor:
+    g = torch.Generator().manual_seed(rng.randrange(2**31))
+    c = torch.randint(0, 2**bits, (numel,), generator=g, dtype=torch.int64)
+    if max_field is not None:
+        sign_bit = 1 << (bits - 1)
+        c = (c & sign_bit) | ((c & (sign_bit - 1)) % (max_field + 1))
+    return pack_codes(c.to(torch.uint8), bits)
+
+
+def _rand_int(rng: random.Random, shape, mag: int, dtype) -> torch.Tensor:
+    g = torch.Generator().manual_seed(rng.randrange(2**31))
+    return torch.randint(-mag, mag + 1, tuple(shape), generator=g, dtype=torch.int64).to(dtype)
+
+
+# Magnitudes: tiny, 8-bit, 16-bit, near int32's range (int32 x wraps exactly like the reference),
+# and for int64 values beyond int32.
+_MAGS = [1, 127, 2**8, 2**15, 2**20, 2**30]
+
+
+def _linear_case(rng: random.Random):
+    bits = rng.randint(2, 8)
+    has_zero = rng.random() < 0.5
+    shift_lo = rng.choice([-15, -9, -3, -1, 0, 0, 2, 5, 29, 40])
+    dtype = rng.choice([torch.int32, torch.int64])
+    mags = _MAGS + ([2**40] if dtype == torch.int64 else [])
+    mag = rng.choice(mags)
+    out_f, in_f = rng.randint(1, 37), rng.randint(1, 75)
+    lead = rng.choice([(1,), (2,), (3,), (4,), (5,), (9,), (2, 3), (70,), (133,)])
+    x = _rand_int(rng, (*lead, in_f), mag, dtype)
+    codes = _random_codes(rng, out_f * in_f, bits)
+    bias = _rand_int(rng, (out_f,), mag, dtype) if rng.random() < 0.5 else None
+    return (x, codes, [out_f, in_f], bits, has_zero, shift_lo, bias)
+
+
+def _conv_case(rng: random.Random):
+    dims = rng.choice([1, 1, 2, 2, 2, 3])
+    bits = rng.randint(2, 8)
+    has_zero = rng.random() < 0.5
+    shift_lo = rng.choice([-15, -7, -2, 0, 0, 3, 33])
+    dtype = rng.choice([torch.int32, torch.int64])
+    mag = rng.choice(_MAGS)
+    transposed = rng.random() < 0.25
+    kind = rng.random()
+    if kind < 0.2:  # depthwise
+        groups = rng.randint(1, 6)
+        cin_g, cout_g = 1, rng.choice([1, 1, 2])
+    else:
+        groups = rng.choice([1, 1, 1, 2, 3])
+        cin_g, cout_g = rng.randint(1, 5), rng.randint(1, 5)
+    kernel = [rng.randint(1, 3 if dims < 3 else 2) for _ in range(dims)]
+    stride = [rng.choice([1, 1, 2, 3]) for _ in range(dims)]
+    dilation = [rng.choice([1, 1, 2]) for _ in range(dims)]
+    padding = [rng.randint(0, 2) for _ in range(dims)]
+    if dims == 1:
+        sizes = [rng.choice([5, 9, 17, 70, 140])]
+    elif dims == 2:
+        sizes = [rng.randint(3, 12), rng.choice([4, 7, 11, 33, 75])]
+    else:
+        sizes = [rng.randint(2, 5), rng.randint(2, 5), rng.randint(2, 7)]
+    n = rng.choice([1, 1, 2, 3])
+    if transposed:
+        weight_shape = [cin_g * groups, cout_g, *kernel]
+        output_padding = [rng.randint(0, max(s, d) - 1) for s, d in zip(stride, dilation, strict=True)]
+    else:
+        weight_shape = [cout_g * groups, cin_g, *kernel]
+        output_padding = [0] * dims
+    x = _rand_int(rng, (n, cin_g * groups, *sizes), mag, dtype)
+    codes = _random_codes(rng, math.prod(weight_shape), bits)
+    bias = _rand_int(rng, (cout_g * groups,), mag, dtype) if rng.random() < 0.5 else None
+    return (x, codes, weight_shape, bits, has_zero, shift_lo, bias, stride, padding, dilation, groups,
+            transposed, output_padding)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "portable"])
+def test_every_isa_path(native, isa):
+    """Each instruction-set path the kernels have is tested where the CPU runs it; said when not."""
+    if isa not in isa_paths():
+        pytest.skip(f"this CPU lacks {isa}: its kernels are not run here")
+    try:
+        assert build.set_isa(isa) == isa
+    finally:
+        build.set_isa("auto")
+
+
+def _check(op, reference, args, label):
+    expected = reference(*args)
+    for isa in isa_paths():
+        assert build.set_isa(isa) == isa  # the path really runs (set_isa falls back where the CPU lacks it)
+        try:
+            got = op(*args)
+        finally:
+            build.set_isa("auto")
+        assert got.dtype == expected.dtype and got.shape == expected.shape, label
+        assert torch.equal(got, expected), f"{label} ({isa}): {(got != expected).sum()} elements differ"
+
+
+@pytest.mark.parametrize("chunk", range(4))
+def test_linear_bit_exact_random(native, chunk):
+    rng = random.Random(1000 + chunk)
+    for i in range(40):
+        args = _linear_case(rng)
+        _check(torch.ops.deepshift.shift_linear, ops.shift_linear_reference, args,
+               f"linear case {chunk}/{i}: {args[2:6]} x {tuple(args[0].shape)} {args[0].dtype}")
+
+
+@pytest.mark.parametrize("chunk", range(6))
+def test_conv_bit_exact_random(native, chunk):
+    rng = random.Random(2000 + chunk)
+    done = 0
+    while done < 40:
+        args = _conv_case(rng)
+        try:
+            ops.shift_conv_reference(*args)
+        except (ValueError, RuntimeError):
+            continue  # an invalid combination (e.g. no output): the reference rejects it
+        _check(torch.ops.deepshift.shift_conv, ops.shift_conv_reference, args,
+               f"conv case {chunk}/{done}: {args[2:]} x {tuple(args[0].shape)} {args[0].dtype}")
+        done += 1
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("has_zero", [False, True])
+def test_every_bit_width_and_code(native, bits, has_zero):
+    # Every code value of the width appears; shifts from shift_lo = -(2**(bits-1)) + 1 upwards.
+    numel = 2**bits
+    codes = pack_codes(torch.arange(numel, dtype=torch.uint8).repeat(3), bits)
+    for dtype in (torch.int32, torch.int64):
+        x = torch.arange(-7, 7, dtype=dtype).reshape(2, 7).repeat(1, 3 * numel // 7 + 1)[:, : 3 * numel]
+        args = (x.contiguous(), codes, [1, 3 * numel], bits, has_zero, -(2 ** (bits - 1)) + 1, None)
+        _check(torch.ops.deepshift.shift_linear, ops.shift_linear_reference, args, f"codes {bits}")
+        wide = (x.contiguous(), pack_codes(torch.arange(numel, dtype=torch.uint8).repeat(3 * 8), bits),
+                [8, 3 * numel], bits, has_zero, 0, torch.arange(8, dtype=dtype))
+        _check(torch.ops.deepshift.shift_linear, ops.shift_linear_reference, wide, f"codes8 {bits}")
+
+
+@pytest.mark.parametrize("rows", [1, 3, 64])
+def test_int64_fast_path_boundary(native, rows):
+    # fan_in * max|x| * 2**max_amount + max|bias| crosses 2**31 by one: int32 lanes just below,
+    # int64 lanes at and above; both exact. Weights: all +2**3 (code field 3, Q, shift_lo 0).
+    fan_in = 4
+    codes = pack_codes(torch.full((5 * fan_in,), 3, dtype=torch.uint8), 3)
+    for max_x in (2**26 - 1, 2**26, 2**26 + 1):
+        x = torch.full((rows, fan_in), max_x, dtype=torch.int64)
+        x[0, 0] = -max_x
+        for bias in (None, torch.full((5,), 1, dtype=torch.int64)):
+            args = (x, codes, [5, fan_in], 3, False, 0, bias)
+            _check(torch.ops.deepshift.shift_linear, ops.shift_linear_reference, args, f"boundary {max_x}")
+    conv_codes = pack_codes(torch.full((2 * 2 * 3,), 3, dtype=torch.uint8), 3)
+    for max_x in (2**27 // 3 - 1, 2**27 // 3 + 1):
+        x = torch.full((1, 2, 9), max_x, dtype=torch.int64)
+        args = (x, conv_codes, [2, 2, 3], 3, False, 0, None, [1], [1], [1], 1, False, [0])
+        _check(torch.ops.deepshift.shift_conv, ops.shift_conv_reference, args, f"conv boundary {max_x}")
+
+
+def test_int32_overflow_wraps_like_reference(native):
+    x = torch.full((2, 300), 2**30, dtype=torch.int32)
+    codes = pack_codes(torch.full((7 * 300,), 5, dtype=torch.uint8), 4)
+    args = (x, codes, [7, 300], 4, False, 0, torch.full((7,), 2**30, dtype=torch.int32))
+    _check(torch.ops.deepshift.shift_linear, ops.shift_linear_reference, args, "overflow")
+
+
+def test_large_shapes(native):
+    rng = random.Random(7)
+    x = _rand_int(rng, (2, 16, 20, 37), 127, torch.int32)
+    codes = _random_codes(rng, 24 * 16 * 9, 5)
+    args = (x, codes, [24, 16, 3, 3], 5, True, -9, None, [1, 1], [1, 1], [1, 1], 1, False, [0, 0])
+    _check(torch.ops.deepshift.shift_conv, ops.shift_conv_reference, args, "conv 16->24")
+    x = _rand_int(rng, (3, 300), 2**10, torch.int64)
+    codes = _random_codes(rng, 129 * 300, 5)
+    _check(torch.ops.deepshift.shift_linear, ops.shift_linear_reference,
+           (x, codes, [129, 300], 5, False, -15, None), "linear 300->129")
+
+
+def test_cache_follows_in_place_weight_changes(native):
+    rng = random.Random(3)
+    x = _rand_int(rng, (2, 40), 100, torch.int32)
+    codes = _random_codes(rng, 9 * 40, 5)
+    args = [x, codes, [9, 40], 5, True, -4, None]
+    first = torch.ops.deepshift.shift_linear(*args)
+    assert torch.equal(first, ops.shift_linear_reference(*args))
+    codes.copy_(_random_codes(rng, 9 * 40, 5))  # bumps codes._version
+    second = torch.ops.deepshift.shift_linear(*args)
+    assert torch.equal(second, ops.shift_linear_reference(*args))
+    assert not torch.equal(first, second)
+    x64 = _rand_int(rng, (70, 40), 100, torch.int32)
+    args[0] = x64
+    assert torch.equal(torch.ops.deepshift.shift_linear(*args), ops.shift_linear_reference(*args))
+
+
+def test_frozen_ops_dispatch_to_native(native, monkeypatch):
+    calls = []
+
+    class Spy:
+        def __getattr__(self, name):
+            attr = getattr(native, name)
+            return lambda *a, **k: (calls.append(name), attr(*a, **k))[1]
+
+    monkeypatch.setitem(build._state, "ext", Spy())
+    layer = deepshift.freeze_(deepshift.convert_(nn.Sequential(nn.Linear(6, 3)), deepshift.QConfig()))
+    layer(torch.randn(2, 6))
+    conv = deepshift.freeze_(deepshift.convert_(nn.Sequential(nn.Conv2d(2, 3, 3)), deepshift.QConfig()))
+    x = torch.randn(1, 2, 5, 5)
+    conv(x)
+    # Eager frozen layers take the fused native forward; the op itself dispatches to the native conv.
+    assert "gemv" in calls and "conv_fused" in calls and "conv" not in calls
+    layer = conv[0]
+    q = torch.ops.deepshift.quantize_input(x, list(layer.act_bits), layer.act_rounding, torch.int32)
+    torch.ops.deepshift.shift_conv(q, layer.codes, list(layer.weight_shape), 5, False, layer.shift_lo,
+                                   layer.bias_int, [1, 1], [0, 0], [1, 1], 1, False, [0, 0])
+    assert "quantize" in calls and "conv" in calls
+
+
+def _digits_cnn():
+    datasets = pytest.importorskip("sklearn.datasets")
+    data = datasets.load_digits()
+    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(4, 8, 3, padding=1, groups=2), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.ReLU(),
+        nn.ConvTranspose2d(8, 4, 2, stride=2), nn.ReLU(),
+        nn.Conv2d(4, 4, 3, stride=2, dilation=2, padding=2),
+        nn.Flatten(), nn.Linear(4 * 4 * 4, 16), nn.ReLU(), nn.Linear(16, 10),
+    )
+    return net, x[1400:]
+
+
+@pytest.mark.parametrize("config", [deepshift.QConfig(weight_bits=5, act_bits=(4, 8)),
+                                    deepshift.PSConfig(weight_bits=4), deepshift.QConfig(weight_bits=8)])
+def test_frozen_model_logits_equal_native_on_and_off(native, monkeypatch, config):
+    net, x_test = _digits_cnn()
+    deepshift.convert_(net, config)
+    net.eval()
+    frozen = deepshift.freeze_(net)
+    if config.weight_bits != 5:
+        x_test = x_test[:100]  # the whole test set once (5 bits); a slice for the other configs
+    with torch.no_grad():
+        on = frozen(x_test)
+        for x in (x_test[:1], x_test[:3]):
+            assert torch.equal(frozen(x), on[: len(x)])
+        monkeypatch.setenv("DEEPSHIFT_NO_NATIVE", "1")
+        assert build.load_extension() is None
+        off = frozen(x_test)
+    assert torch.equal(on, off)
+
+
+def test_build_failure_warns_once_and_falls_back(native, monkeypatch):
+    saved = dict(build._state)
+
+    def broken():
+        raise RuntimeError("simulated compiler failure")
+
+    monkeypatch.setattr(build, "_build", broken)
+    build.reset_state()
+    try:
+        rng = random.Random(5)
+        args = _linear_case(rng)
+        conv_args = (_rand_int(rng, (1, 2, 6), 9, torch.int32), _random_codes(rng, 12, 4), [2, 2, 3], 4,
+                     False, -2, None, [1], [1], [1], 1, False, [0])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            y1 = torch.ops.deepshift.shift_linear(*args)
+            y2 = torch.ops.deepshift.shift_conv(*conv_args)
+            y3 = torch.ops.deepshift.shift_linear(*args)
+        ours = [w for w in caught if "native CPU kernels unavailable" in str(w.message)]
+        assert len(ours) == 1 and issubclass(ours[0].category, RuntimeWarning)
+        assert torch.equal(y1, ops.shift_linear_reference(*args)) and torch.equal(y1, y3)
+        assert torch.equal(y2, ops.shift_conv_reference(*conv_args))
+        assert not build.native_available()
+    finally:
+        build.reset_state()
+        build._state.update(saved)
+
+
+def test_env_var_disables_native_without_warning():
+    code = (
+        "import warnings; warnings.simplefilter('error')\n"
+        "import torch, deepshift\n"
+        "from deepshift.backends.cpu import build\n"
+        "x = torch.arange(6, dtype=torch.int32).reshape(2, 3)\n"
+        "c = deepshift.pack_codes(torch.tensor([1, 2, 3, 4, 5, 6], dtype=torch.uint8), 4)\n"
+        "y = torch.ops.deepshift.shift_linear(x, c, [2, 3], 4, False, -1, None)\n"
+        "from deepshift.ops.reference import shift_linear_reference as ref\n"
+        "assert torch.equal(y, ref(x, c, [2, 3], 4, False, -1, None))\n"
+        "assert not build.native_available() and build._state['tried'] is False\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, DEEPSHIFT_NO_NATIVE="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+@pytest.mark.parametrize("act_bits", [(4, 4), (8, 8), (3, 5), (16, 16)])
+@pytest.mark.parametrize("rounding", ["nearest", "floor"])
+def test_fused_quantize_and_scale_equal_the_module_path(native, act_bits, rounding):
+    from deepshift.core.quantize import to_fixed_point_int
+
+    g = torch.Generator().manual_seed(11)
+    for dtype in (torch.float32, torch.float64):
+        x = torch.randn(3, 1000, generator=g, dtype=torch.float64) * 2 ** act_bits[0]
+        halves = (torch.arange(-600, 600, dtype=torch.float64) + 0.5) * 2.0 ** -act_bits[1]
+        specials = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1e30, -1e30, 2.0**-30])
+        x = torch.cat([x.reshape(-1), halves, specials]).to(dtype)
+        for out in (torch.int32, torch.int64):
+            expected = to_fixed_point_int(x.double(), act_bits, rounding).to(out)
+            got = elementwise.quantize_input_cpu(x, list(act_bits), rounding, out)
+            assert got.dtype == out and torch.equal(got, expected)
+            for exponent in (-act_bits[1], -20, 3):
+                want = (expected.double() * 2.0**exponent).to(dtype)
+                assert torch.equal(elementwise.scale_output_cpu(expected, exponent, dtype), want)
+    with pytest.raises(ValueError, match="NaN"):
+        elementwise.quantize_input_cpu(torch.tensor([1.0, float("nan")]), list(act_bits), rounding,
+                                       torch.int32)
+    half = torch.ones(2, dtype=torch.float16)  # not the native pass's dtype: the reference computes
+    assert torch.equal(elementwise.quantize_input_cpu(half, list(act_bits), rounding, torch.int32),
+                       quantize_input_reference(half, list(act_bits), rounding, torch.int32))
+
+
+def _fixed_point_torch(x, frac_bits, lo, hi, floor):
+    y = x * 2.0**frac_bits
+    y = y.floor_() if floor else y.round_()
+    return y.clamp_(lo, hi).mul_(2.0**-frac_bits)
+
+
+@pytest.mark.parametrize("act_bits", [(1, 0), (4, 4), (8, 8), (1, 7), (16, 16), (12, 20), (2, 30)])
+@pytest.mark.parametrize("rounding", ["nearest", "floor"])
+def test_fused_fake_quantize_equals_the_torch_path_bit_for_bit(native, act_bits, rounding):
+    from deepshift.core.quantize import fixed_point, fixed_point_limits
+
+    lo, hi = fixed_point_limits(act_bits)
+    floor = rounding == "floor"
+    frac = act_bits[1]
+    band = ((lo if floor else lo - 0.5) * 2.0**-frac, (hi + 1 if floor else hi + 0.5) * 2.0**-frac)
+    g = torch.Generator().manual_seed(sum(act_bits) * 2 + floor)
+    for n in (1, 7, 8, 9, 1000, 70001):  # vector body, scalar tail, several threads' chunks
+        for special in (True, False):
+            x = torch.randn(n, generator=g) * 2.0 ** torch.randint(-12, 12, (n,), generator=g).float()
+            k = torch.randint(lo - 3, hi + 4, (n // 3,), generator=g).double()
+            x[: n // 3] = ((k + 0.5) * 2.0**-frac).float()  # ties and saturation bounds
+            if special:
+                x[::11] = float("nan")
+                x[1::13], x[2::17], x[3::19] = float("inf"), -float("inf"), -0.0
+            else:  # everything strictly inside the gradient's band
+                x = x.clamp(band[0] * 0.99, band[1] * 0.99).nan_to_num(0.0)
+            want = _fixed_point_torch(x, frac, lo, hi, floor)
+            lo_f, hi_f = torch.tensor(band, dtype=torch.float32)
+            want_outside = bool(((x <= lo_f) | (x >= hi_f)).any())
+            for isa in isa_paths():
+                assert build.set_isa(isa) == isa
+                try:
+                    got, outside = elementwise.fake_quantize_cpu(x, frac, lo, hi, floor, *band)
+                finally:
+                    build.set_isa("auto")
+                assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (isa, n)
+                assert bool(outside) == want_outside, (isa, n, special)
+            # deepshift.fixed_point takes this path for float32 CPU tensors: the same bits, and the
+            # same gradient as the torch path's masked backward (an identity when nothing is outside).
+            xr = x.clone().requires_grad_()
+            y = fixed_point(xr, act_bits, rounding)
+            assert torch.equal(y.view(torch.int32), want.view(torch.int32))
+            upstream = torch.randn(n, generator=g)
+            y.backward(upstream)
+            expected = torch.ops.aten.hardtanh_backward(upstream, x, band[0], band[1])
+            assert torch.equal(xr.grad, expected)
+    # float64 is not the native pass's: the kernel hands it to the reference
+    ones = torch.ones(3, dtype=torch.float64)
+    assert torch.equal(elementwise.fake_quantize_cpu(ones, 4, -8, 7, False, -math.inf, math.inf)[0],
+                       _fixed_point_torch(ones, 4, -8, 7, False))
+    strided = torch.randn(6, 5, generator=g).t()  # non-contiguous input
+    assert torch.equal(elementwise.fake_quantize_cpu(strided, 4, -128, 127, False, -math.inf, math.inf)[0],
+                       _fixed_point_torch(strided, 4, -128, 127, False))
+
+
+# --- Flat mode (stride 1, rows narrower than a vector computed as one long row) -------------------
+
+
+@pytest.mark.parametrize("mag", [127, 2**15, 2**40])  # int16 tables, int32 lanes, int64 lanes
+@pytest.mark.parametrize("shape", [(1, 70, 8, 8), (2, 5, 4, 9), (3, 3, 2, 6), (1, 9, 7, 3)])
+def test_conv_flat_rows_bit_exact(native, mag, shape):
+    # 8x8 planes (16-lane vectors half idle row by row), odd widths, one-row planes; 70 channels
+    # split into several channel blocks, so the flat partial sums are accumulated across blocks.
+    rng = random.Random(mag + shape[1])
+    dtype = torch.int64 if mag > 2**31 else torch.int32
+    n, c, h, w = shape
+    for kernel, pad, dil in (([3, 3], [1, 1], [1, 1]), ([1, 3], [0, 2], [1, 2]), ([2, 1], [0, 0], [1, 1])):
+        x = _rand_int(rng, (n, c, h, w), mag, dtype)
+        codes = _random_codes(rng, 6 * c * kernel[0] * kernel[1], 5)
+        bias = _rand_int(rng, (6,), mag, dtype)
+        args = (x, codes, [6, c, *kernel], 5, True, -3, bias, [1, 1], pad, dil, 1, False, [0, 0])
+        _check(torch.ops.deepshift.shift_conv, ops.shift_conv_reference, args, f"flat {shape} {kernel}")
+    x3 = _rand_int(rng, (2, 4, 3, 5, 6), mag, dtype)  # 3-d: flat over (depth, rows) planes
+    codes = _random_codes(rng, 5 * 4 * 8, 4)
+    args = (x3, codes, [5, 4, 2, 2, 2], 4, False, 0, None, [1, 1, 1], [1, 0, 1], [1, 2, 1], 1, False,
+            [0, 0, 0])
+    _check(torch.ops.deepshift.shift_conv, ops.shift_conv_reference, args, "flat 3-d")
+
+
+@pytest.mark.parametrize("oh", [1, 2, 3, 5, 7, 8, 9, 13, 15])  # row blocks of 8, 6, 4, 3, 2, 1 and remainders
+def test_conv_half_width_rows_bit_exact(native, oh):
+    # Rows of at most 8 outputs on int16 tables, with stride 2 (never flat) and stride 1 (flat or
+    # half, by CPU): 8-lane items, one row each; 70 channels make several channel blocks.
+    rng = random.Random(oh)
+    for stride, width, channels in ((2, 15, 70), (2, 6, 3), (1, 8, 70), (1, 5, 4)):
+        h = (oh - 1) * stride + 1
+        x = _rand_int(rng, (2, channels, h, width), 127, torch.int32)  # padding 1: oh output rows
+        codes = _random_codes(rng, 5 * channels * 9, 6)
+        bias = _rand_int(rng, (5,), 127, torch.int32)
+        args = (x, codes, [5, channels, 3, 3], 6, rng.random() < 0.5, -4, bias, [stride, stride], [1, 1],
+                [1, 1], 1, False, [0, 0])
+        _check(torch.ops.deepshift.shift_conv, ops.shift_conv_reference, args,
+               f"half oh={oh} s{stride} w{width}")
+
+
+# --- The frozen layers' fused native forward ------------------------------------------------------
+
+# act_bits with I + F <= 8 take the int16 tables, the others int32 ones.
+_FUSED_ACT_BITS = [(4, 4), (1, 7), (3, 3), (2, 6), (8, 8), (6, 10), (12, 4), (1, 0)]
+
+
+def _op_path(monkeypatch):
+    """Frozen layers run as the reference composes them (quantize_input, shift op, scale_output: each
+    the op's own CPU kernel), not as one fused native call."""
+    monkeypatch.setattr(conv, "_prepare_conv_fused", lambda *a: None)
+    monkeypatch.setattr(linear, "_prepare_linear_fused", lambda *a: None)
+    cache.clear_cache()  # prepared fused forwards
+
+
+def _fused_used(layer, x) -> bool:
+    """Whether the layer's op takes the fused native forward for x."""
+    args = (x, layer.codes, list(layer.weight_shape), layer.weight_bits, layer.has_zero, layer.shift_lo,
+            layer.bias_int)
+    act = (list(layer.act_bits), layer.act_rounding, layer.accumulator)
+    if isinstance(layer, deepshift.ShiftLinear):
+        return linear._prepare_linear_fused(*args, *act) is not None
+    if x.dim() == len(layer.kernel_size) + 1:  # unbatched: the layer adds the batch dimension
+        args = (x.unsqueeze(0), *args[1:])
+    return not layer.transposed and not layer._pad_outside and conv._prepare_conv_fused(
+        *args, list(layer.stride), list(layer.padding), list(layer.dilation), layer.groups, *act) is not None
+
+
+def _random_float_input(rng: random.Random, shape, act_bits, dtype) -> torch.Tensor:
+    g = torch.Generator().manual_seed(rng.randrange(2**31))
+    scale = rng.choice([0.05, 1.0, 4.0, 300.0])
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+    flat = x.view(-1)
+    step = 2.0 ** -act_bits[1]
+    # Exact halves between fixed-point steps (round half to even), and saturating values.
+    for i in range(0, flat.numel(), 7):
+        flat[i] = (rng.randint(-300, 300) + 0.5) * step
+    for i in range(3, flat.numel(), 29):
+        flat[i] = rng.choice([float("inf"), float("-inf"), 1e30, -1e30, -0.0, 2.0 ** act_bits[0]])
+    return x
+
+
+def _fused_conv_case(rng: random.Random):
+    dims = rng.choice([1, 2, 2, 2, 3])
+    groups = rng.choice([1, 1, 2, 3])
+    depthwise = rng.random() < 0.2
+    # Few or many input channels: int16 tables need at least 2**weight_bits terms per output.
+    cin = groups * (1 if depthwise else rng.choice([rng.randint(1, 6), rng.randint(16, 40)]))
+    cout = groups * rng.randint(1, 4)
+    kernel = [rng.randint(1, 3 if dims < 3 else 2) for _ in range(dims)]
+    stride = [rng.choice([1, 1, 2]) for _ in range(dims)]
+    dilation = [rng.choice([1, 1, 2]) for _ in range(dims)]
+    padding = [rng.randint(0, 2) for _ in range(dims)]
+    sizes = {1: lambda: [rng.choice([5, 8, 17, 40])],
+             2: lambda: rng.choice([[8, 8], [16, 16], [5, 11], [7, 33], [3, 4]]),
+             3: lambda: [rng.randint(2, 4), rng.randint(2, 6), rng.randint(3, 8)]}[dims]()
+    conv_type = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1]
+    conv = conv_type(cin, cout, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                     bias=rng.random() < 0.6)
+    cfg_type = rng.choice([deepshift.QConfig, deepshift.PSConfig])
+    act_bits = rng.choice(_FUSED_ACT_BITS)
+    cfg = cfg_type(weight_bits=rng.randint(2, 8), act_bits=act_bits,
+                   act_rounding=rng.choice(["nearest", "floor"]))
+    with torch.no_grad():
+        conv.weight.mul_(rng.choice([0.5, 4.0, 40.0]))
+    layer = deepshift.freeze_(deepshift.convert_(nn.Sequential(conv), cfg))[0].eval()
+    batch = rng.choice([[1], [2], [3], [5], []])  # [] = unbatched
+    dtype = rng.choice([torch.float32, torch.float32, torch.float64])
+    return layer, _random_float_input(rng, (*batch, cin, *sizes), act_bits, dtype)
+
+
+def _op_path_output(monkeypatch, layer, x):
+    """``layer(x)`` through the op path (no fused kernel), or None where these options have no output."""
+    monkeypatch.undo()
+    _op_path(monkeypatch)
+    try:
+        with torch.no_grad():
+            return layer(x)
+    except (ValueError, RuntimeError):
+        return None
+    finally:
+        monkeypatch.undo()
+
+
+def _on_both_isas(monkeypatch, layer, spy, module, *args):
+    """{isa: module(*args)} for every instruction set the CPU has, each preparing ``layer``'s fused
+    forward anew, with ``spy`` in place of the extension's conv_fused."""
+    monkeypatch.setattr(build.load_extension(), "conv_fused", spy)
+    results = {}
+    for isa in isa_paths():
+        assert build.set_isa(isa) == isa
+        try:
+            cache.clear_cache()  # prepare the fused forward anew
+            with torch.no_grad():
+                results[isa] = module(*args)
+        finally:
+            build.set_isa("auto")
+    monkeypatch.undo()
+    return results
+
+
+@pytest.mark.parametrize("chunk", range(3))
+def test_fused_conv_forward_equals_the_op_path(native, monkeypatch, chunk):
+    rng = random.Random(7000 + chunk)
+    done = fused = 0
+    lanes_used = []  # the table width of every fused call: both must stay covered
+    ext = build.load_extension()
+    real = ext.conv_fused
+
+    def spy(*args):
+        lanes_used.append(args[12])
+        return real(*args)
+
+    while done < 25:
+        layer, x = _fused_conv_case(rng)
+        expected = _op_path_output(monkeypatch, layer, x)
+        if expected is None:
+            continue  # no output for these options
+        for isa, got in _on_both_isas(monkeypatch, layer, spy, layer, x).items():
+            label = f"case {chunk}/{done} {layer.extra_repr()} {tuple(x.shape)} {x.dtype} ({isa})"
+            assert got.dtype == expected.dtype and got.shape == expected.shape, label
+            assert torch.equal(got, expected), f"{label}: {(got != expected).sum()} elements differ"
+        fused += _fused_used(layer, x)
+        assert _fused_used(layer, x) == (layer.accumulator == "int32"), "int32 layers take the fused path"
+        done += 1
+    assert fused >= 10  # most random layers need only int32 accumulators
+    assert lanes_used.count(16) >= 8 and lanes_used.count(32) >= 8, lanes_used  # int16 and int32 tables
+
+
+@pytest.mark.parametrize("act_bits", [(4, 4), (8, 8)])
+@pytest.mark.parametrize("lead", [(), (1,), (3,), (4,), (5,), (2, 7)])
+def test_fused_linear_forward_equals_the_op_path(native, monkeypatch, act_bits, lead):
+    # Up to 4 rows: quantize + small-batch kernel + scale; more rows: the fused 1x1 convolution.
+    rng = random.Random(len(lead) * 10 + sum(lead))
+    lin = nn.Linear(37, 11)
+    layer = deepshift.freeze_(deepshift.convert_(nn.Sequential(lin), deepshift.PSConfig(
+        weight_bits=6, act_bits=act_bits)))[0].eval()
+    for dtype in (torch.float32, torch.float64):
+        x = _random_float_input(rng, (*lead, 37), act_bits, dtype)
+        with torch.no_grad():
+            got = layer(x)
+            assert _fused_used(layer, x)
+            _op_path(monkeypatch)
+            expected = layer(x)
+            monkeypatch.undo()
+        assert got.shape == (*lead, 11) and got.dtype == dtype
+        assert torch.equal(got, expected)
+
+
+def test_fused_forward_nan_error_and_weight_changes(native, monkeypatch):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 5))
+    deepshift.convert_(net, deepshift.QConfig(weight_bits=5, act_bits=(4, 4)))
+    frozen = deepshift.freeze_(net.eval())
+    x = torch.randn(2, 3, 6, 6)
+    bad = x.clone()
+    bad[1, 2, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        frozen(bad)
+    with pytest.raises(ValueError, match="NaN"):
+        frozen[3](torch.full((1, 4 * 36), float("nan")))
+    # New codes / bias through load_state_dict (in place): the cached fused forward follows them.
+    before = frozen(x)
+    other = deepshift.freeze_(deepshift.convert_(
+        nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 5)),
+        deepshift.QConfig(weight_bits=5, act_bits=(4, 4))).eval())
+    frozen.load_state_dict(other.state_dict())
+    after = frozen(x)
+    # (shift_lo is part of the layer's spec, not its state: the loaded codes mean other weights
+    # here than in `other`; what matters is that both paths agree on them.)
+    assert not torch.equal(before, after)
+    _op_path(monkeypatch)
+    assert torch.equal(after, frozen(x))
+    monkeypatch.undo()
+    # Pickled and copied modules compute the same.
+    import copy
+    import pickle
+
+    for clone in (pickle.loads(pickle.dumps(frozen)), copy.deepcopy(frozen)):
+        assert torch.equal(clone(x), after)
+
+
+def test_fused_forward_is_not_traced(native):
+    # Tracing records the op (and the torch rounding / scaling), never the native helpers' results
+    # as constants: the traced module computes the same on new inputs.
+    net = deepshift.freeze_(deepshift.convert_(nn.Sequential(nn.Conv2d(2, 3, 3)),
+                                               deepshift.QConfig(act_bits=(4, 4))).eval())
+    x = torch.randn(1, 2, 5, 5)
+    with torch.no_grad():
+        traced = torch.jit.trace(net, x, check_trace=False)
+        x = torch.randn(1, 2, 5, 5)
+        assert "deepshift::frozen_conv" in str(traced.inlined_graph)  # the op, not opaque native calls
+        assert torch.equal(traced(x), net(x))
+
+
+def test_traced_fixed_point_is_not_a_constant(native):
+    # Training-time rounding: tracing records the torch operations, not the native pass's result.
+    def f(x):
+        return deepshift.fixed_point(x, (4, 4))
+
+    traced = torch.jit.trace(f, torch.randn(3, 8), check_trace=False)
+    x = torch.randn(3, 8)
+    assert torch.equal(traced(x), f(x))
+
+
+def _random_frozen_bn(rng: random.Random, channels: int) -> deepshift.FrozenBatchNorm:
+    g = torch.Generator().manual_seed(rng.randrange(2**31))
+    bn = nn.BatchNorm2d(channels, eps=rng.choice([1e-5, 1e-3]), affine=rng.random() < 0.8).eval()
+    with torch.no_grad():
+        bn.running_mean.normal_(0, 3, generator=g)
+        bn.running_var.uniform_(0, 5, generator=g)  # includes variances near 0: large scales
+        if bn.affine:
+            bn.weight.normal_(0, 2, generator=g)  # negative scales too
+            bn.bias.normal_(0, 2, generator=g)
+    return deepshift.FrozenBatchNorm.from_batchnorm(bn)
+
+
+@pytest.mark.parametrize("chunk", range(2))
+def test_fused_conv_batchnorm_equals_the_two_modules(native, monkeypatch, chunk):
+    # ShiftConvBatchNorm's one native call (BatchNorm, residual add and ReLU applied per output run
+    # while in cache) against the op path and those operations in torch, for both table widths and
+    # both ISAs.
+    rng = random.Random(9100 + chunk)
+    ext = build.load_extension()
+    real = ext.conv_fused
+    affine_calls = []
+
+    def spy(*args):
+        affine_calls.append(args[-1] is not None)
+        return real(*args)
+
+    done, kinds = 0, set()
+    while done < 20:
+        layer, x = _fused_conv_case(rng)
+        if x.dim() != len(layer.kernel_size) + 2 or layer.accumulator != "int32":
+            continue  # unbatched input / int64 layers: no fused kernel (the fallback is tested in test_fuse)
+        bn = _random_frozen_bn(rng, layer.out_channels)
+        y = _op_path_output(monkeypatch, layer, x)
+        if y is None:
+            continue
+        scale, shift = bn.affine(y.dtype)
+        view = (-1,) + (1,) * (y.dim() - 2)
+        expected = torch.add(torch.mul(y, scale.view(view)), shift.view(view))
+        residual = relu = None
+        if rng.random() < 0.5:
+            residual = _random_float_input(rng, y.shape, (4, 4), y.dtype).clamp(-1e3, 1e3)
+            expected = expected + residual
+        if rng.random() < 0.5:
+            relu = True
+            expected = torch.relu(expected)
+        fused = deepshift.ShiftConvBatchNorm(layer, bn, relu=bool(relu))
+        for isa, got in _on_both_isas(monkeypatch, layer, spy, fused, x, residual).items():
+            label = (f"case {chunk}/{done} {layer.extra_repr()} {tuple(x.shape)} {x.dtype} ({isa}) "
+                     f"residual {residual is not None} relu {relu}")
+            # torch.equal: NaN (an infinite BatchNorm scale times 0) is unequal to itself.
+            assert torch.equal(got.nan_to_num(), expected.nan_to_num()), \
+                f"{label}: {(got != expected).sum()} elements differ"
+            assert torch.equal(got.isnan(), expected.isnan()), label
+        done += 1
+        kinds.add((residual is not None, bool(relu)))
+    assert affine_calls.count(True) == 2 * done  # every case went through the fused kernel
+    assert len(kinds) == 4, kinds  # with and without residual, with and without ReLU
+
+
+def test_conv_fused_rejects_bad_affine(native):
+    layer = deepshift.freeze_(deepshift.convert_(nn.Sequential(nn.Conv2d(3, 4, 3)), deepshift.QConfig()))[0]
+    x = torch.randn(2, 3, 6, 6)
+    run, _ = conv._prepare_conv_fused(x, layer.codes, list(layer.weight_shape), layer.weight_bits,
+                                      layer.has_zero, layer.shift_lo, layer.bias_int, [1, 1], [0, 0], [1, 1],
+                                      1, list(layer.act_bits), layer.act_rounding, layer.accumulator)
+    good = torch.ones(4)
+    for scale in (torch.ones(5), torch.ones(4, dtype=torch.float64), torch.ones(8)[::2]):
+        with pytest.raises(RuntimeError, match="affine scale / shift"):
+            run(x, [scale, good], None, False)
+    assert torch.equal(run(x, [good, torch.zeros(4)], None, False), layer(x))
+    # The op's CPU kernel never hands the native call such an affine: the reference computes it.
+    strided = torch.arange(8.0)[::2]
+    expected = torch.ops.deepshift.channel_affine(layer(x), strided.contiguous(), good)
+    assert torch.equal(layer.forward_fused(x, strided, good), expected)
+
+
+def test_conv_plan_channel_blocks(native):
+    # The channel block keeps the table slice one work item reads near TABLE_BLOCK_BYTES: in flat
+    # mode the item's consecutive outputs plus the kernel's reach, row by row whole padded rows;
+    # blocks are of equal size.
+    def blocks(cin, hw, stride, budget=conv.TABLE_BLOCK_BYTES):
+        w5 = torch.zeros(8, cin, 1, 3, 3, dtype=torch.int8)
+        plan = native.conv_plan(w5, [1, cin, 1, hw, hw], 1, [1, stride, stride], [0, 1, 1], [1, 1, 1], 2,
+                                budget, conv.INT16_MAX_GROUP)
+        return plan[5].tolist()
+
+    assert conv.TABLE_BLOCK_BYTES == 16 * 1024
+    assert blocks(64, 56, 1) == [32, 2]  # flat: (2 * 58 + 2 + 80) * 2 bytes per channel, 41 fit
+    assert blocks(256, 14, 1) == [64, 4]  # rows: 4 output rows need 6 padded rows of 16, 192 bytes
+    # rows: 2 output rows need 5 padded rows of 58, 580 bytes: 28 fit, but a block keeps >= 288 terms
+    assert blocks(64, 56, 2) == [32, 2]
+    assert blocks(64, 56, 2, 24 * 1024) == [32, 2]  # 42 fit: 32 + 32, not 42 + 22
+    assert blocks(32, 112, 1) == [32, 1]  # 23 fit (684 bytes), but not two blocks of 16
+    assert blocks(16, 32, 1) == [16, 1]
+
+
+def test_a_build_lock_left_by_a_killed_builder_does_not_hang(tmp_path):
+    # A process killed while building (kill -9, OOM, a timeout) leaves torch's "lock" file behind;
+    # every later process used to wait for it forever without a word.
+    if not build.native_available():
+        pytest.skip("native kernels do not build on this machine")
+    name = f"deepshift_cpu_{build._source_digest()}"
+    shutil.copytree(build.build_dir() / name, tmp_path / name,
+                    ignore=shutil.ignore_patterns("lock", "deepshift.lock"))
+    (tmp_path / name / "lock").touch()
+    code = "from deepshift.backends.cpu import build\nassert build.native_available()\nprint('ok')\n"
+    env = dict(os.environ, DEEPSHIFT_BUILD_DIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+    assert not (tmp_path / name / "lock").exists()

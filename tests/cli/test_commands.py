@@ -1,0 +1,79 @@
+"""`deepshift export`, `deepshift report` and `deepshift eval --packed` on a real (tiny) run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from deepshift.cli import main
+from deepshift.training.config import TrainConfig
+from deepshift.training.loop import train
+
+TINY = dict(data="digits", model="mnist-fc", epochs=1, batch_size=16, limit_train=160, quiet=True)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    ps = train(TrainConfig(**TINY, method="ps", optimizer="radam", lr=0.01, out=str(root / "ps")))
+    train(TrainConfig(**TINY, method="none", lr=0.05, out=str(root / "float")))
+    return root, ps
+
+
+def cli(capsys, *argv):
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err.strip()
+
+
+def test_export_packed_then_eval_packed_matches_the_run(capsys, runs, tmp_path):
+    root, metrics = runs
+    code, out, _ = cli(capsys, "export", root / "ps", "--format", "packed", "-o", tmp_path / "m.dshift",
+                       "--act-bits", "16", "16")
+    assert code == 0 and "6.40x" in out  # 5-bit codes vs float32
+    code, out, _ = cli(capsys, "eval", "--packed", tmp_path / "m.dshift", "--data", "digits", "--json",
+                       "--quiet")
+    assert code == 0
+    frozen = json.loads(out)
+    # The frozen, integer-only model with 16.16 inputs classifies the test set like the run did.
+    assert frozen["n"] > 0 and abs(frozen["top1"] - metrics["test_top1"]) <= 1.0
+
+
+def test_export_onnx_and_report(capsys, runs, tmp_path):
+    pytest.importorskip("onnx", reason="onnx is an optional extra")
+    root, _ = runs
+    code, out, _ = cli(capsys, "export", root / "ps" / "best.pt", "--format", "onnx",
+                       "-o", tmp_path / "m.onnx")
+    assert code == 0 and (tmp_path / "m.onnx").stat().st_size > 0 and "m.onnx" in out
+    code, out, _ = cli(capsys, "report", root / "ps", "--json", "--plot", tmp_path / "h.png")
+    assert code == 0
+    data = json.loads(out)
+    assert data["version"] == 1 and data["shift_macs"] == 784 * 512 + 512 * 512 + 512 * 10
+    assert (tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
+    code, out, _ = cli(capsys, "report", root / "ps")
+    assert code == 0 and "shift-adds" in out and "Horowitz" in out
+
+
+@pytest.mark.parametrize("case", ["missing", "float_run", "corrupt", "no_data"])
+def test_deploy_errors_are_one_line_exit_2(capsys, runs, tmp_path, case):
+    root, _ = runs
+    if case == "missing":
+        argv, needle = ["export", tmp_path / "nope", "-o", tmp_path / "x.dshift"], "no such run"
+    elif case == "float_run":
+        argv, needle = ["report", root / "float"], "no shift layers"
+    elif case == "corrupt":
+        good = tmp_path / "good.dshift"
+        assert cli(capsys, "export", root / "ps", "-o", good)[0] == 0
+        bad = tmp_path / "bad.dshift"
+        blob = bytearray(good.read_bytes())
+        blob[len(blob) // 2] ^= 0xFF
+        bad.write_bytes(bytes(blob))
+        argv, needle = ["eval", "--packed", bad, "--data", "digits"], "checksum"
+    else:
+        argv, needle = ["eval", "--packed", tmp_path / "x.dshift"], "--data"
+    code, _, err = cli(capsys, *argv)
+    assert code == 2 and len(err.splitlines()) == 1 and needle in err, err
