@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast test-triton bench bench-gpu-dry accuracy accuracy-quick lint env clean-env
+.PHONY: demo test test-fast fuzz test-triton bench bench-gpu-dry accuracy accuracy-quick lint env clean-env
 
 env: $(STAMP)
 
@@ -23,6 +23,12 @@ test: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m pytest tests src/deepshift --doctest-modules --ignore=tests/backends/test_triton.py
 	TRITON_INTERPRET=1 $(PY) -m pytest tests/backends/test_triton.py
+
+# The packed-file fuzz with 100,000 mutated files (the test suite runs 10,000); only
+# PackedFormatError may escape load_packed. About five minutes.
+fuzz: $(STAMP)
+	DEEPSHIFT_FUZZ_EXAMPLES=100000 $(PY) -m pytest tests/formats/test_packed.py -k fuzz_only \
+		--hypothesis-show-statistics
 
 test-triton: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest tests/backends/test_triton.py

@@ -145,13 +145,6 @@ def _configured_range(cfg: dict[str, Any], module: _FrozenShift) -> list[int]:
     return [module.shift_lo, module.shift_hi]
 
 
-def _fan_in(module: nn.Module, weight_shape: list[int]) -> int:
-    """Terms summed per output element (per input element for transposed convolutions)."""
-    # Linear: in_features; conv: C_in/groups * K per output element; transposed conv (weight
-    # (C_in, C_out/groups, *k)): C_out/groups * K per input element. Same formula for all.
-    return weight_shape[1] * math.prod(weight_shape[2:])
-
-
 def _type_name(module: _FrozenShift) -> str:
     if module.kind == "linear":
         return "Linear"
@@ -221,7 +214,9 @@ def savings_report(
             # element of a transposed conv (each is scattered into fan_in outputs).
             per = in_shape if getattr(module, "transposed", False) else out_shape
             elements = math.prod(per[1:])
-            macs = elements * _fan_in(module, weight_shape)
+            # Linear: in_features per output; conv: C_in/groups * K per output; transposed conv
+            # (weight (C_in, C_out/groups, *k)): each input element reaches C_out/groups * K outputs.
+            macs = elements * math.prod(weight_shape[1:])
             nonzero = sign != 0
             values, counts = torch.unique(shift[nonzero], return_counts=True)
             numel = shift.numel()

@@ -19,7 +19,7 @@ import deepshift
 from deepshift.backends.cpu import build, cache, conv, elementwise, linear
 from deepshift.ops import reference as ops
 from deepshift.ops.codes import pack_codes
-from deepshift.ops.reference import quantize_input_reference
+from deepshift.ops.reference import ShiftConvArgs, quantize_input_reference
 
 
 def _has_compiler() -> bool:
@@ -483,8 +483,11 @@ def _fused_used(layer, x) -> bool:
         return linear._prepare_linear_fused(*args, *act) is not None
     if x.dim() == len(layer.kernel_size) + 1:  # unbatched: the layer adds the batch dimension
         args = (x.unsqueeze(0), *args[1:])
-    return not layer.transposed and not layer._pad_outside and conv._prepare_conv_fused(
-        *args, list(layer.stride), list(layer.padding), list(layer.dilation), layer.groups, *act) is not None
+    if layer.transposed or layer._pad_outside:
+        return False
+    conv_args = ShiftConvArgs(*args[1:], list(layer.stride), list(layer.padding), list(layer.dilation),
+                              layer.groups, False, [0] * len(layer.kernel_size))
+    return conv._prepare_conv_fused(args[0], conv_args, *act) is not None
 
 
 def _random_float_input(rng: random.Random, shape, act_bits, dtype) -> torch.Tensor:
@@ -726,9 +729,10 @@ def test_fused_conv_batchnorm_equals_the_two_modules(native, monkeypatch, chunk)
 def test_conv_fused_rejects_bad_affine(native):
     layer = deepshift.freeze_(deepshift.convert_(nn.Sequential(nn.Conv2d(3, 4, 3)), deepshift.QConfig()))[0]
     x = torch.randn(2, 3, 6, 6)
-    run, _ = conv._prepare_conv_fused(x, layer.codes, list(layer.weight_shape), layer.weight_bits,
-                                      layer.has_zero, layer.shift_lo, layer.bias_int, [1, 1], [0, 0], [1, 1],
-                                      1, list(layer.act_bits), layer.act_rounding, layer.accumulator)
+    conv_args = ShiftConvArgs(layer.codes, list(layer.weight_shape), layer.weight_bits, layer.has_zero,
+                              layer.shift_lo, layer.bias_int, [1, 1], [0, 0], [1, 1], 1, False, [0, 0])
+    run, _ = conv._prepare_conv_fused(x, conv_args, list(layer.act_bits), layer.act_rounding,
+                                      layer.accumulator)
     good = torch.ones(4)
     for scale in (torch.ones(5), torch.ones(4, dtype=torch.float64), torch.ones(8)[::2]):
         with pytest.raises(RuntimeError, match="affine scale / shift"):

@@ -4,7 +4,7 @@ import pytest
 
 from deepshift import PSConfig, QConfig, config_from_dict
 
-PAPER_RANGES = {  # PAPER.md's table: weight_bits -> (Q range, PS range)
+PAPER_RANGES = {  # the paper's ranges: weight_bits -> (Q range, PS range)
     5: ((-15, 0), (-14, 0)),
     4: ((-7, 0), (-6, 0)),
     3: ((-3, 0), (-2, 0)),

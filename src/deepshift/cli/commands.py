@@ -23,6 +23,7 @@ from deepshift.core.convert import convert_, shift_layers
 from deepshift.formats.packed import _MAX_HEADER, PackedFormatError, load_packed, save_packed
 from deepshift.frozen.freeze import frozen_copy
 from deepshift.frozen.layers import is_frozen_layer
+from deepshift.models import input_shape
 
 
 class DeployError(ValueError):
@@ -31,20 +32,15 @@ class DeployError(ValueError):
 
 def default_input_shape(model_name: str | None, data: str | None = None,
                         image_size: int = 224) -> tuple[int, ...] | None:
-    """Input shape (without batch) a zoo model / dataset expects, or None when unknown."""
+    """Input shape (without batch) of a model trained on ``data`` (the dataset's images), else of the
+    zoo model (see :func:`deepshift.models.input_shape`); None when unknown."""
     if data in ("digits", "mnist", "fashion-mnist"):
         return (1, 28, 28)
     if data == "cifar10":
         return (3, 32, 32)
     if data == "imagefolder":
         return (3, image_size, image_size)
-    if model_name is None:
-        return None
-    if model_name.startswith("mnist-"):
-        return (1, 28, 28)
-    if model_name.startswith(("imagenet-", "torchvision:")):
-        return (3, 224, 224)
-    return (3, 32, 32)  # the CIFAR zoo
+    return None if model_name is None else input_shape(model_name)
 
 
 def _is_packed_file(path: Path) -> bool:

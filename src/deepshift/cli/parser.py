@@ -111,14 +111,13 @@ def _max_shift(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``deepshift`` parser; other subcommands add themselves to ``parser.subcommands``."""
+    """The ``deepshift`` parser with every subcommand."""
     parser = _Parser(prog="deepshift", description="DeepShift: multiplication-less neural networks "
                      "(DeepShift-Q / DeepShift-PS). Train, evaluate and compare shift networks.")
     from deepshift._version import __version__
 
     parser.add_argument("--version", action="version", version=f"deepshift {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    parser.subcommands = sub
 
     t = sub.add_parser("train", help="train a model (float, Q or PS) and write an output folder",
                        description="Train with the paper's recipes. Writes --out: config.json, "

@@ -176,7 +176,6 @@ class PSConfig(_ShiftConfig):
             raise ValueError(f"freeze_sign must be True or False, got {self.freeze_sign!r}")
 
 
-ShiftConfig = QConfig | PSConfig
 _BY_METHOD: dict[str, type[_ShiftConfig]] = {"q": QConfig, "ps": PSConfig}
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -353,10 +353,3 @@ def effective_weight(module: nn.Module) -> Tensor:
     shift, sign = shift_and_sign(module)
     dtype = next(iter(shift_parameters(module).values())).dtype
     return sign.to(dtype) * torch.exp2(shift.to(dtype))
-
-
-def iter_shift_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
-    """``(kind, parameter)`` for every PS shift/sign parameter in ``model`` (kind: shift|sign)."""
-    for _, module, config in shift_layers(model):
-        if isinstance(config, PSConfig):
-            yield from shift_parameters(module).items()

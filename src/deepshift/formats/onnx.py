@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deepshift.core.quantize import fixed_point_limits
+from deepshift.core.replace import replace_modules
 from deepshift.files import atomic_path
 from deepshift.frozen.float_layers import FrozenBatchNorm
 from deepshift.frozen.freeze import frozen_copy
@@ -159,26 +160,21 @@ def exportable(model: nn.Module, mode: str = "fixed_point") -> nn.Module:
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is not allowed; choose one of {', '.join(MODES)}")
-    model = copy.deepcopy(frozen_copy(model)).eval()
-    replacements: list[tuple[str, nn.Module]] = []
-    for name, module in model.named_modules():
-        if is_frozen_layer(module):
-            act = module.act_bits if mode == "fixed_point" else None
-            bias = None
-            if module.bias_int is not None:
-                bias = module.bias_int.to(torch.float64) * 2.0 ** -module.act_bits[1]
-            conv = _conv_options_frozen(module) if isinstance(module, ShiftConvNd) else None
-            kind = "linear" if isinstance(module, ShiftLinear) else "conv"
-            replacements.append((name, OnnxShiftLayer(kind, _frozen_weight(module), bias, act,
-                                                      module.act_rounding, conv)))
-        elif isinstance(module, FrozenBatchNorm):
-            replacements.append((name, OnnxBatchNorm(module)))
-    for name, new in replacements:
-        if name == "":
-            return new
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-    return model
+
+    def standard_ops(module: nn.Module) -> nn.Module | None:
+        if isinstance(module, FrozenBatchNorm):
+            return OnnxBatchNorm(module)
+        if not is_frozen_layer(module):
+            return None
+        act = module.act_bits if mode == "fixed_point" else None
+        bias = None
+        if module.bias_int is not None:
+            bias = module.bias_int.to(torch.float64) * 2.0 ** -module.act_bits[1]
+        conv = _conv_options_frozen(module) if isinstance(module, ShiftConvNd) else None
+        kind = "linear" if isinstance(module, ShiftLinear) else "conv"
+        return OnnxShiftLayer(kind, _frozen_weight(module), bias, act, module.act_rounding, conv)
+
+    return replace_modules(copy.deepcopy(frozen_copy(model)).eval(), standard_ops)
 
 
 def export_onnx(

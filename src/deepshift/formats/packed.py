@@ -32,11 +32,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from deepshift.core.config import config_from_dict
+from deepshift.core.replace import replace_modules
 from deepshift.files import atomic_path
 from deepshift.frozen.float_layers import freeze_float_layers_
 from deepshift.frozen.freeze import frozen_copy
 from deepshift.frozen.layers import _FrozenShift, frozen_from_spec, is_frozen_layer
+from deepshift.frozen.spec import FrozenSpec
 from deepshift.ops.codes import packed_numel
 
 FORMAT_NAME = "deepshift.packed"
@@ -135,7 +136,7 @@ def save_packed(model: nn.Module, path: str | os.PathLike, act_bits: tuple[int, 
     frozen = frozen_copy(model, act_bits)
     # remove_duplicate=False: a layer shared by two parents is listed under both names, as in
     # the state_dict.
-    layers = {name: m.spec() for name, m in frozen.named_modules(remove_duplicate=False)
+    layers = {name: m.spec().to_dict() for name, m in frozen.named_modules(remove_duplicate=False)
               if is_frozen_layer(m)}
     zoo = getattr(frozen, "zoo_spec", None)
     from deepshift._version import __version__
@@ -232,43 +233,23 @@ def _read_tensors(header: dict[str, Any], data: bytes) -> dict[str, torch.Tensor
     return tensors
 
 
-def _check_layer(name: str, spec: Any, tensors: dict[str, torch.Tensor]) -> _FrozenShift:
-    """Build the empty frozen layer a spec describes, after checking it against the tensors."""
+def _check_layer(name: str, raw: Any, tensors: dict[str, torch.Tensor]) -> _FrozenShift:
+    """Build the empty frozen layer a header's spec describes, after checking it against the tensors."""
     prefix = f"{name}." if name else ""
-    if not isinstance(spec, dict):
-        raise _fail(f"layer {name!r}: spec is not an object")
-    shape, bits = spec.get("weight_shape"), spec.get("weight_bits")
-    if (not isinstance(shape, list) or not 2 <= len(shape) <= 5
-            or not all(type(d) is int and d > 0 for d in shape)):
-        raise _fail(f"layer {name!r}: invalid weight shape {shape!r}")
-    if type(bits) is not int or not 2 <= bits <= 8:
-        raise _fail(f"layer {name!r}: invalid weight_bits {bits!r}")
+    try:
+        spec = FrozenSpec.from_dict(raw)
+    except ValueError as e:
+        raise _fail(f"layer {name!r}: {e}") from e
     codes = tensors.get(prefix + "codes")
     if codes is None or codes.dtype != torch.uint8 or codes.dim() != 1:
         raise _fail(f"layer {name!r}: packed codes missing or not a flat uint8 tensor")
-    if codes.numel() != packed_numel(math.prod(shape), bits):
-        raise _fail(f"layer {name!r}: header says {math.prod(shape)} weights of {bits} bits, "
+    numel = math.prod(spec.weight_shape)
+    if codes.numel() != packed_numel(numel, spec.weight_bits):
+        raise _fail(f"layer {name!r}: header says {numel} weights of {spec.weight_bits} bits, "
                     f"the file holds {codes.numel()} code bytes")
-    if spec.get("config") is not None:
-        config_from_dict(spec["config"])  # ValueError on nonsense
-    act_bits = spec.get("act_bits")
-    if (not isinstance(act_bits, list) or len(act_bits) != 2
-            or not all(type(v) is int for v in act_bits)
-            or not (1 <= act_bits[0] and 0 <= act_bits[1] and sum(act_bits) <= 32)):
-        raise _fail(f"layer {name!r}: invalid act_bits {act_bits!r}")
-    for key in ("has_zero", "bias", "transposed"):
-        if key in spec and type(spec[key]) is not bool:
-            raise _fail(f"layer {name!r}: {key} must be true or false")
-    for key in ("kind", "method", "accumulator", "act_rounding"):
-        if type(spec.get(key)) is not str:
-            raise _fail(f"layer {name!r}: {key} must be a string")
-    for key in ("shift_lo", "shift_hi"):
-        if type(spec.get(key)) is not int or abs(spec[key]) > 1024:
-            raise _fail(f"layer {name!r}: invalid {key}")
-    layer = frozen_from_spec(spec)
-    if (prefix + "bias_int" in tensors) != (layer.bias_int is not None):
+    if (prefix + "bias_int" in tensors) != spec.bias:
         raise _fail(f"layer {name!r}: bias presence differs between header and tensors")
-    return layer
+    return frozen_from_spec(spec)
 
 
 def _build_zoo_model(zoo: Any) -> nn.Module:
@@ -324,6 +305,7 @@ def load_packed(path: str | os.PathLike | bytes, model: nn.Module | None = None)
         raise _fail(f"inconsistent packed file: {type(e).__name__}: {e}") from e
     if model is None:
         model = _build_zoo_model(meta.get("zoo"))
+    by_module: dict[int, nn.Module] = {}  # a layer the file lists under two names is one module
     for name, layer in layers.items():
         try:
             target = model.get_submodule(name)
@@ -332,18 +314,15 @@ def load_packed(path: str | os.PathLike | bytes, model: nn.Module | None = None)
         if not _matches(target, layer):
             raise _fail(f"layer {name!r} of the model ({type(target).__name__}) does not match the "
                         f"file's {type(layer).__name__} of weight shape {layer.weight_shape}")
-        if name == "":
-            model = layer
-        else:
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        by_module.setdefault(id(target), layer)
+    model = replace_modules(model, lambda m: by_module.get(id(m)))
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
         raise _fail(f"the file does not match the model: {e}") from e
-    for name, layer in layers.items():
+    for name in layers:
         try:
-            layer.check_consistency()
+            model.get_submodule(name).check_consistency()
         except ValueError as e:
             raise _fail(f"layer {name!r}: {e}") from e
     # The same float-layer forms freeze_ gives (state-dict compatible, so the file need not say).

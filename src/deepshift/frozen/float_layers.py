@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from deepshift.core.replace import replace_modules
+
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _ADAPTIVE_AVG = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
 
@@ -152,17 +154,8 @@ def freeze_float_layers_(model: nn.Module) -> nn.Module:
             return ExactGlobalAvgPool(_ADAPTIVE_AVG.index(type(module)) + 1)
         return None
 
-    root = replacement(model)
-    if root is not None:
-        return root.train(model.training)
-    done: dict[int, nn.Module | None] = {}  # a module shared by two parents stays shared
-    for parent in list(model.modules()):
-        for name, child in list(parent._modules.items()):
-            if child is None:
-                continue
-            if id(child) not in done:
-                new = replacement(child)
-                done[id(child)] = None if new is None else new.train(child.training)
-            if done[id(child)] is not None:
-                setattr(parent, name, done[id(child)])
-    return model
+    def in_same_mode(module: nn.Module) -> nn.Module | None:
+        new = replacement(module)
+        return None if new is None else new.train(module.training)
+
+    return replace_modules(model, in_same_mode)

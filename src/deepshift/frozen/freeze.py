@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import replace
 
 import torch
@@ -12,9 +11,12 @@ from torch import nn
 from deepshift.core.config import PSConfig
 from deepshift.core.convert import shift_and_sign, shift_layers
 from deepshift.core.quantize import to_fixed_point_int
+from deepshift.core.replace import replace_modules
 from deepshift.frozen.float_layers import freeze_float_layers_
 from deepshift.frozen.layers import ShiftConvNd, ShiftLinear, _FrozenShift, choose_accumulator
+from deepshift.frozen.spec import FrozenSpec
 from deepshift.ops.codes import encode_codes, pack_codes
+from deepshift.ops.reference import fan_in
 
 DEFAULT_ACT_BITS: tuple[int, int] = (8, 8)
 """Fixed point used by :func:`freeze_` for layers trained without ``act_bits``: 16-bit inputs
@@ -50,36 +52,23 @@ def freeze_layer(module: nn.Module, act_bits: tuple[int, int] | None = None) -> 
     codes = encode_codes(shift, sign, cfg.weight_bits, has_zero, shift_lo)
     bias = module.bias  # the parametrized (already rounded, if trained with act_bits) bias
     weight_shape = list(shift.shape)
+    terms = fan_in(weight_shape, getattr(module, "transposed", False), getattr(module, "groups", 1))
+    common = dict(
+        weight_shape=tuple(weight_shape), weight_bits=cfg.weight_bits, has_zero=has_zero, shift_lo=shift_lo,
+        shift_hi=shift_hi, act_bits=bits, act_rounding=cfg.act_rounding, method=cfg.method,
+        accumulator=choose_accumulator(terms, bits, shift_lo, shift_hi, bias is not None),
+        bias=bias is not None, config=cfg.to_dict(),
+    )
     if isinstance(module, nn.Linear):
-        fan_in = weight_shape[1]
-    else:
-        fan_in = weight_shape[1] * math.prod(weight_shape[2:]) if not module.transposed else (
-            weight_shape[0] // module.groups * math.prod(weight_shape[2:]))
-    spec = {
-        "weight_shape": weight_shape,
-        "weight_bits": cfg.weight_bits,
-        "has_zero": has_zero,
-        "shift_lo": shift_lo,
-        "shift_hi": shift_hi,
-        "act_bits": list(bits),
-        "act_rounding": cfg.act_rounding,
-        "method": cfg.method,
-        "accumulator": choose_accumulator(fan_in, bits, shift_lo, shift_hi, bias is not None),
-        "bias": bias is not None,
-        "config": cfg.to_dict(),
-    }
-    if isinstance(module, nn.Linear):
-        frozen: _FrozenShift = ShiftLinear({"kind": "linear", **spec})
+        frozen: _FrozenShift = ShiftLinear(FrozenSpec(kind="linear", **common))
     elif isinstance(module, nn.modules.conv._ConvNd):
         padding = module.padding
-        frozen = ShiftConvNd({
-            "kind": "conv", **spec,
-            "transposed": bool(module.transposed), "groups": module.groups,
-            "stride": list(module.stride),
-            "padding": padding if isinstance(padding, str) else list(padding),
-            "dilation": list(module.dilation), "output_padding": list(module.output_padding),
-            "padding_mode": module.padding_mode,
-        })
+        frozen = ShiftConvNd(FrozenSpec(
+            kind="conv", **common, transposed=bool(module.transposed), groups=module.groups,
+            stride=tuple(module.stride), padding=padding if isinstance(padding, str) else tuple(padding),
+            dilation=tuple(module.dilation), output_padding=tuple(module.output_padding),
+            padding_mode=module.padding_mode,
+        ))
     else:
         raise TypeError(f"cannot freeze {type(module).__name__}")
     device = shift.device
@@ -132,14 +121,7 @@ def freeze_(model: nn.Module, act_bits: tuple[int, int] | None = None,
         return frozen[id(model)]
     if float_layers:
         model = freeze_float_layers_(model)
-    # Every place a shift layer is attached (a layer shared by two parents is frozen once and
-    # stays shared).
-    for parent in list(model.modules()):
-        # _modules, not named_children(): the latter skips a child registered twice.
-        for child_name, child in list(parent._modules.items()):
-            if id(child) in frozen:
-                setattr(parent, child_name, frozen[id(child)])
-    return model
+    return replace_modules(model, lambda m: frozen.get(id(m)))
 
 
 def frozen_copy(model: nn.Module, act_bits: tuple[int, int] | None = None) -> nn.Module:

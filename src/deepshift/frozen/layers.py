@@ -30,9 +30,10 @@ import torch
 from torch import Tensor, nn
 
 from deepshift.core.quantize import fixed_point_limits
-from deepshift.ops.codes import packed_numel
+from deepshift.frozen.spec import FrozenSpec
+from deepshift.ops.codes import decode_codes, packed_numel
 from deepshift.ops.reference import ACCUMULATORS as _ACC_DTYPES
-from deepshift.ops.reference import accumulator_bound, conv_output_size
+from deepshift.ops.reference import accumulator_bound, conv_output_size, fan_in
 
 
 def choose_accumulator(
@@ -74,54 +75,43 @@ def conv_pads(padding, kernel_size, dilation) -> list[int]:
 
 
 class _FrozenShift(nn.Module):
-    """State shared by the frozen layers; ``spec()`` / ``from_spec`` round-trip it through JSON."""
+    """State shared by the frozen layers, made from a :class:`~deepshift.frozen.spec.FrozenSpec`
+    (``spec()`` gives it back)."""
 
-    def __init__(self, spec: dict[str, Any]):
+    def __init__(self, spec: FrozenSpec):
         super().__init__()
-        self.weight_shape: tuple[int, ...] = tuple(int(d) for d in spec["weight_shape"])
-        self.weight_bits = int(spec["weight_bits"])
-        self.has_zero = bool(spec["has_zero"])
-        self.shift_lo = int(spec["shift_lo"])
-        self.shift_hi = int(spec["shift_hi"])
-        self.act_bits = (int(spec["act_bits"][0]), int(spec["act_bits"][1]))
-        self.act_rounding = str(spec["act_rounding"])
-        self.method = str(spec["method"])
-        self.accumulator = str(spec["accumulator"])
+        if spec.kind != self.kind:
+            raise ValueError(f"{type(self).__name__} needs a {self.kind} spec, got {spec.kind!r}")
+        self.weight_shape: tuple[int, ...] = spec.weight_shape
+        self.weight_bits = spec.weight_bits
+        self.has_zero = spec.has_zero
+        self.shift_lo = spec.shift_lo
+        self.shift_hi = spec.shift_hi
+        self.act_bits = spec.act_bits
+        self.act_rounding = spec.act_rounding
+        self.method = spec.method
+        self.accumulator = spec.accumulator
         # The training config (QConfig/PSConfig.to_dict()), kept for reports and packed files.
-        self.config: dict[str, Any] | None = spec.get("config")
-        if self.accumulator not in _ACC_DTYPES:
-            raise ValueError(f"accumulator must be int32 or int64, got {self.accumulator!r}")
+        self.config: dict[str, Any] | None = spec.config
         numel = math.prod(self.weight_shape)
         self.register_buffer("codes", torch.zeros(packed_numel(numel, self.weight_bits), dtype=torch.uint8))
-        if spec["bias"]:
-            self.register_buffer("bias_int", torch.zeros(self.out_channels_(), dtype=torch.int32))
+        if spec.bias:
+            self.register_buffer("bias_int", torch.zeros(spec.out_channels, dtype=torch.int32))
         else:
             self.bias_int = None
 
-    def out_channels_(self) -> int:
-        raise NotImplementedError
-
     def fan_in(self) -> int:
         """Most terms any output sums (the accumulator bound's fan-in)."""
-        w = self.weight_shape
-        if self.kind == "linear":
-            return w[1]
-        per_group = w[0] // self.groups if self.transposed else w[1]
-        return per_group * math.prod(w[2:])
+        return fan_in(self.weight_shape, getattr(self, "transposed", False), getattr(self, "groups", 1))
 
     @torch.no_grad()
     def check_consistency(self) -> None:
         """ValueError unless the codes and the stated shift range / accumulator agree.
 
         Loading a file calls this, so a header that misstates them (which could make the
-        integer accumulator overflow silently) is rejected.
+        integer accumulator overflow silently) is rejected. (The spec's fields themselves were
+        checked when the layer was made: :class:`~deepshift.frozen.spec.FrozenSpec`.)
         """
-        from deepshift.ops.codes import decode_codes
-
-        if self.method not in ("q", "ps") or self.has_zero != (self.method == "ps"):
-            raise ValueError(f"method {self.method!r} and has_zero={self.has_zero} disagree")
-        if self.act_rounding not in ("nearest", "floor"):
-            raise ValueError(f"unknown act_rounding {self.act_rounding!r}")
         rel, sign = decode_codes(self.codes, self.weight_shape, self.weight_bits, self.has_zero)
         used = rel[sign != 0]
         top = self.shift_lo + (int(used.max()) if used.numel() else 0)
@@ -137,21 +127,17 @@ class _FrozenShift(nn.Module):
             if bool((self.bias_int < lo).any()) or bool((self.bias_int > hi).any()):
                 raise ValueError("bias lies outside the fixed-point range")
 
-    def spec(self) -> dict[str, Any]:
-        """JSON-safe description from which :meth:`from_spec` rebuilds an empty layer."""
-        return {
-            "weight_shape": list(self.weight_shape),
-            "weight_bits": self.weight_bits,
-            "has_zero": self.has_zero,
-            "shift_lo": self.shift_lo,
-            "shift_hi": self.shift_hi,
-            "act_bits": list(self.act_bits),
-            "act_rounding": self.act_rounding,
-            "method": self.method,
-            "accumulator": self.accumulator,
-            "bias": self.bias_int is not None,
-            "config": self.config,
-        }
+    def spec(self) -> FrozenSpec:
+        """The layer's description, from which ``FROZEN_TYPES[spec.kind](spec)`` rebuilds it empty."""
+        return FrozenSpec(
+            kind=self.kind, weight_shape=self.weight_shape, weight_bits=self.weight_bits,
+            has_zero=self.has_zero, shift_lo=self.shift_lo, shift_hi=self.shift_hi, act_bits=self.act_bits,
+            act_rounding=self.act_rounding, method=self.method, accumulator=self.accumulator,
+            bias=self.bias_int is not None, config=self.config, **self._conv_fields(),
+        )
+
+    def _conv_fields(self) -> dict[str, Any]:
+        return {}
 
     def _check_input(self, x: Tensor) -> None:
         if not x.is_floating_point():
@@ -168,19 +154,9 @@ class ShiftLinear(_FrozenShift):
 
     kind = "linear"
 
-    def __init__(self, spec: dict[str, Any]):
+    def __init__(self, spec: FrozenSpec):
         super().__init__(spec)
         self.out_features, self.in_features = self.weight_shape
-
-    def out_channels_(self) -> int:
-        return self.weight_shape[0]
-
-    @classmethod
-    def from_spec(cls, spec: dict[str, Any]) -> ShiftLinear:
-        return cls(spec)
-
-    def spec(self) -> dict[str, Any]:
-        return {"kind": self.kind, **super().spec()}
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
@@ -195,67 +171,26 @@ class ShiftConvNd(_FrozenShift):
 
     kind = "conv"
 
-    def __init__(self, spec: dict[str, Any]):
-        self.transposed = bool(spec["transposed"])
-        self.groups = int(spec["groups"])
-        w = [int(d) for d in spec["weight_shape"]]
-        # Checked before any buffer is allocated: groups divides the weight's first dimension,
-        # which bounds the bias size by the weight's.
-        if self.groups < 1 or w[0] % self.groups:
-            raise ValueError(f"groups={self.groups} must be positive and divide {w[0]}")
-        self.out_channels = w[1] * self.groups if self.transposed else w[0]
-        self.in_channels = w[0] if self.transposed else w[1] * self.groups
+    def __init__(self, spec: FrozenSpec):
         super().__init__(spec)
-        dims = len(self.weight_shape) - 2
+        self.transposed = spec.transposed
+        self.groups = spec.groups
+        self.out_channels = spec.out_channels
+        self.in_channels = self.weight_shape[0] if self.transposed else self.weight_shape[1] * self.groups
         self.kernel_size = tuple(self.weight_shape[2:])
-        self.stride = tuple(int(v) for v in spec["stride"])
-        self.dilation = tuple(int(v) for v in spec["dilation"])
-        self.output_padding = tuple(int(v) for v in spec["output_padding"])
-        padding = spec["padding"]
-        self.padding = padding if isinstance(padding, str) else tuple(int(v) for v in padding)
-        self.padding_mode = str(spec["padding_mode"])
-        if self.padding_mode not in ("zeros", "reflect", "replicate", "circular"):
-            raise ValueError(f"unknown padding_mode {self.padding_mode!r}")
-        for name in ("stride", "dilation", "output_padding", "kernel_size"):
-            if len(getattr(self, name)) != dims:
-                raise ValueError(f"{name} needs {dims} values")
-        if min(self.stride + self.dilation, default=1) < 1:
-            raise ValueError("stride and dilation must be positive")
-        if min(self.output_padding, default=0) < 0:
-            raise ValueError("output_padding must be >= 0")
-        if any(op >= max(st, dl) for op, st, dl in zip(self.output_padding, self.stride, self.dilation,
-                                                        strict=False)):
-            raise ValueError("output_padding must be smaller than stride or dilation")
-        if not self.transposed and any(self.output_padding):
-            raise ValueError("output_padding is only for transposed convolutions")
-        if isinstance(self.padding, str):
-            if self.padding not in ("same", "valid") or self.transposed:
-                raise ValueError(f"padding={self.padding!r} is not supported here")
-        elif len(self.padding) != dims or min(self.padding, default=0) < 0:
-            raise ValueError(f"padding needs {dims} values >= 0")
+        self.stride = spec.stride
+        self.dilation = spec.dilation
+        self.output_padding = spec.output_padding
+        self.padding = spec.padding
+        self.padding_mode = spec.padding_mode
         self._pads = conv_pads(self.padding, self.kernel_size, self.dilation)
         # Padding the op does itself (symmetric zeros) vs. padding applied to the float input.
         self._pad_outside = self.padding_mode != "zeros" or isinstance(self.padding, str)
 
-    def out_channels_(self) -> int:
-        return self.out_channels
-
-    @classmethod
-    def from_spec(cls, spec: dict[str, Any]) -> ShiftConvNd:
-        return cls(spec)
-
-    def spec(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            **super().spec(),
-            "transposed": self.transposed,
-            "groups": self.groups,
-            "stride": list(self.stride),
-            "padding": self.padding if isinstance(self.padding, str) else list(self.padding),
-            "dilation": list(self.dilation),
-            "output_padding": list(self.output_padding),
-            "padding_mode": self.padding_mode,
-        }
+    def _conv_fields(self) -> dict[str, Any]:
+        return {"transposed": self.transposed, "groups": self.groups, "stride": self.stride,
+                "padding": self.padding, "dilation": self.dilation, "output_padding": self.output_padding,
+                "padding_mode": self.padding_mode}
 
     def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
         """Output shape for an input shape (batched)."""
@@ -304,12 +239,9 @@ class ShiftConvNd(_FrozenShift):
 FROZEN_TYPES: dict[str, type[_FrozenShift]] = {"linear": ShiftLinear, "conv": ShiftConvNd}
 
 
-def frozen_from_spec(spec: dict[str, Any]) -> _FrozenShift:
+def frozen_from_spec(spec: FrozenSpec) -> _FrozenShift:
     """An empty frozen layer (zero codes) described by ``spec``; fill it with ``load_state_dict``."""
-    kind = spec.get("kind")
-    if kind not in FROZEN_TYPES:
-        raise ValueError(f"unknown frozen layer kind {kind!r}")
-    return FROZEN_TYPES[kind].from_spec(spec)
+    return FROZEN_TYPES[spec.kind](spec)
 
 
 def is_frozen_layer(module: nn.Module) -> bool:

@@ -105,4 +105,18 @@ def build_model(name: str, num_classes: int | None = None, in_channels: int | No
     return model
 
 
-__all__ = ["UnknownModelError", "build_model", "model_names"]
+def input_shape(name: str, image_size: int = 224) -> tuple[int, ...]:
+    """The input shape (without the batch dimension) a zoo model is made for.
+
+    Example:
+        >>> input_shape("mnist-conv"), input_shape("resnet20")
+        ((1, 28, 28), (3, 32, 32))
+    """
+    if name.startswith("mnist-"):
+        return (1, 28, 28)
+    if name.startswith(("imagenet-", TORCHVISION_PREFIX)):
+        return (3, image_size, image_size)
+    return (3, 32, 32)  # the CIFAR zoo
+
+
+__all__ = ["UnknownModelError", "build_model", "input_shape", "model_names"]

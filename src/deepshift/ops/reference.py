@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -91,15 +92,8 @@ def _add_bias(y: Tensor, bias: Tensor | None, u: int, channel_dim: int) -> Tenso
     return y + torch.bitwise_left_shift(bias, -u).reshape(shape)
 
 
-def shift_linear_reference(
-    x: Tensor,
-    codes: Tensor,
-    weight_shape: list[int],
-    weight_bits: int,
-    has_zero: bool,
-    shift_lo: int,
-    bias: Tensor | None,
-) -> Tensor:
+def shift_linear_reference(x: Tensor, codes: Tensor, weight_shape: list[int], weight_bits: int,
+                           has_zero: bool, shift_lo: int, bias: Tensor | None) -> Tensor:
     """Integer shift Linear: ``x`` (..., in) -> (..., out), see the module docstring.
 
     ``weight_shape`` is ``[out_features, in_features]``.
@@ -158,21 +152,10 @@ def _dilate_and_pad_for_transpose(
     return torch.nn.functional.pad(dilated, pads)
 
 
-def shift_conv_reference(
-    x: Tensor,
-    codes: Tensor,
-    weight_shape: list[int],
-    weight_bits: int,
-    has_zero: bool,
-    shift_lo: int,
-    bias: Tensor | None,
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    groups: int,
-    transposed: bool,
-    output_padding: list[int],
-) -> Tensor:
+def shift_conv_reference(x: Tensor, codes: Tensor, weight_shape: list[int], weight_bits: int,
+                         has_zero: bool, shift_lo: int, bias: Tensor | None, stride: list[int],
+                         padding: list[int], dilation: list[int], groups: int, transposed: bool,
+                         output_padding: list[int]) -> Tensor:
     """Integer shift convolution (1, 2 or 3 spatial dims, plain or transposed), batched input.
 
     ``x`` is (N, C_in, *spatial); ``weight_shape`` is torch's weight shape for the layer
@@ -229,6 +212,35 @@ def shift_conv_reference(
         outs.append(y.reshape(n, positions, -1).transpose(1, 2))
     y = torch.cat(outs, dim=1).reshape(n, c_out, *out_sizes)
     return _add_bias(y, bias, u, 1)
+
+
+class ShiftConvArgs(NamedTuple):
+    """``deepshift::shift_conv``'s arguments after ``x``, in the op's order: the packed weight, its
+    bias and torch's convolution options. Kernels unpack a call into one (``ShiftConvArgs(*args)``)
+    and pass it on whole, instead of thirteen positional arguments."""
+
+    codes: Tensor
+    weight_shape: list[int]
+    weight_bits: int
+    has_zero: bool
+    shift_lo: int
+    bias: Tensor | None
+    stride: list[int]
+    padding: list[int]
+    dilation: list[int]
+    groups: int
+    transposed: bool
+    output_padding: list[int]
+
+
+def fan_in(weight_shape: list[int] | tuple[int, ...], transposed: bool = False, groups: int = 1) -> int:
+    """Terms one output of a shift layer sums (borders aside): the accumulator bound's fan-in.
+
+    Linear ``(out, in)``: ``in``; convolution ``(C_out, C_in/groups, *k)``: ``C_in/groups * prod(k)``;
+    transposed convolution ``(C_in, C_out/groups, *k)``: ``C_in/groups * prod(k)`` as well.
+    """
+    per_group = weight_shape[0] // groups if transposed else weight_shape[1]
+    return per_group * math.prod(weight_shape[2:])
 
 
 def accumulator_bound(fan_in: int, max_abs_x: int, max_amount: int, max_abs_bias: int, u: int) -> int:

@@ -33,7 +33,7 @@ _MNIST_RECIPE = {"model": "mnist-conv", "epochs": 10, "batch_size": 64, "optimiz
                  "momentum": 0.0, "weight_decay": 0.0, "lr_schedule": "cosine"}
 
 
-# The paper's recipes (PAPER.md, "Original training recipes"); options left at None take these.
+# The paper's training recipes; options left at None take these.
 RECIPES: dict[str, dict[str, Any]] = {
     "digits": _MNIST_RECIPE,
     "mnist": _MNIST_RECIPE,

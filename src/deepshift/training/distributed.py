@@ -210,11 +210,6 @@ def all_gather_object(obj, ctx: DistContext) -> list:
     return out
 
 
-def barrier(ctx: DistContext) -> None:
-    if ctx.enabled:
-        dist.barrier()
-
-
 def parameter_digest(model: nn.Module) -> str:
     """SHA-256 of every parameter's bytes (by name): equal digests mean bit-identical replicas."""
     h = hashlib.sha256()
@@ -245,6 +240,6 @@ def wrap_model(model: nn.Module, ctx: DistContext, device: torch.device, sync_bn
 
 __all__ = [
     "BACKENDS", "DistContext", "SINGLE", "ShardedBatchLoader", "all_gather_object", "all_reduce_sum",
-    "barrier", "env_world_size", "on_main", "parameter_digest", "rank_device", "setup", "shard_bounds",
+    "env_world_size", "on_main", "parameter_digest", "rank_device", "setup", "shard_bounds",
     "shard_eval_loader", "teardown", "wrap_model",
 ]

@@ -29,8 +29,8 @@ index arithmetic: row / plane offsets, computed per row or per weight, never per
   the inner loop is one vector load and one add (positive weight) or subtract (negative weight) per
   8 (int32) or 4 (int64) outputs, plus one uniform shift of the accumulators per distinct amount.
   Zero weights have no term. Term lists are split into channel blocks so the table slice in use
-  stays in L1. (A first version kept one pre-shifted copy of the input per shift amount, the
-  design note's idea; Horner needs no copies, so the table is ~P times smaller and 1.3-2.5x faster.)
+  stays in L1. Horner's rule needs no pre-shifted copies of the input, so the table is as small as
+  the input itself.
 * 8-bit activations (every ``|x| <= 128``, checked per call; computed on int32 lanes): the table
   holds int16 copies, 16 outputs per vector (half the loads and adds), and each shift group is
   split into chunks of at most 255 terms, whose sums are exact in int16; Horner's rule runs on the
@@ -86,10 +86,9 @@ _LANE_DTYPES = {16: torch.int16, 32: torch.int32, 64: torch.int64}
 
 
 TABLE_BLOCK_BYTES = 16 * 1024
-"""Bytes of the input table one work item of a convolution reads per channel block: sized to stay in
-L1 together with the term lists streaming past (Zen 1: 32 KiB L1D). Measured here at batch 1, 3x3:
-a 64-channel 56x56 conv 1.06x fp32 in 2 blocks of 32 channels (12.7 KiB) vs 1.09x in one and 1.19x
-in 4; 256 channels at 14x14 1.06x in 4 blocks (12 KiB) vs 1.19x in 2."""
+"""Bytes of the input table one work item of a convolution reads per channel block: half of the
+smallest common L1 data cache (32 KiB), so the slice stays in L1 beside the term lists streaming
+past it. Smaller blocks cost an extra pass over the item's outputs each (see ``conv_plan``)."""
 
 
 def _shifted_bias(bias: Tensor | None, u: int) -> Tensor | None:
@@ -148,65 +147,49 @@ def _valid_codes(codes: Tensor, weight_shape, weight_bits) -> bool:
     )
 
 
-def _conv_native_ok(
-    x, codes, weight_shape, weight_bits, has_zero, shift_lo, bias, stride, padding, dilation, groups,
-    transposed, output_padding
-) -> bool:
+def _conv_native_ok(x: Tensor, a: ref.ShiftConvArgs) -> bool:
+    weight_shape = a.weight_shape
     dims = len(weight_shape) - 2
     if not 1 <= dims <= 3 or x.dtype not in (torch.int32, torch.int64) or x.dim() != dims + 2:
         return False
-    if not _valid_codes(codes, weight_shape, weight_bits) or min(weight_shape) <= 0 or x.numel() == 0:
+    if not _valid_codes(a.codes, weight_shape, a.weight_bits) or min(weight_shape) <= 0 or x.numel() == 0:
         return False
-    if any(len(v) != dims for v in (stride, padding, dilation, output_padding)) or groups < 1:
+    if any(len(v) != dims for v in (a.stride, a.padding, a.dilation, a.output_padding)) or a.groups < 1:
         return False
-    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0 or min(output_padding) < 0:
+    if min(a.stride) < 1 or min(a.dilation) < 1 or min(a.padding) < 0 or min(a.output_padding) < 0:
         return False
-    c_out = weight_shape[1] * groups if transposed else weight_shape[0]
-    if bias is not None and (bias.dtype != x.dtype or bias.shape != (c_out,)):
+    c_out = weight_shape[1] * a.groups if a.transposed else weight_shape[0]
+    if a.bias is not None and (a.bias.dtype != x.dtype or a.bias.shape != (c_out,)):
         return False
-    if transposed:
-        if weight_shape[0] % groups or x.shape[1] != weight_shape[0]:
+    if a.transposed:
+        if weight_shape[0] % a.groups or x.shape[1] != weight_shape[0]:
             return False
-    elif weight_shape[0] % groups or x.shape[1] != weight_shape[1] * groups:
+    elif weight_shape[0] % a.groups or x.shape[1] != weight_shape[1] * a.groups:
         return False
-    sizes = [
-        ref.conv_output_size(
-            x.shape[2 + d],
-            weight_shape[2 + d],
-            stride[d],
-            padding[d],
-            dilation[d],
-            transposed,
-            output_padding[d],
-        )
-        for d in range(dims)
-    ]
+    sizes = [ref.conv_output_size(x.shape[2 + d], weight_shape[2 + d], a.stride[d], a.padding[d],
+                                  a.dilation[d], a.transposed, a.output_padding[d]) for d in range(dims)]
     return min(sizes) >= 1
 
 
 class _ConvCall:
     """What a conv call with one signature (shapes, options) needs besides x and bias: cached."""
 
-    def __init__(self, ext, x, codes, weight_shape, weight_bits, has_zero, shift_lo, _bias, stride, padding,
-                 dilation, groups, transposed, output_padding):  # the op's arguments (bias: per call)
+    def __init__(self, ext, a: ref.ShiftConvArgs):
+        weight_shape = a.weight_shape
         dims = len(weight_shape) - 2
         self.kernel = list(weight_shape[2:])
-        self.transposed = transposed
-        self.groups = groups
-        self.tstride, self.tpadding = list(stride), list(padding)
-        self.tdilation, self.toutput_padding = list(dilation), list(output_padding)
-        if transposed:
-            self.fan_in = weight_shape[0] // groups * math.prod(self.kernel)
-            stride, padding = [1] * dims, [0] * dims
-        else:
-            self.fan_in = weight_shape[1] * math.prod(self.kernel)
+        self.transposed = a.transposed
+        self.groups = a.groups
+        self.tstride, self.tpadding = list(a.stride), list(a.padding)
+        self.tdilation, self.toutput_padding = list(a.dilation), list(a.output_padding)
+        self.fan_in = ref.fan_in(weight_shape, a.transposed, a.groups)
+        stride, padding = ([1] * dims, [0] * dims) if a.transposed else (a.stride, a.padding)
         self.pre = 3 - dims
         self.s3 = [1] * self.pre + list(stride)
         self.p3 = [0] * self.pre + list(padding)
-        self.d3 = [1] * self.pre + list(dilation)
-        self.args = (ext, codes, tuple(weight_shape), weight_bits, has_zero, shift_lo)
+        self.d3 = [1] * self.pre + list(a.dilation)
+        self.args = (ext, a.codes, tuple(weight_shape), a.weight_bits, a.has_zero, a.shift_lo)
         self.by_lanes: dict[int, tuple] = {}
-
     def weights(self, lanes):
         """(w5 shape, conv-layout scode) for the lane width."""
         ext, codes, weight_shape, weight_bits, has_zero, shift_lo = self.args
@@ -256,62 +239,30 @@ class _ConvCall:
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
-def _conv_call(ext, args: tuple, x_dtype: torch.dtype):
-    """The prepared ``_ConvCall`` for the op's arguments ``args`` with x of integer dtype ``x_dtype``
-    (x itself may be the float input of the fused path), or False when the native kernel does not
-    take the call. One per signature: shapes and dtypes of the tensors, every option as is."""
-    x = args[0]
-    key = ("call", (tuple(x.shape), x_dtype), *((tuple(a.shape), a.dtype) if isinstance(a, Tensor) else
-                                                 tuple(a) if isinstance(a, list) else a for a in args[1:]))
+def _conv_call(ext, x: Tensor, a: ref.ShiftConvArgs, x_dtype: torch.dtype):
+    """The prepared ``_ConvCall`` for a call with x of integer dtype ``x_dtype`` (x itself may be the
+    float input of the fused path), or False when the native kernel does not take the call. One per
+    signature: shapes and dtypes of the tensors, every option as is."""
+    key = ("call", (tuple(x.shape), x_dtype), *((tuple(v.shape), v.dtype) if isinstance(v, Tensor) else
+                                                 tuple(v) if isinstance(v, list) else v for v in a))
 
     def make():
-        a = args if x.dtype == x_dtype else (torch.empty(x.shape, dtype=x_dtype, device="meta"), *args[1:])
-        return _ConvCall(ext, *a) if _conv_native_ok(*a) else False
+        xi = x if x.dtype == x_dtype else torch.empty(x.shape, dtype=x_dtype, device="meta")
+        return _ConvCall(ext, a) if _conv_native_ok(xi, a) else False
 
-    return _cached(args[1], key, make)
+    return _cached(a.codes, key, make)
 
 
-def shift_conv_cpu(
-    x,
-    codes,
-    weight_shape,
-    weight_bits,
-    has_zero,
-    shift_lo,
-    bias,
-    stride,
-    padding,
-    dilation,
-    groups,
-    transposed,
-    output_padding,
-):
+def shift_conv_cpu(x: Tensor, *args) -> Tensor:
     """CPU kernel of ``deepshift::shift_conv`` (native when available, else the reference)."""
-    args = (
-        x,
-        codes,
-        weight_shape,
-        weight_bits,
-        has_zero,
-        shift_lo,
-        bias,
-        stride,
-        padding,
-        dilation,
-        groups,
-        transposed,
-        output_padding,
-    )
+    a = ref.ShiftConvArgs(*args)
     ext = load_extension()
-    if ext is None:
-        return ref.shift_conv_reference(*args)
-    call = _conv_call(ext, args, x.dtype)
+    call = False if ext is None else _conv_call(ext, x, a, x.dtype)
     if call is False:
-        return ref.shift_conv_reference(*args)
-    u = min(shift_lo, 0)
-    bias_s = _shifted_bias(bias, u)
-    lanes = _lanes_for(ext, x, codes, weight_shape, weight_bits, has_zero, shift_lo, bias_s, call.fan_in,
-                       int16=True)
+        return ref.shift_conv_reference(x, *a)
+    bias_s = _shifted_bias(a.bias, min(a.shift_lo, 0))
+    lanes = _lanes_for(ext, x, a.codes, a.weight_shape, a.weight_bits, a.has_zero, a.shift_lo, bias_s,
+                       call.fan_in, int16=True)
     return call.run(ext, x, bias_s, lanes)
 
 
@@ -333,14 +284,13 @@ def _fused_setup(ext, x, act_bits, rounding, accumulator, shift_lo, bias, terms,
     b = _shifted_bias(bias, u)
     # 8-bit activations (|q| <= 128 by construction) take the int16 tables, unless an output has
     # fewer terms than 2 * (shift amounts): then the int16 path's widening per shift group outweighs
-    # its narrower loads (ResNet's 3-channel first conv, 27 terms for 16 amounts: int32 tables were
-    # 1.45x faster, 3.85 vs 5.65 ms at batch 128; int16 was already ahead at 45 terms).
+    # its narrower loads (e.g. a 3-channel first conv: 27 terms for 16 shift amounts).
     lanes = 16 if total <= 8 and terms >= 2**weight_bits else 32
     return lanes, lo, hi, u - act_bits[1], b
 
 
-def _prepare_conv_fused(x, codes, weight_shape, weight_bits, has_zero, shift_lo, bias, stride, padding,
-                        dilation, groups, act_bits, rounding, accumulator):
+def _prepare_conv_fused(x: Tensor, a: ref.ShiftConvArgs, act_bits: list[int], rounding: str,
+                        accumulator: str):
     """``(run, output shape)`` computing a frozen (non-transposed) conv layer's whole forward on float
     CPU inputs shaped and typed like ``x`` in one native call; None where that does not apply (no
     native kernels, an int64 accumulator, another dtype, shapes the native kernel does not take).
@@ -354,15 +304,14 @@ def _prepare_conv_fused(x, codes, weight_shape, weight_bits, has_zero, shift_lo,
     bit as torch computes those operations.
     """
     ext = load_extension()
-    setup = None if ext is None else _fused_setup(ext, x, act_bits, rounding, accumulator, shift_lo, bias,
-                                                  math.prod(weight_shape[1:]), weight_bits)
-    if setup is None or x.dim() != len(weight_shape):
+    weight_shape = a.weight_shape
+    setup = None if ext is None else _fused_setup(ext, x, act_bits, rounding, accumulator, a.shift_lo, a.bias,
+                                                  math.prod(weight_shape[1:]), a.weight_bits)
+    if setup is None or x.dim() != len(weight_shape) or a.transposed:
         return None
     lanes, lo, hi, exponent, b = setup
     dims = len(weight_shape) - 2
-    args = (x, codes, weight_shape, weight_bits, has_zero, shift_lo, bias, stride, padding, dilation, groups,
-            False, [0] * dims)
-    call = _conv_call(ext, args, torch.int32)
+    call = _conv_call(ext, x, a, torch.int32)
     if call is False:
         return None
     w5_shape, plan = call.prepared(ext, lanes, [x.shape[0], x.shape[1], *([1] * call.pre), *x.shape[2:]])
@@ -370,14 +319,14 @@ def _prepare_conv_fused(x, codes, weight_shape, weight_bits, has_zero, shift_lo,
     frac, floor = act_bits[1], rounding == "floor"
 
     def run(x: Tensor, affine: list[Tensor] | None, residual: Tensor | None, relu: bool) -> Tensor:
-        y, has_nan = conv_fused(x.contiguous(), w5_shape, plan, b, groups, s3, p3, d3, frac, lo, hi, floor,
+        y, has_nan = conv_fused(x.contiguous(), w5_shape, plan, b, a.groups, s3, p3, d3, frac, lo, hi, floor,
                                 lanes, exponent, affine, residual, relu)
         if has_nan:
             raise ref._nan_error()
         return y
 
-    sizes = [ref.conv_output_size(x.shape[2 + d], weight_shape[2 + d], stride[d], padding[d], dilation[d],
-                                  False, 0) for d in range(dims)]
+    sizes = [ref.conv_output_size(x.shape[2 + d], weight_shape[2 + d], a.stride[d], a.padding[d],
+                                  a.dilation[d], False, 0) for d in range(dims)]
     return run, (x.shape[0], weight_shape[0], *sizes)
 
 
@@ -385,18 +334,17 @@ def _channel_vector_ok(t: Tensor, like: Tensor, channels: int) -> bool:
     return t.dtype == like.dtype and t.device.type == "cpu" and t.is_contiguous() and t.shape == (channels,)
 
 
-def frozen_conv_cpu(x, codes, weight_shape, weight_bits, has_zero, shift_lo, bias, stride, padding, dilation,
-                    groups, transposed, output_padding, act_bits, rounding, accumulator, bn_scale, bn_shift,
-                    residual, relu):
+def frozen_conv_cpu(x: Tensor, *args) -> Tensor:
     """CPU kernel of ``deepshift::frozen_conv``: one native call (convolution, BatchNorm affine, residual
     and ReLU included) where it applies, else the reference's composition of the smaller ops."""
+    a = ref.ShiftConvArgs(*args[:12])
+    act_bits, rounding, accumulator, bn_scale, bn_shift, residual, relu = args[12:]
     fused = None
-    if not transposed:
-        key = ("frozen_conv", tuple(weight_shape), weight_bits, has_zero, shift_lo, tuple(stride),
-               tuple(padding), tuple(dilation), groups, tuple(act_bits), rounding, accumulator)
-        fused = fused_forward(x, codes, bias, key, lambda: _prepare_conv_fused(
-            x, codes, weight_shape, weight_bits, has_zero, shift_lo, bias, stride, padding, dilation, groups,
-            act_bits, rounding, accumulator))
+    if not a.transposed:
+        key = ("frozen_conv", tuple(a.weight_shape), a.weight_bits, a.has_zero, a.shift_lo, tuple(a.stride),
+               tuple(a.padding), tuple(a.dilation), a.groups, tuple(act_bits), rounding, accumulator)
+        fused = fused_forward(x, a.codes, a.bias, key,
+                              lambda: _prepare_conv_fused(x, a, act_bits, rounding, accumulator))
     if fused is not None:
         run, out_shape = fused
         channels = out_shape[1]
@@ -405,6 +353,4 @@ def frozen_conv_cpu(x, codes, weight_shape, weight_bits, has_zero, shift_lo, bia
                 and (residual is None or (residual.dtype == x.dtype and residual.device.type == "cpu"
                                           and residual.is_contiguous() and residual.shape == out_shape))):
             return run(x, None if bn_scale is None else [bn_scale, bn_shift], residual, relu)
-    return ref.frozen_conv_reference(x, codes, weight_shape, weight_bits, has_zero, shift_lo, bias, stride,
-                                     padding, dilation, groups, transposed, output_padding, act_bits,
-                                     rounding, accumulator, bn_scale, bn_shift, residual, relu)
+    return ref.frozen_conv_reference(x, *args)

@@ -33,7 +33,12 @@ import torch
 from torch import Tensor
 
 from deepshift.ops.codes import packed_numel
-from deepshift.ops.reference import conv_output_size, shift_conv_reference, shift_linear_reference
+from deepshift.ops.reference import (
+    ShiftConvArgs,
+    conv_output_size,
+    shift_conv_reference,
+    shift_linear_reference,
+)
 from deepshift.ops.schemas import register_backend
 
 __all__ = [
@@ -215,43 +220,19 @@ def triton_cdiv(a: int, b: int) -> int:
 
 
 def shift_conv_triton(
-    x: Tensor,
-    codes: Tensor,
-    weight_shape: Sequence[int],
-    weight_bits: int,
-    has_zero: bool,
-    shift_lo: int,
-    bias: Tensor | None,
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    groups: int,
-    transposed: bool,
-    output_padding: Sequence[int],
-    *,
-    multiply: bool = False,
-    config: tuple[int, int, int, int] | None = None,
+    x: Tensor, *conv_args, multiply: bool = False, config: tuple[int, int, int, int] | None = None,
 ) -> Tensor:
-    """Triton ``deepshift::shift_conv``: same arguments and result as ``shift_conv_reference``."""
-    weight_shape = [int(d) for d in weight_shape]
+    """Triton ``deepshift::shift_conv``: same arguments (``x`` and :class:`ShiftConvArgs`' fields) and
+    result as ``shift_conv_reference``."""
+    a = ShiftConvArgs(*conv_args)
+    codes, weight_bits, has_zero, shift_lo, bias, groups, transposed = (
+        a.codes, a.weight_bits, a.has_zero, a.shift_lo, a.bias, a.groups, a.transposed)
+    weight_shape = [int(d) for d in a.weight_shape]
     stride, padding, dilation, output_padding = (
-        [int(v) for v in t] for t in (stride, padding, dilation, output_padding)
+        [int(v) for v in t] for t in (a.stride, a.padding, a.dilation, a.output_padding)
     )
-    args = (
-        x,
-        codes,
-        weight_shape,
-        weight_bits,
-        has_zero,
-        shift_lo,
-        bias,
-        stride,
-        padding,
-        dilation,
-        groups,
-        transposed,
-        output_padding,
-    )
+    args = (x, codes, weight_shape, weight_bits, has_zero, shift_lo, bias, stride, padding, dilation, groups,
+            transposed, output_padding)
     dims = len(weight_shape) - 2
     if (
         not 1 <= dims <= 3
@@ -444,13 +425,8 @@ def _linear_cuda(x, codes, weight_shape, weight_bits, has_zero, shift_lo, bias):
     return shift_linear_triton(*args) if _kernels_or_warn() else shift_linear_reference(*args)
 
 
-def _conv_cuda(
-    x, codes, weight_shape, weight_bits, has_zero, shift_lo, bias, stride, padding, dilation, groups,
-    transposed, output_padding,
-):  # fmt: skip
-    args = (x, codes, weight_shape, weight_bits, has_zero, shift_lo, bias, stride, padding, dilation,
-            groups, transposed, output_padding)  # fmt: skip
-    return shift_conv_triton(*args) if _kernels_or_warn() else shift_conv_reference(*args)
+def _conv_cuda(x, *args):
+    return shift_conv_triton(x, *args) if _kernels_or_warn() else shift_conv_reference(x, *args)
 
 
 def register_cuda_kernels() -> bool:

@@ -79,8 +79,8 @@ namespace ds_avx2 {
 
 namespace {
 
-// Below this many vector operations a call runs on one thread (~25 us of work: measured on 2 cores,
-// parallel regions pay off above it; at batch 1 a CIFAR ResNet-20 ran 1.3x faster than with 2e5).
+// Below this many vector operations (~25 us of work) a call runs on one thread: starting and joining
+// an OpenMP parallel region costs more than it saves on less work than that.
 constexpr double kSerialWork = 5e4;
 
 // 1 = AVX2, 0 = portable; -1 = not decided yet.
@@ -107,7 +107,6 @@ int64_t set_isa(int64_t isa) {
   return g_isa;
 }
 
-int64_t current_isa() { return use_avx2() ? 1 : 0; }
 
 // Whether a 256-bit vector operation costs as much as two 128-bit ones here: the portable build
 // (no AVX: the compiler splits them) and AMD Zen 1 (256-bit operations issue as two halves).
@@ -271,8 +270,7 @@ int rows_for_lanes(int V, int64_t lanes) {
 bool uses_flat(const Geom& g, int64_t elem_size) {
   const int64_t L = 32 / elem_size;
   // Where 256-bit operations cost two 128-bit ones (Zen 1, and the portable build), 8-output rows
-  // are cheapest in half mode: no idle lane at all. Measured on Zen 1, ResNet-20's 64-channel 8x8
-  // convolution: 9.8 ms half vs 11.4 ms flat at batch 128.
+  // are cheapest in half mode: no idle lane at all, and no wasted positions between rows.
   if (elem_size == 2 && g.OW <= 8 && splits_256()) return false;
   if (g.sd != 1 || g.sh != 1 || g.sw != 1) return false;
   const int64_t row_vectors = g.OD * g.OH * ((g.OW + L - 1) / L);
@@ -316,9 +314,8 @@ std::vector<torch::Tensor> conv_plan(const torch::Tensor& scode, std::vector<int
   const int64_t fit = std::max<int64_t>(1, std::min<int64_t>(Cin_g, l2_budget / std::max<int64_t>(1, per_channel)));
   int64_t NCB = (Cin_g + fit - 1) / fit;
   // Each block costs its own pass over an item's outputs and its own shift groups per output
-  // channel: spatial kernels keep at least 288 terms (32 channels of 3x3) per block. Measured at
-  // batch 1: 32 channels at 112x112 ran 1.08x fp32 in one block, 1.41x in two of 16; a 64 -> 128
-  // stride-2 conv 1.18x in two blocks, 1.27x in three.
+  // channel: spatial kernels keep at least 288 terms (32 channels of 3x3) per block, so that the
+  // summing work outweighs that overhead.
   if (KK > 1) NCB = std::max<int64_t>(1, std::min<int64_t>(NCB, Cin_g * KK / 288));
   // Blocks of equal size (64 channels in two blocks of 32, not 51 + 13).
   const int64_t CB = (Cin_g + NCB - 1) / NCB;
@@ -414,8 +411,8 @@ std::vector<torch::Tensor> conv_plan(const torch::Tensor& scode, std::vector<int
 // (od, oh, ow) at flat position (od * Hp + oh) * RW + ow reads the table at that position plus the
 // term's offset), so rows narrower than a vector (8x8 planes: half of each 16-lane vector idle) fill
 // whole vectors; the positions between rows are computed and dropped. Used where that needs
-// at least 1/16 fewer vectors than row by row (a 64-channel 56x56 3x3 conv: 203 vs 224, measured
-// 4-6% faster). Half mode: int16 tables with rows of at most 8 outputs (not flat: stride > 1, or
+// at least 1/16 fewer vectors than row by row (below that, the dropped positions cost about what
+// the fuller vectors save). Half mode: int16 tables with rows of at most 8 outputs (not flat: stride > 1, or
 // where 256-bit operations are split anyway) use 8-lane vectors, one per row (conv_item16, W = 8).
 // Returns whether some build call returned true.
 template <typename U, typename UY, typename BuildFn, typename FinishFn>
@@ -922,7 +919,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv", &conv);
   m.def("conv_fused", &conv_fused);
   m.def("set_isa", &set_isa);
-  m.def("current_isa", &current_isa);
   m.def("quantize", &quantize);
   m.def("scale", &scale);
   m.def("fake_quantize", &fake_quantize);
