@@ -4,7 +4,7 @@
 //
 //   g++ -O3 -march=native -o /tmp/conv_loop benchmarks/conv_loop.cpp && /tmp/conv_loop
 //
-// The loop is conv_item16's (src/deepshift/kernels/shift_cpu_impl.h) for one row of 4 vectors:
+// The loop is conv_item16's (src/deepshift/backends/cpu/csrc/kernels.h) for one row of 4 vectors:
 // 16 shift groups of 36 terms (576 terms, a 64-channel 3x3 kernel; half added, half subtracted),
 // each group's int16 sums widened into int32 accumulators shifted by the group's step (Horner).
 // Term offsets are a 3x3 kernel's over 8 channels of 3 padded rows (then again: the table stays in

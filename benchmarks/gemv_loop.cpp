@@ -4,7 +4,7 @@
 //
 //   g++ -O3 -march=native -o /tmp/gemv_loop benchmarks/gemv_loop.cpp && /tmp/gemv_loop
 //
-// Variant 0 is gemv_tiles' AVX2 step (src/deepshift/kernels/shift_cpu_impl.h): per weight column
+// Variant 0 is gemv_tiles' AVX2 step (src/deepshift/backends/cpu/csrc/kernels.h): per weight column
 // and 8 output lanes, widen the 8 code bytes, mask the shift field, broadcast x[k], variable shift
 // (vpsllvd), sign (vpsignd), add. Variants 1 and 2 drop parts of it (their results are wrong on
 // purpose) to show what no rearrangement of the same lanes can beat: 1 = shift + add only,

@@ -15,7 +15,9 @@ import torch
 
 from deepshift.backends.cpu.cache import clear_cache
 
-_SOURCES = ("shift_cpu.cpp", "shift_cpu_impl.h")
+# The translation units (built in parallel, linked into one module) and the headers they share.
+_UNITS = ("bindings.cpp", "isa.cpp", "linear.cpp", "conv.cpp", "elementwise.cpp")
+_SOURCES = (*_UNITS, "common.h", "kernels.h", "ops.h")
 
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
@@ -91,7 +93,7 @@ def _build():
                   file=sys.stderr, flush=True)
         return cpp_extension.load(
             name=name,
-            sources=[str(_CSRC / "shift_cpu.cpp")],
+            sources=[str(_CSRC / name) for name in _UNITS],
             extra_include_paths=[str(_CSRC)],
             extra_cflags=_CFLAGS,
             extra_ldflags=["-fopenmp"],

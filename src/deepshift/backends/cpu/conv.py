@@ -1,14 +1,8 @@
-"""Native CPU kernels (C++, portable + AVX2, OpenMP) for ``deepshift::shift_linear`` / ``shift_conv``.
+"""CPU kernels of ``deepshift::shift_conv`` and ``deepshift::frozen_conv``, and what Linear shares.
 
-Importing this module registers :func:`shift_linear_cpu` and :func:`shift_conv_cpu` as the ops' CPU
-kernels (``torch.library.register_kernel``), so frozen models use them automatically. The C++
-extension (``shift_cpu.cpp`` + ``shift_cpu_impl.h`` beside this file) is built lazily, on the first
-op call, with ``torch.utils.cpp_extension.load`` into a persistent cache directory:
-``$DEEPSHIFT_BUILD_DIR`` or ``~/.cache/deepshift/`` (``$XDG_CACHE_HOME/deepshift``), one
-sub-directory per hash of the sources, torch and Python versions, so a warm cache loads in well
-under a second and a source change rebuilds. If there is no compiler or the build fails, one
-``RuntimeWarning`` is issued and the pure-torch reference implementation is used; setting
-``DEEPSHIFT_NO_NATIVE=1`` disables native code without a warning.
+The C++ extension (``csrc/``, see :mod:`deepshift.backends.cpu.build`) is built on first use;
+without it (no compiler, a failed build, ``DEEPSHIFT_NO_NATIVE=1``) every kernel hands its call to
+the op's reference implementation.
 
 Results equal the reference op bit for bit for every input (the kernels use wrapping integer
 arithmetic exactly like torch's int32/int64 tensors). The instruction set is chosen at run time:

@@ -1,5 +1,5 @@
-// Multiplication-free shift-layer kernels, compiled twice by shift_cpu.cpp: once portable (namespace
-// ds_portable) and once under `#pragma GCC target("avx2,fma,bmi2")` (namespace ds_avx2, where
+// Multiplication-free shift-layer kernels (templates), compiled twice in every translation unit that
+// includes common.h: once portable (namespace ds_portable) and once under `#pragma GCC target("avx2,fma,bmi2")` (namespace ds_avx2, where
 // DS_AVX2_TU is defined). No #include here: the including file provides everything.
 //
 // All arithmetic is on unsigned lanes (uint32_t / uint64_t), so it wraps exactly like torch's int32 /
@@ -19,7 +19,7 @@ struct VecOf<uint64_t> {
   typedef uint64_t T __attribute__((vector_size(32), aligned(8), may_alias));
 };
 
-// Geom (the geometry of one conv call) is defined once in shift_cpu.cpp, outside both namespaces.
+// Geom (the geometry of one conv call) is defined once in common.h, outside both namespaces.
 
 // Table of channels [c0, c1) of one image: tbl[c] = the zero-padded, phase-split x[c]; cv says how input
 // values become table values: cv.run(src, dst, n) converts a contiguous run, returning whether some value
@@ -470,8 +470,8 @@ inline bool fake_quantize_f32(const float* x, float* y, int64_t n, float s, floa
   return outside;
 }
 
-// The fused frozen-layer path (conv_fused in shift_cpu.cpp): fixed-point rounding of float inputs
-// while building the table (QuantSpec, defined in shift_cpu.cpp, says how).
+// The fused frozen-layer path (conv_fused in conv.cpp): fixed-point rounding of float inputs
+// while building the table (QuantSpec, defined in common.h, says how).
 template <typename U, typename F>
 inline bool quantize_one(F x, U* dst, const QuantSpec& q) {
   const double v = static_cast<double>(x) * q.scale;

@@ -1,0 +1,91 @@
+// Shared by the CPU kernels' translation units: the geometry and plan records, the two
+// instruction-set variants of the kernel templates, and the run-time ISA choice.
+//
+// Built on first use by deepshift/backends/cpu/build.py (torch.utils.cpp_extension.load); the Python
+// side (deepshift/backends/cpu/*.py) registers the kernels as the deepshift::* ops' CPU kernels.
+// Semantics: deepshift/ops/reference.py (the bit-exact contract). The kernel templates (kernels.h)
+// are compiled twice: ds_portable (baseline x86-64 / any GCC target) and ds_avx2 (under a target
+// pragma); the AVX2 one is picked at run time with __builtin_cpu_supports("avx2").
+// Parallelism: at::parallel_for (OpenMP, torch's thread count).
+#pragma once
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <atomic>
+#include <tuple>
+#include <cstdint>
+#include <cstdlib>
+#include <climits>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define DS_X86 1
+#endif
+
+// Geometry of one conv call (1d/2d are 3d with size-1 dims). The per-call table of one image's
+// zero-padded input is laid out [c][Dp][Hp][sw phases][Wq]: phase r of a padded row holds the
+// columns r, r + sw, r + 2 sw, ... so every kernel offset reads a contiguous run of output columns.
+struct Geom {
+  int64_t C, D, H, W;
+  int64_t pd, ph, pw;
+  int64_t sd, sh, sw;
+  int64_t Dp, Hp, Wq, RW, S;  // RW = sw * Wq (one padded row), S = Dp * Hp * RW (one channel's plane)
+  int64_t OD, OH, OW;
+  int64_t Cout, Cout_g, NCB;  // NCB: channel blocks the term lists are split into
+};
+
+// Term lists of one conv plan (see conv_plan): per entry e = (group, channel block, output channel),
+// terms[tstart[e] ..] grouped by shift amount; groups[3 j ..] = (shift before the group, positive count,
+// negative count) for j in [gstart[e], gstart[e + 1]); fshift[e] = final shift (the smallest amount).
+struct PlanView {
+  const int32_t* terms;
+  const int64_t* tstart;
+  const int64_t* gstart;
+  const int32_t* groups;
+  const int32_t* fshift;
+};
+
+
+// The fused frozen-layer path (conv_fused): the table is built straight from the float
+// input, each value the layer's fixed-point integer q = clamp(round(x * 2**F), lo, hi), exactly as the
+// frozen modules' float64 path (and `quantize`) computes it: x * 2**F is exact in double, and so are
+// rounding and clamping. f32_exact: lo and hi are exact in float32 (|lo|, |hi| <= 2**24), so that for
+// float32 input the float32 vector path gives the same integers (x * 2**F is exact in float32 too,
+// or overflows to +-inf, which clamps to lo / hi like the huge double does).
+struct QuantSpec {
+  double scale, lo, hi;
+  bool floor_mode, f32_exact;
+};
+
+namespace ds_portable {
+#include "kernels.h"
+}  // namespace ds_portable
+
+#ifdef DS_X86
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,bmi2")
+#define DS_AVX2_TU 1
+namespace ds_avx2 {
+#include "kernels.h"
+}  // namespace ds_avx2
+#undef DS_AVX2_TU
+#pragma GCC pop_options
+#endif
+
+namespace deepshift_cpu {
+
+// Below this many vector operations (~25 us of work) a call runs on one thread: starting and joining
+// an OpenMP parallel region costs more than it saves on less work than that.
+constexpr double kSerialWork = 5e4;
+
+bool use_avx2();
+int64_t set_isa(int64_t isa);
+bool splits_256();
+
+}  // namespace deepshift_cpu
