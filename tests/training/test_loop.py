@@ -17,7 +17,7 @@ from deepshift.training.config import CheckpointError, ConfigError, OutputExists
 from deepshift.training.evaluate import evaluate_checkpoint
 from deepshift.training.loop import lr_factor, train
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+SRC = str(Path(__file__).resolve().parents[2] / "src")
 # Tiny but real: the paper's FC model on 160 digits, 2 epochs of 10 steps.
 # The loop's machinery, not a recipe, is under test: plain SGD without a schedule (so that epochs
 # add up: 1 + 1 epochs equal a 2-epoch run).

@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn  # noqa: F401  before any process group exists: see shutdown()
 from torch import Tensor, nn
 
 BACKENDS = ("auto", "gloo", "nccl")
@@ -89,9 +91,32 @@ def setup(device: torch.device | str, backend: str = "auto") -> DistContext:
 
 
 def teardown(ctx: DistContext) -> None:
-    """Destroy the process group if :func:`setup` created it."""
+    """Destroy the process group if :func:`setup` created it (see :func:`shutdown`).
+
+    Called from ``finally``: while an exception propagates, the other ranks may never reach the
+    barrier, so there is none then.
+    """
     if ctx.owns_group and dist.is_initialized():
-        dist.destroy_process_group()
+        shutdown(barrier=sys.exc_info()[0] is None)
+
+
+def shutdown(barrier: bool = True) -> None:
+    """Wait for every rank, then destroy the default process group and join its gloo threads.
+
+    gloo's worker threads drop the last reference to a finished collective's tensors, which takes
+    the GIL when Python created them. If a worker does so while the interpreter is shutting down
+    (a rank exits right after its last collective), CPython ends the thread inside a C++
+    destructor and the process aborts: "terminate called without an active exception". So the
+    group must really be destroyed, its threads joined, before exit: the barrier lets no rank tear
+    down while another still talks to it, and ``destroy_process_group`` then drops the last
+    reference to the group. That needs ``torch.distributed.nn`` (which DDP imports, and whose
+    functions take ``group=group.WORLD`` as a default argument, evaluated when it is imported) to
+    be imported before any group exists, as this module does; otherwise those defaults keep the
+    group alive until interpreter shutdown.
+    """
+    if barrier:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def rank_device(name: str, local_rank: int) -> torch.device | None:
@@ -241,5 +266,5 @@ def wrap_model(model: nn.Module, ctx: DistContext, device: torch.device, sync_bn
 __all__ = [
     "BACKENDS", "DistContext", "SINGLE", "ShardedBatchLoader", "all_gather_object", "all_reduce_sum",
     "env_world_size", "on_main", "parameter_digest", "rank_device", "setup", "shard_bounds",
-    "shard_eval_loader", "teardown", "wrap_model",
+    "shard_eval_loader", "shutdown", "teardown", "wrap_model",
 ]
