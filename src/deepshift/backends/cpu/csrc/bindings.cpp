@@ -1,5 +1,7 @@
 // The Python module of the CPU kernels: one binding per kernel, defined in conv.cpp, linear.cpp,
 // elementwise.cpp and isa.cpp (declared in ops.h).
+#include <torch/extension.h>
+
 #include "ops.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

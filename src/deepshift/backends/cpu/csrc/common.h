@@ -9,7 +9,7 @@
 // Parallelism: at::parallel_for (OpenMP, torch's thread count).
 #pragma once
 
-#include <torch/extension.h>
+#include <torch/types.h>  // ATen and the torch:: names; the Python bindings only in bindings.cpp
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
