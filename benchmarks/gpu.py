@@ -238,7 +238,15 @@ def bench_resnet(table: Table, timer: Timer, device, dry: bool) -> None:
     import deepshift
     from deepshift.backends.triton import register as triton_ops
     from deepshift.models import build_model
-    from deepshift.ops.reference import shift_conv_reference, shift_linear_reference
+    from deepshift.ops.reference import (
+        frozen_conv_reference,
+        frozen_linear_reference,
+        shift_conv_reference,
+        shift_linear_reference,
+    )
+
+    frozen_ops = {torch.ops.deepshift.frozen_conv.default: frozen_conv_reference,
+                  torch.ops.deepshift.frozen_linear.default: frozen_linear_reference}
 
     class RouteToTriton(TorchDispatchMode):
         """Send every shift op to the Triton wrappers (shift or multiply variant).
@@ -256,6 +264,11 @@ def bench_resnet(table: Table, timer: Timer, device, dry: bool) -> None:
                 fn, ref = triton_ops.shift_conv_triton, shift_conv_reference
             elif func is torch.ops.deepshift.shift_linear.default:
                 fn, ref = triton_ops.shift_linear_triton, shift_linear_reference
+            elif func in frozen_ops:
+                # A frozen layer's op, composed as its reference does, with this mode active again
+                # (it is off inside __torch_dispatch__), so that its shift op comes back here.
+                with self:
+                    return frozen_ops[func](*args, **kwargs)
             else:
                 return func(*args, **kwargs)
             self.calls += 1

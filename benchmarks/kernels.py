@@ -40,7 +40,8 @@ from torch import nn
 
 import deepshift
 from deepshift.backends.cpu import build as native
-from deepshift.backends.cpu import cache, conv, linear
+from deepshift.backends.cpu import conv, linear
+from deepshift.ops.reference import ACCUMULATORS
 
 ACT_BITS = (4, 4)
 WEIGHT_BITS = 5
@@ -84,8 +85,9 @@ def op_callable(frozen: nn.Module, x: torch.Tensor):
         h.remove()
     calls = []
     for mod, inp in captured:
-        q = mod._quantize(inp)
-        b = mod._bias()
+        acc = ACCUMULATORS[mod.accumulator]
+        q = torch.ops.deepshift.quantize_input(inp, list(mod.act_bits), mod.act_rounding, acc)
+        b = None if mod.bias_int is None else mod.bias_int.to(acc)
         if mod.kind == "linear":
             args = (q, mod.codes, list(mod.weight_shape), mod.weight_bits, mod.has_zero, mod.shift_lo, b)
             calls.append((torch.ops.deepshift.shift_linear, args))
@@ -113,14 +115,13 @@ def via_op(frozen: nn.Module):
     """``frozen``'s forward with its layers forced through the op (see "via op" above)."""
 
     def run(x):
-        saved = conv._prepare_conv_fused, linear._prepare_linear_fused
-        conv._prepare_conv_fused = linear._prepare_linear_fused = lambda *a: None
-        cache.clear_cache()  # no prepared fused forward: each op composes quantize, shift op, scale
+        # No prepared fused forward (the caches stay): each op composes quantize, shift op, scale.
+        saved = conv.fused_forward, linear.fused_forward
+        conv.fused_forward = linear.fused_forward = lambda *a: None
         try:
             return frozen(x)
         finally:
-            conv._prepare_conv_fused, linear._prepare_linear_fused = saved
-            cache.clear_cache()
+            conv.fused_forward, linear.fused_forward = saved
 
     return run
 

@@ -33,7 +33,7 @@ from deepshift.core.quantize import fixed_point_limits
 from deepshift.frozen.spec import FrozenSpec
 from deepshift.ops.codes import decode_codes, packed_numel
 from deepshift.ops.reference import ACCUMULATORS as _ACC_DTYPES
-from deepshift.ops.reference import accumulator_bound, conv_output_size, fan_in
+from deepshift.ops.reference import accumulator_bound, conv_pads, fan_in, frozen_conv_output_shape
 
 
 def choose_accumulator(
@@ -56,24 +56,6 @@ def choose_accumulator(
     )
 
 
-def conv_pads(padding, kernel_size, dilation) -> list[int]:
-    """F.pad's list (left, right per dimension, last dimension first) for a conv's ``padding``.
-
-    ``padding`` is "same", "valid" or ints; torch's own rule for "same": the extra element of
-    an odd total goes on the right.
-    """
-    pads: list[int] = []
-    for d in reversed(range(len(kernel_size))):
-        if padding == "same":
-            total = dilation[d] * (kernel_size[d] - 1)
-            pads += [total // 2, total - total // 2]
-        elif padding == "valid":
-            pads += [0, 0]
-        else:
-            pads += [padding[d], padding[d]]
-    return pads
-
-
 class _FrozenShift(nn.Module):
     """State shared by the frozen layers, made from a :class:`~deepshift.frozen.spec.FrozenSpec`
     (``spec()`` gives it back)."""
@@ -93,6 +75,8 @@ class _FrozenShift(nn.Module):
         self.accumulator = spec.accumulator
         # The training config (QConfig/PSConfig.to_dict()), kept for reports and packed files.
         self.config: dict[str, Any] | None = spec.config
+        # The ops' description of the layer, made once: the layer's fields do not change.
+        self._spec_json = spec.to_json()
         numel = math.prod(self.weight_shape)
         self.register_buffer("codes", torch.zeros(packed_numel(numel, self.weight_bits), dtype=torch.uint8))
         if spec.bias:
@@ -160,10 +144,7 @@ class ShiftLinear(_FrozenShift):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        return torch.ops.deepshift.frozen_linear(
-            x, self.codes, list(self.weight_shape), self.weight_bits, self.has_zero, self.shift_lo,
-            self.bias_int, list(self.act_bits), self.act_rounding, self.accumulator,
-        )
+        return torch.ops.deepshift.frozen_linear(x, self.codes, self.bias_int, self._spec_json)
 
 
 class ShiftConvNd(_FrozenShift):
@@ -194,16 +175,7 @@ class ShiftConvNd(_FrozenShift):
 
     def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
         """Output shape for an input shape (batched)."""
-        dims = len(self.kernel_size)
-        sizes = []
-        for d in range(dims):
-            size = input_shape[2 + d]
-            pad = 0 if self._pad_outside else self.padding[d]
-            if self._pad_outside:
-                size += self._pads[2 * (dims - 1 - d)] + self._pads[2 * (dims - 1 - d) + 1]
-            sizes.append(conv_output_size(size, self.kernel_size[d], self.stride[d], pad,
-                                          self.dilation[d], self.transposed, self.output_padding[d]))
-        return (input_shape[0], self.out_channels, *sizes)
+        return frozen_conv_output_shape(self.spec(), input_shape)
 
     def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
         return self.forward_fused(x, output_size=output_size)
@@ -217,22 +189,11 @@ class ShiftConvNd(_FrozenShift):
             raise NotImplementedError("output_size is not supported by frozen transposed convolutions; "
                                       "set output_padding on the layer instead")
         self._check_input(x)
-        dims = len(self.kernel_size)
-        unbatched = x.dim() == dims + 1
+        unbatched = x.dim() == len(self.kernel_size) + 1
         if unbatched:
             x = x.unsqueeze(0)
-        if self._pad_outside:
-            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
-            x = torch.nn.functional.pad(x, self._pads, mode=mode)
-            padding = [0] * dims
-        else:
-            padding = list(self.padding)
-        y = torch.ops.deepshift.frozen_conv(
-            x, self.codes, list(self.weight_shape), self.weight_bits, self.has_zero, self.shift_lo,
-            self.bias_int, list(self.stride), padding, list(self.dilation), self.groups, self.transposed,
-            list(self.output_padding), list(self.act_bits), self.act_rounding, self.accumulator,
-            bn_scale, bn_shift, residual, relu,
-        )
+        y = torch.ops.deepshift.frozen_conv(x, self.codes, self.bias_int, self._spec_json, bn_scale, bn_shift,
+                                            residual, relu)
         return y.squeeze(0) if unbatched else y
 
 

@@ -7,6 +7,8 @@ so a layer made from an untrusted file is as well-formed as one made by ``freeze
 
 from __future__ import annotations
 
+import functools
+import json
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -118,6 +120,22 @@ class FrozenSpec:
             out[f.name] = list(value) if isinstance(value, tuple) else value
         return out
 
+    def to_json(self) -> str:
+        """Compact JSON (sorted keys): what the frozen ops take as their ``spec`` argument."""
+        return json.dumps(self.to_dict(), separators=(",", ":"), sort_keys=True)
+
+    @staticmethod
+    def from_json(text: str) -> FrozenSpec:
+        """The spec of :meth:`to_json`'s text; parsed once per distinct text (the ops see the same
+        few texts on every call)."""
+        return _from_json(text)
+
+    @property
+    def pad_outside(self) -> bool:
+        """Whether the input is padded before the integer op (padding modes other than zeros,
+        ``"same"``/``"valid"``); otherwise the op pads with zeros itself."""
+        return self.kind == "conv" and (self.padding_mode != "zeros" or isinstance(self.padding, str))
+
     @classmethod
     def from_dict(cls, data: Any) -> FrozenSpec:
         """The spec a JSON object describes; ValueError naming the first bad field (types included:
@@ -166,3 +184,8 @@ class FrozenSpec:
                 raise ValueError(f"frozen layer spec: {name} must be a string, got {value!r}")
             kwargs[name] = value
         return cls(**kwargs)
+
+
+@functools.lru_cache(maxsize=4096)
+def _from_json(text: str) -> FrozenSpec:
+    return FrozenSpec.from_dict(json.loads(text))

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from deepshift.core.quantize import ps_shift_sign, q_shift_sign, to_fixed_point_int
+from deepshift.frozen.spec import FrozenSpec
 from deepshift.ops.codes import decode_codes
 
 # Elements of the (rows, out, in) gather buffer built per step: bounds the reference's memory.
@@ -317,36 +318,77 @@ def _float_dtype(x: Tensor) -> torch.dtype:
     return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def frozen_linear_reference(x: Tensor, codes: Tensor, weight_shape: list[int], weight_bits: int,
-                            has_zero: bool, shift_lo: int, bias: Tensor | None, act_bits: list[int],
-                            rounding: str, accumulator: str) -> Tensor:
+def conv_pads(padding, kernel_size, dilation) -> list[int]:
+    """F.pad's list (left, right per dimension, last dimension first) for a conv's ``padding``.
+
+    ``padding`` is "same", "valid" or ints; torch's own rule for "same": the extra element of
+    an odd total goes on the right.
+    """
+    pads: list[int] = []
+    for d in reversed(range(len(kernel_size))):
+        if padding == "same":
+            total = dilation[d] * (kernel_size[d] - 1)
+            pads += [total // 2, total - total // 2]
+        elif padding == "valid":
+            pads += [0, 0]
+        else:
+            pads += [padding[d], padding[d]]
+    return pads
+
+
+def _padded(x: Tensor, spec: FrozenSpec) -> tuple[Tensor, list[int]]:
+    """The conv input as the integer op takes it, and the op's (symmetric zero) padding: padding
+    modes other than zeros and "same"/"valid" are applied to the float input first (padding
+    copies values, so it commutes with the element-wise rounding)."""
+    dims = len(spec.weight_shape) - 2
+    if not spec.pad_outside:
+        return x, list(spec.padding)
+    mode = "constant" if spec.padding_mode == "zeros" else spec.padding_mode
+    pads = conv_pads(spec.padding, spec.weight_shape[2:], spec.dilation)
+    return torch.nn.functional.pad(x, pads, mode=mode), [0] * dims
+
+
+def frozen_conv_output_shape(spec: FrozenSpec, input_shape) -> tuple[int, ...]:
+    """The output shape of a frozen convolution for a batched input shape."""
+    dims = len(spec.weight_shape) - 2
+    sizes = list(input_shape[2:])
+    padding = list(spec.padding) if not spec.pad_outside else [0] * dims
+    if spec.pad_outside:
+        pads = conv_pads(spec.padding, spec.weight_shape[2:], spec.dilation)
+        sizes = [sizes[d] + pads[2 * (dims - 1 - d)] + pads[2 * (dims - 1 - d) + 1] for d in range(dims)]
+    out = [conv_output_size(sizes[d], spec.weight_shape[2 + d], spec.stride[d], padding[d], spec.dilation[d],
+                            spec.transposed, spec.output_padding[d]) for d in range(dims)]
+    return (input_shape[0], spec.out_channels, *out)
+
+
+def frozen_linear_reference(x: Tensor, codes: Tensor, bias: Tensor | None, spec: str) -> Tensor:
     """A frozen Linear layer on a float input: fixed point, ``shift_linear``, the scale back.
 
-    ``bias`` is the layer's int32 ``bias_int`` (units ``2**-F``); ``accumulator`` ("int32" or
-    "int64") the integer dtype chosen at freeze time. The output has x's float dtype (float32 for
-    other dtypes).
+    ``spec`` is the layer's :class:`~deepshift.frozen.spec.FrozenSpec` as JSON; ``bias`` its int32
+    ``bias_int`` (units ``2**-F``). The integers are of the spec's ``accumulator`` dtype; the
+    output has x's float dtype (float32 for other dtypes).
     """
-    acc = ACCUMULATORS[accumulator]
-    q = torch.ops.deepshift.quantize_input(x, act_bits, rounding, acc)
-    y = torch.ops.deepshift.shift_linear(q, codes, weight_shape, weight_bits, has_zero, shift_lo,
-                                         None if bias is None else bias.to(acc))
-    return torch.ops.deepshift.scale_output(y, min(shift_lo, 0) - act_bits[1], _float_dtype(x))
+    s = FrozenSpec.from_json(spec)
+    acc = ACCUMULATORS[s.accumulator]
+    q = torch.ops.deepshift.quantize_input(x, list(s.act_bits), s.act_rounding, acc)
+    y = torch.ops.deepshift.shift_linear(q, codes, list(s.weight_shape), s.weight_bits, s.has_zero,
+                                         s.shift_lo, None if bias is None else bias.to(acc))
+    return torch.ops.deepshift.scale_output(y, min(s.shift_lo, 0) - s.act_bits[1], _float_dtype(x))
 
 
-def frozen_conv_reference(x: Tensor, codes: Tensor, weight_shape: list[int], weight_bits: int, has_zero: bool,
-                          shift_lo: int, bias: Tensor | None, stride: list[int], padding: list[int],
-                          dilation: list[int], groups: int, transposed: bool, output_padding: list[int],
-                          act_bits: list[int], rounding: str, accumulator: str, bn_scale: Tensor | None,
+def frozen_conv_reference(x: Tensor, codes: Tensor, bias: Tensor | None, spec: str, bn_scale: Tensor | None,
                           bn_shift: Tensor | None, residual: Tensor | None, relu: bool) -> Tensor:
-    """A frozen convolution on a float input (as :func:`frozen_linear_reference`), then optionally
-    ``channel_affine(y, bn_scale, bn_shift)`` (a frozen BatchNorm), ``+ residual`` and ReLU, each as
-    torch computes it."""
-    acc = ACCUMULATORS[accumulator]
-    q = torch.ops.deepshift.quantize_input(x, act_bits, rounding, acc)
-    y = torch.ops.deepshift.shift_conv(q, codes, weight_shape, weight_bits, has_zero, shift_lo,
-                                       None if bias is None else bias.to(acc), stride, padding, dilation,
-                                       groups, transposed, output_padding)
-    y = torch.ops.deepshift.scale_output(y, min(shift_lo, 0) - act_bits[1], _float_dtype(x))
+    """A frozen convolution on a batched float input (as :func:`frozen_linear_reference`; padding
+    modes applied first), then optionally ``channel_affine(y, bn_scale, bn_shift)`` (a frozen
+    BatchNorm), ``+ residual`` and ReLU, each as torch computes it."""
+    s = FrozenSpec.from_json(spec)
+    acc = ACCUMULATORS[s.accumulator]
+    x, padding = _padded(x, s)
+    q = torch.ops.deepshift.quantize_input(x, list(s.act_bits), s.act_rounding, acc)
+    y = torch.ops.deepshift.shift_conv(q, codes, list(s.weight_shape), s.weight_bits, s.has_zero, s.shift_lo,
+                                       None if bias is None else bias.to(acc), list(s.stride), padding,
+                                       list(s.dilation), s.groups, s.transposed, list(s.output_padding))
+    y = torch.ops.deepshift.scale_output(y, min(s.shift_lo, 0) - s.act_bits[1], _float_dtype(x))
     if bn_scale is not None:
         y = torch.ops.deepshift.channel_affine(y, bn_scale, bn_shift)
     if residual is not None:

@@ -14,9 +14,10 @@ of a small layer's time.
 Ops (integer ops first; see :mod:`deepshift.ops.reference` for the exact semantics):
 
 * ``shift_linear`` / ``shift_conv``: the multiplication-free integer layers on packed codes.
-* ``frozen_linear`` / ``frozen_conv``: a frozen layer's whole forward on a float input: rounding to
-  fixed point, the integer layer, the power-of-two scale back (``frozen_conv`` optionally followed by
-  a per-channel affine, a residual add and ReLU, for fused Conv-BatchNorm blocks).
+* ``frozen_linear`` / ``frozen_conv``: a frozen layer's whole forward on a float input, the layer
+  described by its :class:`~deepshift.frozen.spec.FrozenSpec` as JSON: padding, rounding to fixed
+  point, the integer layer, the power-of-two scale back (``frozen_conv`` optionally followed by a
+  per-channel affine, a residual add and ReLU, for fused Conv-BatchNorm blocks).
 * ``quantize_input`` / ``scale_output``: those two element-wise steps alone.
 * ``channel_affine``: ``x * scale[c] + shift[c]``, two roundings (a frozen BatchNorm).
 * ``fake_quantize``: training-time fixed-point rounding, and whether any input saturated.
@@ -29,6 +30,7 @@ from collections.abc import Callable
 
 import torch
 
+from deepshift.frozen.spec import FrozenSpec
 from deepshift.ops import reference as ref
 
 _DEF = torch.library.Library("deepshift", "DEF")
@@ -36,15 +38,16 @@ _IMPL = torch.library.Library("deepshift", "IMPL")
 
 _WEIGHT = "Tensor codes, int[] weight_shape, int weight_bits, bool has_zero, int shift_lo, Tensor? bias"
 _CONV = "int[] stride, int[] padding, int[] dilation, int groups, bool transposed, int[] output_padding"
-_ACT = "int[] act_bits, str rounding, str accumulator"
+# A frozen layer's fixed description travels as one argument, its FrozenSpec's JSON (parsed once
+# per layer and cached): a boxed call costs per argument, and twenty of them cost ~10 us here.
+_FROZEN = "Tensor x, Tensor codes, Tensor? bias, str spec"
 
 SCHEMAS: dict[str, tuple[str, Callable]] = {
     "shift_linear": (f"shift_linear(Tensor x, {_WEIGHT}) -> Tensor", ref.shift_linear_reference),
     "shift_conv": (f"shift_conv(Tensor x, {_WEIGHT}, {_CONV}) -> Tensor", ref.shift_conv_reference),
-    "frozen_linear": (f"frozen_linear(Tensor x, {_WEIGHT}, {_ACT}) -> Tensor", ref.frozen_linear_reference),
+    "frozen_linear": (f"frozen_linear({_FROZEN}) -> Tensor", ref.frozen_linear_reference),
     "frozen_conv": (
-        f"frozen_conv(Tensor x, {_WEIGHT}, {_CONV}, {_ACT}, Tensor? bn_scale, Tensor? bn_shift, "
-        "Tensor? residual, bool relu) -> Tensor",
+        f"frozen_conv({_FROZEN}, Tensor? bn_scale, Tensor? bn_shift, Tensor? residual, bool relu) -> Tensor",
         ref.frozen_conv_reference,
     ),
     "quantize_input": ("quantize_input(Tensor x, int[] act_bits, str rounding, ScalarType dtype) -> Tensor",
@@ -115,18 +118,15 @@ def _float_out(x):
 
 
 @torch.library.register_fake("deepshift::frozen_linear")
-def _frozen_linear_fake(x, codes, weight_shape, weight_bits, has_zero, shift_lo, bias, *rest):
+def _frozen_linear_fake(x, codes, bias, spec):
     _same_device(x, codes, bias)
-    return x.new_empty((*x.shape[:-1], weight_shape[0]), dtype=_float_out(x))
+    return x.new_empty((*x.shape[:-1], FrozenSpec.from_json(spec).weight_shape[0]), dtype=_float_out(x))
 
 
 @torch.library.register_fake("deepshift::frozen_conv")
-def _frozen_conv_fake(x, codes, weight_shape, weight_bits, has_zero, shift_lo, bias, stride, padding,
-                      dilation, groups, transposed, output_padding, act_bits, rounding, accumulator, bn_scale,
-                      bn_shift, residual, relu):
+def _frozen_conv_fake(x, codes, bias, spec, bn_scale, bn_shift, residual, relu):
     _same_device(x, codes, bias, bn_scale, bn_shift, residual)
-    shape = _conv_shape(x, weight_shape, stride, padding, dilation, groups, transposed, output_padding)
-    return x.new_empty(shape, dtype=_float_out(x))
+    return x.new_empty(ref.frozen_conv_output_shape(FrozenSpec.from_json(spec), x.shape), dtype=_float_out(x))
 
 
 @torch.library.register_fake("deepshift::quantize_input")

@@ -35,8 +35,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
+from tqdm import tqdm
 
+from deepshift._version import __version__
 from deepshift.core.convert import convert_
 from deepshift.core.optim import clamp_parameters_, param_groups
 from deepshift.models import build_model
@@ -157,196 +159,228 @@ def _from_state(path: str) -> dict:
     return _state_dict_of(ckpt, path)
 
 
-def _run(cfg: TrainConfig, out: Path, resume_state: dict | None, ctx: DistContext = SINGLE) -> dict[str, Any]:
-    from tqdm import tqdm
+def _fresh_running() -> dict:
+    """The running training sums of the epoch in progress (saved mid-epoch by checkpoints)."""
+    return {"loss": 0.0, "correct": 0, "n": 0, "seconds": 0.0}
 
-    from deepshift._version import __version__
 
-    if ctx.enabled:
-        device = rank_device(cfg.device, ctx.local_rank)
-    else:
-        device = resolve_device(cfg.device)
-    if cfg.sync_bn and ctx.enabled and device.type != "cuda":
-        raise ConfigError("--sync-bn needs CUDA devices (torch's SyncBatchNorm has no CPU implementation)")
-    main = ctx.is_main
-    quiet = cfg.quiet or not main  # one progress stream: rank 0's
-    # Every rank seeds alike: identical initialisation (DDP also broadcasts rank 0's parameters) and
-    # identical stochastic-rounding draws while the ranks' batches have equal sizes.
-    torch.manual_seed(cfg.seed)
-    splits = load_dataset(cfg.data, cfg.data_dir, cfg.val_fraction, cfg.limit_train, cfg.image_size,
-                          cfg.workers)
-    shift_cfg = cfg.shift_config()
-    model = build_model(cfg.model, num_classes=splits.num_classes, in_channels=splits.in_channels)
-    zoo_spec = model.zoo_spec
-    if cfg.from_checkpoint is not None and not resume_state:
-        state = on_main(ctx, lambda: _from_state(cfg.from_checkpoint))
-        _load_into(model, state, cfg.from_checkpoint, "--from")
-    # The order that works with parametrized weights: convert_, then DDP, then torch.compile.
-    if shift_cfg is not None:
-        # From a float model: its weights converted exactly; otherwise the paper's init from
-        # scratch (PS: random shift and sign; see convert_). Resume loads its state over either.
-        init = "weights" if cfg.from_checkpoint is not None else "scratch"
-        convert_(model, shift_cfg, depth=cfg.shift_depth, init=init)
-    model.to(device)
-    net = wrap_model(model, ctx, device, sync_bn=cfg.sync_bn)  # shares model's parameters
-    if cfg.compile_model:
-        net = torch.compile(net)
-    optimizer = make_optimizer(cfg, model)
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
-    train_loader = BatchLoader(splits.train, cfg.batch_size, train=True, seed=cfg.seed)
-    val_loader = BatchLoader(splits.val, cfg.batch_size, train=False)
-    test_loader = BatchLoader(splits.test, cfg.batch_size, train=False)
-    sharded = ShardedBatchLoader(train_loader, ctx.rank, ctx.world_size) if ctx.enabled else None
-    eval_bs = math.ceil(cfg.batch_size / ctx.world_size)
-    val_loader = shard_eval_loader(val_loader, ctx, eval_bs)
-    test_loader = shard_eval_loader(test_loader, ctx, eval_bs)
+class _Run:
+    """One training run: built in ``__init__`` (data, model, optimizer, loaders, the state a resume
+    restores), then ``train_epoch`` until done, then ``finish`` (test set, metrics). The order of
+    every random draw is fixed, so a resumed run continues exactly."""
 
-    history: list[dict] = []
-    epoch, step, elapsed = 0, 0, 0.0
-    best_val, best_epoch = -1.0, 0
-    running = {"loss": 0.0, "correct": 0, "n": 0, "seconds": 0.0}
-    if resume_state:
-        _load_into(model, resume_state["model"], out / "last.pt", "checkpoint")
+    def __init__(self, cfg: TrainConfig, out: Path, resume_state: dict | None, ctx: DistContext):
+        self.cfg, self.out, self.ctx = cfg, out, ctx
+        device = rank_device(cfg.device, ctx.local_rank) if ctx.enabled else resolve_device(cfg.device)
+        if cfg.sync_bn and ctx.enabled and device.type != "cuda":
+            raise ConfigError("--sync-bn needs CUDA devices (torch's SyncBatchNorm has no CPU "
+                              "implementation)")
+        self.device = device
+        self.main = ctx.is_main
+        self.quiet = cfg.quiet or not self.main  # one progress stream: rank 0's
+        # Every rank seeds alike: identical initialisation (DDP also broadcasts rank 0's parameters)
+        # and identical stochastic-rounding draws while the ranks' batches have equal sizes.
+        torch.manual_seed(cfg.seed)
+        splits = load_dataset(cfg.data, cfg.data_dir, cfg.val_fraction, cfg.limit_train, cfg.image_size,
+                              cfg.workers)
+        self.shift_cfg = cfg.shift_config()
+        model = build_model(cfg.model, num_classes=splits.num_classes, in_channels=splits.in_channels)
+        self.zoo_spec = model.zoo_spec
+        if cfg.from_checkpoint is not None and not resume_state:
+            state = on_main(ctx, lambda: _from_state(cfg.from_checkpoint))
+            _load_into(model, state, cfg.from_checkpoint, "--from")
+        # The order that works with parametrized weights: convert_, then DDP, then torch.compile.
+        if self.shift_cfg is not None:
+            # From a float model: its weights converted exactly; otherwise the paper's init from
+            # scratch (PS: random shift and sign; see convert_). Resume loads its state over either.
+            init = "weights" if cfg.from_checkpoint is not None else "scratch"
+            convert_(model, self.shift_cfg, depth=cfg.shift_depth, init=init)
+        model.to(device)
+        self.model = model
+        net = wrap_model(model, ctx, device, sync_bn=cfg.sync_bn)  # shares model's parameters
+        self.net = torch.compile(net) if cfg.compile_model else net
+        self.optimizer = make_optimizer(cfg, model)
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self.train_loader = BatchLoader(splits.train, cfg.batch_size, train=True, seed=cfg.seed)
+        val_loader = BatchLoader(splits.val, cfg.batch_size, train=False)
+        test_loader = BatchLoader(splits.test, cfg.batch_size, train=False)
+        self.sharded = (ShardedBatchLoader(self.train_loader, ctx.rank, ctx.world_size) if ctx.enabled
+                        else None)
+        eval_bs = math.ceil(cfg.batch_size / ctx.world_size)
+        self.val_loader = shard_eval_loader(val_loader, ctx, eval_bs)
+        self.test_loader = shard_eval_loader(test_loader, ctx, eval_bs)
+
+        self.history: list[dict] = []
+        self.epoch, self.step, self.elapsed = 0, 0, 0.0
+        self.best_val, self.best_epoch = -1.0, 0
+        self.running = _fresh_running()
+        if resume_state:
+            self._restore(resume_state)
+        elif resume_state is None:
+            on_main(ctx, lambda: check_output_dir(out, cfg.overwrite))
+        if self.main:
+            out.mkdir(parents=True, exist_ok=True)
+            _write_json(out / "config.json", {
+                "deepshift_version": __version__, "train": cfg.to_dict(),
+                "shift_config": self.shift_cfg.to_dict() if self.shift_cfg else None,
+                "zoo_spec": self.zoo_spec})
+
+    def _restore(self, state: dict) -> None:
+        cfg, ctx, out = self.cfg, self.ctx, self.out
+        _load_into(self.model, state["model"], out / "last.pt", "checkpoint")
         try:
-            optimizer.load_state_dict(resume_state["optimizer"])
+            self.optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError) as exc:
             raise CheckpointError(f"{out / 'last.pt'}: optimizer state does not fit ({exc})") from None
-        rng = resume_state["rng"]
-        if ctx.enabled and resume_state.get("world_size") == ctx.world_size and "rng_ranks" in resume_state:
-            rng = resume_state["rng_ranks"][ctx.rank]
-        _set_rng_state(rng, device)
-        epoch, step = int(resume_state["epoch"]), int(resume_state["step"])
-        history = list(resume_state["history"])
-        best_val, best_epoch = float(resume_state["best_val_top1"]), int(resume_state["best_epoch"])
-        running = dict(resume_state["running"])
-        elapsed = float(resume_state["elapsed"])
-        if epoch > cfg.epochs:
-            raise ConfigError(f"--epochs {cfg.epochs}: the run in {out} has already done {epoch} epochs")
-    elif resume_state is None:
-        on_main(ctx, lambda: check_output_dir(out, cfg.overwrite))
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / "config.json", {
-            "deepshift_version": __version__, "train": cfg.to_dict(),
-            "shift_config": shift_cfg.to_dict() if shift_cfg else None, "zoo_spec": zoo_spec})
+        rng = state["rng"]
+        if ctx.enabled and state.get("world_size") == ctx.world_size and "rng_ranks" in state:
+            rng = state["rng_ranks"][ctx.rank]
+        _set_rng_state(rng, self.device)
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.history = list(state["history"])
+        self.best_val, self.best_epoch = float(state["best_val_top1"]), int(state["best_epoch"])
+        self.running = dict(state["running"])
+        self.elapsed = float(state["elapsed"])
+        if self.epoch > cfg.epochs:
+            raise ConfigError(f"--epochs {cfg.epochs}: the run in {out} has already done {self.epoch} epochs")
 
-    def checkpoint(epoch_: int, step_: int, running_: dict, elapsed_: float) -> dict:
-        # Collective when distributed (every rank's RNG state is gathered): call it on every rank.
+    def checkpoint(self) -> dict:
+        """The checkpoint of the run as it stands. Collective when distributed (every rank's RNG
+        state is gathered): call it on every rank."""
         ckpt = {
             "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "deepshift_version": __version__,
-            "config": cfg.to_dict(), "shift_config": shift_cfg.to_dict() if shift_cfg else None,
-            "zoo_spec": zoo_spec, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "epoch": epoch_, "step": step_, "running": dict(running_), "rng": _rng_state(device),
-            "history": history, "best_val_top1": best_val, "best_epoch": best_epoch, "elapsed": elapsed_,
-            "world_size": ctx.world_size,
+            "config": self.cfg.to_dict(),
+            "shift_config": self.shift_cfg.to_dict() if self.shift_cfg else None,
+            "zoo_spec": self.zoo_spec, "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "epoch": self.epoch, "step": self.step,
+            "running": dict(self.running), "rng": _rng_state(self.device), "history": self.history,
+            "best_val_top1": self.best_val, "best_epoch": self.best_epoch, "elapsed": self.elapsed,
+            "world_size": self.ctx.world_size,
         }
-        if ctx.enabled:
-            ckpt["rng_ranks"] = all_gather_object(ckpt["rng"], ctx)
+        if self.ctx.enabled:
+            ckpt["rng_ranks"] = all_gather_object(ckpt["rng"], self.ctx)
         return ckpt
 
-    def save(ckpt: dict, path: Path) -> None:
-        if main:
-            save_checkpoint(ckpt, path)
+    def save(self, name: str) -> None:
+        ckpt = self.checkpoint()  # on every rank (collective)
+        if self.main:
+            save_checkpoint(ckpt, self.out / name)
 
-    steps_per_epoch = len(train_loader)
-    while epoch < cfg.epochs:
-        factor = lr_factor(cfg, epoch)
-        for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
-            group["lr"] = base * factor
-        net.train()
-        t0 = time.perf_counter() - running["seconds"]
-        bar = tqdm(total=steps_per_epoch, initial=step, disable=quiet, leave=False,
-                   desc=f"epoch {epoch + 1}/{cfg.epochs}")
-        if sharded is not None:
-            batches = sharded.epoch(epoch, start=step)
+    def _train_step(self, x: Tensor, y: Tensor, n_global: int) -> float:
+        """One optimizer step on this rank's piece of a global batch; returns the batch's mean loss."""
+        ctx, running = self.ctx, self.running
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        logits = self.net(x)
+        if ctx.enabled:
+            # Sum over this rank's piece / global batch, times W (DDP averages over ranks): the
+            # gradient is the mean over the global batch, as in one process.
+            loss_sum = F.cross_entropy(logits, y, reduction="sum")
+            loss = loss_sum * (ctx.world_size / n_global)
         else:
-            batches = ((x, y, len(y)) for x, y in train_loader.epoch(epoch, start=step))
+            loss = F.cross_entropy(logits, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        clamp_parameters_(self.model)  # on every rank: deterministic, so replicas stay identical
+        if ctx.enabled:
+            hits = float((logits.argmax(1) == y).sum())
+            total, correct = all_reduce_sum([float(loss_sum.detach()), hits], ctx, self.device)
+            running["loss"] += total
+            running["correct"] += int(correct)
+            running["n"] += n_global
+            return total / n_global
+        loss_value = float(loss.detach())
+        running["loss"] += loss_value * len(y)
+        running["correct"] += int((logits.argmax(1) == y).sum())
+        running["n"] += len(y)
+        return loss_value
+
+    def train_epoch(self) -> None:
+        """The rest of the current epoch (all of it, unless resumed mid-epoch), validation, the
+        checkpoints and the run folder's metrics."""
+        cfg, out = self.cfg, self.out
+        factor = lr_factor(cfg, self.epoch)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base * factor
+        self.net.train()
+        steps_per_epoch = len(self.train_loader)
+        t0 = time.perf_counter() - self.running["seconds"]
+        bar = tqdm(total=steps_per_epoch, initial=self.step, disable=self.quiet, leave=False,
+                   desc=f"epoch {self.epoch + 1}/{cfg.epochs}")
+        if self.sharded is not None:
+            batches = self.sharded.epoch(self.epoch, start=self.step)
+        else:
+            batches = ((x, y, len(y)) for x, y in self.train_loader.epoch(self.epoch, start=self.step))
         for x, y, n_global in batches:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            logits = net(x)
-            if ctx.enabled:
-                # Sum over this rank's piece / global batch, times W (DDP averages over ranks):
-                # the gradient is the mean over the global batch, as in one process.
-                loss_sum = F.cross_entropy(logits, y, reduction="sum")
-                loss = loss_sum * (ctx.world_size / n_global)
-            else:
-                loss = F.cross_entropy(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            clamp_parameters_(model)  # on every rank: deterministic, so replicas stay identical
-            if ctx.enabled:
-                hits = float((logits.argmax(1) == y).sum())
-                total, correct = all_reduce_sum([float(loss_sum.detach()), hits], ctx, device)
-                loss_value = total / n_global
-                running["loss"] += total
-                running["correct"] += int(correct)
-                running["n"] += n_global
-            else:
-                loss_value = float(loss.detach())
-                running["loss"] += loss_value * len(y)
-                running["correct"] += int((logits.argmax(1) == y).sum())
-                running["n"] += len(y)
-            step += 1
+            loss_value = self._train_step(x, y, n_global)
+            self.step += 1
             bar.update(1)
             if not math.isfinite(loss_value):
                 bar.close()
-                raise TrainError(f"training diverged at epoch {epoch + 1}, step {step} (loss {loss_value}); "
-                                 "lower --lr")
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < steps_per_epoch:
-                running["seconds"] = time.perf_counter() - t0
-                save(checkpoint(epoch, step, running, elapsed), out / "last.pt")
+                raise TrainError(f"training diverged at epoch {self.epoch + 1}, step {self.step} "
+                                 f"(loss {loss_value}); lower --lr")
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < steps_per_epoch:
+                self.running["seconds"] = time.perf_counter() - t0
+                self.save("last.pt")
         bar.close()
         train_seconds = time.perf_counter() - t0
-        val = evaluate(model, val_loader, device, quiet=quiet, desc="val", ctx=ctx)
+        val = evaluate(self.model, self.val_loader, self.device, quiet=self.quiet, desc="val", ctx=self.ctx)
         seconds = time.perf_counter() - t0
-        elapsed += seconds
-        n = max(running["n"], 1)
-        row = {"epoch": epoch + 1, "train_loss": running["loss"] / n,
-               "train_top1": 100.0 * running["correct"] / n,
+        self.elapsed += seconds
+        n = max(self.running["n"], 1)
+        row = {"epoch": self.epoch + 1, "train_loss": self.running["loss"] / n,
+               "train_top1": 100.0 * self.running["correct"] / n,
                "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"],
-               "lr": optimizer.param_groups[0]["lr"], "seconds": seconds, "train_seconds": train_seconds}
-        history.append(row)
-        epoch, step = epoch + 1, 0
-        running = {"loss": 0.0, "correct": 0, "n": 0, "seconds": 0.0}
+               "lr": self.optimizer.param_groups[0]["lr"], "seconds": seconds, "train_seconds": train_seconds}
+        self.history.append(row)
+        self.epoch, self.step = self.epoch + 1, 0
+        self.running = _fresh_running()
         # Without a validation split (val_fraction 0) the last epoch counts as the best.
-        if val["n"] == 0 or val["top1"] > best_val:
-            best_val, best_epoch = val["top1"], row["epoch"]
-            save(checkpoint(epoch, 0, running, elapsed), out / "best.pt")
-        save(checkpoint(epoch, 0, running, elapsed), out / "last.pt")
-        if main:
-            _write_csv(out / "metrics.csv", history)
-            plot_curves(out / "curves.png", history)
-        if not quiet:
+        if val["n"] == 0 or val["top1"] > self.best_val:
+            self.best_val, self.best_epoch = val["top1"], row["epoch"]
+            self.save("best.pt")
+        self.save("last.pt")
+        if self.main:
+            _write_csv(out / "metrics.csv", self.history)
+            plot_curves(out / "curves.png", self.history)
+        if not self.quiet:
             print(f"epoch {row['epoch']}/{cfg.epochs}  train loss {row['train_loss']:.4f}  "
                   f"train top-1 {row['train_top1']:.2f}  val top-1 {row['val_top1']:.2f}  "
                   f"lr {row['lr']:.3g}  {seconds:.1f}s", flush=True)
 
-    extra: dict[str, Any] = {"world_size": ctx.world_size}
-    if ctx.enabled:
-        # Every replica must hold bit-identical parameters (DDP averages gradients, the optimizer
-        # step and clamp_parameters_ are deterministic); a mismatch is a bug worth stopping for.
-        digests = all_gather_object(parameter_digest(model), ctx)
-        if len(set(digests)) != 1:
-            raise TrainError(f"replicas diverged: parameter digests differ across ranks {digests}")
-        extra["replica_digests"] = digests
+    def finish(self) -> dict[str, Any]:
+        """Checks the replicas agree, evaluates best.pt on the test set once, writes metrics.json."""
+        cfg, ctx, out = self.cfg, self.ctx, self.out
+        extra: dict[str, Any] = {"world_size": ctx.world_size}
+        if ctx.enabled:
+            # Every replica must hold bit-identical parameters (DDP averages gradients, the optimizer
+            # step and clamp_parameters_ are deterministic); a mismatch is a bug worth stopping for.
+            digests = all_gather_object(parameter_digest(self.model), ctx)
+            if len(set(digests)) != 1:
+                raise TrainError(f"replicas diverged: parameter digests differ across ranks {digests}")
+            extra["replica_digests"] = digests
+        # The test set is evaluated once, with the checkpoint chosen on validation.
+        best_state = on_main(ctx, lambda: load_checkpoint(out / "best.pt")["model"])
+        self.model.load_state_dict(best_state)
+        test = evaluate(self.model, self.test_loader, self.device, quiet=self.quiet, desc="test", ctx=ctx)
+        metrics = {
+            "test_top1": test["top1"], "test_top5": test["top5"], "test_loss": test["loss"],
+            "test_examples": test["n"],
+            "val_top1": self.best_val, "best_epoch": self.best_epoch, "epochs": cfg.epochs,
+            "seconds": self.elapsed, "seconds_per_epoch": self.elapsed / max(len(self.history), 1),
+            "data": cfg.data, "model": cfg.model, "method": cfg.method, "deepshift_version": __version__,
+            **count_parameters(self.model), **extra,
+        }
+        if self.main:
+            _write_json(out / "metrics.json", metrics)
+        if not self.quiet:
+            print(f"test top-1 {metrics['test_top1']:.2f}  top-5 {metrics['test_top5']:.2f}  "
+                  f"(best val top-1 {self.best_val:.2f} at epoch {self.best_epoch}); wrote {out}", flush=True)
+        return metrics
 
-    # The test set is evaluated once, with the checkpoint chosen on validation.
-    best_state = on_main(ctx, lambda: load_checkpoint(out / "best.pt")["model"])
-    model.load_state_dict(best_state)
-    test = evaluate(model, test_loader, device, quiet=quiet, desc="test", ctx=ctx)
-    metrics = {
-        "test_top1": test["top1"], "test_top5": test["top5"], "test_loss": test["loss"],
-        "test_examples": test["n"],
-        "val_top1": best_val, "best_epoch": best_epoch, "epochs": cfg.epochs, "seconds": elapsed,
-        "seconds_per_epoch": elapsed / max(len(history), 1), "data": cfg.data, "model": cfg.model,
-        "method": cfg.method, "deepshift_version": __version__, **count_parameters(model), **extra,
-    }
-    if main:
-        _write_json(out / "metrics.json", metrics)
-    if not quiet:
-        print(f"test top-1 {metrics['test_top1']:.2f}  top-5 {metrics['test_top5']:.2f}  "
-              f"(best val top-1 {best_val:.2f} at epoch {best_epoch}); wrote {out}", flush=True)
-    return metrics
 
-
+def _run(cfg: TrainConfig, out: Path, resume_state: dict | None, ctx: DistContext = SINGLE) -> dict[str, Any]:
+    run = _Run(cfg, out, resume_state, ctx)
+    while run.epoch < cfg.epochs:
+        run.train_epoch()
+    return run.finish()

@@ -63,6 +63,7 @@ from torch import Tensor
 
 from deepshift.backends.cpu.build import load_extension
 from deepshift.backends.cpu.cache import _cached, fused_forward
+from deepshift.frozen.spec import FrozenSpec
 from deepshift.ops import reference as ref
 
 _FLOAT_DTYPES = (torch.float32, torch.float64)
@@ -328,17 +329,20 @@ def _channel_vector_ok(t: Tensor, like: Tensor, channels: int) -> bool:
     return t.dtype == like.dtype and t.device.type == "cpu" and t.is_contiguous() and t.shape == (channels,)
 
 
-def frozen_conv_cpu(x: Tensor, *args) -> Tensor:
+def frozen_conv_cpu(x: Tensor, codes: Tensor, bias: Tensor | None, spec: str, bn_scale: Tensor | None,
+                    bn_shift: Tensor | None, residual: Tensor | None, relu: bool) -> Tensor:
     """CPU kernel of ``deepshift::frozen_conv``: one native call (convolution, BatchNorm affine, residual
     and ReLU included) where it applies, else the reference's composition of the smaller ops."""
-    a = ref.ShiftConvArgs(*args[:12])
-    act_bits, rounding, accumulator, bn_scale, bn_shift, residual, relu = args[12:]
+    s = FrozenSpec.from_json(spec)
     fused = None
-    if not a.transposed:
-        key = ("frozen_conv", tuple(a.weight_shape), a.weight_bits, a.has_zero, a.shift_lo, tuple(a.stride),
-               tuple(a.padding), tuple(a.dilation), a.groups, tuple(act_bits), rounding, accumulator)
-        fused = fused_forward(x, a.codes, a.bias, key,
-                              lambda: _prepare_conv_fused(x, a, act_bits, rounding, accumulator))
+    if not s.transposed and not s.pad_outside:
+        def prepare():
+            a = ref.ShiftConvArgs(codes, list(s.weight_shape), s.weight_bits, s.has_zero, s.shift_lo, bias,
+                                  list(s.stride), list(s.padding), list(s.dilation), s.groups, False,
+                                  list(s.output_padding))
+            return _prepare_conv_fused(x, a, list(s.act_bits), s.act_rounding, s.accumulator)
+
+        fused = fused_forward(x, codes, bias, ("frozen_conv", spec), prepare)
     if fused is not None:
         run, out_shape = fused
         channels = out_shape[1]
@@ -347,4 +351,4 @@ def frozen_conv_cpu(x: Tensor, *args) -> Tensor:
                 and (residual is None or (residual.dtype == x.dtype and residual.device.type == "cpu"
                                           and residual.is_contiguous() and residual.shape == out_shape))):
             return run(x, None if bn_scale is None else [bn_scale, bn_shift], residual, relu)
-    return ref.frozen_conv_reference(x, *args)
+    return ref.frozen_conv_reference(x, codes, bias, spec, bn_scale, bn_shift, residual, relu)

@@ -16,6 +16,7 @@ from deepshift.backends.cpu.conv import (
     _shifted_bias,
     _valid_codes,
 )
+from deepshift.frozen.spec import FrozenSpec
 from deepshift.ops import reference as ref
 
 GEMV_MAX_ROWS = 4
@@ -133,15 +134,13 @@ def _prepare_linear_fused(x, codes, weight_shape, weight_bits, has_zero, shift_l
     return run
 
 
-def frozen_linear_cpu(x, codes, weight_shape, weight_bits, has_zero, shift_lo, bias, act_bits, rounding,
-                      accumulator):
+def frozen_linear_cpu(x: Tensor, codes: Tensor, bias: Tensor | None, spec: str) -> Tensor:
     """CPU kernel of ``deepshift::frozen_linear``: native calls only where they apply, else the
     reference's composition of the smaller ops."""
-    key = ("frozen_linear", tuple(weight_shape), weight_bits, has_zero, shift_lo, tuple(act_bits), rounding,
-           accumulator)
-    run = fused_forward(x, codes, bias, key, lambda: _prepare_linear_fused(
-        x, codes, weight_shape, weight_bits, has_zero, shift_lo, bias, act_bits, rounding, accumulator))
+    s = FrozenSpec.from_json(spec)
+    run = fused_forward(x, codes, bias, ("frozen_linear", spec), lambda: _prepare_linear_fused(
+        x, codes, list(s.weight_shape), s.weight_bits, s.has_zero, s.shift_lo, bias, list(s.act_bits),
+        s.act_rounding, s.accumulator))
     if run is not None:
         return run(x)
-    return ref.frozen_linear_reference(x, codes, weight_shape, weight_bits, has_zero, shift_lo, bias,
-                                       act_bits, rounding, accumulator)
+    return ref.frozen_linear_reference(x, codes, bias, spec)
