@@ -22,10 +22,11 @@ _cache_bytes = [0]
 
 
 def clear_cache() -> None:
-    """Drop every cached decoded weight / tile / term list."""
+    """Drop every cached decoded weight / tile / term list and prepared fused forward."""
     with _lock:
         _cache.clear()
         _cache_bytes[0] = 0
+        _fused.clear()
 
 
 def _nbytes(value: Any) -> int:
@@ -64,12 +65,30 @@ def _cached(codes: Tensor, key: tuple, make):
     return value
 
 
-def fused_forward(x: Tensor, codes: Tensor, bias: Tensor | None, key: tuple, prepare):
+# Prepared fused forwards by (codes tensor, layer, input shape and dtype): looked up on every frozen
+# layer call, so kept apart from the LRU (whose generic key costs several microseconds a lookup).
+_fused: dict[tuple, tuple] = {}
+_FUSED_MAX = 4096
+
+
+def fused_forward(x: Tensor, codes: Tensor, bias: Tensor | None, key: str, prepare):
     """A frozen layer's prepared native forward for inputs like ``x`` (``prepare()``'s result, None
     where the fused path does not apply), kept while the codes and bias tensors are unchanged, so a
     call costs little more than the kernel itself (what matters at batch 1)."""
     try:
-        bias_key = None if bias is None else (bias.data_ptr(), bias._version)
-    except RuntimeError:  # an inference-tensor bias has no version counter: prepare every time
+        versions = (codes._version, None if bias is None else bias._version)
+    except RuntimeError:  # inference tensors have no version counter: prepare every time
         return prepare()
-    return _cached(codes, (*key, x.shape, x.dtype, bias_key), prepare)
+    k = (id(codes), key, x.shape, x.dtype)
+    entry = _fused.get(k)
+    # The weak references make a new tensor at a recycled id() a miss, never a stale hit.
+    if (entry is not None and entry[0]() is codes and entry[1] == versions
+            and (entry[2] is None if bias is None else entry[2]() is bias)):
+        return entry[3]
+    value = prepare()
+    if value is not None:
+        with _lock:
+            if len(_fused) >= _FUSED_MAX:
+                _fused.clear()
+            _fused[k] = (weakref.ref(codes), versions, None if bias is None else weakref.ref(bias), value)
+    return value

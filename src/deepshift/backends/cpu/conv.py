@@ -342,7 +342,7 @@ def frozen_conv_cpu(x: Tensor, codes: Tensor, bias: Tensor | None, spec: str, bn
                                   list(s.output_padding))
             return _prepare_conv_fused(x, a, list(s.act_bits), s.act_rounding, s.accumulator)
 
-        fused = fused_forward(x, codes, bias, ("frozen_conv", spec), prepare)
+        fused = fused_forward(x, codes, bias, spec, prepare)
     if fused is not None:
         run, out_shape = fused
         channels = out_shape[1]

@@ -138,7 +138,7 @@ def frozen_linear_cpu(x: Tensor, codes: Tensor, bias: Tensor | None, spec: str) 
     """CPU kernel of ``deepshift::frozen_linear``: native calls only where they apply, else the
     reference's composition of the smaller ops."""
     s = FrozenSpec.from_json(spec)
-    run = fused_forward(x, codes, bias, ("frozen_linear", spec), lambda: _prepare_linear_fused(
+    run = fused_forward(x, codes, bias, spec, lambda: _prepare_linear_fused(
         x, codes, list(s.weight_shape), s.weight_bits, s.has_zero, s.shift_lo, bias, list(s.act_bits),
         s.act_rounding, s.accumulator))
     if run is not None:
