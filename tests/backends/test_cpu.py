@@ -235,6 +235,25 @@ def test_cache_follows_in_place_weight_changes(native):
     assert torch.equal(torch.ops.deepshift.shift_linear(*args), ops.shift_linear_reference(*args))
 
 
+def test_caches_let_go_of_a_deleted_model(native):
+    # Prepared forwards and weight tiles are keyed by the codes tensor; they must be freed with the
+    # model, not kept until eviction (a server that loads models in turn would otherwise grow).
+    import gc
+
+    cache.clear_cache()
+    for _ in range(3):
+        net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(512, 10))
+        deepshift.freeze_(deepshift.convert_(net, deepshift.PSConfig(weight_bits=5)), act_bits=(8, 4))
+        net.eval()
+        with torch.no_grad():
+            net(torch.randn(1, 3, 8, 8))
+            net(torch.randn(16, 3, 8, 8))
+        assert len(cache._fused) + len(cache._cache) > 0  # the model did use the caches
+        del net
+        gc.collect()
+        assert (len(cache._fused), len(cache._cache), cache._cache_bytes[0]) == (0, 0, 0)
+
+
 def test_frozen_ops_dispatch_to_native(native, monkeypatch):
     calls = []
 

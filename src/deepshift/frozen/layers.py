@@ -166,7 +166,7 @@ class ShiftConvNd(_FrozenShift):
         self.padding_mode = spec.padding_mode
         self._pads = conv_pads(self.padding, self.kernel_size, self.dilation)
         # Padding the op does itself (symmetric zeros) vs. padding applied to the float input.
-        self._pad_outside = self.padding_mode != "zeros" or isinstance(self.padding, str)
+        self._pad_outside = spec.pad_outside
 
     def _conv_fields(self) -> dict[str, Any]:
         return {"transposed": self.transposed, "groups": self.groups, "stride": self.stride,
@@ -175,7 +175,7 @@ class ShiftConvNd(_FrozenShift):
 
     def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
         """Output shape for an input shape (batched)."""
-        return frozen_conv_output_shape(self.spec(), input_shape)
+        return frozen_conv_output_shape(FrozenSpec.from_json(self._spec_json), input_shape)
 
     def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
         return self.forward_fused(x, output_size=output_size)

@@ -39,6 +39,16 @@ def _nbytes(value: Any) -> int:
     return 0
 
 
+def _drop(table: dict, ref: weakref.ref, key: tuple) -> None:
+    """Forgets ``table[key]`` when its codes tensor (``ref``) is freed."""
+    with _lock:
+        entry = table.get(key)
+        if entry is not None and entry[0] is ref:  # not a newer entry at the same key
+            del table[key]
+            if table is _cache:
+                _cache_bytes[0] -= entry[2]
+
+
 def _cached(codes: Tensor, key: tuple, make):
     try:
         version = codes._version
@@ -57,7 +67,8 @@ def _cached(codes: Tensor, key: tuple, make):
         if old is not None:
             _cache_bytes[0] -= old[2]
         if value is not None and size <= CACHE_MAX_BYTES:  # None (does not apply) is cheap to re-derive
-            _cache[full] = (weakref.ref(codes), value, size)
+            # The entry goes with its codes tensor: a freed model's tiles do not wait for eviction.
+            _cache[full] = (weakref.ref(codes, lambda r, k=full: _drop(_cache, r, k)), value, size)
             _cache_bytes[0] += size
             while _cache_bytes[0] > CACHE_MAX_BYTES and _cache:
                 _, (_, _, n) = _cache.popitem(last=False)
@@ -90,5 +101,7 @@ def fused_forward(x: Tensor, codes: Tensor, bias: Tensor | None, key: str, prepa
         with _lock:
             if len(_fused) >= _FUSED_MAX:
                 _fused.clear()
-            _fused[k] = (weakref.ref(codes), versions, None if bias is None else weakref.ref(bias), value)
+            # The entry goes with its codes tensor (the prepared forward never refers to it).
+            codes_ref = weakref.ref(codes, lambda r, k=k: _drop(_fused, r, k))
+            _fused[k] = (codes_ref, versions, None if bias is None else weakref.ref(bias), value)
     return value

@@ -183,11 +183,12 @@ class _ConvCall:
         self.s3 = [1] * self.pre + list(stride)
         self.p3 = [0] * self.pre + list(padding)
         self.d3 = [1] * self.pre + list(a.dilation)
-        self.args = (ext, a.codes, tuple(weight_shape), a.weight_bits, a.has_zero, a.shift_lo)
+        # Not the codes tensor: this record is cached under it, and holding it would keep it alive.
+        self.args = (ext, tuple(weight_shape), a.weight_bits, a.has_zero, a.shift_lo)
         self.by_lanes: dict[int, tuple] = {}
-    def weights(self, lanes):
+    def weights(self, codes, lanes):
         """(w5 shape, conv-layout scode) for the lane width."""
-        ext, codes, weight_shape, weight_bits, has_zero, shift_lo = self.args
+        ext, weight_shape, weight_bits, has_zero, shift_lo = self.args
         scode, _ = _decoded(ext, codes, list(weight_shape), weight_bits, has_zero, shift_lo, lanes)
         if self.transposed:
             groups, kernel = self.groups, self.kernel
@@ -205,12 +206,12 @@ class _ConvCall:
         w5 = scode.reshape(scode.shape[0], scode.shape[1], *([1] * self.pre), *scode.shape[2:])
         return w5
 
-    def prepared(self, ext, lanes, x5_shape):
+    def prepared(self, ext, codes, lanes, x5_shape):
         """(w5 shape, plan) for the lane width and the kernel's 5-d input shape (fixed per call
         signature), made once."""
         prepared = self.by_lanes.get(lanes)
         if prepared is None:
-            w5 = self.weights(max(lanes, 32))
+            w5 = self.weights(codes, max(lanes, 32))
             plan = ext.conv_plan(
                 w5, list(x5_shape), self.groups, self.s3, self.p3, self.d3, lanes // 8, TABLE_BLOCK_BYTES,
                 INT16_MAX_GROUP if lanes == 16 else 0,
@@ -218,7 +219,7 @@ class _ConvCall:
             prepared = self.by_lanes[lanes] = (list(w5.shape), plan)
         return prepared
 
-    def run(self, ext, x, bias_s, lanes):
+    def run(self, ext, codes, x, bias_s, lanes):
         """``lanes``: 64 / 32 (int64 / int32 arithmetic), or 16 (int16 table, int32 arithmetic)."""
         dtype = _LANE_DTYPES[lanes]
         xi = x if x.dtype == dtype else x.to(dtype)
@@ -227,7 +228,7 @@ class _ConvCall:
                 xi, self.kernel, self.tstride, self.tpadding, self.tdilation, self.toutput_padding
             )
         x5 = xi.reshape(xi.shape[0], xi.shape[1], *([1] * self.pre), *xi.shape[2:]).contiguous()
-        w5_shape, plan = self.prepared(ext, lanes, x5.shape)
+        w5_shape, plan = self.prepared(ext, codes, lanes, x5.shape)
         b = None if bias_s is None else bias_s.to(torch.int64 if lanes == 64 else torch.int32)
         y = ext.conv(x5, w5_shape, plan, b, self.groups, self.s3, self.p3, self.d3)
         y = y.reshape(y.shape[0], y.shape[1], *y.shape[2 + self.pre :])
@@ -258,7 +259,7 @@ def shift_conv_cpu(x: Tensor, *args) -> Tensor:
     bias_s = _shifted_bias(a.bias, min(a.shift_lo, 0))
     lanes = _lanes_for(ext, x, a.codes, a.weight_shape, a.weight_bits, a.has_zero, a.shift_lo, bias_s,
                        call.fan_in, int16=True)
-    return call.run(ext, x, bias_s, lanes)
+    return call.run(ext, a.codes, x, bias_s, lanes)
 
 
 def _fused_setup(ext, x, act_bits, rounding, accumulator, shift_lo, bias, terms, weight_bits):
@@ -309,12 +310,13 @@ def _prepare_conv_fused(x: Tensor, a: ref.ShiftConvArgs, act_bits: list[int], ro
     call = _conv_call(ext, x, a, torch.int32)
     if call is False:
         return None
-    w5_shape, plan = call.prepared(ext, lanes, [x.shape[0], x.shape[1], *([1] * call.pre), *x.shape[2:]])
+    x5_shape = [x.shape[0], x.shape[1], *([1] * call.pre), *x.shape[2:]]
+    w5_shape, plan = call.prepared(ext, a.codes, lanes, x5_shape)
     conv_fused, s3, p3, d3 = ext.conv_fused, call.s3, call.p3, call.d3
-    frac, floor = act_bits[1], rounding == "floor"
+    frac, floor, groups = act_bits[1], rounding == "floor", a.groups  # not `a`: it holds the codes tensor
 
     def run(x: Tensor, affine: list[Tensor] | None, residual: Tensor | None, relu: bool) -> Tensor:
-        y, has_nan = conv_fused(x.contiguous(), w5_shape, plan, b, a.groups, s3, p3, d3, frac, lo, hi, floor,
+        y, has_nan = conv_fused(x.contiguous(), w5_shape, plan, b, groups, s3, p3, d3, frac, lo, hi, floor,
                                 lanes, exponent, affine, residual, relu)
         if has_nan:
             raise ref._nan_error()
