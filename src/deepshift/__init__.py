@@ -25,12 +25,15 @@ from deepshift.core.config import PSConfig, QConfig, config_from_dict
 from deepshift.core.convert import (
     convert_,
     effective_weight,
+    float_weights,
     is_shift_layer,
     layer_shift_range,
+    matmul_weight_names,
     shift_and_sign,
     shift_config,
     shift_layers,
     shift_parameters,
+    shift_tensors,
 )
 from deepshift.core.optim import clamp_parameters_, param_groups
 from deepshift.core.quantize import fixed_point
@@ -76,6 +79,7 @@ __all__ = [
     "build_model",
     "convert_",
     "effective_weight",
+    "float_weights",
     "export_onnx",
     "fixed_point",
     "freeze_",
@@ -84,6 +88,7 @@ __all__ = [
     "is_shift_layer",
     "layer_shift_range",
     "load_packed",
+    "matmul_weight_names",
     "pack_codes",
     "param_groups",
     "plot_shift_histograms",
@@ -93,6 +98,7 @@ __all__ = [
     "shift_config",
     "shift_layers",
     "shift_parameters",
+    "shift_tensors",
     "summary",
     "unpack_codes",
 ]

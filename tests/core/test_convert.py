@@ -216,10 +216,11 @@ def test_summary_lists_each_layer():
     deepshift.convert_(model, PSConfig(weight_bits=4, act_bits=(3, 5)), depth=1)
     text = deepshift.summary(model)
     lines = text.splitlines()
-    assert len(lines) == 3 and lines[1].split()[:5] == ["2", "Linear", "3x8", "PS", "4"]
+    assert len(lines) == 4 and lines[1].split()[:5] == ["2", "Linear", "3x8", "PS", "4"]
     assert "3.5" in lines[1]
-    assert lines[-1].startswith("1 shift layers, 24 shift weights, 2*1*3*3 + 2 + 3 float".split(",")[0])
-    assert "23 float parameters" in lines[-1]  # conv 18 + 2 bias, linear bias 3
+    assert lines[2].startswith("1 shift tensors, 24 shift weights, ")
+    assert "23 float parameters" in lines[2]  # conv 18 + 2 bias, linear bias 3
+    assert lines[3] == "1 matrix weights left in float: 0.weight"  # the conv, left out by depth=1
 
 
 @pytest.mark.parametrize("cfg", [QConfig(act_bits=(4, 4)), PSConfig(act_bits=(4, 4))], ids=cfg_id)

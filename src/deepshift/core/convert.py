@@ -1,4 +1,5 @@
-"""Turning a model's convolution and linear layers into shift layers, and finding them again."""
+"""Turning a model's matrix weights (linear, convolution, attention and recurrent layers) into shift
+weights, and finding them again."""
 
 from __future__ import annotations
 
@@ -35,38 +36,73 @@ FilterFn = Callable[[nn.Module, str], bool]
 
 
 def is_convertible(module: nn.Module) -> bool:
-    """True for Linear and every (transposed) convolution, including subclasses."""
+    """True for Linear and every (transposed) convolution, including subclasses: the layers whose
+    ``weight`` becomes a shift weight and that :func:`deepshift.freeze_` turns into integer layers."""
     return isinstance(module, CONVERTIBLE_TYPES)
 
 
-def _shift_parametrization(module: nn.Module) -> ShiftQ | ShiftPS | None:
-    if not parametrize.is_parametrized(module, "weight"):
+def matmul_weight_names(module: nn.Module) -> tuple[str, ...]:
+    """Names of the weight tensors that ``module`` multiplies its inputs by, which :func:`convert_`
+    converts: ``("weight",)`` for Linear and convolutions; ``nn.MultiheadAttention``'s packed
+    ``in_proj_weight`` or separate ``q/k/v_proj_weight`` (its ``out_proj`` is a Linear of its own);
+    every ``weight_ih/hh/hr`` of ``nn.RNN``/``nn.LSTM``/``nn.GRU`` and their cells. Empty for others.
+
+    Example:
+        >>> import torch, deepshift
+        >>> deepshift.matmul_weight_names(torch.nn.LSTM(4, 8, num_layers=2))
+        ('weight_ih_l0', 'weight_hh_l0', 'weight_ih_l1', 'weight_hh_l1')
+    """
+    if is_convertible(module):
+        return ("weight",)
+    if isinstance(module, nn.MultiheadAttention):
+        if module._qkv_same_embed_dim:
+            return ("in_proj_weight",)
+        return ("q_proj_weight", "k_proj_weight", "v_proj_weight")
+    if isinstance(module, nn.RNNBase):
+        names = []
+        for layer in range(module.num_layers):
+            for suffix in ("", "_reverse") if module.bidirectional else ("",):
+                names += [f"weight_ih_l{layer}{suffix}", f"weight_hh_l{layer}{suffix}"]
+                if getattr(module, "proj_size", 0) > 0:
+                    names.append(f"weight_hr_l{layer}{suffix}")
+        return tuple(names)
+    if isinstance(module, nn.RNNCellBase):
+        return ("weight_ih", "weight_hh")
+    return ()
+
+
+def _shift_parametrization(module: nn.Module, name: str = "weight") -> ShiftQ | ShiftPS | None:
+    if not parametrize.is_parametrized(module, name):
         return None
-    for p in module.parametrizations.weight:
+    for p in getattr(module.parametrizations, name):
         if isinstance(p, (ShiftQ, ShiftPS)):
             return p
     return None
 
 
+def _require_shift(module: nn.Module, name: str) -> ShiftQ | ShiftPS:
+    p = _shift_parametrization(module, name)
+    if p is None:
+        what = type(module).__name__.removeprefix("Parametrized")
+        raise ValueError(f"{what}.{name} is not a shift weight (run deepshift.convert_)")
+    return p
+
+
 def is_shift_layer(module: nn.Module) -> bool:
-    """True when ``module``'s weight has been converted by :func:`convert_`."""
-    return _shift_parametrization(module) is not None
+    """True when :func:`convert_` has converted one of ``module``'s matrix weights (its ``weight``,
+    or an attention or recurrent layer's projections)."""
+    return any(_shift_parametrization(module, n) is not None for n in matmul_weight_names(module))
 
 
-def layer_shift_range(module: nn.Module) -> tuple[int, int]:
-    """Inclusive ``(p_min, p_max)`` of a shift layer's shifts (its own window with ``"auto"``)."""
-    p = _shift_parametrization(module)
-    if p is None:
-        raise ValueError(f"{type(module).__name__} is not a shift layer (run deepshift.convert_)")
-    return p.shift_range
+def layer_shift_range(module: nn.Module, name: str = "weight") -> tuple[int, int]:
+    """Inclusive ``(p_min, p_max)`` of a shift weight's shifts (its own window with ``"auto"``);
+    ``name`` picks the tensor of an attention or recurrent layer (e.g. ``"in_proj_weight"``)."""
+    return _require_shift(module, name).shift_range
 
 
-def shift_config(module: nn.Module) -> QConfig | PSConfig:
-    """The config a shift layer was converted with (ValueError for other modules)."""
-    p = _shift_parametrization(module)
-    if p is None:
-        raise ValueError(f"{type(module).__name__} is not a shift layer (run deepshift.convert_)")
-    return p.config
+def shift_config(module: nn.Module, name: str = "weight") -> QConfig | PSConfig:
+    """The config a shift weight was converted with (ValueError for other tensors)."""
+    return _require_shift(module, name).config
 
 
 def convert_(
@@ -75,13 +111,24 @@ def convert_(
     filter_fn: FilterFn | None = None,
     depth: int | None = None,
     init: str = "weights",
+    strict: bool = False,
 ) -> nn.Module:
-    """Convert ``model``'s linear and convolution layers to shift layers, in place.
+    """Convert ``model``'s matrix weights to shift weights, in place.
 
     Every ``nn.Linear``, ``nn.Conv1d/2d/3d`` and ``nn.ConvTranspose1d/2d/3d`` (and subclasses, any
     groups, dilation, stride or padding mode) that ``filter_fn(module, qualified_name)`` accepts
-    becomes a DeepShift-Q or DeepShift-PS layer. Layers that already are shift layers are left
-    alone.
+    becomes a DeepShift-Q or DeepShift-PS layer, and so do the projections of
+    ``nn.MultiheadAttention`` and the gate weights of ``nn.RNN``/``nn.LSTM``/``nn.GRU`` and their
+    cells (:func:`matmul_weight_names`; their own forward, fused fast paths included, then reads the
+    shift weights). Weights that already are shift weights are left alone.
+
+    Matrix-shaped float parameters named ``*weight`` in modules ``convert_`` does not know (e.g. a
+    hand-written projection) are named in a warning; :func:`float_weights` lists every matrix
+    weight left in float, and ``strict=True`` raises instead of converting when there is any
+    (including those ``filter_fn`` or ``depth`` leave out), before anything is changed.
+    ``act_bits`` (fixed-point activations) applies to Linear and convolution layers; attention and
+    recurrent layers compute on float activations with shift weights, and :func:`deepshift.freeze_`
+    refuses them (the integer kernels cover Linear and convolutions).
 
     Two starting points (``init``):
 
@@ -113,6 +160,7 @@ def convert_(
         depth: the paper's shift depth: convert only the last ``depth`` candidates in module
             order (counted from the output side, after ``filter_fn``); ``None`` converts all.
         init: ``"weights"`` or ``"scratch"``, see above.
+        strict: raise ValueError (naming them) when any matrix weight would stay in float.
 
     Build the optimizer *after* converting: PS creates new parameters. To load a checkpoint of a
     converted model, build the model, ``convert_`` it with the same config, then
@@ -141,51 +189,110 @@ def convert_(
         raise ValueError(f"init={init!r} is not allowed; choose one of {', '.join(INITS)}")
 
     candidates = [
-        (name, m)
+        (name, m, todo)
         for name, m in model.named_modules()
-        if is_convertible(m)
-        and not is_shift_layer(m)
+        if (todo := tuple(n for n in matmul_weight_names(m) if _shift_parametrization(m, n) is None
+                          and getattr(m, n, None) is not None))
         and (filter_fn is None or filter_fn(m, name))
     ]
     if depth is not None:
         candidates = candidates[len(candidates) - depth :] if depth else []
-    for name, module in candidates:
-        _check_convertible(module, name)
+    for name, module, todo in candidates:
+        for tensor in todo:
+            _check_convertible(module, name, tensor)
+    chosen = {id(m) for _, m, _ in candidates}
+    left = [w for w in float_weights(model) if w[1] is None or id(w[1]) not in chosen]
+    if strict and left:
+        raise ValueError(f"convert_(strict=True): {len(left)} matrix weight(s) would stay in float: "
+                         f"{_names(left)}; nothing was converted")
+    unknown = [w for w in left if not matmul_weight_names(w[1])]
     clamped = []
-    for name, module in candidates:
-        share = _convert_module(module, config, init)
-        if share > CLAMP_WARN_SHARE:
-            clamped.append(f"{name or '(root)'} ({100 * share:.1f}%)")
+    for name, module, todo in candidates:
+        for tensor in todo:
+            share = _convert_tensor(module, tensor, config, init)
+            if share > CLAMP_WARN_SHARE:
+                label = name if tensor == "weight" else f"{name}.{tensor}".lstrip(".")
+                clamped.append(f"{label or '(root)'} ({100 * share:.1f}%)")
+        if config.act_bits is not None and is_convertible(module):
+            if module.bias is not None:
+                parametrize.register_parametrization(module, "bias", FixedPointBias(config))
+            module.register_forward_pre_hook(FixedPointInput(config))
     if clamped:
         warnings.warn(
             f"convert_: max_shift={config.max_shift} rounds more than {100 * CLAMP_WARN_SHARE:g}% of "
             f"the weights of {len(clamped)} layer(s) down to 2**{config.max_shift}: "
             f"{', '.join(clamped[:8])}{', ...' if len(clamped) > 8 else ''}. "
             "Use max_shift='auto' (a window per layer) or a larger max_shift.", stacklevel=2)
+    if unknown:
+        warnings.warn(
+            f"convert_ left {len(unknown)} matrix weight(s) of modules it does not know in float: "
+            f"{_names(unknown)}. Express them as nn.Linear / convolutions to convert them; "
+            "strict=True makes this an error.", stacklevel=2)
     return model
 
 
-def _check_convertible(module: nn.Module, name: str) -> None:
-    weight = getattr(module, "weight", None)
+# Modules whose matrix-shaped weights are looked up, not multiplied (no shift weight there).
+_LOOKUP_TYPES = (nn.Embedding, nn.EmbeddingBag)
+
+
+def float_weights(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every matrix weight of ``model`` left in float: ``(qualified tensor name, module)``.
+
+    The matrix weights of the layers :func:`convert_` converts (:func:`matmul_weight_names`) not
+    converted yet, and float parameters of two or more dimensions whose name ends in ``weight`` in
+    other modules (embeddings excepted: they are tables, not products).
+
+    Example:
+        >>> import torch, deepshift
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+        >>> _ = deepshift.convert_(net, deepshift.QConfig(), depth=1)
+        >>> [name for name, _ in deepshift.float_weights(net)]
+        ['0.weight']
+    """
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, (parametrize.ParametrizationList, *_LOOKUP_TYPES)):
+            continue
+        prefix = f"{name}." if name else ""
+        known = matmul_weight_names(module)
+        if known:
+            found += [(prefix + n, module) for n in known
+                      if getattr(module, n, None) is not None and _shift_parametrization(module, n) is None]
+            continue
+        for n, p in module.named_parameters(recurse=False):
+            if n.endswith("weight") and p.dim() >= 2 and p.is_floating_point():
+                found.append((prefix + n, module))
+    return found
+
+
+def _names(weights: list[tuple[str, nn.Module]], limit: int = 8) -> str:
+    listed = ", ".join(f"{n} ({type(m).__name__.removeprefix('Parametrized')})" for n, m in weights[:limit])
+    return listed + (f", ... ({len(weights) - limit} more)" if len(weights) > limit else "")
+
+
+def _check_convertible(module: nn.Module, name: str, tensor: str = "weight") -> None:
+    weight = getattr(module, tensor, None)
+    what = f"layer {name!r}" if tensor == "weight" else f"{tensor} of layer {name!r}"
     if isinstance(weight, nn.parameter.UninitializedParameter):
         raise ValueError(
             f"layer {name!r} is lazy and not initialised yet: run one forward pass before convert_"
         )
     if not isinstance(weight, Tensor):
-        raise ValueError(f"layer {name!r} has no weight tensor to convert")
+        raise ValueError(f"{what} has no weight tensor to convert")
     if not weight.is_floating_point():
-        raise ValueError(f"layer {name!r} has a {weight.dtype} weight; shift layers need floats")
-    if parametrize.is_parametrized(module, "weight"):
+        raise ValueError(f"{what} has a {weight.dtype} weight; shift layers need floats")
+    if parametrize.is_parametrized(module, tensor):
         raise ValueError(
-            f"layer {name!r} already has a parametrization on its weight (e.g. weight_norm); "
+            f"{what} already has a parametrization on its weight (e.g. weight_norm); "
             "remove it before convert_"
         )
 
 
-def _convert_module(module: nn.Module, config: QConfig | PSConfig, init: str) -> float:
-    """Convert one layer in place; returns the share of its weights clamped by a fixed window."""
+def _convert_tensor(module: nn.Module, tensor: str, config: QConfig | PSConfig, init: str) -> float:
+    """Convert one weight tensor in place; returns the share of its weights clamped by a fixed
+    window."""
     param = ShiftQ(config) if isinstance(config, QConfig) else ShiftPS(config)
-    weight = module.weight.detach()
+    weight = getattr(module, tensor).detach()
     clamped = 0.0
     scratch_ps = init == "scratch" and isinstance(config, PSConfig)
     if scratch_ps:
@@ -204,20 +311,17 @@ def _convert_module(module: nn.Module, config: QConfig | PSConfig, init: str) ->
         # Magnitudes whose nearest power of two (in log scale) lies above the window.
         top = 2.0 ** param.shift_range[1] * math.sqrt(2.0)
         clamped = float((weight.abs() > top).float().mean())
-    parametrize.register_parametrization(module, "weight", param)
+    parametrize.register_parametrization(module, tensor, param)
     if isinstance(config, PSConfig):
+        originals = getattr(module.parametrizations, tensor)
         if scratch_ps:
-            shift, sign = module.parametrizations.weight.original0, module.parametrizations.weight.original1
+            shift, sign = originals.original0, originals.original1
             with torch.no_grad():
                 shift.copy_(scratch_shift_init(shift.shape, param.shift_range, interval, shift.dtype,
                                                shift.device))
                 sign.uniform_(-1.0, 1.0)
         if config.freeze_sign:
-            module.parametrizations.weight.original1.requires_grad_(False)
-    if config.act_bits is not None:
-        if module.bias is not None:
-            parametrize.register_parametrization(module, "bias", FixedPointBias(config))
-        module.register_forward_pre_hook(FixedPointInput(config))
+            originals.original1.requires_grad_(False)
     return clamped
 
 
@@ -297,7 +401,9 @@ def auto_max_shift(weight: Tensor, config: QConfig | PSConfig, tolerance: float 
 
 
 def shift_layers(model: nn.Module) -> list[tuple[str, nn.Module, QConfig | PSConfig]]:
-    """``(qualified_name, module, config)`` of every shift layer in ``model``, in module order."""
+    """``(qualified_name, module, config)`` of every converted Linear and convolution layer in
+    ``model``, in module order (the layers :func:`deepshift.freeze_` turns into integer layers;
+    :func:`shift_tensors` lists attention and recurrent weights too)."""
     return [
         (name, m, p.config)
         for name, m in model.named_modules()
@@ -305,30 +411,44 @@ def shift_layers(model: nn.Module) -> list[tuple[str, nn.Module, QConfig | PSCon
     ]
 
 
-def shift_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
-    """The stored parameters behind a shift layer's weight.
+def shift_tensors(model: nn.Module) -> list[tuple[str, nn.Module, str, QConfig | PSConfig]]:
+    """``(qualified module name, module, tensor name, config)`` of every shift weight in ``model``:
+    the ``weight`` of Linear and convolution layers, attention projections, recurrent gate weights.
+
+    Example:
+        >>> import torch, deepshift
+        >>> net = deepshift.convert_(torch.nn.GRU(4, 8), deepshift.PSConfig())
+        >>> [t for _, _, t, _ in deepshift.shift_tensors(net)]
+        ['weight_ih_l0', 'weight_hh_l0']
+    """
+    return [
+        (name, m, n, p.config)
+        for name, m in model.named_modules()
+        for n in matmul_weight_names(m)
+        if (p := _shift_parametrization(m, n)) is not None
+    ]
+
+
+def shift_parameters(module: nn.Module, name: str = "weight") -> dict[str, nn.Parameter]:
+    """The stored parameters behind a shift weight (``name``: see :func:`matmul_weight_names`).
 
     Q: ``{"weight": float weight}``; PS: ``{"shift": ..., "sign": ...}``.
     """
-    p = _shift_parametrization(module)
-    if p is None:
-        raise ValueError(f"{type(module).__name__} is not a shift layer")
-    originals = module.parametrizations.weight
+    p = _require_shift(module, name)
+    originals = getattr(module.parametrizations, name)
     if isinstance(p, ShiftQ):
         return {"weight": originals.original}
     return {"shift": originals.original0, "sign": originals.original1}
 
 
 @torch.no_grad()
-def shift_and_sign(module: nn.Module) -> tuple[Tensor, Tensor]:
-    """Integer shift ``p`` and sign ``s`` (both int16 tensors) of a shift layer at evaluation.
+def shift_and_sign(module: nn.Module, name: str = "weight") -> tuple[Tensor, Tensor]:
+    """Integer shift ``p`` and sign ``s`` (both int16 tensors) of a shift weight at evaluation.
 
-    ``effective_weight(module) == s * 2**p`` exactly; ``s`` is 0 only for PS zero weights.
+    ``effective_weight(module, name) == s * 2**p`` exactly; ``s`` is 0 only for PS zero weights.
     """
-    p = _shift_parametrization(module)
-    if p is None:
-        raise ValueError(f"{type(module).__name__} is not a shift layer")
-    params = shift_parameters(module)
+    p = _require_shift(module, name)
+    params = shift_parameters(module, name)
     if isinstance(p, ShiftQ):
         shift, sign = q_shift_sign(params["weight"], p.shift_range)
     else:
@@ -337,8 +457,9 @@ def shift_and_sign(module: nn.Module) -> tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
-def effective_weight(module: nn.Module) -> Tensor:
-    """The exact power-of-two weight tensor a shift layer uses at evaluation (no grad).
+def effective_weight(module: nn.Module, name: str = "weight") -> Tensor:
+    """The exact power-of-two weight tensor a shift layer uses at evaluation (no grad); ``name``
+    picks an attention or recurrent layer's tensor.
 
     Deterministic whatever the module's mode: stochastic rounding only ever happens inside a
     training-mode forward pass.
@@ -350,6 +471,6 @@ def effective_weight(module: nn.Module) -> Tensor:
         >>> bool(((w.abs().log2() % 1) == 0).all())
         True
     """
-    shift, sign = shift_and_sign(module)
-    dtype = next(iter(shift_parameters(module).values())).dtype
+    shift, sign = shift_and_sign(module, name)
+    dtype = next(iter(shift_parameters(module, name).values())).dtype
     return sign.to(dtype) * torch.exp2(shift.to(dtype))

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from deepshift.core.config import PSConfig
-from deepshift.core.convert import layer_shift_range, shift_layers, shift_parameters
+from deepshift.core.convert import layer_shift_range, shift_parameters, shift_tensors
 
 
 def param_groups(
@@ -36,9 +36,9 @@ def param_groups(
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
     shift, sign = [], []
-    for _, module, config in shift_layers(model):
+    for _, module, tensor, config in shift_tensors(model):
         if isinstance(config, PSConfig):
-            params = shift_parameters(module)
+            params = shift_parameters(module, tensor)
             shift.append(params["shift"])
             sign.append(params["sign"])
     special = {id(p) for p in shift + sign}
@@ -63,9 +63,9 @@ def clamp_parameters_(model: nn.Module) -> nn.Module:
     the stored parameters from drifting far outside, where a straight-through gradient would
     need many steps to bring them back. Q layers need nothing.
     """
-    for _, module, config in shift_layers(model):
+    for _, module, tensor, config in shift_tensors(model):
         if isinstance(config, PSConfig):
-            params = shift_parameters(module)
-            params["shift"].clamp_(*layer_shift_range(module))
+            params = shift_parameters(module, tensor)
+            params["shift"].clamp_(*layer_shift_range(module, tensor))
             params["sign"].clamp_(-1.0, 1.0)
     return model

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from deepshift.core.config import PSConfig
-from deepshift.core.convert import shift_and_sign, shift_layers
+from deepshift.core.convert import shift_and_sign, shift_layers, shift_tensors
 from deepshift.core.quantize import to_fixed_point_int
 from deepshift.core.replace import replace_modules
 from deepshift.frozen.float_layers import freeze_float_layers_
@@ -115,6 +115,7 @@ def freeze_(model: nn.Module, act_bits: tuple[int, int] | None = None,
     """
     if act_bits is not None:
         act_bits = (int(act_bits[0]), int(act_bits[1]))
+    _refuse_unfreezable(model)
     layers = shift_layers(model)
     frozen = {id(module): freeze_layer(module, act_bits) for _, module, _ in layers}
     if id(model) in frozen:
@@ -122,6 +123,18 @@ def freeze_(model: nn.Module, act_bits: tuple[int, int] | None = None,
     if float_layers:
         model = freeze_float_layers_(model)
     return replace_modules(model, lambda m: frozen.get(id(m)))
+
+
+def _refuse_unfreezable(model: nn.Module) -> None:
+    """ValueError, before anything changes, for shift weights the integer layers cannot hold."""
+    others = [f"{name}.{tensor}".lstrip(".")
+              for name, _, tensor, _ in shift_tensors(model) if tensor != "weight"]
+    if others:
+        listed = ", ".join(others[:6]) + (f", ... ({len(others) - 6} more)" if len(others) > 6 else "")
+        raise ValueError(
+            f"freeze_ cannot freeze converted attention or recurrent weights ({listed}): the integer "
+            "layers cover Linear and convolutions. Evaluate the converted model as it is (its weights "
+            "are exact powers of two), or convert_ with a filter_fn that leaves these modules out.")
 
 
 def frozen_copy(model: nn.Module, act_bits: tuple[int, int] | None = None) -> nn.Module:
@@ -132,7 +145,7 @@ def frozen_copy(model: nn.Module, act_bits: tuple[int, int] | None = None) -> nn
     as is. Freezing is the one-way gate between training and deployment: the packed format, ONNX
     and the savings report read frozen layers only.
     """
-    if not shift_layers(model):
+    if not shift_tensors(model):
         return model
     frozen = freeze_(copy.deepcopy(model), act_bits=act_bits)
     zoo = getattr(model, "zoo_spec", None)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepshift.core.convert import shift_layers
+from deepshift.core.convert import shift_parameters, shift_tensors
 from deepshift.training.checkpoint import CHECKPOINT_FORMAT, _load_into, load_checkpoint
 from deepshift.training.config import (
     CheckpointError,
@@ -29,9 +29,10 @@ from deepshift.training.distributed import (
 def count_parameters(model: nn.Module) -> dict[str, int]:
     """Parameter counts: total trainable values, weights held as shifts, the rest (float)."""
     shift_ids, shift_weights = set(), 0
-    for _, module, _ in shift_layers(model):
-        shift_weights += module.weight.numel()
-        shift_ids.update(id(p) for p in module.parametrizations.weight.parameters())
+    for _, module, tensor, _ in shift_tensors(model):
+        params = shift_parameters(module, tensor)
+        shift_weights += next(iter(params.values())).numel()
+        shift_ids.update(id(p) for p in getattr(module.parametrizations, tensor).parameters())
     total = sum(p.numel() for p in model.parameters())
     floats = sum(p.numel() for p in model.parameters() if id(p) not in shift_ids)
     return {"parameters": total, "shift_weights": shift_weights, "float_parameters": floats}
