@@ -131,6 +131,23 @@ def test_transformer_fast_path_computes_with_the_shift_weights():
         assert (fast - float_model(x)).abs().max() > 1e-3  # and not with the float weights
 
 
+def test_transformer_inference_keeps_fixed_point_activations():
+    # With act_bits the linear layers' inputs are rounded by forward pre-hooks, which a fused
+    # encoder kernel would skip: the no-grad forward must round them all the same.
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, dropout=0.0, batch_first=True)
+    net = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    deepshift.convert_(net, QConfig(weight_bits=5, max_shift="auto", act_bits=(4, 4)))
+    net.eval()
+    x = torch.randn(3, 7, 16)
+    slow = net(x)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), slow, rtol=1e-5, atol=1e-5)
+        for sub in net.layers:
+            sub.linear1._forward_pre_hooks.clear()  # the rounding does change the result
+        assert (net(x) - slow).abs().max() > 1e-3
+
+
 class _HandWritten(nn.Module):
     def __init__(self):
         super().__init__()
