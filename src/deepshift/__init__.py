@@ -21,6 +21,7 @@ import deepshift.ops.schemas  # noqa: F401,I001  declares every deepshift::* op
 import deepshift.backends.cpu.register  # noqa: F401  the C++ CPU kernels (built on first use)
 from deepshift.backends.triton.register import register_cuda_kernels as _register_cuda_kernels
 from deepshift._version import __version__
+from deepshift.core.calibrate import calibrate_
 from deepshift.core.config import PSConfig, QConfig, config_from_dict
 from deepshift.core.convert import (
     convert_,
@@ -77,6 +78,7 @@ __all__ = [
     "compression_report",
     "config_from_dict",
     "build_model",
+    "calibrate_",
     "convert_",
     "effective_weight",
     "float_weights",

@@ -1,0 +1,70 @@
+"""Post-training conversion without training: float vs plain conversion vs ``calibrate_``.
+
+For a float run folder (``deepshift train --method none``), converts its model to Q and PS at
+each bit width with ``max_shift="auto"``, then calibrates a copy on ``--calib-size`` training
+images (disjoint from the validation and test splits), and prints a Markdown table of top-1 on
+``--split`` (choose settings on ``val``; report ``test``).
+
+    python benchmarks/ptq.py RUN --split test --bits 5 4 3 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import sys
+import time
+
+import torch
+
+import deepshift
+from deepshift.cli.commands import load_source
+from deepshift.training.data.datasets import load_dataset
+from deepshift.training.data.loader import BatchLoader
+from deepshift.training.evaluate import evaluate
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run", help="float run folder or checkpoint")
+    p.add_argument("--split", choices=("val", "test"), default="val")
+    p.add_argument("--bits", type=int, nargs="+", default=[5, 4, 3, 2])
+    p.add_argument("--methods", nargs="+", default=["q", "ps"], choices=["q", "ps"])
+    p.add_argument("--calib-size", type=int, default=256)
+    p.add_argument("--iters", type=int, default=300)
+    p.add_argument("--no-batchnorm", action="store_true", help="skip BatchNorm re-estimation")
+    args = p.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    model, info = load_source(args.run)
+    if deepshift.shift_layers(model):
+        p.error(f"{args.run} is not a float run")
+    splits = load_dataset(info["data"])
+    loader = BatchLoader(getattr(splits, args.split), 256, train=False)
+    calib = [splits.train.get_batch(torch.arange(i, min(i + 64, args.calib_size)), train=False)[0]
+             for i in range(0, args.calib_size, 64)]
+    float_top1 = evaluate(model, loader)["top1"]
+    print(f"# {info['model']} on {info['data']} ({args.split} top-1), {platform.processor() or platform.machine()}",
+          file=sys.stderr)
+    rows = [f"| model | method | bits | float | converted | calibrated | calibrate seconds |",
+            "|---|---|---:|---:|---:|---:|---:|"]
+    for method in args.methods:
+        for bits in args.bits:
+            cfg_cls = deepshift.QConfig if method == "q" else deepshift.PSConfig
+            cfg = cfg_cls(weight_bits=bits, max_shift="auto")
+            converted = deepshift.convert_(copy.deepcopy(model), cfg).eval()
+            plain = evaluate(converted, loader)["top1"]
+            t0 = time.perf_counter()
+            deepshift.calibrate_(converted, calib, reference=model, iters=args.iters,
+                                 batchnorm=not args.no_batchnorm, progress=False)
+            seconds = time.perf_counter() - t0
+            calibrated = evaluate(converted.eval(), loader)["top1"]
+            rows.append(f"| {info['model']} | {method.upper()} | {bits} | {float_top1:.2f} | {plain:.2f} | "
+                        f"{calibrated:.2f} | {seconds:.1f} |")
+            print(rows[-1], flush=True)
+    print("\n".join(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

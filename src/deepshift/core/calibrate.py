@@ -1,0 +1,392 @@
+"""Post-training calibration of a converted model from unlabelled inputs: per-layer windows,
+adaptive rounding between neighbouring powers of two, bias correction, BatchNorm statistics."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from deepshift.core.config import PSConfig
+from deepshift.core.convert import _shift_parametrization, shift_layers, shift_parameters
+from deepshift.core.parametrizations import FixedPointBias, FixedPointInput, ShiftQ
+from deepshift.core.quantize import q_shift_sign
+
+# Rectified sigmoid of adaptive rounding (Nagel et al. 2020, "Up or Down?"): its stretch past
+# [0, 1] lets the soft choice reach a hard 0 or 1 with a finite variable.
+_ZETA, _GAMMA = 1.1, -0.1
+
+
+class _Stop(Exception):
+    """Raised by the capture hook: the rest of the forward pass is not needed."""
+
+
+def _inputs(batches: Iterable[Any], max_samples: int) -> list[Tensor]:
+    """The calibration inputs as a list of batches (up to ``max_samples`` samples), checked."""
+    if isinstance(batches, Tensor):
+        raise TypeError("batches must be an iterable of input tensors (e.g. a DataLoader or a list), "
+                        "not a single tensor: wrap it as [x]")
+    out, count = [], 0
+    for i, item in enumerate(batches):
+        x = item[0] if isinstance(item, (tuple, list)) and item else item
+        if not isinstance(x, Tensor):
+            raise TypeError(f"calibration batch {i} is a {type(x).__name__}, not a tensor (or a tuple "
+                            "whose first item is the input tensor)")
+        if x.dim() == 0 or x.shape[0] == 0:
+            raise ValueError(f"calibration batch {i} has shape {tuple(x.shape)}: no samples")
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            raise ValueError(f"calibration batch {i} holds NaN or infinite values")
+        x = x[: max_samples - count]
+        out.append(x)
+        count += x.shape[0]
+        if count >= max_samples:
+            break
+    if not out:
+        raise ValueError("calibrate_ got no calibration inputs: batches is empty or exhausted")
+    return out
+
+
+def _run(model: nn.Module, xs: list[Tensor]) -> None:
+    for i, x in enumerate(xs):
+        try:
+            model(x)
+        except _Stop:
+            pass
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise ValueError(f"the model's forward failed on calibration batch {i} (shape "
+                             f"{tuple(x.shape)}, {x.dtype}): {exc}") from exc
+
+
+def _layer_fn(module: nn.Module):
+    """``f(x, weight, bias)``: the layer's forward with another weight."""
+    if isinstance(module, nn.Linear):
+        return F.linear
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[len(module.kernel_size) - 1]
+        return lambda x, w, b: fn(x, w, b, module.stride, module.padding, module.output_padding,
+                                  module.groups, module.dilation)
+    return module._conv_forward
+
+
+def _capture(model: nn.Module, module: nn.Module, xs: list[Tensor]) -> list[Tensor]:
+    """The inputs ``module`` receives (after its fixed-point rounding, if any) on ``xs``."""
+    seen: list[Tensor] = []
+
+    def hook(_mod, args):
+        seen.append(args[0].detach())
+        raise _Stop
+
+    handle = module.register_forward_pre_hook(hook)  # after convert_'s rounding hook
+    try:
+        with torch.no_grad():
+            _run(model, xs)
+    finally:
+        handle.remove()
+    return seen
+
+
+def _channel_dims(y: Tensor, module: nn.Module) -> tuple[int, ...]:
+    # Every dimension but the output channels': the last for Linear, the second for convolutions.
+    keep = y.dim() - 1 if isinstance(module, nn.Linear) else 1
+    return tuple(d for d in range(y.dim()) if d != keep)
+
+
+def _error(fn, xs, weight, bias, targets) -> float:
+    with torch.no_grad():
+        return sum(float((fn(x, weight, bias) - t).square().sum()) for x, t in zip(xs, targets, strict=True))
+
+
+def _neighbours(w: Tensor, shift_range: tuple[int, int], ps: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Sign and the two representable magnitudes around ``|w|`` (equal where only one applies)."""
+    p_min, p_max = shift_range
+    mag = w.abs()
+    low_exp = torch.floor(torch.log2(mag.clamp(2.0**p_min, 2.0**p_max))).clamp(p_min, p_max)
+    low = torch.exp2(low_exp)
+    high = torch.exp2((low_exp + 1).clamp(max=p_max))
+    below = mag < 2.0**p_min
+    if ps:  # PS also holds zero: weights below the window lie between 0 and 2**p_min
+        low = torch.where(below, torch.zeros_like(low), low)
+        high = torch.where(below, torch.full_like(high, 2.0**p_min), high)
+        high = torch.where(mag == 0, torch.zeros_like(high), high)
+    else:
+        high = torch.where(below, low, high)
+    sign = torch.where(w < 0, -1.0, 1.0).to(w.dtype)
+    if ps:
+        sign = torch.where(mag == 0, torch.zeros_like(sign), sign)
+    return sign, low, high
+
+
+def _adaptive_round(fn, xs, targets, w: Tensor, bias, shift_range, ps: bool, iters: int,
+                    generator: torch.Generator) -> Tensor:
+    """Chooses, for each weight, the power of two just below or just above it (or zero, PS) that
+    minimises the layer's output error on ``xs``: adaptive rounding's soft relaxation, annealed to a
+    hard choice."""
+    sign, low, high = _neighbours(w, shift_range, ps)
+    span = high - low
+    movable = span > 0
+    frac = torch.where(movable, (w.abs() - low) / torch.where(movable, span, 1.0), torch.zeros_like(w))
+    # The variable whose rectified sigmoid starts at the weight's own position between the two.
+    p = ((frac.clamp(0, 1) - _GAMMA) / (_ZETA - _GAMMA)).clamp(1e-4, 1 - 1e-4)
+    v = torch.log(p / (1 - p)).requires_grad_(True)
+    opt = torch.optim.Adam([v], lr=1e-2)
+    scale = sum(float(t.square().mean()) for t in targets) / len(targets) or 1.0
+    warmup = iters // 5
+    for step in range(iters):
+        i = int(torch.randint(len(xs), (1,), generator=generator))
+        h = (torch.sigmoid(v) * (_ZETA - _GAMMA) + _GAMMA).clamp(0, 1)
+        wq = sign * (low + h * span)
+        loss = (fn(xs[i], wq, bias) - targets[i]).square().mean() / scale
+        if step >= warmup:  # then push every choice to 0 or 1, ever harder (beta 20 -> 2)
+            beta = 2 + 18 * (1 - (step - warmup) / max(iters - warmup, 1))
+            loss = loss + 0.01 * (1 - (2 * h - 1).abs().pow(beta)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        hard = (torch.sigmoid(v) * (_ZETA - _GAMMA) + _GAMMA) >= 0.5
+        return sign * torch.where(hard, high, low)
+
+
+def _write(module: nn.Module, weight: Tensor) -> None:
+    """Stores exact powers of two (or zeros, PS) as the layer's parameters."""
+    params = shift_parameters(module)
+    with torch.no_grad():
+        if "weight" in params:  # Q: float weights that round to themselves
+            params["weight"].copy_(weight)
+        else:
+            mag = weight.abs()
+            p_min = _shift_parametrization(module).shift_range[0]
+            params["shift"].copy_(torch.where(mag > 0, torch.log2(mag.clamp_min(2.0**p_min)), float(p_min)))
+            params["sign"].copy_(torch.sign(weight))
+
+
+def _float_copy(model: nn.Module) -> nn.Module:
+    """The float model behind a converted DeepShift-Q model: its float weights and biases, float
+    activations (the fixed-point rounding hooks removed)."""
+    float_model = copy.deepcopy(model)
+    for module in list(float_model.modules()):
+        if isinstance(module, parametrize.ParametrizationList):
+            # Identity in place of the rounding (not remove_parametrizations, which edits the
+            # parametrized class that copies share with the original).
+            for i, step in enumerate(module):
+                if isinstance(step, (ShiftQ, FixedPointBias)):
+                    module[i] = nn.Identity()
+        for key, hook in list(module._forward_pre_hooks.items()):
+            if isinstance(hook, FixedPointInput):
+                del module._forward_pre_hooks[key]
+    return float_model.eval()
+
+
+def _batchnorm_after(model: nn.Module, layers: list[nn.Module], x: Tensor) -> dict[int, nn.Module]:
+    """The BatchNorm (in eval, running statistics) that takes each layer's output directly, by layer
+    id: found by the output tensor's identity in one forward pass, whatever the model's code."""
+    outputs: dict[int, nn.Module] = {}
+    found: dict[int, nn.Module] = {}
+
+    def after_layer(mod, _args, out):
+        outputs[id(out)] = mod
+
+    def before_norm(mod, args):
+        layer = outputs.get(id(args[0]))
+        if layer is not None and mod.running_mean is not None and not mod.training:
+            found[id(layer)] = mod
+
+    handles = [m.register_forward_hook(after_layer) for m in layers]
+    handles += [m.register_forward_pre_hook(before_norm) for m in model.modules()
+                if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    try:
+        with torch.no_grad():
+            _run(model, [x])
+    finally:
+        for h in handles:
+            h.remove()
+    return found
+
+
+def _match_batchnorm(norm: nn.Module, outputs: list[Tensor], targets: list[Tensor], dims: tuple[int, ...],
+                     variance: bool) -> None:
+    """Sets the statistics of the BatchNorm after a converted layer so that it normalises the
+    layer's outputs (on the calibration inputs) as it normalised the float layer's: a channel whose
+    outputs moved by ``d`` and scaled by ``r`` gets ``mean + d`` (``mean`` moved within the spread
+    ``r``) and ``var * r**2``. With outputs equal to the float ones nothing changes."""
+    def moments(ts):
+        flat = torch.cat([t.movedim(1 if t.dim() > 1 else 0, 0).reshape(t.shape[1 if t.dim() > 1 else 0], -1)
+                          for t in ts], dim=1).double()
+        return flat.mean(1), flat.std(1, unbiased=False)
+
+    if dims != tuple(d for d in range(outputs[0].dim()) if d != 1):
+        return  # a Linear's channels are last: BatchNorm1d over (N, C) only
+    m_q, s_q = moments(outputs)
+    m_f, s_f = moments(targets)
+    ratio = torch.where(s_f > 1e-12, s_q / s_f.clamp_min(1e-12), torch.ones_like(s_f)) if variance \
+        else torch.ones_like(s_f)
+    mean = norm.running_mean.double()
+    norm.running_mean.copy_(m_q - (m_f - mean) * ratio)
+    if variance:
+        norm.running_var.copy_(norm.running_var.double() * ratio.square())
+
+
+def calibrate_(
+    model: nn.Module,
+    batches: Iterable[Any],
+    reference: nn.Module | None = None,
+    max_samples: int = 256,
+    iters: int = 300,
+    adaptive: bool = True,
+    bias_correction: bool = True,
+    batchnorm: bool = True,
+    seed: int = 0,
+    progress: bool = True,
+    stats: list[dict[str, Any]] | None = None,
+) -> nn.Module:
+    """Post-training calibration of a converted model from unlabelled inputs, in place.
+
+    For each shift layer (Linear and convolutions, in module order), with the float model's output
+    of that layer as the target and the inputs the layer receives from the layers calibrated before
+    it (so each layer also makes up for their error):
+
+    * **window**: with ``max_shift="auto"``, the ``p_max`` (as placed, one below, one above) whose
+      rounding gives the least output error;
+    * **adaptive rounding**: each weight takes the power of two just below or just above it (or
+      zero, PS) so as to minimise the layer's output error (a soft relaxation annealed to a hard
+      choice, as AdaRound does, here between neighbouring powers of two); kept only where its error
+      is below plain rounding's, so no layer's error grows;
+    * **bias correction**: the mean output error per channel goes into the layer's bias;
+    * **BatchNorm statistics**: a BatchNorm that takes the layer's output gets the statistics that
+      normalise the converted layer's outputs as the float ones were normalised (their mean shift,
+      and with ``batchnorm=True`` their change of spread, on the calibration inputs).
+
+    Weights stay exact signed powers of two within each layer's window; the result depends only on
+    the inputs and ``seed``.
+
+    The float model is ``reference`` (the model the converted one came from, same module names),
+    which PS needs: PS keeps no float weights; a DeepShift-Q model without ``reference`` uses its
+    own float weights. Attention and recurrent shift weights keep their plain rounding.
+
+    Args:
+        model: a converted (:func:`deepshift.convert_`), not frozen, model.
+        batches: an iterable of input tensors, or of tuples whose first item is the input (a
+            ``DataLoader`` of ``(x, y)`` works; labels are not used).
+        reference: the float model (required for PS).
+        max_samples: how many samples to use (the first ones ``batches`` yields).
+        iters: optimisation steps of adaptive rounding per layer.
+        adaptive, bias_correction, batchnorm: switch each step off (``batchnorm=False`` keeps the
+            BatchNorm variances; bias correction still moves the means of BatchNorms after layers
+            without a bias).
+        seed: seeds the choice of batches in each step.
+        progress: a progress bar over the layers (tqdm).
+        stats: a list to append ``{"layer", "plain", "calibrated"}`` per layer (squared output error
+            on the calibration inputs, summed).
+
+    Raises ValueError / TypeError with the model left as it was (the work is done on a copy; an
+    interrupted run, Ctrl-C included, changes nothing): no shift layers, frozen layers, empty or
+    exhausted ``batches``, NaN or infinite inputs, inputs the model cannot take, PS without
+    ``reference``.
+
+    Example:
+        >>> import torch, deepshift
+        >>> torch.manual_seed(0); net = torch.nn.Sequential(torch.nn.Linear(8, 4))
+        >>> _ = deepshift.convert_(net, deepshift.QConfig(weight_bits=3, max_shift="auto"))
+        >>> errors = []
+        >>> _ = deepshift.calibrate_(net, [torch.randn(64, 8)], progress=False, stats=errors)
+        >>> errors[0]["calibrated"] <= errors[0]["plain"]
+        True
+    """
+    from tqdm import tqdm
+
+    from deepshift.frozen.layers import is_frozen_layer
+
+    if any(is_frozen_layer(m) for m in model.modules()):
+        raise ValueError("calibrate_ needs a converted model that is not frozen: calibrate before freeze_")
+    layers = shift_layers(model)
+    if not layers:
+        raise ValueError("calibrate_ found no shift layers: convert_ the model first")
+    if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1:
+        raise ValueError(f"max_samples must be an int >= 1, got {max_samples!r}")
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
+        raise ValueError(f"iters must be an int >= 0, got {iters!r}")
+    ps_layers = [name for name, _, cfg in layers if isinstance(cfg, PSConfig)]
+    if ps_layers and reference is None:
+        raise ValueError("calibrate_ needs reference= (the float model) for DeepShift-PS layers "
+                         f"({', '.join(ps_layers[:4])}): PS keeps no float weights")
+    xs = _inputs(batches, max_samples)
+    if reference is not None:
+        for name, module, _ in layers:
+            try:
+                w = reference.get_submodule(name).weight
+            except AttributeError as exc:
+                raise ValueError(f"reference has no layer {name!r} with a weight") from exc
+            if not isinstance(w, Tensor) or w.shape != module.weight.shape:
+                raise ValueError(f"reference layer {name!r} has a weight of another shape "
+                                 f"({getattr(w, 'shape', None)} vs {tuple(module.weight.shape)})")
+        float_model = copy.deepcopy(reference).eval()
+    else:
+        float_model = _float_copy(model)
+    work = copy.deepcopy(model).eval()
+    generator = torch.Generator().manual_seed(seed)
+    work_layers = shift_layers(work)
+    norm_after = _batchnorm_after(work, [m for _, m, _ in work_layers], xs[0][:2])
+    bar = tqdm(work_layers, desc="calibrate", disable=not progress, leave=False)
+    for name, module, cfg in bar:
+        bar.set_postfix_str(name)
+        param = _shift_parametrization(module)
+        fn = _layer_fn(module)
+        float_layer = float_model.get_submodule(name)
+        w = float_layer.weight.detach().to(module.weight.dtype)
+        inputs = _capture(work, module, xs)
+        with torch.no_grad():
+            # The float model's own outputs are the targets: each layer also makes up for the
+            # error of the layers before it, whose outputs it receives.
+            targets = [_layer_fn(float_layer)(x, float_layer.weight, float_layer.bias)
+                       for x in _capture(float_model, float_layer, xs)]
+            bias = module.bias
+            bias = None if bias is None else bias.detach()
+
+        def nearest(shift_range, w=w):
+            shift, sign = q_shift_sign(w, shift_range)
+            return sign * torch.exp2(shift)
+
+        if cfg.auto_range:  # the window with the least output error, near the weight-placed one
+            top = param.shift_range[1]
+            scored = []
+            for p_max in (top, top - 1, top + 1):
+                rng = cfg.range_below(p_max)
+                scored.append((_error(fn, inputs, nearest(rng), bias, targets), p_max))
+            param.set_max_shift_(min(scored)[1])
+        shift_range = param.shift_range
+        plain = nearest(shift_range)
+        plain_error = _error(fn, inputs, plain, bias, targets)
+        chosen, chosen_error = plain, plain_error
+        if adaptive and iters > 0:
+            candidate = _adaptive_round(fn, inputs, targets, w, bias, shift_range,
+                                        isinstance(cfg, PSConfig), iters, generator)
+            error = _error(fn, inputs, candidate, bias, targets)
+            if error < plain_error:
+                chosen, chosen_error = candidate, error
+        _write(module, chosen)
+        if stats is not None:
+            stats.append({"layer": name, "plain": plain_error, "calibrated": chosen_error})
+        norm = norm_after.get(id(module))
+        with torch.no_grad():
+            dims = _channel_dims(targets[0], module)
+            outputs = [fn(x, chosen, bias) for x in inputs]
+            if bias_correction and module.bias is not None:
+                # The mean output error per channel goes into the bias.
+                count = sum(math.prod(t.shape[d] for d in dims) for t in targets)
+                delta = sum((t - y).sum(dims) for y, t in zip(outputs, targets, strict=True)) / count
+                if parametrize.is_parametrized(module, "bias"):  # fixed point: its float original
+                    module.parametrizations.bias.original.add_(delta)
+                else:
+                    module.bias.add_(delta)
+                outputs = [y + delta.reshape([-1 if d not in dims else 1 for d in range(y.dim())])
+                           for y in outputs]
+            if norm is not None and (batchnorm or bias_correction):
+                _match_batchnorm(norm, outputs, targets, dims, variance=batchnorm)
+    model.load_state_dict(work.state_dict())
+    return model

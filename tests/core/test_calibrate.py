@@ -1,0 +1,171 @@
+"""calibrate_: post-training calibration of converted models."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import deepshift
+from deepshift import PSConfig, QConfig
+from deepshift.core import calibrate as calibrate_module
+
+
+def _float_net(seed: int = 0, act: bool = False) -> tuple[nn.Module, list[torch.Tensor]]:
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        nn.Conv2d(3, 12, 3, padding=1, bias=False), nn.BatchNorm2d(12), nn.ReLU(),
+        nn.Conv2d(12, 12, 3, padding=1, groups=3), nn.ReLU(), nn.MaxPool2d(2),
+        nn.ConvTranspose2d(12, 8, 2, stride=2), nn.ReLU(),
+        nn.AvgPool2d(5), nn.Flatten(), nn.Linear(32, 10),
+    )
+    xs = [torch.randn(16, 3, 10, 10) for _ in range(4)]
+    net.train()
+    with torch.no_grad():  # BatchNorm statistics of this input distribution
+        for x in xs * 3:
+            net(x)
+    return net.eval(), xs
+
+
+def _assert_exact_in_range(model):
+    for _, module, _ in deepshift.shift_layers(model):
+        w = deepshift.effective_weight(module)
+        lo, hi = deepshift.layer_shift_range(module)
+        e = w[w != 0].abs().log2()
+        assert bool((e == e.round()).all()) and bool(((e >= lo) & (e <= hi)).all())
+        assert torch.equal(module.weight.detach(), w)  # what forward reads
+
+
+CONFIGS = [QConfig(weight_bits=3, max_shift="auto"), PSConfig(weight_bits=2, max_shift="auto"),
+           QConfig(weight_bits=5), PSConfig(weight_bits=4, max_shift="auto", act_bits=(4, 4))]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.method}{c.weight_bits}-{c.max_shift}")
+def test_weights_stay_in_range_no_layer_gets_worse_and_the_run_is_deterministic(cfg):
+    net, xs = _float_net()
+    runs = []
+    for _ in range(2):
+        model = deepshift.convert_(copy.deepcopy(net), cfg)
+        stats = []
+        deepshift.calibrate_(model, xs, reference=net, iters=60, progress=False, stats=stats)
+        _assert_exact_in_range(model)
+        assert [s["layer"] for s in stats] == ["0", "3", "6", "10"]
+        assert all(s["calibrated"] <= s["plain"] for s in stats)
+        runs.append(model.state_dict())
+    assert runs[0].keys() == runs[1].keys()
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_calibration_brings_the_output_closer_to_the_float_model():
+    net, xs = _float_net()
+    test = torch.randn(64, 3, 10, 10)
+    with torch.no_grad():
+        target = net(test)
+    for cfg in (QConfig(weight_bits=3, max_shift="auto"), PSConfig(weight_bits=2, max_shift="auto")):
+        plain = deepshift.convert_(copy.deepcopy(net), cfg).eval()
+        calibrated = deepshift.calibrate_(copy.deepcopy(plain), xs, reference=net, iters=100, progress=False)
+        with torch.no_grad():
+            before = float((plain(test) - target).square().mean())
+            after = float((calibrated.eval()(test) - target).square().mean())
+        assert after < 0.5 * before, (cfg, before, after)
+
+
+def test_adaptive_rounding_alone_lowers_each_layers_error():
+    net, xs = _float_net(1)
+    stats = []
+    deepshift.calibrate_(deepshift.convert_(copy.deepcopy(net), QConfig(weight_bits=3)), xs, iters=150,
+                         bias_correction=False, batchnorm=False, progress=False, stats=stats)
+    assert any(s["calibrated"] < 0.95 * s["plain"] for s in stats)
+
+
+def test_a_bias_free_conv_corrects_through_the_batchnorm_after_it():
+    net, xs = _float_net()
+    model = deepshift.convert_(copy.deepcopy(net), QConfig(weight_bits=3))
+    found = calibrate_module._batchnorm_after(model, [m for _, m, _ in deepshift.shift_layers(model)], xs[0])
+    assert found == {id(model[0]): model[1]}
+    before = model[1].running_mean.clone()
+    deepshift.calibrate_(model, xs, adaptive=False, batchnorm=False, progress=False)
+    assert not torch.equal(model[1].running_mean, before)
+
+
+def test_q_needs_no_reference_and_ps_does():
+    net, xs = _float_net()
+    q = deepshift.convert_(copy.deepcopy(net), QConfig(weight_bits=3, act_bits=(4, 4)))
+    with_ref = deepshift.calibrate_(copy.deepcopy(q), xs, reference=net, iters=20, progress=False)
+    without = deepshift.calibrate_(copy.deepcopy(q), xs, iters=20, progress=False)
+    assert all(torch.equal(v, without.state_dict()[k]) for k, v in with_ref.state_dict().items())
+    ps = deepshift.convert_(copy.deepcopy(net), PSConfig(weight_bits=3))
+    with pytest.raises(ValueError, match="needs reference="):
+        deepshift.calibrate_(ps, xs, progress=False)
+
+
+def test_calibrated_model_round_trips_through_freeze_packed_and_onnx(tmp_path):
+    net, xs = _float_net()
+    model = deepshift.convert_(copy.deepcopy(net), PSConfig(weight_bits=3, max_shift="auto", act_bits=(4, 4)))
+    deepshift.calibrate_(model, xs, reference=net, iters=30, progress=False)
+    x = torch.randn(2, 3, 10, 10)
+    with torch.no_grad():
+        frozen = deepshift.freeze_(copy.deepcopy(model)).eval()
+        out = frozen(x)
+        deepshift.save_packed(frozen, tmp_path / "m.dshift")
+        assert torch.equal(deepshift.load_packed(tmp_path / "m.dshift", model=_float_net()[0]).eval()(x), out)
+        ort = pytest.importorskip("onnxruntime", reason="onnxruntime is an optional dependency")
+        deepshift.export_onnx(frozen, x, tmp_path / "m.onnx")
+        session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+        assert torch.equal(torch.from_numpy(got), out)
+
+
+def _unchanged(model, before):
+    return all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_bad_input_is_a_clear_error_and_changes_nothing(monkeypatch):
+    net, xs = _float_net()
+    model = deepshift.convert_(copy.deepcopy(net), QConfig(weight_bits=3, max_shift="auto"))
+    before = copy.deepcopy(model.state_dict())
+    cases = [
+        ([], ValueError, "no calibration inputs"),
+        (iter([]), ValueError, "no calibration inputs"),
+        ([torch.randn(4, 5, 10, 10)], ValueError, "forward failed on calibration batch 0"),
+        ([torch.randint(0, 3, (4, 3, 10, 10))], ValueError, "forward failed on calibration batch 0"),
+        ([xs[0], torch.full((2, 3, 10, 10), float("nan"))], ValueError, "batch 1 holds NaN"),
+        ([torch.zeros(0, 3, 10, 10)], ValueError, "no samples"),
+        (xs[0], TypeError, "not a single tensor"),
+        (["text"], TypeError, "is a str"),
+    ]
+    for batches, error, message in cases:
+        with pytest.raises(error, match=message):
+            deepshift.calibrate_(model, batches, progress=False)
+        assert _unchanged(model, before)
+    with pytest.raises(ValueError, match="max_samples"):
+        deepshift.calibrate_(model, xs, max_samples=0, progress=False)
+    with pytest.raises(ValueError, match="no shift layers"):
+        deepshift.calibrate_(copy.deepcopy(net), xs, progress=False)
+    with pytest.raises(ValueError, match="not frozen"):
+        deepshift.calibrate_(deepshift.freeze_(copy.deepcopy(model)), xs, progress=False)
+    other = copy.deepcopy(net)
+    other[10] = nn.Linear(32, 7)
+    with pytest.raises(ValueError, match="reference layer '10' has a weight of another shape"):
+        deepshift.calibrate_(model, xs, reference=other, progress=False)
+    with pytest.raises(ValueError, match="reference has no layer '3'"):
+        deepshift.calibrate_(model, xs, reference=net[:3], progress=False)
+
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    real = calibrate_module._adaptive_round
+
+    ranges = [deepshift.layer_shift_range(m) for _, m, _ in deepshift.shift_layers(model)]
+    monkeypatch.setattr(calibrate_module, "_adaptive_round", interrupted)
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C during the third layer
+        deepshift.calibrate_(model, xs, progress=False)
+    assert _unchanged(model, before)
+    assert [deepshift.layer_shift_range(m) for _, m, _ in deepshift.shift_layers(model)] == ranges
