@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -23,6 +23,16 @@ from deepshift.cli.commands import load_source
 from deepshift.training.data.datasets import load_dataset
 from deepshift.training.data.loader import BatchLoader
 from deepshift.training.evaluate import evaluate
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,18 +45,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=300)
     p.add_argument("--no-batchnorm", action="store_true", help="skip BatchNorm re-estimation")
     args = p.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     model, info = load_source(args.run)
     if deepshift.shift_layers(model):
         p.error(f"{args.run} is not a float run")
     splits = load_dataset(info["data"])
     loader = BatchLoader(getattr(splits, args.split), 256, train=False)
-    calib = [splits.train.get_batch(torch.arange(i, min(i + 64, args.calib_size)), train=False)[0]
-             for i in range(0, args.calib_size, 64)]
+    # As `deepshift calibrate` picks them: a fixed random sample of the training split.
+    picked = torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(0))[: args.calib_size]
+    calib = [splits.train.get_batch(picked[i:i + 64], train=False)[0] for i in range(0, len(picked), 64)]
     float_top1 = evaluate(model, loader)["top1"]
-    print(f"# {info['model']} on {info['data']} ({args.split} top-1), {platform.processor() or platform.machine()}",
-          file=sys.stderr)
-    rows = [f"| model | method | bits | float | converted | calibrated | calibrate seconds |",
+    print(f"# {info['model']} on {info['data']} ({args.split} top-1), calibrated on {args.calib_size} "
+          f"training images, {cpu_model()}, {torch.get_num_threads()} threads", file=sys.stderr)
+    rows = ["| model | method | bits | float | converted | calibrated | calibrate seconds |",
             "|---|---|---:|---:|---:|---:|---:|"]
     for method in args.methods:
         for bits in args.bits:

@@ -77,3 +77,41 @@ def test_deploy_errors_are_one_line_exit_2(capsys, runs, tmp_path, case):
         argv, needle = ["eval", "--packed", tmp_path / "x.dshift"], "--data"
     code, _, err = cli(capsys, *argv)
     assert code == 2 and len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_calibrate_writes_a_run_that_eval_export_and_report_accept(capsys, runs, tmp_path):
+    root, _ = runs
+    out = tmp_path / "q3"
+    code, stdout, err = cli(capsys, "calibrate", root / "float", "--method", "q", "--weight-bits", "3",
+                            "--calib-size", "48", "--iters", "20", "--out", out, "--quiet")
+    assert code == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["calib_size"] == 48 and 0 <= metrics["val_top1"] <= 100
+    code, stdout, _ = cli(capsys, "eval", "--from", out / "best.pt", "--split", "val", "--json", "--quiet")
+    assert code == 0 and abs(json.loads(stdout)["top1"] - metrics["val_top1"]) < 1e-9  # the same model
+    assert cli(capsys, "export", out, "-o", tmp_path / "m.dshift")[0] == 0
+    code, stdout, _ = cli(capsys, "report", out)
+    assert code == 0 and "shift-adds" in stdout
+    assert json.loads((out / "config.json").read_text())["weight_bits"] == 3
+
+
+@pytest.mark.parametrize("case", ["converted", "not_empty", "bad_size", "bad_shift"])
+def test_calibrate_errors_are_one_line_exit_2(capsys, runs, tmp_path, case):
+    root, _ = runs
+    argv = ["calibrate", root / "float", "--out", tmp_path / "out", "--quiet"]
+    if case == "converted":
+        argv[1], needle = root / "ps", "not a float training run"
+    elif case == "not_empty":
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "keep.txt").write_text("mine")
+        needle = "not empty"
+    elif case == "bad_size":
+        argv += ["--calib-size", "0"]
+        needle = "--calib-size"
+    else:
+        argv += ["--max-shift", "high"]
+        needle = "--max-shift"
+    code, _, err = cli(capsys, *argv)
+    assert code == 2 and len(err.splitlines()) == 1 and needle in err, err
+    if case == "not_empty":
+        assert (tmp_path / "out" / "keep.txt").read_text() == "mine"

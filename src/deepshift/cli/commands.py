@@ -1,5 +1,6 @@
-"""What the ``deepshift`` commands do, thinly over the library: train / resume, eval, compare, and
-from a finished run to deployment artefacts (load a run folder, checkpoint or packed file; export
+"""What the ``deepshift`` commands do, thinly over the library: train / resume, eval, compare,
+calibrate (post-training conversion of a float run), and from a finished run to deployment
+artefacts (load a run folder, checkpoint or packed file; export
 it packed or as ONNX; report its savings).
 
 Every user error (bad option value, missing or corrupt data, unreadable checkpoint or packed file,
@@ -9,15 +10,18 @@ non-empty output folder) prints one line ``deepshift: error: ...`` and exits wit
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from deepshift._version import __version__
 from deepshift.cli.parser import EXIT_USAGE, build_parser
 from deepshift.core.convert import convert_, shift_layers
 from deepshift.formats.packed import _MAX_HEADER, PackedFormatError, load_packed, save_packed
@@ -228,6 +232,80 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from deepshift.core.calibrate import calibrate_
+    from deepshift.training.checkpoint import (
+        CHECKPOINT_FORMAT,
+        CHECKPOINT_VERSION,
+        load_checkpoint,
+        save_checkpoint,
+    )
+    from deepshift.training.config import ConfigError, TrainConfig
+    from deepshift.training.data.datasets import load_dataset
+    from deepshift.training.data.loader import BatchLoader
+    from deepshift.training.evaluate import evaluate
+    from deepshift.training.run_dir import _write_json, check_output_dir
+
+    path = Path(args.source)
+    path = path / "best.pt" if path.is_dir() else path
+    float_model, info = load_source(path)
+    if info["kind"] != "checkpoint" or shift_layers(float_model):
+        raise DeployError(f"{args.source} is not a float training run: calibrate the float model it "
+                          "came from")
+    if args.calib_size < 1:
+        raise ConfigError(f"--calib-size must be >= 1, got {args.calib_size}")
+    ckpt = load_checkpoint(path)  # load_source has checked it
+    ckpt_cfg = TrainConfig.from_dict(ckpt["config"])
+    max_shift = args.max_shift if args.max_shift == "auto" else _int_option("--max-shift", args.max_shift)
+    cfg = replace(ckpt_cfg, method=args.method, weight_bits=args.weight_bits, max_shift=max_shift,
+                  act_bits=None if args.act_bits is None else tuple(args.act_bits), shift_depth=None,
+                  out=str(args.out), data_dir=args.data_dir or ckpt_cfg.data_dir, from_checkpoint=str(path))
+    shift_cfg = cfg.shift_config()
+    out = Path(args.out)
+    check_output_dir(out, args.overwrite)
+    splits = load_dataset(cfg.data, cfg.data_dir, cfg.val_fraction, cfg.limit_train, cfg.image_size,
+                          cfg.workers)
+    # A fixed random sample of the training split: several classes, never a validation or test image.
+    order = torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(cfg.seed))
+    picked = order[: args.calib_size]
+    batches = [splits.train.get_batch(picked[i:i + 64], train=False)[0] for i in range(0, len(picked), 64)]
+    model = convert_(copy.deepcopy(float_model), shift_cfg)
+    t0 = time.perf_counter()
+    calibrate_(model, batches, reference=float_model, max_samples=args.calib_size, iters=args.iters,
+               progress=not args.quiet)
+    seconds = time.perf_counter() - t0
+    val = BatchLoader(splits.val, cfg.batch_size or 256, train=False)
+    plain = convert_(copy.deepcopy(float_model), shift_cfg).eval()
+    metrics = {"calibrate_seconds": seconds, "calib_size": len(picked),
+               "val_top1_float": evaluate(float_model, val)["top1"],
+               "val_top1_converted": evaluate(plain, val)["top1"],
+               "val_top1": evaluate(model.eval(), val)["top1"]}
+    out.mkdir(parents=True, exist_ok=True)
+    save_checkpoint({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+                     "deepshift_version": __version__, "config": cfg.to_dict(),
+                     "shift_config": shift_cfg.to_dict(),
+                     "zoo_spec": ckpt["zoo_spec"],
+                     "model": model.state_dict(), "calibration": metrics}, out / "best.pt")
+    _write_json(out / "config.json", cfg.to_dict())
+    _write_json(out / "metrics.json", metrics)
+    if not args.quiet:
+        print(f"val top-1: float {metrics['val_top1_float']:.2f}, converted "
+              f"{metrics['val_top1_converted']:.2f}, calibrated {metrics['val_top1']:.2f} "
+              f"({seconds:.1f} s); wrote {out}")
+    return 0
+
+
+def _int_option(name: str, value: str) -> int:
+    from deepshift.training.config import ConfigError
+
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"{name} must be 'auto' or an integer, got {value!r}") from None
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
@@ -261,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     handler = {"train": _cmd_train, "eval": _cmd_eval, "compare": _cmd_compare, "export": _cmd_export,
-               "report": _cmd_report}[args.command]
+               "report": _cmd_report, "calibrate": _cmd_calibrate}[args.command]
     try:
         return handler(args)
     except (TrainError, DataError, UnknownModelError, DeployError, PackedFormatError) as exc:

@@ -153,6 +153,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_deploy_commands(sub)
 
+    k = sub.add_parser("calibrate", help="convert a trained float model without training, calibrated on "
+                       "a few hundred training images, into a run folder",
+                       description="SOURCE is a float run folder (its best.pt) or checkpoint. Converts its "
+                       "model (--method, --weight-bits, per-layer windows) and calibrates it with "
+                       "deepshift.calibrate_ on --calib-size images of the training split (never the "
+                       "validation or test images). Writes --out: best.pt, config.json, metrics.json, "
+                       "which `eval`, `export` and `report` accept.",
+                       epilog="example:\n"
+                       "  deepshift calibrate runs/float --method q --weight-bits 3 --out runs/q3-ptq\n"
+                       "  deepshift eval --from runs/q3-ptq/best.pt",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    k.add_argument("source", metavar="SOURCE")
+    k.add_argument("--method", choices=("q", "ps"), default="q")
+    k.add_argument("--weight-bits", type=int, default=5, help="bits per shift weight, 2..8 (default 5)")
+    k.add_argument("--max-shift", default="auto",
+                   help="top of the shift window: 'auto' (per layer, default) or an integer")
+    k.add_argument("--act-bits", type=int, nargs=2, metavar=("I", "F"),
+                   help="fixed-point activations of the shift layers (default: float)")
+    k.add_argument("--calib-size", type=int, default=256, help="calibration images (default 256)")
+    k.add_argument("--iters", type=int, default=300, help="adaptive-rounding steps per layer (default 300)")
+    k.add_argument("--data-dir", help="override the data folder stored in the checkpoint")
+    k.add_argument("--out", required=True, help="output run folder")
+    k.add_argument("--overwrite", action="store_true", help="replace the run in a non-empty --out")
+    k.add_argument("--quiet", action="store_true")
+    k.set_defaults(command="calibrate")
+
     c = sub.add_parser("compare", help="train float, Q and PS with one recipe and print a table",
                        description="Runs `train` three times (--method none, q, ps) with the same options "
                        "into OUT/float, OUT/q, OUT/ps, then prints test top-1 and seconds per epoch.")
