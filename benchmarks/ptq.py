@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", default=["q", "ps"], choices=["q", "ps"])
     p.add_argument("--calib-size", type=int, default=256)
     p.add_argument("--iters", type=int, default=300)
-    p.add_argument("--no-batchnorm", action="store_true", help="skip BatchNorm re-estimation")
+    p.add_argument("--no-batchnorm", action="store_true", help="keep the BatchNorm variances")
+    p.add_argument("--out", help="also write the table, with this command, to a Markdown file")
     args = p.parse_args(argv)
     model, info = load_source(args.run)
     if deepshift.shift_layers(model):
@@ -54,8 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     picked = torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(0))[: args.calib_size]
     calib = [splits.train.get_batch(picked[i:i + 64], train=False)[0] for i in range(0, len(picked), 64)]
     float_top1 = evaluate(model, loader)["top1"]
-    print(f"# {info['model']} on {info['data']} ({args.split} top-1), calibrated on {args.calib_size} "
-          f"training images, {cpu_model()}, {torch.get_num_threads()} threads", file=sys.stderr)
+    header = (f"{info['model']} on {info['data']} ({args.split} top-1), calibrated on {args.calib_size} "
+              f"training images, {args.iters} adaptive-rounding steps per layer; {cpu_model()}, "
+              f"{torch.get_num_threads()} threads")
+    print(f"# {header}", file=sys.stderr)
     rows = ["| model | method | bits | float | converted | calibrated | calibrate seconds |",
             "|---|---|---:|---:|---:|---:|---:|"]
     for method in args.methods:
@@ -66,13 +69,19 @@ def main(argv: list[str] | None = None) -> int:
             plain = evaluate(converted, loader)["top1"]
             t0 = time.perf_counter()
             deepshift.calibrate_(converted, calib, reference=model, iters=args.iters,
-                                 batchnorm=not args.no_batchnorm, progress=False)
+                                 max_samples=args.calib_size, batchnorm=not args.no_batchnorm, progress=False)
             seconds = time.perf_counter() - t0
             calibrated = evaluate(converted.eval(), loader)["top1"]
             rows.append(f"| {info['model']} | {method.upper()} | {bits} | {float_top1:.2f} | {plain:.2f} | "
                         f"{calibrated:.2f} | {seconds:.1f} |")
             print(rows[-1], flush=True)
     print("\n".join(rows))
+    if args.out:
+        command = "python benchmarks/ptq.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        text = (f"# Post-training conversion: float vs converted vs calibrated\n\n"
+                f"Produced by `{command}`.\n\n{header}. No training; the calibration images come "
+                f"from the training split, disjoint from the test split.\n\n" + "\n".join(rows) + "\n")
+        Path(args.out).write_text(text)
     return 0
 
 

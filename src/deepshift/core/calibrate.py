@@ -21,6 +21,8 @@ from deepshift.core.quantize import q_shift_sign
 # Rectified sigmoid of adaptive rounding (Nagel et al. 2020, "Up or Down?"): its stretch past
 # [0, 1] lets the soft choice reach a hard 0 or 1 with a finite variable.
 _ZETA, _GAMMA = 1.1, -0.1
+# Adam's step size on the rounding variables (tuned on Fashion-MNIST validation, results/ptq.md).
+_LR = 3e-2
 
 
 class _Stop(Exception):
@@ -134,7 +136,7 @@ def _adaptive_round(fn, xs, targets, w: Tensor, bias, shift_range, ps: bool, ite
     # The variable whose rectified sigmoid starts at the weight's own position between the two.
     p = ((frac.clamp(0, 1) - _GAMMA) / (_ZETA - _GAMMA)).clamp(1e-4, 1 - 1e-4)
     v = torch.log(p / (1 - p)).requires_grad_(True)
-    opt = torch.optim.Adam([v], lr=1e-2)
+    opt = torch.optim.Adam([v], lr=_LR)
     scale = sum(float(t.square().mean()) for t in targets) / len(targets) or 1.0
     warmup = iters // 5
     for step in range(iters):
