@@ -293,7 +293,7 @@ def calibrate_(
 
     Example:
         >>> import torch, deepshift
-        >>> torch.manual_seed(0); net = torch.nn.Sequential(torch.nn.Linear(8, 4))
+        >>> _ = torch.manual_seed(0); net = torch.nn.Sequential(torch.nn.Linear(8, 4))
         >>> _ = deepshift.convert_(net, deepshift.QConfig(weight_bits=3, max_shift="auto"))
         >>> errors = []
         >>> _ = deepshift.calibrate_(net, [torch.randn(64, 8)], progress=False, stats=errors)
