@@ -60,7 +60,8 @@ def load_source(source: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
 
     Returns ``(model, info)``: a converted model (checkpoints) or a frozen one (packed files), in
     eval mode, and ``info`` with ``"kind"`` (checkpoint|packed), ``"model"`` (zoo name or None),
-    ``"data"`` (dataset name or None) and ``"input_shape"`` (or None when it cannot be told).
+    ``"data"`` (dataset name or None) and ``"input_shape"`` (or None when it cannot be told); for
+    checkpoints also ``"config"`` (the run's TrainConfig) and ``"zoo_spec"``.
     """
     from deepshift.training.checkpoint import _load_into, load_checkpoint
     from deepshift.training.config import TrainConfig
@@ -90,7 +91,8 @@ def load_source(source: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
         convert_(model, shift_cfg, depth=cfg.shift_depth)
     _load_into(model, ckpt["model"], path, "checkpoint")
     return model.eval(), {"kind": "checkpoint", "model": spec["name"], "data": cfg.data,
-                          "input_shape": default_input_shape(spec["name"], cfg.data, cfg.image_size)}
+                          "input_shape": default_input_shape(spec["name"], cfg.data, cfg.image_size),
+                          "config": cfg, "zoo_spec": spec}
 
 
 def _require_shift_layers(model: nn.Module, source) -> None:
@@ -236,13 +238,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from deepshift.core.calibrate import calibrate_
-    from deepshift.training.checkpoint import (
-        CHECKPOINT_FORMAT,
-        CHECKPOINT_VERSION,
-        load_checkpoint,
-        save_checkpoint,
-    )
-    from deepshift.training.config import ConfigError, TrainConfig
+    from deepshift.training.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, save_checkpoint
+    from deepshift.training.config import ConfigError
     from deepshift.training.data.datasets import load_dataset
     from deepshift.training.data.loader import BatchLoader
     from deepshift.training.evaluate import evaluate
@@ -256,8 +253,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
                           "came from")
     if args.calib_size < 1:
         raise ConfigError(f"--calib-size must be >= 1, got {args.calib_size}")
-    ckpt = load_checkpoint(path)  # load_source has checked it
-    ckpt_cfg = TrainConfig.from_dict(ckpt["config"])
+    ckpt_cfg = info["config"]
     max_shift = args.max_shift if args.max_shift == "auto" else _int_option("--max-shift", args.max_shift)
     cfg = replace(ckpt_cfg, method=args.method, weight_bits=args.weight_bits, max_shift=max_shift,
                   act_bits=None if args.act_bits is None else tuple(args.act_bits), shift_depth=None,
@@ -286,7 +282,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     save_checkpoint({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
                      "deepshift_version": __version__, "config": cfg.to_dict(),
                      "shift_config": shift_cfg.to_dict(),
-                     "zoo_spec": ckpt["zoo_spec"],
+                     "zoo_spec": info["zoo_spec"],
                      "model": model.state_dict(), "calibration": metrics}, out / "best.pt")
     _write_json(out / "config.json", cfg.to_dict())
     _write_json(out / "metrics.json", metrics)

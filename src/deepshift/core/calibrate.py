@@ -99,9 +99,15 @@ def _channel_dims(y: Tensor, module: nn.Module) -> tuple[int, ...]:
     return tuple(d for d in range(y.dim()) if d != keep)
 
 
-def _error(fn, xs, weight, bias, targets) -> float:
+def _outputs(fn, xs, weight, bias, targets) -> tuple[list[Tensor], float]:
+    """The layer's outputs with ``weight`` and their summed squared error against ``targets``."""
     with torch.no_grad():
-        return sum(float((fn(x, weight, bias) - t).square().sum()) for x, t in zip(xs, targets, strict=True))
+        ys = [fn(x, weight, bias) for x in xs]
+        return ys, sum(float((y - t).square().sum()) for y, t in zip(ys, targets, strict=True))
+
+
+def _error(fn, xs, weight, bias, targets) -> float:
+    return _outputs(fn, xs, weight, bias, targets)[1]
 
 
 def _neighbours(w: Tensor, shift_range: tuple[int, int], ps: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -363,21 +369,20 @@ def calibrate_(
             param.set_max_shift_(min(scored)[1])
         shift_range = param.shift_range
         plain = nearest(shift_range)
-        plain_error = _error(fn, inputs, plain, bias, targets)
+        outputs, plain_error = _outputs(fn, inputs, plain, bias, targets)
         chosen, chosen_error = plain, plain_error
         if adaptive and iters > 0:
             candidate = _adaptive_round(fn, inputs, targets, w, bias, shift_range,
                                         isinstance(cfg, PSConfig), iters, generator)
-            error = _error(fn, inputs, candidate, bias, targets)
+            candidate_outputs, error = _outputs(fn, inputs, candidate, bias, targets)
             if error < plain_error:
-                chosen, chosen_error = candidate, error
+                chosen, chosen_error, outputs = candidate, error, candidate_outputs
         _write(module, chosen)
         if stats is not None:
             stats.append({"layer": name, "plain": plain_error, "calibrated": chosen_error})
         norm = norm_after.get(id(module))
         with torch.no_grad():
             dims = _channel_dims(targets[0], module)
-            outputs = [fn(x, chosen, bias) for x in inputs]
             if bias_correction and module.bias is not None:
                 # The mean output error per channel goes into the bias.
                 count = sum(math.prod(t.shape[d] for d in dims) for t in targets)

@@ -191,9 +191,7 @@ def convert_(
     candidates = [
         (name, m, todo)
         for name, m in model.named_modules()
-        if (todo := tuple(n for n in matmul_weight_names(m) if _shift_parametrization(m, n) is None
-                          and getattr(m, n, None) is not None))
-        and (filter_fn is None or filter_fn(m, name))
+        if (todo := _unconverted(m)) and (filter_fn is None or filter_fn(m, name))
     ]
     if depth is not None:
         candidates = candidates[len(candidates) - depth :] if depth else []
@@ -201,7 +199,7 @@ def convert_(
         for tensor in todo:
             _check_convertible(module, name, tensor)
     chosen = {id(m) for _, m, _ in candidates}
-    left = [w for w in float_weights(model) if w[1] is None or id(w[1]) not in chosen]
+    left = [w for w in float_weights(model) if id(w[1]) not in chosen]
     if strict and left:
         raise ValueError(f"convert_(strict=True): {len(left)} matrix weight(s) would stay in float: "
                          f"{_names(left)}; nothing was converted")
@@ -254,15 +252,20 @@ def float_weights(model: nn.Module) -> list[tuple[str, nn.Module]]:
         if isinstance(module, (parametrize.ParametrizationList, *_LOOKUP_TYPES)):
             continue
         prefix = f"{name}." if name else ""
-        known = matmul_weight_names(module)
-        if known:
-            found += [(prefix + n, module) for n in known
-                      if getattr(module, n, None) is not None and _shift_parametrization(module, n) is None]
+        if matmul_weight_names(module):
+            found += [(prefix + n, module) for n in _unconverted(module)]
             continue
         for n, p in module.named_parameters(recurse=False):
             if n.endswith("weight") and p.dim() >= 2 and p.is_floating_point():
                 found.append((prefix + n, module))
     return found
+
+
+def _unconverted(module: nn.Module) -> tuple[str, ...]:
+    """``module``'s matrix weights that exist (attention's unused projections are None) and are
+    still float."""
+    return tuple(n for n in matmul_weight_names(module)
+                 if getattr(module, n, None) is not None and _shift_parametrization(module, n) is None)
 
 
 def _names(weights: list[tuple[str, nn.Module]], limit: int = 8) -> str:
