@@ -83,7 +83,7 @@ def test_adaptive_rounding_alone_lowers_each_layers_error():
 def test_a_bias_free_conv_corrects_through_the_batchnorm_after_it():
     net, xs = _float_net()
     model = deepshift.convert_(copy.deepcopy(net), QConfig(weight_bits=3))
-    found = calibrate_module._batchnorm_after(model, [m for _, m, _ in deepshift.shift_layers(model)], xs[0])
+    found = calibrate_module._probe(model, [m for _, m, _ in deepshift.shift_layers(model)], xs[0]).norm_after
     assert found == {id(model[0]): model[1]}
     before = model[1].running_mean.clone()
     deepshift.calibrate_(model, xs, adaptive=False, batchnorm=False, progress=False)
@@ -169,3 +169,81 @@ def test_bad_input_is_a_clear_error_and_changes_nothing(monkeypatch):
         deepshift.calibrate_(model, xs, progress=False)
     assert _unchanged(model, before)
     assert [deepshift.layer_shift_range(m) for _, m, _ in deepshift.shift_layers(model)] == ranges
+
+
+class _TwoBranches(nn.Module):
+    """a and b read the input side by side; c reads both; d reads c."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.d = nn.Linear(6, 8), nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.d(torch.relu(self.c(torch.relu(self.a(x)) + self.b(x))))
+
+
+def test_layers_that_feed_each_other_never_share_a_capture_pass():
+    torch.manual_seed(0)
+    model = deepshift.convert_(_TwoBranches(), QConfig(weight_bits=3))
+    a, b, c, d = model.a, model.b, model.c, model.d
+    probe = calibrate_module._probe(model, [a, b, c, d], torch.randn(2, 6))
+    assert probe.feeds == {id(a): set(), id(b): set(), id(c): {id(a), id(b)}, id(d): {id(a), id(b), id(c)}}
+    order = [id(m) for m in (a, b, c, d)]
+    groups = calibrate_module._groups(order, probe.in_bytes, probe.feeds, 2**30)
+    assert groups == [[id(a), id(b)], [id(c)], [id(d)]]
+    assert calibrate_module._groups(order, probe.in_bytes, None, 2**30) == [order]
+    assert calibrate_module._groups(order, probe.in_bytes, None, 1) == [[k] for k in order]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS[:2], ids=lambda c: f"{c.method}{c.weight_bits}")
+def test_grouped_capture_gives_what_one_pass_per_layer_gives(cfg, monkeypatch):
+    # Layers share a capture pass only when calibrating one cannot change another's input: the
+    # result equals the one where every layer's inputs are captured right before it.
+    torch.manual_seed(1)
+    net = _TwoBranches().eval()
+    xs = [torch.randn(32, 6) for _ in range(3)]
+    runs = []
+    for budget in (2**31, 1):
+        monkeypatch.setattr(calibrate_module, "_CAPTURE_BYTES", budget)
+        model = deepshift.convert_(copy.deepcopy(net), cfg)
+        deepshift.calibrate_(model, xs, reference=net, iters=40, progress=False)
+        runs.append(model.state_dict())
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+class _PaddingConv(nn.Conv2d):
+    """A convolution with its own forward: pads its input itself (as 'same'-padding ports do)."""
+
+    def forward(self, x):
+        return super().forward(nn.functional.pad(x, (1, 2, 1, 2)))
+
+
+def test_a_layer_subclass_with_its_own_forward_is_calibrated_through_that_forward():
+    torch.manual_seed(2)
+    net = nn.Sequential(_PaddingConv(3, 8, 4), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 9 * 9, 5)).eval()
+    xs = [torch.randn(8, 3, 9, 9) for _ in range(2)]
+    model = deepshift.convert_(copy.deepcopy(net), QConfig(weight_bits=3, max_shift="auto"))
+    stats = []
+    deepshift.calibrate_(model, xs, reference=net, iters=60, progress=False, stats=stats)
+    _assert_exact_in_range(model)
+    assert [s["layer"] for s in stats] == ["0", "3"]
+    assert stats[0]["calibrated"] < stats[0]["plain"]
+    fn = calibrate_module._layer_fn(model[0])
+    with torch.no_grad():
+        assert torch.equal(fn(xs[0], model[0].weight, model[0].bias), model[0](xs[0]))
+
+
+def test_steps_on_a_subset_of_a_large_batch_still_lower_the_error(monkeypatch):
+    # A step reads as many samples as _STEP_MACS allows (here 4 of 64): still deterministic, and
+    # adaptive rounding still beats plain rounding on every layer.
+    monkeypatch.setattr(calibrate_module, "_STEP_MACS", 4 * 10 * 10 * 12 * 27)
+    net, xs = _float_net()
+    runs = []
+    for _ in range(2):
+        model = deepshift.convert_(copy.deepcopy(net), QConfig(weight_bits=3, max_shift="auto"))
+        stats = []
+        deepshift.calibrate_(model, [torch.cat(xs)], reference=net, iters=60, progress=False, stats=stats,
+                             bias_correction=False, batchnorm=False)
+        assert all(s["calibrated"] < s["plain"] for s in stats)
+        runs.append(model.state_dict())
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])

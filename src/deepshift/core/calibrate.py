@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,6 +24,13 @@ from deepshift.core.quantize import q_shift_sign
 _ZETA, _GAMMA = 1.1, -0.1
 # Adam's step size on the rounding variables (tuned on Fashion-MNIST validation, results/ptq.md).
 _LR = 3e-2
+# Multiply-accumulates of one adaptive-rounding step's forward (its backward costs about as much):
+# a step takes as many samples of a batch as fit, at least one, so that the steps of a large model
+# (ResNet-50 at 224x224: ~76M per image and layer) stay in minutes on 2 cores while a small one's
+# take whole batches of a few dozen samples.
+_STEP_MACS = 2**27
+# Memory for the tensors one capture pass keeps (a group of layers' inputs and float outputs).
+_CAPTURE_BYTES = 2**31
 
 
 class _Stop(Exception):
@@ -67,30 +75,79 @@ def _run(model: nn.Module, xs: list[Tensor]) -> None:
 
 def _layer_fn(module: nn.Module):
     """``f(x, weight, bias)``: the layer's forward with another weight."""
-    if isinstance(module, nn.Linear):
-        return F.linear
-    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+    kind = parametrize.type_before_parametrizations(module)
+    if kind.forward in (nn.Linear.forward, *(c.forward for c in (nn.Conv1d, nn.Conv2d, nn.Conv3d))):
+        if isinstance(module, nn.Linear):
+            return F.linear
+        return module._conv_forward
+    if kind.forward in (c.forward for c in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
         fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[len(module.kernel_size) - 1]
         return lambda x, w, b: fn(x, w, b, module.stride, module.padding, module.output_padding,
                                   module.groups, module.dilation)
-    return module._conv_forward
+    # A subclass with its own forward (e.g. a convolution that pads its input first): that forward,
+    # run on a plain instance of its class whose weight and bias are the ones given.
+    shell = object.__new__(kind)
+    shell.__dict__ = dict(module.__dict__)
+    shell._modules = {k: v for k, v in module._modules.items() if k != "parametrizations"}
+
+    def call(x, w, b):  # forward itself, not the module call: its hooks (input rounding) ran already
+        shell._parameters = {"weight": w, "bias": b}
+        return kind.forward(shell, x)
+    return call
 
 
-def _capture(model: nn.Module, module: nn.Module, xs: list[Tensor]) -> list[Tensor]:
-    """The inputs ``module`` receives (after its fixed-point rounding, if any) on ``xs``."""
-    seen: list[Tensor] = []
+def _capture(model: nn.Module, modules: list[nn.Module], xs: list[Tensor], outputs: bool
+             ) -> dict[int, list[Tensor]]:
+    """What each of ``modules`` receives (its input, after its fixed-point rounding if any) or, with
+    ``outputs``, returns, per batch of ``xs``, by module id: one forward pass per batch that stops
+    once every module has run (a module called twice keeps its first call). A module that does not
+    run on every batch is left out."""
+    wanted = {id(m) for m in modules}
+    seen: dict[int, list[Tensor]] = {key: [] for key in wanted}
+    batch = [0]
 
-    def hook(_mod, args):
-        seen.append(args[0].detach())
-        raise _Stop
+    def record(mod, value):
+        kept = seen[id(mod)]
+        if len(kept) == batch[0]:
+            kept.append(value.detach())
+            if all(len(v) > batch[0] for v in seen.values()):
+                raise _Stop
 
-    handle = module.register_forward_pre_hook(hook)  # after convert_'s rounding hook
+    if outputs:
+        handles = [m.register_forward_hook(lambda mod, _args, out: record(mod, out)) for m in modules]
+    else:  # pre-hooks run after convert_'s rounding hook, registered first
+        handles = [m.register_forward_pre_hook(lambda mod, args: record(mod, args[0])) for m in modules]
     try:
         with torch.no_grad():
-            _run(model, xs)
+            for i, x in enumerate(xs):
+                batch[0] = i
+                _run(model, [x])
     finally:
-        handle.remove()
-    return seen
+        for h in handles:
+            h.remove()
+    return {key: v for key, v in seen.items() if len(v) == len(xs)}
+
+
+def _groups(order: list[int], in_bytes: dict[int, int], feeds: dict[int, set[int]] | None,
+            budget: int) -> list[list[int]]:
+    """Layers (ids, in calibration order) in runs whose inputs one capture pass can serve: with
+    ``feeds`` (the layers whose outputs reach each one), a run holds no layer that another in it
+    feeds, so calibrating one leaves the others' inputs as captured; without it (the float model,
+    which never changes) any run; each run's captured bytes within ``budget``."""
+    out: list[list[int]] = []
+    used = 0
+    for key in order:
+        size = in_bytes.get(key, 0)
+        group = out[-1] if out else None
+        linked = feeds is not None and (key not in feeds or any(
+            k not in feeds or k in feeds[key] or key in feeds[k] for k in group or ()))
+        if group is None or used + size > budget or linked:
+            out.append([key])
+            used = size
+        else:
+            group.append(key)
+            used += size
+    return out
 
 
 def _channel_dims(y: Tensor, module: nn.Module) -> tuple[int, ...]:
@@ -144,12 +201,22 @@ def _adaptive_round(fn, xs, targets, w: Tensor, bias, shift_range, ps: bool, ite
     v = torch.log(p / (1 - p)).requires_grad_(True)
     opt = torch.optim.Adam([v], lr=_LR)
     scale = sum(float(t.square().mean()) for t in targets) / len(targets) or 1.0
+    # Per sample: output elements x weights each one reads (the fan-in).
+    per_sample = targets[0][0].numel() * (w[0].numel() if w.dim() > 1 else 1)
+    take = max(1, _STEP_MACS // max(per_sample, 1))
+    # A Linear's leading dimensions are rows; a convolution's input is batched when it has the
+    # weight's number of dimensions (an unbatched one has no sample dimension to subset).
+    batched = xs[0].dim() >= 2 and (w.dim() == 2 or xs[0].dim() == w.dim())
     warmup = iters // 5
     for step in range(iters):
         i = int(torch.randint(len(xs), (1,), generator=generator))
+        x, t = xs[i], targets[i]
+        if batched and x.shape[0] > take:  # a random subset of the batch: same rows of input, target
+            rows = torch.randperm(x.shape[0], generator=generator)[:take]
+            x, t = x[rows], t[rows]
         h = (torch.sigmoid(v) * (_ZETA - _GAMMA) + _GAMMA).clamp(0, 1)
         wq = sign * (low + h * span)
-        loss = (fn(xs[i], wq, bias) - targets[i]).square().mean() / scale
+        loss = (fn(x, wq, bias) - t).square().mean() / scale
         if step >= warmup:  # then push every choice to 0 or 1, ever harder (beta 20 -> 2)
             beta = 2 + 18 * (1 - (step - warmup) / max(iters - warmup, 1))
             loss = loss + 0.01 * (1 - (2 * h - 1).abs().pow(beta)).mean()
@@ -191,25 +258,54 @@ def _float_copy(model: nn.Module) -> nn.Module:
     return float_model.eval()
 
 
-def _batchnorm_after(model: nn.Module, layers: list[nn.Module], x: Tensor) -> dict[int, nn.Module]:
-    """The BatchNorm (in eval, running statistics) that takes each layer's output directly, by layer
-    id: found by the output tensor's identity in one forward pass, whatever the model's code."""
-    outputs: dict[int, nn.Module] = {}
-    found: dict[int, nn.Module] = {}
+@dataclass
+class _Probe:
+    """What one small forward pass tells about the layers (by module id)."""
 
-    def after_layer(mod, _args, out):
-        outputs[id(out)] = mod
+    norm_after: dict[int, nn.Module] = field(default_factory=dict)  # the BatchNorm on its output
+    in_bytes: dict[int, int] = field(default_factory=dict)  # its input's size
+    out_bytes: dict[int, int] = field(default_factory=dict)  # its output's size
+    feeds: dict[int, set[int]] = field(default_factory=dict)  # the layers whose outputs reach its input
+
+
+def _probe(model: nn.Module, layers: list[nn.Module], x: Tensor) -> _Probe:
+    """One forward pass on ``x`` that finds, whatever the model's code: the BatchNorm (in eval,
+    running statistics) that takes each layer's output directly, by the output tensor's identity;
+    which layers' outputs reach each layer's input (each output enters the graph as its own leaf,
+    so a gradient from an input finds the nearest layers it depends on); the tensors' sizes."""
+    found = _Probe()
+    outputs: dict[int, nn.Module] = {}
+    leaves: dict[int, Tensor] = {}
+
+    def after_layer(mod, args, out):
+        key = id(mod)
+        if key in leaves:  # called again: keep its first call
+            return None
+        inp = args[0]
+        direct: set[int] = set()
+        if inp.requires_grad and leaves:
+            keys = list(leaves)
+            grads = torch.autograd.grad(inp.sum(), [leaves[k] for k in keys], allow_unused=True,
+                                        retain_graph=True)
+            direct = {k for k, g in zip(keys, grads, strict=True) if g is not None}
+        found.feeds[key] = direct.union(*(found.feeds[k] for k in direct))
+        found.in_bytes[key] = inp.numel() * inp.element_size()
+        found.out_bytes[key] = out.numel() * out.element_size()
+        leaves[key] = out.detach().requires_grad_(True)
+        result = leaves[key].clone()  # not the leaf itself: the model may change it in place
+        outputs[id(result)] = mod
+        return result
 
     def before_norm(mod, args):
         layer = outputs.get(id(args[0]))
         if layer is not None and mod.running_mean is not None and not mod.training:
-            found[id(layer)] = mod
+            found.norm_after[id(layer)] = mod
 
     handles = [m.register_forward_hook(after_layer) for m in layers]
     handles += [m.register_forward_pre_hook(before_norm) for m in model.modules()
                 if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     try:
-        with torch.no_grad():
+        with torch.enable_grad():
             _run(model, [x])
     finally:
         for h in handles:
@@ -271,7 +367,11 @@ def calibrate_(
       and with ``batchnorm=True`` their change of spread, on the calibration inputs).
 
     Weights stay exact signed powers of two within each layer's window; the result depends only on
-    the inputs and ``seed``.
+    the inputs and ``seed``. Layers that do not feed each other (found by one small gradient pass)
+    share a capture pass; each adaptive-rounding step reads a random part of one batch, as many
+    samples as keep a step's cost near 2**27 multiply-accumulates (a whole batch for small models).
+    Every position of every input counts: pass sequence batches without padding (e.g. texts of
+    equal length together), or padded positions pull the bias corrections towards them.
 
     The float model is ``reference`` (the model the converted one came from, same module names),
     which PS needs: PS keeps no float weights; a DeepShift-Q model without ``reference`` uses its
@@ -339,61 +439,86 @@ def calibrate_(
     work = copy.deepcopy(model).eval()
     generator = torch.Generator().manual_seed(seed)
     work_layers = shift_layers(work)
-    norm_after = _batchnorm_after(work, [m for _, m, _ in work_layers], xs[0][:2])
-    bar = tqdm(work_layers, desc="calibrate", disable=not progress, leave=False)
-    for name, module, cfg in bar:
-        bar.set_postfix_str(name)
-        param = _shift_parametrization(module)
-        fn = _layer_fn(module)
-        float_layer = float_model.get_submodule(name)
-        w = float_layer.weight.detach().to(module.weight.dtype)
-        inputs = _capture(work, module, xs)
-        with torch.no_grad():
-            # The float model's own outputs are the targets: each layer also makes up for the
-            # error of the layers before it, whose outputs it receives.
-            targets = [_layer_fn(float_layer)(x, float_layer.weight, float_layer.bias)
-                       for x in _capture(float_model, float_layer, xs)]
-            bias = module.bias
-            bias = None if bias is None else bias.detach()
-
-        def nearest(shift_range, w=w):
-            shift, sign = q_shift_sign(w, shift_range)
-            return sign * torch.exp2(shift)
-
-        if cfg.auto_range:  # the window with the least output error, near the weight-placed one
-            top = param.shift_range[1]
-            scored = []
-            for p_max in (top, top - 1, top + 1):
-                rng = cfg.range_below(p_max)
-                scored.append((_error(fn, inputs, nearest(rng), bias, targets), p_max))
-            param.set_max_shift_(min(scored)[1])
-        shift_range = param.shift_range
-        plain = nearest(shift_range)
-        outputs, plain_error = _outputs(fn, inputs, plain, bias, targets)
-        chosen, chosen_error = plain, plain_error
-        if adaptive and iters > 0:
-            candidate = _adaptive_round(fn, inputs, targets, w, bias, shift_range,
-                                        isinstance(cfg, PSConfig), iters, generator)
-            candidate_outputs, error = _outputs(fn, inputs, candidate, bias, targets)
-            if error < plain_error:
-                chosen, chosen_error, outputs = candidate, error, candidate_outputs
-        _write(module, chosen)
-        if stats is not None:
-            stats.append({"layer": name, "plain": plain_error, "calibrated": chosen_error})
-        norm = norm_after.get(id(module))
-        with torch.no_grad():
-            dims = _channel_dims(targets[0], module)
-            if bias_correction and module.bias is not None:
-                # The mean output error per channel goes into the bias.
-                count = sum(math.prod(t.shape[d] for d in dims) for t in targets)
-                delta = sum((t - y).sum(dims) for y, t in zip(outputs, targets, strict=True)) / count
-                if parametrize.is_parametrized(module, "bias"):  # fixed point: its float original
-                    module.parametrizations.bias.original.add_(delta)
-                else:
-                    module.bias.add_(delta)
-                outputs = [y + delta.reshape([-1 if d not in dims else 1 for d in range(y.dim())])
-                           for y in outputs]
-            if norm is not None and (batchnorm or bias_correction):
-                _match_batchnorm(norm, outputs, targets, dims, variance=batchnorm)
+    probe_x = xs[0][:2]
+    probe = _probe(work, [m for _, m, _ in work_layers], probe_x)
+    # Captured tensors scale with the calibration inputs.
+    scale = sum(x.numel() for x in xs) / max(probe_x.numel(), 1)
+    order = [id(m) for _, m, _ in work_layers]
+    in_bytes = {k: int(v * scale) for k, v in probe.in_bytes.items()}
+    out_bytes = {k: int(v * scale) for k, v in probe.out_bytes.items()}
+    # A layer's inputs come from the layers calibrated before it (captured again after each
+    # group of layers that do not feed each other); its targets, the float model's outputs, are
+    # captured for as many layers as fit in memory at once.
+    work_groups = _groups(order, in_bytes, probe.feeds, _CAPTURE_BYTES)
+    float_groups = _groups(order, out_bytes, None, _CAPTURE_BYTES)
+    float_group_of = {key: i for i, group in enumerate(float_groups) for key in group}
+    by_id = {id(m): (name, m, cfg) for name, m, cfg in work_layers}
+    float_of = {id(m): float_model.get_submodule(name) for name, m, _ in work_layers}
+    targets: dict[int, list[Tensor]] = {}
+    bar = tqdm(total=len(work_layers), desc="calibrate", disable=not progress, leave=False)
+    for group in work_groups:
+        for key in group:
+            if key not in targets:
+                keys = float_groups[float_group_of[key]]
+                captured = _capture(float_model, [float_of[k] for k in keys], xs, outputs=True)
+                targets.update({k: captured[id(float_of[k])] for k in keys if id(float_of[k]) in captured})
+        inputs = _capture(work, [by_id[k][1] for k in group], xs, outputs=False)
+        for key in group:
+            name, module, cfg = by_id[key]
+            bar.set_postfix_str(name)
+            bar.update()
+            if key in inputs and key in targets:
+                _calibrate_layer(module, cfg, float_of[key], inputs.pop(key), targets.pop(key),
+                                 probe.norm_after.get(key), adaptive, iters, bias_correction, batchnorm,
+                                 generator, stats, name)
+    bar.close()
     model.load_state_dict(work.state_dict())
     return model
+
+
+def _calibrate_layer(module, cfg, float_layer, inputs, targets, norm, adaptive, iters, bias_correction,
+                     batchnorm, generator, stats, name) -> None:
+    """One layer: window, adaptive rounding, bias correction, the BatchNorm after it."""
+    param = _shift_parametrization(module)
+    fn = _layer_fn(module)
+    w = float_layer.weight.detach().to(module.weight.dtype)
+    bias = None if module.bias is None else module.bias.detach()
+
+    def nearest(shift_range, w=w):
+        shift, sign = q_shift_sign(w, shift_range)
+        return sign * torch.exp2(shift)
+
+    if cfg.auto_range:  # the window with the least output error, near the weight-placed one
+        top = param.shift_range[1]
+        scored = []
+        for p_max in (top, top - 1, top + 1):
+            rng = cfg.range_below(p_max)
+            scored.append((_error(fn, inputs, nearest(rng), bias, targets), p_max))
+        param.set_max_shift_(min(scored)[1])
+    shift_range = param.shift_range
+    plain = nearest(shift_range)
+    outputs, plain_error = _outputs(fn, inputs, plain, bias, targets)
+    chosen, chosen_error = plain, plain_error
+    if adaptive and iters > 0:
+        candidate = _adaptive_round(fn, inputs, targets, w, bias, shift_range,
+                                    isinstance(cfg, PSConfig), iters, generator)
+        candidate_outputs, error = _outputs(fn, inputs, candidate, bias, targets)
+        if error < plain_error:
+            chosen, chosen_error, outputs = candidate, error, candidate_outputs
+    _write(module, chosen)
+    if stats is not None:
+        stats.append({"layer": name, "plain": plain_error, "calibrated": chosen_error})
+    with torch.no_grad():
+        dims = _channel_dims(targets[0], module)
+        if bias_correction and module.bias is not None:
+            # The mean output error per channel goes into the bias.
+            count = sum(math.prod(t.shape[d] for d in dims) for t in targets)
+            delta = sum((t - y).sum(dims) for y, t in zip(outputs, targets, strict=True)) / count
+            if parametrize.is_parametrized(module, "bias"):  # fixed point: its float original
+                module.parametrizations.bias.original.add_(delta)
+            else:
+                module.bias.add_(delta)
+            outputs = [y + delta.reshape([-1 if d not in dims else 1 for d in range(y.dim())])
+                       for y in outputs]
+        if norm is not None and (batchnorm or bias_correction):
+            _match_batchnorm(norm, outputs, targets, dims, variance=batchnorm)
