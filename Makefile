@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast fuzz test-triton bench bench-gpu-dry accuracy accuracy-quick lint env clean-env
+.PHONY: demo test test-fast fuzz test-triton bench ptq-models bench-gpu-dry accuracy accuracy-quick lint env clean-env
 
 env: $(STAMP)
 
@@ -51,6 +51,13 @@ accuracy-quick: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/kernels.py
+
+# Third-party pretrained models (and Debian's fortunes, their text data) for benchmarks/ptq.py.
+ptq-models: $(STAMP)
+	$(PY) -m pip install --quiet -r requirements-ptq.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements-ptq-nodeps.txt
+	test -d /usr/share/games/fortunes || apt-get install -y fortunes || \
+		echo "install Debian's fortunes package for the minilm-l6 case"
 
 # Runs every GPU benchmark case once on tiny CPU shapes through the Triton interpreter.
 bench-gpu-dry: $(STAMP)
