@@ -13,23 +13,13 @@ from __future__ import annotations
 import argparse
 import copy
 import time
-from pathlib import Path
 
 import torch
 
 import deepshift
+from deepshift.backends.cpu.machine import cpu_model
 from deepshift.core import calibrate as calibrate_module
 from deepshift.models.imagenet import resnet50
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,6 +41,7 @@ from torch import nn
 import deepshift
 from deepshift.backends.cpu import build as native
 from deepshift.backends.cpu import conv, linear
+from deepshift.backends.cpu.machine import describe
 from deepshift.ops.reference import ACCUMULATORS
 
 ACT_BITS = (4, 4)
@@ -202,9 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.simplefilter("ignore", UserWarning)
     if not native.native_available():
         print("WARNING: native kernels unavailable; timing the reference ops", file=sys.stderr)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, native "
-          f"{native.set_isa('auto') if native.native_available() else 'off'}, "
-          f"load {os.getloadavg()[0]:.2f}, weights {WEIGHT_BITS}-bit Q, act_bits {ACT_BITS}")
+    print(f"{describe()}, load {os.getloadavg()[0]:.2f}, weights {WEIGHT_BITS}-bit Q, act_bits {ACT_BITS}")
     rows = []
 
     def add(name, t, base_name, note=""):

@@ -44,20 +44,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import deepshift
+from deepshift.backends.cpu.machine import cpu_model
 from deepshift.cli.commands import load_source
 from deepshift.training.data.datasets import load_dataset
 from deepshift.training.data.loader import BatchLoader
 from deepshift.training.evaluate import evaluate
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 @dataclass

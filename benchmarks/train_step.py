@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import deepshift
+from deepshift.backends.cpu.machine import describe
 from deepshift.models import build_model
 
 
@@ -111,8 +112,7 @@ def main() -> None:
                 times[(n, "eval")].append(t_eval)
 
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-    print(f"CIFAR ResNet-20, batch {args.batch}, {args.threads} threads, torch {torch.__version__}, "
-          f"median of {args.reps} (alternating order)")
+    print(f"CIFAR ResNet-20, batch {args.batch}; {describe()}; median of {args.reps} (alternating order)")
     print(f"{'variant':<13}{'train ms':>10}{'eval ms':>10}{'train/float':>13}{'eval/float':>12}"
           f"{'eval 1st/float':>16}")
     for n in names:

@@ -102,8 +102,7 @@ def _capture(model: nn.Module, modules: list[nn.Module], xs: list[Tensor], outpu
     ``outputs``, returns, per batch of ``xs``, by module id: one forward pass per batch that stops
     once every module has run (a module called twice keeps its first call). A module that does not
     run on every batch is left out."""
-    wanted = {id(m) for m in modules}
-    seen: dict[int, list[Tensor]] = {key: [] for key in wanted}
+    seen: dict[int, list[Tensor]] = {id(m): [] for m in modules}
     batch = [0]
 
     def record(mod, value):
@@ -437,7 +436,7 @@ def calibrate_(
     else:
         float_model = _float_copy(model)
     work = copy.deepcopy(model).eval()
-    generator = torch.Generator().manual_seed(seed)
+    steps = _Steps(adaptive, iters, bias_correction, batchnorm, torch.Generator().manual_seed(seed), stats)
     work_layers = shift_layers(work)
     probe_x = xs[0][:2]
     probe = _probe(work, [m for _, m, _ in work_layers], probe_x)
@@ -469,15 +468,25 @@ def calibrate_(
             bar.update()
             if key in inputs and key in targets:
                 _calibrate_layer(module, cfg, float_of[key], inputs.pop(key), targets.pop(key),
-                                 probe.norm_after.get(key), adaptive, iters, bias_correction, batchnorm,
-                                 generator, stats, name)
+                                 probe.norm_after.get(key), steps, name)
     bar.close()
     model.load_state_dict(work.state_dict())
     return model
 
 
-def _calibrate_layer(module, cfg, float_layer, inputs, targets, norm, adaptive, iters, bias_correction,
-                     batchnorm, generator, stats, name) -> None:
+@dataclass
+class _Steps:
+    """calibrate_'s settings shared by every layer (see its arguments)."""
+
+    adaptive: bool
+    iters: int
+    bias_correction: bool
+    batchnorm: bool
+    generator: torch.Generator
+    stats: list[dict] | None
+
+
+def _calibrate_layer(module, cfg, float_layer, inputs, targets, norm, steps: _Steps, name: str) -> None:
     """One layer: window, adaptive rounding, bias correction, the BatchNorm after it."""
     param = _shift_parametrization(module)
     fn = _layer_fn(module)
@@ -499,18 +508,18 @@ def _calibrate_layer(module, cfg, float_layer, inputs, targets, norm, adaptive, 
     plain = nearest(shift_range)
     outputs, plain_error = _outputs(fn, inputs, plain, bias, targets)
     chosen, chosen_error = plain, plain_error
-    if adaptive and iters > 0:
+    if steps.adaptive and steps.iters > 0:
         candidate = _adaptive_round(fn, inputs, targets, w, bias, shift_range,
-                                    isinstance(cfg, PSConfig), iters, generator)
+                                    isinstance(cfg, PSConfig), steps.iters, steps.generator)
         candidate_outputs, error = _outputs(fn, inputs, candidate, bias, targets)
         if error < plain_error:
             chosen, chosen_error, outputs = candidate, error, candidate_outputs
     _write(module, chosen)
-    if stats is not None:
-        stats.append({"layer": name, "plain": plain_error, "calibrated": chosen_error})
+    if steps.stats is not None:
+        steps.stats.append({"layer": name, "plain": plain_error, "calibrated": chosen_error})
     with torch.no_grad():
         dims = _channel_dims(targets[0], module)
-        if bias_correction and module.bias is not None:
+        if steps.bias_correction and module.bias is not None:
             # The mean output error per channel goes into the bias.
             count = sum(math.prod(t.shape[d] for d in dims) for t in targets)
             delta = sum((t - y).sum(dims) for y, t in zip(outputs, targets, strict=True)) / count
@@ -520,5 +529,5 @@ def _calibrate_layer(module, cfg, float_layer, inputs, targets, norm, adaptive, 
                 module.bias.add_(delta)
             outputs = [y + delta.reshape([-1 if d not in dims else 1 for d in range(y.dim())])
                        for y in outputs]
-        if norm is not None and (batchnorm or bias_correction):
-            _match_batchnorm(norm, outputs, targets, dims, variance=batchnorm)
+        if norm is not None and (steps.batchnorm or steps.bias_correction):
+            _match_batchnorm(norm, outputs, targets, dims, variance=steps.batchnorm)
