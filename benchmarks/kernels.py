@@ -66,11 +66,9 @@ def measure(fns: dict, seconds: float, min_reps: int = 5, warmup: int = 2) -> di
     return {name: (statistics.median(v), min(v)) for name, v in times.items()}
 
 
-def frozen_copy(model: nn.Module) -> nn.Module:
-    import copy
-
+def frozen_copy(model: nn.Module, weight_bits: int = WEIGHT_BITS) -> nn.Module:
     m = copy.deepcopy(model)
-    deepshift.convert_(m, deepshift.QConfig(weight_bits=WEIGHT_BITS, act_bits=ACT_BITS))
+    deepshift.convert_(m, deepshift.QConfig(weight_bits=weight_bits, act_bits=ACT_BITS))
     return deepshift.freeze_(m).eval()
 
 
@@ -133,19 +131,23 @@ def accumulators(frozen: nn.Module) -> str:
 
 
 def bench_linear(add, sec: float) -> None:
-    """Linear 4096 x 4096 at batch 1 and 64: vs fp32 and vs int8 dynamic quantization."""
+    """Linear 4096 x 4096 at batch 1, 8 and 64 (and batch 1 with 4-bit weights): vs fp32 and vs int8
+    dynamic quantization."""
     lin = nn.Sequential(nn.Linear(4096, 4096)).eval()
     qlin = torch.ao.quantization.quantize_dynamic(lin, {nn.Linear}, dtype=torch.qint8)
-    flin = frozen_copy(lin)
-    ulin = via_op(flin)
-    for batch in (1, 64):
-        x = torch.randn(batch, 4096)
-        assert torch.equal(flin(x), ulin(x))
-        t = measure({"frozen": lambda x=x: flin(x), "via op": lambda x=x: ulin(x), "op": op_callable(flin, x),
-                     "fp32": lambda x=x: lin(x), "int8-dyn": lambda x=x: qlin(x)}, sec)
-        note = f"acc {accumulators(flin)}"
-        add(f"Linear 4096x4096 batch {batch}", t, "fp32", note)
-        add(f"Linear 4096x4096 batch {batch}", t, "int8-dyn", note)
+    for bits, batches in ((WEIGHT_BITS, (1, 8, 64)), (4, (1,))):
+        flin = frozen_copy(lin, bits)
+        ulin = via_op(flin)
+        for batch in batches:
+            x = torch.randn(batch, 4096)
+            assert torch.equal(flin(x), ulin(x))
+            fns = {"frozen": lambda x=x, f=flin: f(x), "via op": lambda x=x, u=ulin: u(x),
+                   "op": op_callable(flin, x), "fp32": lambda x=x: lin(x), "int8-dyn": lambda x=x: qlin(x)}
+            t = measure(fns, sec)
+            note = f"acc {accumulators(flin)}"
+            name = f"Linear 4096x4096 batch {batch}" + ("" if bits == WEIGHT_BITS else f", {bits}-bit")
+            add(name, t, "fp32", note)
+            add(name, t, "int8-dyn", note)
 
 
 def bench_conv(add, sec: float) -> None:

@@ -54,14 +54,14 @@ _ISAS: list[str] = []
 
 
 def isa_paths() -> list[str]:
-    """The native kernels' instruction-set paths this CPU runs: "portable" always, "avx2" where the
-    CPU has it (``set_isa`` returns the path it really took, so a missing one is never rerun as
-    another). Tests loop over these; ``test_every_isa_path`` reports the ones skipped."""
+    """The native kernels' instruction-set paths this CPU runs: "portable" always, "avx2" and
+    "avx512" where the CPU has them (``set_isa`` returns the path it really took, so a missing one
+    is never rerun as another). Tests loop over these; ``test_every_isa_path`` reports the ones skipped."""
     if not _ISAS:
         from deepshift.backends.cpu import build
 
         try:
-            _ISAS.extend(isa for isa in ("avx2", "portable") if build.set_isa(isa) == isa)
+            _ISAS.extend(isa for isa in build.ISAS if build.set_isa(isa) == isa)
         finally:
             build.set_isa("auto")
     return list(_ISAS)

@@ -119,7 +119,7 @@ def _conv_case(rng: random.Random):
             transposed, output_padding)
 
 
-@pytest.mark.parametrize("isa", ["avx2", "portable"])
+@pytest.mark.parametrize("isa", build.ISAS)
 def test_every_isa_path(native, isa):
     """Each instruction-set path the kernels have is tested where the CPU runs it; said when not."""
     if isa not in isa_paths():
@@ -163,6 +163,53 @@ def test_conv_bit_exact_random(native, chunk):
             continue  # an invalid combination (e.g. no output): the reference rejects it
         _check(torch.ops.deepshift.shift_conv, ops.shift_conv_reference, args,
                f"conv case {chunk}/{done}: {args[2:]} x {tuple(args[0].shape)} {args[0].dtype}")
+        done += 1
+
+
+def _scode_reference(x: torch.Tensor, scode: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x @ w.T + bias mod 2**32 for per-weight codes (0, else sign * (amount + 1)), in int64."""
+    v = scode.long()
+    amount = v.abs() - 1
+    w = torch.where((v != 0) & (amount < 32), v.sign() * torch.bitwise_left_shift(torch.ones_like(v),
+                                                                                  amount.clamp(0, 40)), 0)
+    y = x.long() @ w.t() + (0 if bias is None else bias.long())
+    return ((y + 2**31) % 2**32 - 2**31).to(torch.int32)
+
+
+@pytest.mark.parametrize("chunk", range(4))
+def test_table_lookup_gemv_bit_exact(native, chunk):
+    """The table-lookup kernel (AVX-512, and its portable loop) over 4- and 5-bit index layouts:
+    output counts across block edges (16 x 8 and 16 x 6), odd K, 1-8 rows, int32 wrap-around, amounts
+    of 32 and more (zero mod 2**32); more than 32 distinct weights give no layout."""
+    rng = random.Random(9000 + chunk)
+    paths = [p for p in isa_paths() if p in ("avx512", "portable")]
+    done = 0
+    while done < 80:
+        out_f = rng.choice([1, 5, 16, 17, 95, 96, 97, 127, 128, 129, 191, 300])
+        in_f = rng.choice([1, 2, 3, 7, 64, 101, 257])
+        rows = rng.randint(1, 8)
+        distinct = rng.choice([1, 2, 5, 15, 16, 17, 31, 32, 33, 40])
+        pool = torch.tensor(rng.sample(range(-40, 41), distinct), dtype=torch.int8)
+        g = torch.Generator().manual_seed(rng.randrange(2**31))
+        scode = pool[torch.randint(0, distinct, (out_f, in_f), generator=g)].contiguous()
+        tiles, values, bits = native.lut_layout(scode)
+        used = {int(v) if v == 0 or abs(int(v)) <= 32 else 0 for v in scode.flatten().unique()} | {0}
+        if len(used) > 32:
+            assert bits == 0
+            continue
+        assert bits == (4 if len(used) <= 16 else 5)
+        mag = rng.choice([1, 127, 2**15, 2**31 - 1])
+        x = torch.randint(-mag, mag, (rows, in_f), generator=g, dtype=torch.int64).to(torch.int32)
+        bias = torch.randint(-mag, mag, (out_f,), generator=g, dtype=torch.int64).to(torch.int32) \
+            if rng.random() < 0.5 else None
+        expected = _scode_reference(x, scode, bias)
+        for isa in paths:
+            assert build.set_isa(isa) == isa
+            try:
+                got = native.gemv_lut(x, tiles, values, bits, out_f, bias)
+            finally:
+                build.set_isa("auto")
+            assert torch.equal(got, expected), (isa, out_f, in_f, rows, distinct, (got != expected).sum())
         done += 1
 
 
@@ -269,7 +316,8 @@ def test_frozen_ops_dispatch_to_native(native, monkeypatch):
     x = torch.randn(1, 2, 5, 5)
     conv(x)
     # Eager frozen layers take the fused native forward; the op itself dispatches to the native conv.
-    assert "gemv" in calls and "conv_fused" in calls and "conv" not in calls
+    small_batch = "gemv_lut" if native.current_isa() == linear.ISA_AVX512 else "gemv"
+    assert small_batch in calls and "conv_fused" in calls and "conv" not in calls
     layer = conv[0]
     q = torch.ops.deepshift.quantize_input(x, list(layer.act_bits), layer.act_rounding, torch.int32)
     torch.ops.deepshift.shift_conv(q, layer.codes, list(layer.weight_shape), 5, False, layer.shift_lo,
@@ -564,7 +612,7 @@ def _op_path_output(monkeypatch, layer, x):
         monkeypatch.undo()
 
 
-def _on_both_isas(monkeypatch, layer, spy, module, *args):
+def _on_every_isa(monkeypatch, layer, spy, module, *args):
     """{isa: module(*args)} for every instruction set the CPU has, each preparing ``layer``'s fused
     forward anew, with ``spy`` in place of the extension's conv_fused."""
     monkeypatch.setattr(build.load_extension(), "conv_fused", spy)
@@ -598,7 +646,7 @@ def test_fused_conv_forward_equals_the_op_path(native, monkeypatch, chunk):
         expected = _op_path_output(monkeypatch, layer, x)
         if expected is None:
             continue  # no output for these options
-        for isa, got in _on_both_isas(monkeypatch, layer, spy, layer, x).items():
+        for isa, got in _on_every_isa(monkeypatch, layer, spy, layer, x).items():
             label = f"case {chunk}/{done} {layer.extra_repr()} {tuple(x.shape)} {x.dtype} ({isa})"
             assert got.dtype == expected.dtype and got.shape == expected.shape, label
             assert torch.equal(got, expected), f"{label}: {(got != expected).sum()} elements differ"
@@ -731,7 +779,7 @@ def test_fused_conv_batchnorm_equals_the_two_modules(native, monkeypatch, chunk)
             relu = True
             expected = torch.relu(expected)
         fused = deepshift.ShiftConvBatchNorm(layer, bn, relu=bool(relu))
-        for isa, got in _on_both_isas(monkeypatch, layer, spy, fused, x, residual).items():
+        for isa, got in _on_every_isa(monkeypatch, layer, spy, fused, x, residual).items():
             label = (f"case {chunk}/{done} {layer.extra_repr()} {tuple(x.shape)} {x.dtype} ({isa}) "
                      f"residual {residual is not None} relu {relu}")
             # torch.equal: NaN (an infinite BatchNorm scale times 0) is unequal to itself.
@@ -740,7 +788,7 @@ def test_fused_conv_batchnorm_equals_the_two_modules(native, monkeypatch, chunk)
             assert torch.equal(got.isnan(), expected.isnan()), label
         done += 1
         kinds.add((residual is not None, bool(relu)))
-    assert affine_calls.count(True) == 2 * done  # every case went through the fused kernel
+    assert affine_calls.count(True) == len(isa_paths()) * done  # every case went through the fused kernel
     assert len(kinds) == 4, kinds  # with and without residual, with and without ReLU
 
 

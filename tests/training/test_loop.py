@@ -267,7 +267,8 @@ def test_default_recipe_per_method_and_start():
     assert (ps.optimizer, ps.lr, ps.lr_shift, ps.lr_sign, ps.max_shift) == ("radam", 0.01, 0.05, 0.05, "auto")
     q = TrainConfig(data="fashion-mnist", method="q", weight_bits=2).resolved()
     assert (q.optimizer, q.lr, q.lr_schedule, q.epochs, q.max_shift) == ("radam", 1e-3, "cosine", 10, "auto")
-    assert TrainConfig(data="digits", method="q").resolved().epochs == 30  # a small set: more epochs
+    small = TrainConfig(data="digits", method="q").resolved()
+    assert (small.epochs, small.lr) == (30, 3e-3)  # a small set: more epochs, a faster rate
     fine = TrainConfig(data="digits", method="ps", from_checkpoint="x.pt").resolved()
     assert (fine.optimizer, fine.lr, fine.lr_shift, fine.lr_sign, fine.epochs) == (
         "radam", 1e-3, 5e-3, 5e-3, 3)

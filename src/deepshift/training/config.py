@@ -36,8 +36,10 @@ _MNIST_RECIPE = {"model": "mnist-conv", "epochs": 10, "batch_size": 64, "optimiz
 # The paper's training recipes; options left at None take these.
 RECIPES: dict[str, dict[str, Any]] = {
     # 1.3k training images: 10 epochs are 200 steps, where float and Q still underfit (train top-1
-    # 95.7%, 2 points under PS's faster rate); 30 epochs on validation: float 97.2, Q 97.2, PS 97.9.
-    "digits": {**_MNIST_RECIPE, "epochs": 30},
+    # 95.7%, 2 points under PS's faster rate). 30 epochs, and lr 3e-3 for float and Q: validation
+    # top-1 over seeds 0-2, mnist-conv, float 97.69 / Q 97.69 / PS 97.69, where lr 1e-3 gave float
+    # 96.99 / Q 97.22 (train 99.9%: the slower rate generalised less, not underfit).
+    "digits": {**_MNIST_RECIPE, "epochs": 30, "lr": 3e-3},
     "mnist": _MNIST_RECIPE,
     "fashion-mnist": _MNIST_RECIPE,
     "cifar10": {"model": "resnet20", "epochs": 200, "batch_size": 128, "lr": 0.1, "momentum": 0.9,

@@ -16,7 +16,7 @@ import torch
 from deepshift.backends.cpu.cache import clear_cache
 
 # The translation units (built in parallel, linked into one module) and the headers they share.
-_UNITS = ("bindings.cpp", "isa.cpp", "linear.cpp", "conv.cpp", "elementwise.cpp")
+_UNITS = ("bindings.cpp", "isa.cpp", "linear.cpp", "lut.cpp", "conv.cpp", "elementwise.cpp")
 _SOURCES = (*_UNITS, "common.h", "kernels.h", "ops.h")
 
 
@@ -138,10 +138,16 @@ def reset_state() -> None:
         clear_cache()
 
 
+ISAS = ("avx512", "avx2", "portable")
+"""The kernels' instruction-set paths, best first ("avx512": AVX-512 F/BW/VL)."""
+
+
 def set_isa(isa: str) -> str:
-    """Force the kernels' instruction set: ``"avx2"``, ``"portable"`` or ``"auto"``; returns the one used."""
+    """Force the kernels' instruction set: one of ``ISAS`` or ``"auto"`` (the best this CPU has);
+    returns the one used (a path the CPU lacks falls back to the best one below it)."""
     ext = load_extension()
     if ext is None:
         return "reference"
-    code = {"auto": -1, "portable": 0, "avx2": 1}[isa]
-    return "avx2" if ext.set_isa(code) == 1 else "portable"
+    code = {"auto": -1, "portable": 0, "avx2": 1, "avx512": 2}[isa]
+    clear_cache()  # prepared forwards and layouts were chosen for the previous path
+    return {2: "avx512", 1: "avx2", 0: "portable"}[ext.set_isa(code)]

@@ -1,4 +1,5 @@
-"""CPU kernels of ``deepshift::shift_linear``: small-batch GEMV and the batched 1x1-convolution path."""
+"""CPU kernels of ``deepshift::shift_linear``: table lookup (AVX-512, any batch), small-batch GEMV and
+the batched 1x1-convolution path."""
 
 from __future__ import annotations
 
@@ -19,8 +20,13 @@ from deepshift.backends.cpu.conv import (
 from deepshift.frozen.spec import FrozenSpec
 from deepshift.ops import reference as ref
 
+ISA_AVX512 = 2
+"""``current_isa()``'s code for the AVX-512 path."""
+
+
 GEMV_MAX_ROWS = 4
-"""Linear inputs with at most this many rows use the small-batch (per-weight shift) kernel."""
+"""Without the table-lookup kernel, Linear inputs with at most this many rows use the small-batch
+(per-weight shift) kernel, more rows the 1x1-convolution path."""
 
 
 LINEAR_BLOCK_BYTES = 24 * 1024
@@ -52,6 +58,26 @@ def _gemv_tiles(ext, codes, weight_shape, weight_bits, has_zero, shift_lo):
     )
 
 
+def _gemv_lut(ext, codes, weight_shape, weight_bits, has_zero, shift_lo):
+    """The table-lookup kernel's layout ``(tiles, values, bits)``, or None where the layer has more
+    than 32 distinct weights (cached)."""
+
+    def make():
+        scode = _decoded(ext, codes, weight_shape, weight_bits, has_zero, shift_lo, 32)[0]
+        tiles, values, bits = ext.lut_layout(scode)
+        return None if bits == 0 else (tiles, values, bits)
+
+    return _cached(codes, ("lut", tuple(weight_shape), weight_bits, has_zero, shift_lo), make)
+
+
+def _lut(ext, codes, weight_shape, weight_bits, has_zero, shift_lo):
+    """The table-lookup kernel's layout where this call can take it (AVX-512 in use, at most 32
+    distinct weights), else None."""
+    if ext.current_isa() != ISA_AVX512:
+        return None
+    return _gemv_lut(ext, codes, weight_shape, weight_bits, has_zero, shift_lo)
+
+
 def _linear_plan(ext, codes, weight_shape, weight_bits, has_zero, shift_lo, lanes, rows):
     """The plan of a Linear over ``rows`` rows run as a 1x1 convolution (cached)."""
     out_f, in_f = weight_shape
@@ -77,13 +103,16 @@ def shift_linear_cpu(x, codes, weight_shape, weight_bits, has_zero, shift_lo, bi
     rows = x.numel() // in_f
     u = min(shift_lo, 0)
     bias_s = _shifted_bias(bias, u)
+    lut = _lut(ext, codes, weight_shape, weight_bits, has_zero, shift_lo)
     lanes = _lanes_for(ext, x, codes, weight_shape, weight_bits, has_zero, shift_lo, bias_s, in_f,
-                       int16=rows > GEMV_MAX_ROWS)
+                       int16=lut is None and rows > GEMV_MAX_ROWS)
     dtype = _LANE_DTYPES[lanes]
     x2 = x.reshape(rows, in_f)
     x2 = (x2 if x2.dtype == dtype else x2.to(dtype)).contiguous()
     b = None if bias_s is None else bias_s.to(torch.int64 if lanes == 64 else torch.int32)
-    if lanes == 32 and rows <= GEMV_MAX_ROWS:
+    if lanes == 32 and lut is not None:  # any batch: table lookup beats the 1x1 convolution
+        y = ext.gemv_lut(x2, *lut, out_f, b)
+    elif lanes == 32 and rows <= GEMV_MAX_ROWS:
         y = ext.gemv(x2, _gemv_tiles(ext, codes, weight_shape, weight_bits, has_zero, shift_lo), out_f, b)
     else:
         xt = x2.t().contiguous().reshape(1, in_f, 1, 1, rows)
@@ -111,14 +140,24 @@ def _prepare_linear_fused(x, codes, weight_shape, weight_bits, has_zero, shift_l
     rows = x.numel() // in_f
     out_shape = (*x.shape[:-1], out_f)
     frac, floor, out64 = act_bits[1], rounding == "floor", x.dtype == torch.float64
-    if rows <= GEMV_MAX_ROWS:
-        tiles = _gemv_tiles(ext, codes, weight_shape, weight_bits, has_zero, shift_lo)
+    lut = _lut(ext, codes, weight_shape, weight_bits, has_zero, shift_lo)
+    if lut is not None or rows <= GEMV_MAX_ROWS:
+        if lut is not None:
+            tiles, values, bits = lut
+
+            def gemv(q):
+                return ext.gemv_lut(q, tiles, values, bits, out_f, b)
+        else:
+            tiles = _gemv_tiles(ext, codes, weight_shape, weight_bits, has_zero, shift_lo)
+
+            def gemv(q):
+                return ext.gemv(q, tiles, out_f, b)
 
         def run(x: Tensor) -> Tensor:
             q, has_nan = ext.quantize(x.reshape(rows, in_f), frac, lo, hi, floor, False)
             if has_nan:
                 raise ref._nan_error()
-            return ext.scale(ext.gemv(q, tiles, out_f, b), exponent, out64).reshape(out_shape)
+            return ext.scale(gemv(q), exponent, out64).reshape(out_shape)
 
         return run
     plan = _linear_plan(ext, codes, weight_shape, weight_bits, has_zero, shift_lo, lanes, rows)

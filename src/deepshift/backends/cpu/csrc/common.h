@@ -22,6 +22,7 @@
 #include <cstring>
 #include <memory>
 #include <vector>
+#include <unistd.h>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -85,6 +86,7 @@ namespace deepshift_cpu {
 constexpr double kSerialWork = 5e4;
 
 bool use_avx2();
+bool use_avx512();
 int64_t set_isa(int64_t isa);
 bool splits_256();
 

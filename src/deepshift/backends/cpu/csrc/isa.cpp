@@ -4,27 +4,45 @@
 namespace deepshift_cpu {
 
 
-// 1 = AVX2, 0 = portable; -1 = not decided yet.
+// 2 = AVX-512 (F, BW, VL: the table-lookup kernels; the rest run their AVX2 code), 1 = AVX2,
+// 0 = portable; -1 = not decided yet.
 int g_isa = -1;
 
-bool use_avx2() {
-  if (g_isa < 0) {
+namespace {
+int best_isa() {
 #ifdef DS_X86
-    __builtin_cpu_init();
-    g_isa = __builtin_cpu_supports("avx2") ? 1 : 0;
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl"))
+    return 2;
+  return __builtin_cpu_supports("avx2") ? 1 : 0;
 #else
-    g_isa = 0;
+  return 0;
 #endif
-  }
-  return g_isa == 1;
+}
+}  // namespace
+
+bool use_avx2() {
+  if (g_isa < 0) g_isa = best_isa();
+  return g_isa >= 1;
 }
 
-// Force the instruction set (tests): 1 = AVX2 (if the CPU has it), 0 = portable, -1 = auto.
+bool use_avx512() {
+  if (g_isa < 0) g_isa = best_isa();
+  return g_isa == 2;
+}
+
+// The path in use (2, 1 or 0), for the Python side's choice between kernels with different layouts.
+int64_t current_isa() {
+  if (g_isa < 0) g_isa = best_isa();
+  return g_isa;
+}
+
+// Force the instruction set (tests): 2 = AVX-512, 1 = AVX2, 0 = portable, -1 = auto. A path the CPU
+// lacks falls back to the best one below it; returns the path taken.
 int64_t set_isa(int64_t isa) {
-  g_isa = -1;
-  bool has = use_avx2();
-  if (isa == 0) g_isa = 0;
-  if (isa == 1) g_isa = has ? 1 : 0;
+  const int best = best_isa();
+  g_isa = (isa < 0 || isa > best) ? best : static_cast<int>(isa);
   return g_isa;
 }
 
