@@ -247,3 +247,57 @@ def test_steps_on_a_subset_of_a_large_batch_still_lower_the_error(monkeypatch):
         assert all(s["calibrated"] < s["plain"] for s in stats)
         runs.append(model.state_dict())
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_a_rounding_that_only_fits_the_calibration_set_is_dropped(monkeypatch):
+    # Every 4th sample is held out of adaptive rounding's fit. Here the held-out samples read only
+    # input 0 and the others never do, so a candidate exact on the fitted samples with a wrong
+    # weight column 0 has less error than plain rounding over all samples, but more on the held-out
+    # ones: it must be dropped, and kept when nothing is held out.
+    torch.manual_seed(0)
+    x = torch.zeros(16, 8)
+    x[:, 1:] = 100 * torch.randn(16, 7)
+    held = torch.arange(16) % calibrate_module._HOLD_OUT == calibrate_module._HOLD_OUT - 1
+    x[held] = 0
+    x[held, 0] = 1.0
+    float_model = nn.Sequential(nn.Linear(8, 4, bias=False))
+
+    def overfit(fn, xs, targets, w, *args):
+        assert sum(len(v) for v in xs) == int((~held).sum())  # only the fitted samples
+        bad = w.clone()
+        bad[:, 0] *= 4
+        return bad
+
+    monkeypatch.setattr(calibrate_module, "_adaptive_round", overfit)
+
+    def run():
+        model = deepshift.convert_(copy.deepcopy(float_model), QConfig(weight_bits=5))
+        stats: list[dict] = []
+        deepshift.calibrate_(model, [x], progress=False, stats=stats, bias_correction=False)
+        return stats[0]
+
+    dropped = run()
+    assert dropped["calibrated"] == dropped["plain"]
+    monkeypatch.setattr(calibrate_module, "_hold_out", lambda xs, ts, w: ((xs, ts), None))
+    monkeypatch.setattr(calibrate_module, "_adaptive_round",
+                        lambda fn, xs, ts, w, *a: overfit(fn, [x[~held]], ts, w))
+    kept = run()
+    assert kept["calibrated"] < kept["plain"]
+
+
+def test_bias_correction_takes_the_typical_error_not_one_outlier_position():
+    # A Linear's (batch, position, channel) outputs: error 0.5 in channel 0 and -1 in channel 1
+    # everywhere, except one position (a transformer's separator token) with an error of 1000 in
+    # channel 0. The correction is the per-channel median: the outlier does not move the bias that
+    # every other position gets.
+    targets = [torch.zeros(4, 5, 2), torch.zeros(2, 3, 2)]
+    outputs = [t - torch.tensor([0.5, -1.0]) for t in targets]
+    outputs[0][1, 2, 0] -= 1000.0
+    dims = calibrate_module._channel_dims(targets[0], nn.Linear(3, 2))
+    assert torch.equal(calibrate_module._typical_error(outputs, targets, dims), torch.tensor([0.5, -1.0]))
+    # A convolution's (batch, channel, height, width) outputs: the channel is dimension 1.
+    conv_targets = [torch.zeros(2, 3, 4, 4)]
+    conv_outputs = [conv_targets[0] - torch.arange(3.0).reshape(1, 3, 1, 1)]
+    conv_dims = calibrate_module._channel_dims(conv_targets[0], nn.Conv2d(1, 3, 1))
+    got = calibrate_module._typical_error(conv_outputs, conv_targets, conv_dims)
+    assert torch.equal(got, torch.arange(3.0))

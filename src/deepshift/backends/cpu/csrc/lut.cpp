@@ -1,4 +1,4 @@
-// deepshift::shift_linear's table-lookup small-batch kernel (AVX-512): for one input value x[k], the
+// deepshift::shift_linear's table-lookup kernel (AVX-512, any batch): for one input value x[k], the
 // layer's distinct weights (at most 32 signed powers of two) times x[k] form a table of 16 or 32
 // int32 entries, built with one variable shift and one masked negation; each weight's index into that
 // table picks its term, 16 output features at a time, with one lane permute (vpermd / vpermi2d) from
