@@ -198,33 +198,6 @@ def _neighbours(w: Tensor, shift_range: tuple[int, int], ps: bool) -> tuple[Tens
     return sign, low, high
 
 
-_HOLD_OUT = 4
-"""Adaptive rounding is checked on every ``_HOLD_OUT``-th sample of each batch, fitted on the rest."""
-
-
-def _hold_out(xs: list[Tensor], targets: list[Tensor], w: Tensor):
-    """``((fit inputs, fit targets), (check inputs, check targets) or None)``: every
-    ``_HOLD_OUT``-th sample (dimension 0) of each batch of two or more samples held out; None where
-    there is nothing to hold out (unbatched inputs, batches of one sample)."""
-    batched = xs[0].dim() >= 2 and (w.dim() == 2 or xs[0].dim() == w.dim())
-    if not batched or all(x.shape[0] < 2 for x in xs):
-        return (xs, targets), None
-    fit_x, fit_t, check_x, check_t = [], [], [], []
-    for x, t in zip(xs, targets, strict=True):
-        if x.shape[0] < 2:
-            fit_x.append(x)
-            fit_t.append(t)
-            continue
-        held = torch.arange(x.shape[0]) % _HOLD_OUT == _HOLD_OUT - 1
-        if not held.any():  # 2 or 3 samples: hold out the last
-            held[-1] = True
-        fit_x.append(x[~held])
-        fit_t.append(t[~held])
-        check_x.append(x[held])
-        check_t.append(t[held])
-    return (fit_x, fit_t), (check_x, check_t)
-
-
 def _adaptive_round(fn, xs, targets, w: Tensor, bias, shift_range, ps: bool, iters: int,
                     generator: torch.Generator) -> Tensor:
     """Chooses, for each weight, the power of two just below or just above it (or zero, PS) that
@@ -397,10 +370,8 @@ def calibrate_(
       rounding gives the least output error;
     * **adaptive rounding**: each weight takes the power of two just below or just above it (or
       zero, PS) so as to minimise the layer's output error (a soft relaxation annealed to a hard
-      choice, as AdaRound does, here between neighbouring powers of two), fitted on three quarters
-      of each batch's samples; kept only where its error is below plain rounding's both on all
-      samples and on the quarter held out of the fit, so no layer's error grows and a rounding that
-      only fits the calibration set is dropped;
+      choice, as AdaRound does, here between neighbouring powers of two); kept only where its error
+      is below plain rounding's, so no layer's error grows;
     * **bias correction**: the median output error per channel goes into the layer's bias (the
       median, so that a few outlier positions, like a transformer's separator tokens, do not set
       it for all);
@@ -552,16 +523,10 @@ def _calibrate_layer(module, cfg, float_layer, inputs, targets, norm, steps: _St
     outputs, plain_error = _outputs(fn, inputs, plain, bias, targets)
     chosen, chosen_error = plain, plain_error
     if steps.adaptive and steps.iters > 0:
-        # Fitted on three quarters of the samples, kept only where it also beats plain rounding
-        # on the quarter it did not see (with many weights per output and few samples it can fit
-        # the calibration set and generalise worse than plain rounding) and on all of them.
-        fit, check = _hold_out(inputs, targets, w)
-        candidate = _adaptive_round(fn, *fit, w, bias, shift_range, isinstance(cfg, PSConfig), steps.iters,
-                                    steps.generator)
+        candidate = _adaptive_round(fn, inputs, targets, w, bias, shift_range, isinstance(cfg, PSConfig),
+                                    steps.iters, steps.generator)
         candidate_outputs, error = _outputs(fn, inputs, candidate, bias, targets)
-        generalises = check is None or _error(fn, check[0], candidate, bias, check[1]) < _error(
-            fn, check[0], plain, bias, check[1])
-        if error < plain_error and generalises:
+        if error < plain_error:
             chosen, chosen_error, outputs = candidate, error, candidate_outputs
     _write(module, chosen)
     if steps.stats is not None:
