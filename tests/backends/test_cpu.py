@@ -126,6 +126,19 @@ def test_every_isa_path(native, isa):
         pytest.skip(f"this CPU lacks {isa}: its kernels are not run here")
     try:
         assert build.set_isa(isa) == isa
+        assert build.current_isa() == isa
+    finally:
+        build.set_isa("auto")
+
+
+def test_benchmark_header_names_the_cpu_and_the_path_in_use(native):
+    from deepshift.backends.cpu import machine
+
+    assert build.set_isa("portable") == "portable"
+    try:
+        line = machine.describe()  # reports the forced path, and leaves it forced
+        assert machine.cpu_model() in line and "ISA path portable" in line
+        assert build.current_isa() == "portable"
     finally:
         build.set_isa("auto")
 

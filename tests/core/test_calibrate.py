@@ -265,3 +265,35 @@ def test_bias_correction_takes_the_typical_error_not_one_outlier_position():
     conv_dims = calibrate_module._channel_dims(conv_targets[0], nn.Conv2d(1, 3, 1))
     got = calibrate_module._typical_error(conv_outputs, conv_targets, conv_dims)
     assert torch.equal(got, torch.arange(3.0))
+
+
+class _FreedOutput(nn.Module):
+    """A converted conv whose output tensor is dropped before a float conv's output reaches a
+    BatchNorm: the BatchNorm does not take the converted conv's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.shift = nn.Conv2d(3, 4, 3, padding=1)
+        self.plain = nn.Conv2d(4, 6, 1)
+        self.norm = nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        y = self.shift(x)
+        z = y * 2
+        del y  # freed here: a later tensor may take its id()
+        return self.norm(self.plain(z))
+
+
+def test_a_batchnorm_is_paired_with_a_layer_only_when_it_takes_that_layers_output():
+    torch.manual_seed(0)
+    float_model = _FreedOutput().eval()
+    float_model.norm.running_var.uniform_(0.5, 2.0)
+    model = deepshift.convert_(copy.deepcopy(float_model), QConfig(weight_bits=5),
+                               filter_fn=lambda m, name: name == "shift")
+    xs = [torch.randn(8, 3, 6, 6) for _ in range(2)]
+    for _ in range(20):  # id() reuse depends on the allocator: give it many chances
+        probe = calibrate_module._probe(model, [model.shift], xs[0][:2])
+        assert id(model.shift) not in probe.norm_after
+    before = copy.deepcopy(model.norm.state_dict())
+    deepshift.calibrate_(model, xs, reference=float_model, progress=False)
+    assert all(torch.equal(before[k], model.norm.state_dict()[k]) for k in before)

@@ -285,7 +285,9 @@ def _probe(model: nn.Module, layers: list[nn.Module], x: Tensor) -> _Probe:
     which layers' outputs reach each layer's input (each output enters the graph as its own leaf,
     so a gradient from an input finds the nearest layers it depends on); the tensors' sizes."""
     found = _Probe()
-    outputs: dict[int, nn.Module] = {}
+    # The layers' output tensors, held for the whole pass: a freed one's id() could be taken by a
+    # later tensor (say, an unconverted layer's output) and pair a BatchNorm with the wrong layer.
+    outputs: dict[int, tuple[Tensor, nn.Module]] = {}
     leaves: dict[int, Tensor] = {}
 
     def after_layer(mod, args, out):
@@ -304,12 +306,12 @@ def _probe(model: nn.Module, layers: list[nn.Module], x: Tensor) -> _Probe:
         found.out_bytes[key] = out.numel() * out.element_size()
         leaves[key] = out.detach().requires_grad_(True)
         result = leaves[key].clone()  # not the leaf itself: the model may change it in place
-        outputs[id(result)] = mod
+        outputs[id(result)] = (result, mod)
         return result
 
     def before_norm(mod, args):
-        layer = outputs.get(id(args[0]))
-        if layer is not None and mod.running_mean is not None and not mod.training:
+        tensor, layer = outputs.get(id(args[0]), (None, None))
+        if tensor is args[0] and mod.running_mean is not None and not mod.training:
             found.norm_after[id(layer)] = mod
 
     handles = [m.register_forward_hook(after_layer) for m in layers]

@@ -142,6 +142,16 @@ ISAS = ("avx512", "avx2", "portable")
 """The kernels' instruction-set paths, best first ("avx512": AVX-512 F/BW/VL)."""
 
 
+_ISA_NAMES = {2: "avx512", 1: "avx2", 0: "portable"}
+
+
+def current_isa() -> str:
+    """The instruction-set path the kernels run now (one of ``ISAS``), or ``"reference"`` without
+    the native kernels."""
+    ext = load_extension()
+    return "reference" if ext is None else _ISA_NAMES[ext.current_isa()]
+
+
 def set_isa(isa: str) -> str:
     """Force the kernels' instruction set: one of ``ISAS`` or ``"auto"`` (the best this CPU has);
     returns the one used (a path the CPU lacks falls back to the best one below it)."""
@@ -150,4 +160,4 @@ def set_isa(isa: str) -> str:
         return "reference"
     code = {"auto": -1, "portable": 0, "avx2": 1, "avx512": 2}[isa]
     clear_cache()  # prepared forwards and layouts were chosen for the previous path
-    return {2: "avx512", 1: "avx2", 0: "portable"}[ext.set_isa(code)]
+    return _ISA_NAMES[ext.set_isa(code)]

@@ -23,5 +23,5 @@ def describe() -> str:
     """One line for a benchmark header: CPU model, the kernels' ISA path, torch version and threads."""
     from deepshift.backends.cpu import build
 
-    isa = build.set_isa("auto") if build.native_available() else "reference (native kernels off)"
+    isa = build.current_isa() if build.native_available() else "reference (native kernels off)"
     return f"{cpu_model()}, ISA path {isa}, torch {torch.__version__}, {torch.get_num_threads()} threads"
