@@ -179,51 +179,37 @@ def test_conv_bit_exact_random(native, chunk):
         done += 1
 
 
-def _scode_reference(x: torch.Tensor, scode: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """y = x @ w.T + bias mod 2**32 for per-weight codes (0, else sign * (amount + 1)), in int64."""
-    v = scode.long()
-    amount = v.abs() - 1
-    w = torch.where((v != 0) & (amount < 32), v.sign() * torch.bitwise_left_shift(torch.ones_like(v),
-                                                                                  amount.clamp(0, 40)), 0)
-    y = x.long() @ w.t() + (0 if bias is None else bias.long())
-    return ((y + 2**31) % 2**32 - 2**31).to(torch.int32)
-
-
 @pytest.mark.parametrize("chunk", range(4))
-def test_table_lookup_gemv_bit_exact(native, chunk):
-    """The table-lookup kernel (AVX-512, and its portable loop) over 4- and 5-bit index layouts:
-    output counts across block edges (16 x 8 and 16 x 6), odd K, 1-8 rows, int32 wrap-around, amounts
-    of 32 and more (zero mod 2**32); more than 32 distinct weights give no layout."""
+def test_table_lookup_linear_bit_exact(native, chunk):
+    """The table-lookup kernel (AVX-512) through the op against the reference: output counts
+    across its block edges (16 x 8 and 16 x 6 outputs), odd K, 1-8 rows and batches past them,
+    int32 wrap-around, 2-8 bit codes whose layers use up to 32 distinct weights (4- and 5-bit
+    indices) or more (no layout: the other kernels run)."""
+    if "avx512" not in isa_paths():
+        pytest.skip("this CPU lacks AVX-512 F/BW/VL: the table-lookup kernel is not run here")
     rng = random.Random(9000 + chunk)
-    paths = [p for p in isa_paths() if p in ("avx512", "portable")]
-    done = 0
-    while done < 80:
+    layouts = set()
+    for i in range(80):
+        bits = rng.randint(2, 8)
         out_f = rng.choice([1, 5, 16, 17, 95, 96, 97, 127, 128, 129, 191, 300])
         in_f = rng.choice([1, 2, 3, 7, 64, 101, 257])
-        rows = rng.randint(1, 8)
-        distinct = rng.choice([1, 2, 5, 15, 16, 17, 31, 32, 33, 40])
-        pool = torch.tensor(rng.sample(range(-40, 41), distinct), dtype=torch.int8)
-        g = torch.Generator().manual_seed(rng.randrange(2**31))
-        scode = pool[torch.randint(0, distinct, (out_f, in_f), generator=g)].contiguous()
-        tiles, values, bits = native.lut_layout(scode)
-        used = {int(v) if v == 0 or abs(int(v)) <= 32 else 0 for v in scode.flatten().unique()} | {0}
-        if len(used) > 32:
-            assert bits == 0
-            continue
-        assert bits == (4 if len(used) <= 16 else 5)
-        mag = rng.choice([1, 127, 2**15, 2**31 - 1])
-        x = torch.randint(-mag, mag, (rows, in_f), generator=g, dtype=torch.int64).to(torch.int32)
-        bias = torch.randint(-mag, mag, (out_f,), generator=g, dtype=torch.int64).to(torch.int32) \
-            if rng.random() < 0.5 else None
-        expected = _scode_reference(x, scode, bias)
-        for isa in paths:
-            assert build.set_isa(isa) == isa
-            try:
-                got = native.gemv_lut(x, tiles, values, bits, out_f, bias)
-            finally:
-                build.set_isa("auto")
-            assert torch.equal(got, expected), (isa, out_f, in_f, rows, distinct, (got != expected).sum())
-        done += 1
+        rows = rng.choice([1, 2, 3, 4, 5, 8, 9, 33])
+        max_field = rng.choice([None, 0, 3, 7, 15, 20])  # distinct amounts per sign
+        codes = _random_codes(rng, out_f * in_f, bits, max_field)
+        has_zero, shift_lo = rng.random() < 0.5, rng.choice([-15, -4, 0, 3, 29])
+        x = _rand_int(rng, (rows, in_f), rng.choice([1, 127, 2**15, 2**31 - 1]), torch.int32)
+        bias = _rand_int(rng, (out_f,), 2**20, torch.int32) if rng.random() < 0.5 else None
+        args = (x, codes, [out_f, in_f], bits, has_zero, shift_lo, bias)
+        build.set_isa("avx512")
+        try:
+            lut = linear._lut(native, codes, [out_f, in_f], bits, has_zero, shift_lo)
+            layouts.add(None if lut is None else lut[2])
+            got = torch.ops.deepshift.shift_linear(*args)
+        finally:
+            build.set_isa("auto")
+        expected = ops.shift_linear_reference(*args)
+        assert torch.equal(got, expected), f"case {chunk}/{i}: {args[2:6]} x {tuple(x.shape)}"
+    assert layouts == {None, 4, 5}  # both index widths and the fallback were exercised
 
 
 @pytest.mark.parametrize("bits", range(2, 9))
@@ -329,7 +315,7 @@ def test_frozen_ops_dispatch_to_native(native, monkeypatch):
     x = torch.randn(1, 2, 5, 5)
     conv(x)
     # Eager frozen layers take the fused native forward; the op itself dispatches to the native conv.
-    small_batch = "gemv_lut" if native.current_isa() == linear.ISA_AVX512 else "gemv"
+    small_batch = "gemv_lut" if build.current_isa() == "avx512" else "gemv"
     assert small_batch in calls and "conv_fused" in calls and "conv" not in calls
     layer = conv[0]
     q = torch.ops.deepshift.quantize_input(x, list(layer.act_bits), layer.act_rounding, torch.int32)

@@ -142,7 +142,11 @@ ISAS = ("avx512", "avx2", "portable")
 """The kernels' instruction-set paths, best first ("avx512": AVX-512 F/BW/VL)."""
 
 
-_ISA_NAMES = {2: "avx512", 1: "avx2", 0: "portable"}
+ISA_CODES = {"avx512": 2, "avx2": 1, "portable": 0}
+"""Each path's code in the extension (``set_isa``, ``current_isa``)."""
+
+
+_ISA_NAMES = {code: name for name, code in ISA_CODES.items()}
 
 
 def current_isa() -> str:
@@ -158,6 +162,6 @@ def set_isa(isa: str) -> str:
     ext = load_extension()
     if ext is None:
         return "reference"
-    code = {"auto": -1, "portable": 0, "avx2": 1, "avx512": 2}[isa]
+    code = -1 if isa == "auto" else ISA_CODES[isa]
     clear_cache()  # prepared forwards and layouts were chosen for the previous path
     return _ISA_NAMES[ext.set_isa(code)]

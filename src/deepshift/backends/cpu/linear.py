@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from deepshift.backends.cpu.build import load_extension
+from deepshift.backends.cpu.build import ISA_CODES, load_extension
 from deepshift.backends.cpu.cache import _cached, fused_forward
 from deepshift.backends.cpu.conv import (
     _LANE_DTYPES,
@@ -19,10 +19,6 @@ from deepshift.backends.cpu.conv import (
 )
 from deepshift.frozen.spec import FrozenSpec
 from deepshift.ops import reference as ref
-
-ISA_AVX512 = 2
-"""``current_isa()``'s code for the AVX-512 path."""
-
 
 GEMV_MAX_ROWS = 4
 """Without the table-lookup kernel, Linear inputs with at most this many rows use the small-batch
@@ -73,7 +69,7 @@ def _gemv_lut(ext, codes, weight_shape, weight_bits, has_zero, shift_lo):
 def _lut(ext, codes, weight_shape, weight_bits, has_zero, shift_lo):
     """The table-lookup kernel's layout where this call can take it (AVX-512 in use, at most 32
     distinct weights), else None."""
-    if ext.current_isa() != ISA_AVX512:
+    if ext.current_isa() != ISA_CODES["avx512"]:
         return None
     return _gemv_lut(ext, codes, weight_shape, weight_bits, has_zero, shift_lo)
 

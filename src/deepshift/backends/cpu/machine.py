@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from deepshift.backends.cpu import build
+
 
 def cpu_model() -> str:
     """The CPU's model name from ``/proc/cpuinfo`` (``"unknown CPU"`` where that is not readable)."""
@@ -21,7 +23,5 @@ def cpu_model() -> str:
 
 def describe() -> str:
     """One line for a benchmark header: CPU model, the kernels' ISA path, torch version and threads."""
-    from deepshift.backends.cpu import build
-
     isa = build.current_isa() if build.native_available() else "reference (native kernels off)"
     return f"{cpu_model()}, ISA path {isa}, torch {torch.__version__}, {torch.get_num_threads()} threads"

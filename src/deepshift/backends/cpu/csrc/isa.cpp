@@ -22,21 +22,15 @@ int best_isa() {
 }
 }  // namespace
 
-bool use_avx2() {
-  if (g_isa < 0) g_isa = best_isa();
-  return g_isa >= 1;
-}
-
-bool use_avx512() {
-  if (g_isa < 0) g_isa = best_isa();
-  return g_isa == 2;
-}
-
 // The path in use (2, 1 or 0), for the Python side's choice between kernels with different layouts.
 int64_t current_isa() {
   if (g_isa < 0) g_isa = best_isa();
   return g_isa;
 }
+
+bool use_avx2() { return current_isa() >= 1; }
+
+bool use_avx512() { return current_isa() == 2; }
 
 // Force the instruction set (tests): 2 = AVX-512, 1 = AVX2, 0 = portable, -1 = auto. A path the CPU
 // lacks falls back to the best one below it; returns the path taken.

@@ -15,44 +15,28 @@
 
 namespace deepshift_cpu {
 
-namespace {
-
-// Distinct weights and per-weight indices of a layer: weight (o, k)'s scode (0 = zero, else
-// sign * (amount + 1), see decode) -> index into values. Amounts >= 32 contribute 0 mod 2**32 and
-// are the zero weight.
-struct LutCodes {
-  std::vector<int32_t> values;  // values[i] = scode of table entry i; values[0] = 0
-  int8_t index[256];            // by scode + 128
-};
-
-inline int8_t canonical(int8_t v) {
-  if (v == 0) return 0;
-  const int a = (v < 0 ? -v : v) - 1;
-  return a < 32 ? v : 0;
-}
-
-}  // namespace
-
 // The kernel's layout of scode (O, K) int8: (tiles int32 [ceil(O / B)][K][16], values int32 [16 or
 // 32], bits 4 or 5); empty tensors and bits 0 where the layer has more than 32 distinct weights.
 std::tuple<torch::Tensor, torch::Tensor, int64_t> lut_layout(const torch::Tensor& scode) {
   TORCH_CHECK(scode.dim() == 2 && scode.dtype() == torch::kInt8 && scode.is_contiguous(), "bad scode");
   const int64_t O = scode.size(0), K = scode.size(1);
   const int8_t* s = scode.data_ptr<int8_t>();
+  // Distinct weights (index 0: the zero weight) and each scode's index. scode comes from decode
+  // with width 32: an amount that int32 lanes shift out entirely is already the zero weight.
   bool seen[256] = {};
-  seen[128] = true;
-  for (int64_t i = 0; i < O * K; ++i) seen[canonical(s[i]) + 128] = true;
-  LutCodes lc;
-  lc.values.push_back(0);
+  for (int64_t i = 0; i < O * K; ++i) seen[s[i] + 128] = true;
+  std::vector<int32_t> distinct{0};
+  uint8_t index[256] = {};
   for (int v = -128; v < 128; ++v)
-    if (v != 0 && seen[v + 128]) lc.values.push_back(v);
-  const int64_t n = static_cast<int64_t>(lc.values.size());
+    if (v != 0 && seen[v + 128]) {
+      index[v + 128] = static_cast<uint8_t>(distinct.size());  // <= 255
+      distinct.push_back(v);
+    }
+  const int64_t n = static_cast<int64_t>(distinct.size());
   if (n > 32) return {torch::Tensor(), torch::Tensor(), 0};
   const int bits = n <= 16 ? 4 : 5, T = 1 << bits, P = bits == 4 ? 8 : 6, B = 16 * P;
-  for (int i = 0; i < 256; ++i) lc.index[i] = 0;
-  for (int64_t i = 0; i < n; ++i) lc.index[lc.values[i] + 128] = static_cast<int8_t>(i);
   auto values = torch::zeros({T}, torch::kInt32);
-  for (int64_t i = 0; i < n; ++i) values.data_ptr<int32_t>()[i] = lc.values[i];
+  std::copy(distinct.begin(), distinct.end(), values.data_ptr<int32_t>());
   const int64_t NB = (O + B - 1) / B;
   auto tiles = torch::zeros({NB, K, 16}, torch::kInt32);
   uint32_t* t = reinterpret_cast<uint32_t*>(tiles.data_ptr<int32_t>());
@@ -65,7 +49,7 @@ std::tuple<torch::Tensor, torch::Tensor, int64_t> lut_layout(const torch::Tensor
           const int8_t* row = s + o * K;
           uint32_t* dst = t + b * K * 16 + l;
           for (int64_t k = 0; k < K; ++k)
-            dst[k * 16] |= static_cast<uint32_t>(lc.index[canonical(row[k]) + 128]) << (bits * p);
+            dst[k * 16] |= static_cast<uint32_t>(index[row[k] + 128]) << (bits * p);
         }
   });
   return {tiles, values, bits};
@@ -77,32 +61,6 @@ namespace {
 inline void entry(int32_t v, uint32_t* amount, bool* negative) {
   *amount = v == 0 ? 32u : static_cast<uint32_t>((v < 0 ? -v : v) - 1);
   *negative = v < 0;
-}
-
-// Portable path (and the reference for the layout): the same table, scalar.
-void lut_portable(const uint32_t* x, int64_t M, int64_t K, const uint32_t* tiles, const int32_t* values, int bits,
-                  int64_t O, const uint32_t* bias, uint32_t* y) {
-  const int P = bits == 4 ? 8 : 6, B = 16 * P;
-  const uint32_t mask = (1u << bits) - 1;
-  const int64_t NB = (O + B - 1) / B;
-  at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b)
-      for (int64_t m = 0; m < M; ++m)
-        for (int p = 0; p < P; ++p)
-          for (int l = 0; l < 16; ++l) {
-            const int64_t o = b * B + p * 16 + l;
-            if (o >= O) continue;
-            uint32_t acc = bias ? bias[o] : 0u;
-            for (int64_t k = 0; k < K; ++k) {
-              uint32_t a;
-              bool neg;
-              entry(values[(tiles[(b * K + k) * 16 + l] >> (bits * p)) & mask], &a, &neg);
-              const uint32_t term = a < 32 ? x[m * K + k] << a : 0u;
-              acc += neg ? 0u - term : term;
-            }
-            y[m * O + o] = acc;
-          }
-  });
 }
 
 #ifdef DS_X86
@@ -199,6 +157,7 @@ using LutBlockFn = void (*)(const uint32_t*, int64_t, const uint32_t*, int64_t, 
 constexpr int kRows = 2;
 
 LutBlockFn lut_block_fn(int bits, int mb) {
+  static_assert(kRows == 2, "one instance per row count");
   if (bits == 4) return mb == 1 ? &lut_block<4, 1> : &lut_block<4, 2>;
   return mb == 1 ? &lut_block<5, 1> : &lut_block<5, 2>;
 }
@@ -217,11 +176,12 @@ int64_t l2_bytes() {
 }  // namespace
 
 // y (M, O) int32 = x (M, K) int32 times the weights of lut_layout's (tiles, values, bits), plus bias
-// (O,) int32 if given, mod 2**32. AVX-512 when the ISA choice allows it, else the portable loop.
+// (O,) int32 if given, mod 2**32. AVX-512 only: the Python side calls it where current_isa() is 2.
 torch::Tensor gemv_lut(const torch::Tensor& x, const torch::Tensor& tiles, const torch::Tensor& values, int64_t bits,
                        int64_t O, const c10::optional<torch::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && x.dtype() == torch::kInt32 && x.is_contiguous(), "bad x");
   TORCH_CHECK(bits == 4 || bits == 5, "bad bits");
+  TORCH_CHECK(use_avx512(), "gemv_lut needs the AVX-512 path");
   const int64_t M = x.size(0), K = x.size(1), T = int64_t(1) << bits, B = 16 * (bits == 4 ? 8 : 6);
   const int64_t NB = (O + B - 1) / B;
   TORCH_CHECK(tiles.dtype() == torch::kInt32 && tiles.is_contiguous() && tiles.numel() == NB * K * 16, "bad tiles");
@@ -237,7 +197,7 @@ torch::Tensor gemv_lut(const torch::Tensor& x, const torch::Tensor& tiles, const
   uint32_t* yp = reinterpret_cast<uint32_t*>(y.data_ptr<int32_t>());
   const int32_t* vp = values.data_ptr<int32_t>();
 #ifdef DS_X86
-  if (use_avx512()) {
+  {
     // Work in chunks of rows and columns whose tables fit half of L2, built by each thread for
     // itself (a few percent of the work): memory sees each index tile once per row chunk, and a
     // block's tiles of one column chunk stay in L1 across the passes over the rows.
@@ -245,6 +205,7 @@ torch::Tensor gemv_lut(const torch::Tensor& x, const torch::Tensor& tiles, const
     const int64_t mc = std::clamp<int64_t>(half_l2 / 64, 1, M);
     const int64_t kc = std::clamp<int64_t>(half_l2 / mc, 16, 1024);
     const int64_t grain = std::max<int64_t>(1, static_cast<int64_t>(kSerialWork / std::max<int64_t>(1, K * M * 8)));
+    const LutBlockFn pass = lut_block_fn(static_cast<int>(bits), kRows), last = lut_block_fn(static_cast<int>(bits), 1);
     at::parallel_for(0, NB, grain, [&](int64_t b0, int64_t b1) {
       // 64-byte aligned, kept per thread (a fresh allocation of this size is a fresh mapping whose
       // page faults cost more than a small call).
@@ -258,18 +219,13 @@ torch::Tensor gemv_lut(const torch::Tensor& x, const torch::Tensor& tiles, const
           const int64_t k1 = std::min(K, k0 + kc), rs = (k1 - k0) * T;
           lut_tables(xp + r0 * K, K, rows, k0, k1, vp, static_cast<int>(T), tbl);
           for (int64_t b = b0; b < b1; ++b)
-            for (int64_t m = 0; m < rows; m += kRows) {
-              const int mb = static_cast<int>(std::min<int64_t>(kRows, rows - m));
-              lut_block_fn(static_cast<int>(bits), mb)(tp, K, tbl + m * rs, rs, b, k0, k1, O, bp,
-                                                       yp + (r0 + m) * O);
-            }
+            for (int64_t m = 0; m < rows; m += kRows)
+              (rows - m >= kRows ? pass : last)(tp, K, tbl + m * rs, rs, b, k0, k1, O, bp, yp + (r0 + m) * O);
         }
       }
     });
-    return y;
   }
 #endif
-  lut_portable(xp, M, K, tp, vp, static_cast<int>(bits), O, bp, yp);
   return y;
 }
 
