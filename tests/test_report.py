@@ -73,9 +73,10 @@ def test_report_json_is_stable_and_the_plot_is_written(tmp_path):
     model = deepshift.convert_(build_model("mnist-fc"), deepshift.PSConfig(weight_bits=3))
     r = savings_report(model, (1, 28, 28))
     data = json.loads(r.to_json())
-    assert data["version"] == 1
+    assert data["version"] == 2
     assert set(data) == {
         "layers", "shift_macs", "float_macs_outside", "float_mults_outside", "float_adds_outside",
+        "attention_mults",
         "other_float_params", "float32_weight_bytes", "packed_weight_bytes", "energy_float_pj",
         "energy_shift_pj", "energy_memory_float_pj", "energy_memory_shift_pj", "input_shape",
         "energy_table", "energy_source", "version",

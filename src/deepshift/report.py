@@ -16,15 +16,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from deepshift.frozen.attention import ShiftMultiheadAttention
 from deepshift.frozen.float_layers import ExactGlobalAvgPool, FrozenBatchNorm
 from deepshift.frozen.freeze import frozen_copy
 from deepshift.frozen.layers import _FrozenShift, is_frozen_layer
+from deepshift.models.transformer import SelfAttention
 from deepshift.ops.codes import decode_codes
 
 _BATCHNORM = (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm)
 _AVG_POOL = (nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd, ExactGlobalAvgPool)
 
-REPORT_VERSION = 1
+REPORT_VERSION = 2  # 2: attention_mults
 
 # Energy per operation in picojoules, 45 nm, 0.9 V. Source: M. Horowitz, "Computing's energy
 # problem (and what we can do about it)", ISSCC 2014, Figure 1.1.9 (the same table the DeepShift
@@ -73,6 +75,7 @@ class Report:
     float_macs_outside: int
     float_mults_outside: int
     float_adds_outside: int
+    attention_mults: int
     other_float_params: int
     float32_weight_bytes: int
     packed_weight_bytes: int
@@ -115,6 +118,7 @@ class Report:
             f"  multiply-accumulates replaced by shift-adds: {self.shift_macs:,}",
             f"  float work left outside shift layers: {self.float_macs_outside:,} MACs, "
             f"{self.float_mults_outside:,} multiplies, {self.float_adds_outside:,} adds",
+            f"  attention (activation x activation, float): {self.attention_mults:,} multiply-accumulates",
             f"  shift-layer weights: {self.float32_weight_bytes:,} B as float32 -> "
             f"{self.packed_weight_bytes:,} B packed ({ratio:.2f}x smaller); "
             f"{self.other_float_params:,} other float parameters",
@@ -153,8 +157,20 @@ def _type_name(module: _FrozenShift) -> str:
 
 
 @torch.no_grad()
+def _attention_shapes(module: nn.Module, args: tuple) -> tuple[int, int, int] | None:
+    """(queries, keys, width) per sample of an attention module's call, None for other modules."""
+    if isinstance(module, (nn.MultiheadAttention, ShiftMultiheadAttention)):
+        q, k = args[0], args[1]
+        seq = 1 if module.batch_first and q.dim() == 3 else 0
+        return q.shape[seq], k.shape[seq], module.embed_dim
+    if isinstance(module, SelfAttention):
+        return args[0].shape[1], args[0].shape[1], args[0].shape[2]
+    return None
+
+
 def savings_report(
-    model: nn.Module, input_shape: tuple[int, ...], energy_table: dict[str, float] | None = None
+    model: nn.Module, input_shape: tuple[int, ...], energy_table: dict[str, float] | None = None,
+    input_dtype: torch.dtype | None = None,
 ) -> Report:
     """Count what ``model`` saves per input sample of shape ``input_shape``, as deployed: frozen
     (a converted model is reported as its frozen copy, see :func:`deepshift.frozen.freeze.frozen_copy`).
@@ -164,7 +180,12 @@ def savings_report(
     BatchNorm (one multiply and one add per element, as at inference), unconverted
     Linear/Conv layers (their MACs), average pooling (one multiply per output). Shift layers'
     fixed-point input rounding and output rescaling are power-of-two scalings (exponent adds),
-    not counted as multiplies.
+    not counted as multiplies. Attention's products of activations (queries x keys, weights x
+    values: ``2 * queries * keys * width`` per sample, masked positions included) stay float
+    multiply-accumulates: ``attention_mults``, in the energy as fp32 MACs; a float
+    ``nn.MultiheadAttention``'s projections count as float MACs.
+    ``input_dtype``: the dtype of the zero input (``torch.int64`` for token models; default the
+    model's float dtype).
 
     Example:
         >>> import torch, deepshift
@@ -180,6 +201,7 @@ def savings_report(
     modes = {m: m.training for m in model.modules()}  # restored below
     model.eval()
     shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    attention: list[tuple[nn.Module, tuple[int, int, int]]] = []
     hooks = []
     for name, module in model.named_modules():
         if is_frozen_layer(module) or isinstance(module, (nn.Linear, nn.modules.conv._ConvNd, *_BATCHNORM,
@@ -187,13 +209,16 @@ def savings_report(
             def hook(mod, args, out, name=name):
                 shapes[name] = (tuple(args[0].shape), tuple(out.shape))
             hooks.append(module.register_forward_hook(hook))
+        elif isinstance(module, (nn.MultiheadAttention, ShiftMultiheadAttention, SelfAttention)):
+            hooks.append(module.register_forward_hook(
+                lambda mod, args, out: attention.append((mod, _attention_shapes(mod, args)))))
     try:
         param = next(model.parameters(), None)
         buf = next(model.buffers(), None)
         ref = param if param is not None else buf
         dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
         device = ref.device if ref is not None else torch.device("cpu")
-        model(torch.zeros((1, *input_shape), dtype=dtype, device=device))
+        model(torch.zeros((1, *input_shape), dtype=input_dtype or dtype, device=device))
     finally:
         for h in hooks:
             h.remove()
@@ -244,6 +269,11 @@ def savings_report(
             n_out = math.prod(out_shape[1:])
             float_mults += n_out
             float_adds += max(0, math.prod(in_shape[1:]) - n_out)
+    attention_mults = 0
+    for module, (queries, keys, width) in attention:
+        attention_mults += 2 * queries * keys * width
+        if isinstance(module, nn.MultiheadAttention):  # float projections, called functionally
+            float_macs += width * (2 * queries * width + keys * (module.kdim + module.vdim))
     other_params = sum(p.numel() for p in model.parameters())
     # A frozen BatchNorm holds its affine weight and bias as buffers; they are still float values.
     other_params += sum(t.numel() for m in model.modules() if isinstance(m, FrozenBatchNorm)
@@ -252,12 +282,14 @@ def savings_report(
     fp32_bytes = sum(layer.float32_bytes for layer in layers)
     packed = sum(layer.packed_bytes for layer in layers)
     fp_mac = table["fp32_mult"] + table["fp32_add"]
-    outside = (float_macs * fp_mac + float_mults * table["fp32_mult"] + float_adds * table["fp32_add"])
+    outside = ((float_macs + attention_mults) * fp_mac + float_mults * table["fp32_mult"]
+               + float_adds * table["fp32_add"])
     energy_float = shift_macs * fp_mac + outside
     energy_shift = shift_macs * (table["shift"] + table["int32_add"]) + outside
     return Report(
         layers=layers, shift_macs=int(shift_macs), float_macs_outside=int(float_macs),
         float_mults_outside=int(float_mults), float_adds_outside=int(float_adds),
+        attention_mults=int(attention_mults),
         other_float_params=int(other_params), float32_weight_bytes=fp32_bytes,
         packed_weight_bytes=packed, energy_float_pj=float(energy_float),
         energy_shift_pj=float(energy_shift),

@@ -189,11 +189,11 @@ def test_strict_counts_what_filter_fn_and_depth_leave_out():
     assert not deepshift.shift_tensors(net)
 
 
-def test_freeze_and_exporters_refuse_attention_and_recurrent_weights(tmp_path):
+def test_freeze_and_exporters_refuse_recurrent_weights(tmp_path):
     net = nn.Sequential(nn.Linear(6, 6), nn.GRU(6, 4))
     deepshift.convert_(net, PSConfig(weight_bits=5))
     before = copy.deepcopy(net.state_dict())
-    message = r"cannot freeze converted attention or recurrent weights \(1\.weight_ih_l0, 1\.weight_hh_l0\)"
+    message = r"cannot freeze converted recurrent weights \(1\.weight_ih_l0, 1\.weight_hh_l0\)"
     with pytest.raises(ValueError, match=message):
         deepshift.freeze_(net)
     with pytest.raises(ValueError, match=message):

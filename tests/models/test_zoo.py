@@ -22,6 +22,7 @@ CASES = [
     ("vgg16", (2, 3, 32, 32), {}),
     ("imagenet-resnet18", (2, 3, 32, 32), {"num_classes": 5}),
     ("imagenet-resnet50", (2, 3, 32, 32), {"num_classes": 5}),
+    ("vit", (2, 1, 28, 28), {}),
 ]
 
 

@@ -27,7 +27,7 @@ from deepshift.core.convert import convert_, shift_layers
 from deepshift.formats.packed import _MAX_HEADER, PackedFormatError, load_packed, save_packed
 from deepshift.frozen.freeze import frozen_copy
 from deepshift.frozen.layers import is_frozen_layer
-from deepshift.models import input_shape
+from deepshift.models import LANGUAGE_MODELS, input_shape
 
 
 class DeployError(ValueError):
@@ -95,6 +95,11 @@ def load_source(source: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
                           "config": cfg, "zoo_spec": spec}
 
 
+def _input_dtype(info: dict[str, Any]) -> torch.dtype:
+    """int64 tokens for a language model, float32 images otherwise."""
+    return torch.int64 if info.get("model") in LANGUAGE_MODELS else torch.float32
+
+
 def _require_shift_layers(model: nn.Module, source) -> None:
     if not shift_layers(model) and not any(is_frozen_layer(m) for m in model.modules()):
         raise DeployError(f"{source} has no shift layers (a float run): train with --method q or ps")
@@ -120,7 +125,7 @@ def export(source: str | os.PathLike, fmt: str, output: str | os.PathLike,
             raise DeployError("cannot tell the model's input shape: pass --input-shape")
         from deepshift.formats.onnx import export_onnx
 
-        export_onnx(frozen, torch.zeros((1, *shape)), output, mode=onnx_mode)
+        export_onnx(frozen, torch.zeros((1, *shape), dtype=_input_dtype(info)), output, mode=onnx_mode)
         return {"path": str(output), "bytes": Path(output).stat().st_size, "input_shape": list(shape)}
 
 
@@ -133,7 +138,7 @@ def report(source: str | os.PathLike, input_shape: tuple[int, ...] | None = None
     shape = input_shape or info["input_shape"]
     if shape is None:
         raise DeployError("cannot tell the model's input shape: pass --input-shape")
-    return savings_report(model, tuple(shape))
+    return savings_report(model, tuple(shape), input_dtype=_input_dtype(info))
 
 
 
@@ -322,6 +327,44 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def generate(source: str | os.PathLike, prompt: str, tokens: int, temperature: float = 0.8,
+             top_k: int | None = None, seed: int = 0, frozen: bool = False) -> dict[str, Any]:
+    """Sample ``tokens`` bytes from a language model after ``prompt``; returns the text and speed.
+
+    ``source`` is a run folder, checkpoint (float or converted) or packed file (frozen);
+    ``frozen`` freezes a converted checkpoint first (what a packed export would run).
+    """
+    model, info = load_source(source)
+    if info["model"] not in LANGUAGE_MODELS:
+        raise DeployError(f"{source} holds {info['model'] or 'an unknown model'}, not a language model "
+                          f"({', '.join(LANGUAGE_MODELS)})")
+    if tokens < 1 or temperature < 0 or (top_k is not None and top_k < 1):
+        raise DeployError("--tokens and --top-k must be >= 1 and --temperature >= 0")
+    if not prompt:
+        raise DeployError("--prompt must not be empty")
+    if frozen:
+        _require_shift_layers(model, source)
+        model = frozen_copy(model).eval()
+    kind = ("frozen" if any(is_frozen_layer(m) for m in model.modules())
+            else "converted" if shift_layers(model) else "float")
+    ids = torch.tensor(list(prompt.encode("utf-8")), dtype=torch.int64)
+    generator = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    out = model.generate(ids, tokens, temperature=temperature, top_k=top_k, generator=generator)
+    seconds = time.perf_counter() - start
+    return {"text": bytes(out.tolist()).decode("utf-8", errors="replace"), "tokens": tokens,
+            "seconds": seconds, "tokens_per_second": tokens / seconds, "kind": kind}
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    info = generate(args.source, args.prompt, args.tokens, args.temperature, args.top_k, args.seed,
+                    args.frozen)
+    print(info["text"])
+    print(f"-- {info['tokens']} tokens in {info['seconds']:.2f} s: {info['tokens_per_second']:.1f} tokens/s "
+          f"({info['kind']} model, batch 1, {torch.get_num_threads()} threads)", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``deepshift`` console script; returns the exit status."""
     from deepshift.cli.commands import DeployError
@@ -335,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     handler = {"train": _cmd_train, "eval": _cmd_eval, "compare": _cmd_compare, "export": _cmd_export,
-               "report": _cmd_report, "calibrate": _cmd_calibrate}[args.command]
+               "report": _cmd_report, "calibrate": _cmd_calibrate, "generate": _cmd_generate}[args.command]
     try:
         return handler(args)
     except (TrainError, DataError, UnknownModelError, DeployError, PackedFormatError) as exc:

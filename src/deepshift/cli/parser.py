@@ -213,3 +213,21 @@ def _add_deploy_commands(sub) -> None:
     r.add_argument("--plot", metavar="PNG", help="also draw the histogram of shift values per layer")
     r.add_argument("--input-shape", type=int, nargs="+", metavar="D", help=shape_help)
     r.set_defaults(command="report")
+
+    g = sub.add_parser("generate", help="sample text from a trained language model (char-transformer)",
+                       description="SOURCE is a run folder (its best.pt), a checkpoint (float or converted) "
+                       "or a packed file. Prints the prompt and its continuation, then the speed.",
+                       epilog="examples:\n"
+                       "  deepshift generate runs/lm-ps --prompt 'The ' --tokens 200\n"
+                       "  deepshift generate runs/lm-ps --frozen --prompt 'The ' --tokens 200",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    g.add_argument("source", metavar="SOURCE")
+    g.add_argument("--prompt", required=True, help="text to continue (UTF-8; the model reads bytes)")
+    g.add_argument("--tokens", type=int, default=200, help="bytes to generate (default 200)")
+    g.add_argument("--temperature", type=float, default=0.8,
+                   help="0 picks the most likely byte (default 0.8)")
+    g.add_argument("--top-k", type=int, default=None, help="sample among the k most likely bytes only")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--frozen", action="store_true",
+                   help="freeze a converted checkpoint first (integer layers, as a packed file runs)")
+    g.set_defaults(command="generate")

@@ -192,7 +192,7 @@ def export_onnx(
 
     The file is checked with ``onnx.checker`` and written atomically. ``example_input`` fixes
     the input shape (the batch dimension stays dynamic when ``dynamic_batch``) and the dtype of
-    the whole graph.
+    the whole graph (integer token ids for a language model: the graph then stays float32).
 
     Exactness: every shift layer of the graph computes exactly what the frozen layer computes,
     and the float layers :func:`deepshift.freeze_` leaves between them are in forms whose float32
@@ -200,7 +200,8 @@ def export_onnx(
     equals the frozen torch model's bit for bit (tested on the MNIST models and CIFAR ResNet-20).
     Not covered: transposed convolutions (a float32 ConvTranspose, equal up to float32
     rounding) and float operations a model calls functionally in its ``forward``
-    (``F.batch_norm``, ``x.mean()``), which ``freeze_`` cannot reach; there a last-bit
+    (``F.batch_norm``, ``x.mean()``) or that have no runtime-independent form (LayerNorm,
+    softmax and GELU of transformers), which ``freeze_`` cannot reach; there a last-bit
     difference landing on a fixed-point rounding boundary moves one activation by ``2**-F``.
 
     Example:
@@ -216,9 +217,12 @@ def export_onnx(
         import onnx
     except ImportError as exc:  # optional extra
         raise ImportError("ONNX export needs the onnx package: pip install 'deepshift[onnx]'") from exc
-    if not example_input.is_floating_point():
-        raise TypeError(f"example_input must be a float tensor, got {example_input.dtype}")
-    graph_model = exportable(model, mode).to(example_input.dtype)
+    if example_input.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int64,
+                                   torch.int32):
+        raise TypeError(f"example_input must be a float tensor (or int64 tokens), got {example_input.dtype}")
+    graph_model = exportable(model, mode)
+    if example_input.is_floating_point():
+        graph_model = graph_model.to(example_input.dtype)
     path = os.fspath(path)
     dynamic_axes = {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
     with atomic_path(path) as tmp_path:

@@ -34,8 +34,9 @@ from torch import nn
 
 from deepshift.core.replace import replace_modules
 from deepshift.files import atomic_path
+from deepshift.frozen.attention import ShiftMultiheadAttention
 from deepshift.frozen.float_layers import freeze_float_layers_
-from deepshift.frozen.freeze import frozen_copy
+from deepshift.frozen.freeze import frozen_copy, without_attention_fast_path
 from deepshift.frozen.layers import _FrozenShift, frozen_from_spec, is_frozen_layer
 from deepshift.frozen.spec import FrozenSpec
 from deepshift.ops.codes import packed_numel
@@ -277,6 +278,21 @@ def _matches(module: nn.Module, layer: _FrozenShift) -> bool:
         tuple(weight.shape) == layer.weight_shape)
 
 
+def _split_attention(model: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """The skeleton with each ``nn.MultiheadAttention`` that the file holds in split form (its
+    tensors under ``<name>.q_proj.``) replaced by a float :class:`ShiftMultiheadAttention`."""
+    split = {}
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        held = any(k.startswith(prefix + "q_proj.") for k in tensors)
+        if isinstance(module, nn.MultiheadAttention) and held:
+            try:
+                split[id(module)] = ShiftMultiheadAttention.from_float(module)
+            except ValueError as e:
+                raise _fail(f"attention {name!r}: {e}") from e
+    return replace_modules(model, lambda m: split.get(id(m))) if split else model
+
+
 def load_packed(path: str | os.PathLike | bytes, model: nn.Module | None = None) -> nn.Module:
     """Load a packed file (a path, or the file's contents as bytes) into a frozen inference model.
 
@@ -305,6 +321,7 @@ def load_packed(path: str | os.PathLike | bytes, model: nn.Module | None = None)
         raise _fail(f"inconsistent packed file: {type(e).__name__}: {e}") from e
     if model is None:
         model = _build_zoo_model(meta.get("zoo"))
+    model = _split_attention(model, tensors)
     by_module: dict[int, nn.Module] = {}  # a layer the file lists under two names is one module
     for name, layer in layers.items():
         try:
@@ -326,4 +343,4 @@ def load_packed(path: str | os.PathLike | bytes, model: nn.Module | None = None)
         except ValueError as e:
             raise _fail(f"layer {name!r}: {e}") from e
     # The same float-layer forms freeze_ gives (state-dict compatible, so the file need not say).
-    return freeze_float_layers_(model).eval()
+    return without_attention_fast_path(freeze_float_layers_(model)).eval()

@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from deepshift.core.config import PSConfig
-from deepshift.core.convert import shift_and_sign, shift_layers, shift_tensors
+from deepshift.core.convert import is_shift_layer, shift_and_sign, shift_layers, shift_tensors
 from deepshift.core.quantize import to_fixed_point_int
 from deepshift.core.replace import replace_modules
+from deepshift.frozen.attention import ShiftMultiheadAttention, check_supported
 from deepshift.frozen.float_layers import freeze_float_layers_
 from deepshift.frozen.layers import ShiftConvNd, ShiftLinear, _FrozenShift, choose_accumulator
 from deepshift.frozen.spec import FrozenSpec
@@ -31,10 +32,28 @@ def freeze_layer(module: nn.Module, act_bits: tuple[int, int] | None = None) -> 
 
     The layer's own ``act_bits`` win; otherwise ``act_bits`` (default :data:`DEFAULT_ACT_BITS`).
     """
+    if isinstance(module, nn.Linear):
+        return _freeze_weight(module, "weight", module.bias, act_bits, lambda common: ShiftLinear(
+            FrozenSpec(kind="linear", **common)))
+    if isinstance(module, nn.modules.conv._ConvNd):
+        padding = module.padding
+        return _freeze_weight(module, "weight", module.bias, act_bits, lambda common: ShiftConvNd(FrozenSpec(
+            kind="conv", **common, transposed=bool(module.transposed), groups=module.groups,
+            stride=tuple(module.stride), padding=padding if isinstance(padding, str) else tuple(padding),
+            dilation=tuple(module.dilation), output_padding=tuple(module.output_padding),
+            padding_mode=module.padding_mode,
+        )))
+    raise TypeError(f"cannot freeze {type(module).__name__}")
+
+
+def _freeze_weight(module: nn.Module, tensor: str, bias: torch.Tensor | None,
+                   act_bits: tuple[int, int] | None, make, rows: slice | None = None) -> _FrozenShift:
+    """Frozen layer of shift weight ``module.<tensor>`` (its ``rows`` only, if given) and ``bias``;
+    ``make(fields)`` builds the layer from the spec fields common to every kind."""
     from deepshift.core.convert import layer_shift_range, shift_config
 
-    cfg = shift_config(module)
-    shift_range = layer_shift_range(module)
+    cfg = shift_config(module, tensor)
+    shift_range = layer_shift_range(module, tensor)
     if cfg.auto_range:
         # The frozen layer records its own window: the packed file and reports carry the offset.
         cfg = replace(cfg, max_shift=shift_range[1])
@@ -42,7 +61,9 @@ def freeze_layer(module: nn.Module, act_bits: tuple[int, int] | None = None) -> 
     bits = (int(bits[0]), int(bits[1]))
     # Validate the pair the same way configs do.
     type(cfg)(weight_bits=cfg.weight_bits, act_bits=bits)
-    shift, sign = shift_and_sign(module)
+    shift, sign = shift_and_sign(module, tensor)
+    if rows is not None:
+        shift, sign = shift[rows], sign[rows]
     has_zero = isinstance(cfg, PSConfig)
     used = shift[sign != 0]
     # Codes are relative to the lowest shift the layer actually uses: the integer accumulator
@@ -50,33 +71,49 @@ def freeze_layer(module: nn.Module, act_bits: tuple[int, int] | None = None) -> 
     shift_lo = int(used.min()) if used.numel() else shift_range[0]
     shift_hi = int(used.max()) if used.numel() else shift_lo
     codes = encode_codes(shift, sign, cfg.weight_bits, has_zero, shift_lo)
-    bias = module.bias  # the parametrized (already rounded, if trained with act_bits) bias
     weight_shape = list(shift.shape)
     terms = fan_in(weight_shape, getattr(module, "transposed", False), getattr(module, "groups", 1))
-    common = dict(
+    frozen = make(dict(
         weight_shape=tuple(weight_shape), weight_bits=cfg.weight_bits, has_zero=has_zero, shift_lo=shift_lo,
         shift_hi=shift_hi, act_bits=bits, act_rounding=cfg.act_rounding, method=cfg.method,
         accumulator=choose_accumulator(terms, bits, shift_lo, shift_hi, bias is not None),
         bias=bias is not None, config=cfg.to_dict(),
-    )
-    if isinstance(module, nn.Linear):
-        frozen: _FrozenShift = ShiftLinear(FrozenSpec(kind="linear", **common))
-    elif isinstance(module, nn.modules.conv._ConvNd):
-        padding = module.padding
-        frozen = ShiftConvNd(FrozenSpec(
-            kind="conv", **common, transposed=bool(module.transposed), groups=module.groups,
-            stride=tuple(module.stride), padding=padding if isinstance(padding, str) else tuple(padding),
-            dilation=tuple(module.dilation), output_padding=tuple(module.output_padding),
-            padding_mode=module.padding_mode,
-        ))
-    else:
-        raise TypeError(f"cannot freeze {type(module).__name__}")
+    ))
     device = shift.device
     frozen.codes = pack_codes(codes, cfg.weight_bits).to(device)
     if bias is not None:
+        # The parametrized (already rounded, if trained with act_bits) bias.
         bias_q = to_fixed_point_int(bias.detach().to(torch.float64), bits, cfg.act_rounding)
         frozen.bias_int = bias_q.to(torch.int32).to(device)
     return frozen.train(module.training)
+
+
+@torch.no_grad()
+def freeze_attention(mha: nn.MultiheadAttention, act_bits: tuple[int, int] | None = None,
+                     frozen: dict[int, _FrozenShift] | None = None) -> ShiftMultiheadAttention:
+    """The :class:`~deepshift.frozen.attention.ShiftMultiheadAttention` of a (partly) converted
+    ``nn.MultiheadAttention``: converted projections frozen, float ones kept as ``nn.Linear``.
+    ``frozen`` maps ``id(out_proj)`` to its frozen layer when :func:`freeze_` made it already."""
+    check_supported(mha)
+    split = ShiftMultiheadAttention.from_float(mha)
+    e = mha.embed_dim
+    names = ("q_proj", "k_proj", "v_proj")
+    for i, name in enumerate(names):
+        tensor, rows = (("in_proj_weight", slice(i * e, (i + 1) * e)) if mha._qkv_same_embed_dim
+                        else (f"{name}_weight", None))
+        if tensor in matmul_shift_tensors(mha):
+            bias = None if mha.in_proj_bias is None else mha.in_proj_bias[i * e:(i + 1) * e]
+            setattr(split, name, _freeze_weight(mha, tensor, bias, act_bits, lambda common: ShiftLinear(
+                FrozenSpec(kind="linear", **common)), rows))
+    if is_shift_layer(mha.out_proj):
+        done = (frozen or {}).get(id(mha.out_proj))
+        split.out_proj = done if done is not None else freeze_layer(mha.out_proj, act_bits)
+    return split
+
+
+def matmul_shift_tensors(module: nn.Module) -> set[str]:
+    """Names of ``module``'s own tensors that are shift weights."""
+    return {tensor for name, _, tensor, _ in shift_tensors(module) if name == ""}
 
 
 def freeze_(model: nn.Module, act_bits: tuple[int, int] | None = None,
@@ -117,24 +154,45 @@ def freeze_(model: nn.Module, act_bits: tuple[int, int] | None = None,
         act_bits = (int(act_bits[0]), int(act_bits[1]))
     _refuse_unfreezable(model)
     layers = shift_layers(model)
-    frozen = {id(module): freeze_layer(module, act_bits) for _, module, _ in layers}
+    frozen: dict[int, nn.Module] = {id(module): freeze_layer(module, act_bits) for _, module, _ in layers}
+    # A converted nn.MultiheadAttention (its in-projection or its out_proj) becomes one module
+    # with four projection layers: it reads out_proj.weight itself, so freezing out_proj alone
+    # would break it.
+    for module in model.modules():
+        if isinstance(module, nn.MultiheadAttention) and (
+                matmul_shift_tensors(module) or is_shift_layer(module.out_proj)):
+            frozen[id(module)] = freeze_attention(module, act_bits, frozen)
     if id(model) in frozen:
         return frozen[id(model)]
     if float_layers:
         model = freeze_float_layers_(model)
-    return replace_modules(model, lambda m: frozen.get(id(m)))
+    return without_attention_fast_path(replace_modules(model, lambda m: frozen.get(id(m))))
+
+
+def without_attention_fast_path(model: nn.Module) -> nn.Module:
+    """Turn off ``nn.TransformerEncoder``'s nested-tensor fast path where it holds a
+    :class:`ShiftMultiheadAttention` (that path reads packed float attention weights)."""
+    for module in model.modules():
+        if isinstance(module, nn.TransformerEncoder) and any(
+                isinstance(m, ShiftMultiheadAttention) for m in module.modules()):
+            module.use_nested_tensor = False
+    return model
 
 
 def _refuse_unfreezable(model: nn.Module) -> None:
     """ValueError, before anything changes, for shift weights the integer layers cannot hold."""
-    others = [f"{name}.{tensor}".lstrip(".")
-              for name, _, tensor, _ in shift_tensors(model) if tensor != "weight"]
+    others = [f"{name}.{tensor}".lstrip(".") for name, module, tensor, _ in shift_tensors(model)
+              if tensor != "weight" and not isinstance(module, nn.MultiheadAttention)]
     if others:
         listed = ", ".join(others[:6]) + (f", ... ({len(others) - 6} more)" if len(others) > 6 else "")
         raise ValueError(
-            f"freeze_ cannot freeze converted attention or recurrent weights ({listed}): the integer "
-            "layers cover Linear and convolutions. Evaluate the converted model as it is (its weights "
-            "are exact powers of two), or convert_ with a filter_fn that leaves these modules out.")
+            f"freeze_ cannot freeze converted recurrent weights ({listed}): the integer layers cover "
+            "Linear, convolutions and attention. Evaluate the converted model as it is (its weights are "
+            "exact powers of two), or convert_ with a filter_fn that leaves these modules out.")
+    for module in model.modules():
+        if isinstance(module, nn.MultiheadAttention) and (
+                matmul_shift_tensors(module) or is_shift_layer(module.out_proj)):
+            check_supported(module)
 
 
 def frozen_copy(model: nn.Module, act_bits: tuple[int, int] | None = None) -> nn.Module:

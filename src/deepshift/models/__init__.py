@@ -6,7 +6,9 @@ attribute ``zoo_spec = {"name": name, "kwargs": {...every argument...}}`` is eno
 
 Names: ``mnist-fc``, ``mnist-conv`` (the paper's MNIST models, 28x28 inputs), CIFAR
 ``resnet20/32/44/56/110``, ``resnet18`` (CIFAR variant), ``mobilenetv2``, ``vgg16``; ImageNet
-``imagenet-resnet18``, ``imagenet-resnet50``; and, when torchvision is installed, any
+``imagenet-resnet18``, ``imagenet-resnet50``; transformers (:mod:`deepshift.models.transformer`):
+``vit`` (28x28 images) and ``char-transformer`` (a byte-level language model); and, when
+torchvision is installed, any
 ``torchvision.models`` name as ``torchvision:<name>`` (e.g. ``torchvision:alexnet``).
 """
 
@@ -21,6 +23,7 @@ from deepshift.models.cifar import CifarMobileNetV2, CifarResNet, CifarResNet18,
 from deepshift.models.imagenet import resnet18 as _imagenet_resnet18
 from deepshift.models.imagenet import resnet50 as _imagenet_resnet50
 from deepshift.models.mnist import MnistConv, MnistFC
+from deepshift.models.transformer import CharTransformer, VisionTransformer
 
 
 class UnknownModelError(ValueError):
@@ -44,6 +47,8 @@ _REGISTRY: dict[str, tuple[Callable[..., nn.Module], int, int]] = {
     "vgg16": (CifarVGG16, 3, 10),
     "imagenet-resnet18": (_imagenet_resnet18, 3, 1000),
     "imagenet-resnet50": (_imagenet_resnet50, 3, 1000),
+    "vit": (VisionTransformer, 1, 10),
+    "char-transformer": (CharTransformer, 1, 256),
 }
 TORCHVISION_PREFIX = "torchvision:"
 
@@ -112,11 +117,31 @@ def input_shape(name: str, image_size: int = 224) -> tuple[int, ...]:
         >>> input_shape("mnist-conv"), input_shape("resnet20")
         ((1, 28, 28), (3, 32, 32))
     """
-    if name.startswith("mnist-"):
+    if name.startswith("mnist-") or name == "vit":
         return (1, 28, 28)
+    if name == "char-transformer":
+        return (128,)  # a window of byte tokens (int64), not an image
     if name.startswith(("imagenet-", TORCHVISION_PREFIX)):
         return (3, image_size, image_size)
     return (3, 32, 32)  # the CIFAR zoo
 
 
-__all__ = ["UnknownModelError", "build_model", "input_shape", "model_names"]
+def example_input(name: str, batch: int = 1, image_size: int = 224):
+    """A zero input batch for zoo model ``name``: float images, or int64 tokens for a language model.
+
+    Example:
+        >>> example_input("char-transformer").dtype, tuple(example_input("vit", 2).shape)
+        (torch.int64, (2, 1, 28, 28))
+    """
+    import torch
+
+    dtype = torch.int64 if name in LANGUAGE_MODELS else torch.float32
+    return torch.zeros((batch, *input_shape(name, image_size)), dtype=dtype)
+
+
+# Zoo models that read (batch, time) int64 tokens rather than images.
+LANGUAGE_MODELS = ("char-transformer",)
+
+
+__all__ = ["LANGUAGE_MODELS", "UnknownModelError", "build_model", "example_input", "input_shape",
+           "model_names"]

@@ -10,7 +10,7 @@ from torch import nn
 
 from deepshift.core.config import PSConfig, QConfig
 from deepshift.core.convert import convert_
-from deepshift.models import build_model
+from deepshift.models import LANGUAGE_MODELS, build_model
 from deepshift.training.data.datasets import DATASETS
 from deepshift.training.distributed import (
     BACKENDS,
@@ -49,6 +49,13 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
+# Byte-level language models (char-transformer, 0.9M parameters, context 128): Adam-style RAdam at
+# 1e-3 with cosine decay, 32 windows of 128 bytes per step.
+_TEXT_RECIPE = {"model": "char-transformer", "epochs": 8, "batch_size": 32, "optimizer": "radam",
+                "lr": 1e-3, "momentum": 0.0, "weight_decay": 0.0, "lr_schedule": "cosine"}
+RECIPES["fortunes"] = RECIPES["text"] = _TEXT_RECIPE
+
+
 # From a trained float model (--from). CIFAR: the paper's lr 1e-3, x0.1 every 5 epochs, 15 epochs.
 # MNIST-like data (no published recipe): a tenth of the float rate for 3 epochs, cosine decay.
 _MNIST_FROM_PRETRAINED = {"epochs": 3, "lr": 1e-4, "lr_schedule": "cosine"}
@@ -56,7 +63,8 @@ _MNIST_FROM_PRETRAINED = {"epochs": 3, "lr": 1e-4, "lr_schedule": "cosine"}
 
 RECIPES_FROM_PRETRAINED = {"cifar10": {"epochs": 15, "lr": 1e-3, "lr_schedule": "step", "lr_step": 5},
                            "digits": _MNIST_FROM_PRETRAINED, "mnist": _MNIST_FROM_PRETRAINED,
-                           "fashion-mnist": _MNIST_FROM_PRETRAINED}
+                           "fashion-mnist": _MNIST_FROM_PRETRAINED,
+                           "fortunes": _MNIST_FROM_PRETRAINED, "text": _MNIST_FROM_PRETRAINED}
 
 
 # DeepShift-PS from scratch: the paper's RAdam at lr 0.01 (SGD trains PS poorly). From a float
@@ -189,6 +197,11 @@ class TrainConfig:
                                   f"{', '.join(allowed)}")
 
         choice("method", METHODS)
+        text_data, text_model = self.data in ("fortunes", "text"), self.model in LANGUAGE_MODELS
+        if text_data != text_model:
+            raise ConfigError(
+                f"--model {self.model} does not fit --data {self.data}: the text datasets train the language "
+                f"models ({', '.join(LANGUAGE_MODELS)}) and those need a text dataset (fortunes, text)")
         choice("optimizer", OPTIMIZERS)
         choice("lr_schedule", SCHEDULES)
         choice("dist_backend", BACKENDS)

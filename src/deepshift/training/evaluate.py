@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from deepshift.core.convert import shift_parameters, shift_tensors
 from deepshift.training.checkpoint import CHECKPOINT_FORMAT, _load_into, load_checkpoint
@@ -43,6 +44,8 @@ def evaluate(model: nn.Module, loader: BatchLoader, device: torch.device | str =
              quiet: bool = True, desc: str = "eval", ctx: DistContext = SINGLE) -> dict[str, float]:
     """Top-1 / top-5 accuracy (percent) and mean cross-entropy of ``model`` on ``loader``.
 
+    For a language model (``(B, T, vocab)`` logits for ``(B, T)`` targets) every position counts as
+    one prediction, and the result also holds ``perplexity`` = exp(mean cross-entropy per token).
     The model is put in eval mode (deterministic rounding) and left there. In a distributed run
     (``ctx``), ``loader`` is this rank's disjoint slice
     (:func:`deepshift.training.distributed.shard_eval_loader`) and the counts are summed over ranks,
@@ -54,9 +57,10 @@ def evaluate(model: nn.Module, loader: BatchLoader, device: torch.device | str =
     device = torch.device(device)
     correct1 = correct5 = 0
     loss_sum, n = 0.0, 0
+    sequence = getattr(loader.dataset, "task", "classify") == "language"
     for x, y in tqdm(loader.epoch(0), total=len(loader), disable=quiet, desc=desc, leave=False):
         x, y = x.to(device), y.to(device)
-        logits = model(x)
+        logits, y = flat_predictions(model(x), y)
         loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices
@@ -68,8 +72,20 @@ def evaluate(model: nn.Module, loader: BatchLoader, device: torch.device | str =
         correct1, correct5, loss_sum, n = all_reduce_sum([correct1, correct5, loss_sum, n], ctx, device)
         correct1, correct5, n = int(correct1), int(correct5), int(n)
     if n == 0:
-        return {"top1": float("nan"), "top5": float("nan"), "loss": float("nan"), "n": 0}
-    return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "loss": loss_sum / n, "n": n}
+        out = {"top1": float("nan"), "top5": float("nan"), "loss": float("nan"), "n": 0}
+    else:
+        out = {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "loss": loss_sum / n, "n": n}
+    if sequence:
+        out["perplexity"] = math.exp(out["loss"]) if n else float("nan")
+    return out
+
+
+def flat_predictions(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """``(N, classes)`` logits and ``(N,)`` targets: a language model's ``(B, T, vocab)`` and
+    ``(B, T)`` become one prediction per position; classifiers' pass through."""
+    if logits.dim() == 3 and y.dim() == 2:
+        return logits.flatten(0, 1), y.flatten()
+    return logits, y
 
 
 def evaluate_checkpoint(path: str | os.PathLike, split: str = "test", data_dir: str | None = None,

@@ -69,7 +69,7 @@ from deepshift.training.distributed import (
     wrap_model,
 )
 from deepshift.training.distributed import setup as dist_setup
-from deepshift.training.evaluate import count_parameters, evaluate
+from deepshift.training.evaluate import count_parameters, evaluate, flat_predictions
 from deepshift.training.run_dir import _read_run, _write_csv, _write_json, check_output_dir, plot_curves
 
 
@@ -184,6 +184,9 @@ class _Run:
         splits = load_dataset(cfg.data, cfg.data_dir, cfg.val_fraction, cfg.limit_train, cfg.image_size,
                               cfg.workers)
         self.shift_cfg = cfg.shift_config()
+        # Language models keep the checkpoint with the lowest validation loss (perplexity),
+        # classifiers the one with the highest validation top-1.
+        self.language = splits.task == "language"
         model = build_model(cfg.model, num_classes=splits.num_classes, in_channels=splits.in_channels)
         self.zoo_spec = model.zoo_spec
         if cfg.from_checkpoint is not None and not resume_state:
@@ -212,7 +215,7 @@ class _Run:
 
         self.history: list[dict] = []
         self.epoch, self.step, self.elapsed = 0, 0, 0.0
-        self.best_val, self.best_epoch = -1.0, 0
+        self.best_val, self.best_epoch = -math.inf, 0
         self.running = _fresh_running()
         if resume_state:
             self._restore(resume_state)
@@ -238,7 +241,8 @@ class _Run:
         _set_rng_state(rng, self.device)
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.history = list(state["history"])
-        self.best_val, self.best_epoch = float(state["best_val_top1"]), int(state["best_epoch"])
+        self.best_val = float(state.get("best_val_score", state.get("best_val_top1")))
+        self.best_epoch = int(state["best_epoch"])
         self.running = dict(state["running"])
         self.elapsed = float(state["elapsed"])
         if self.epoch > cfg.epochs:
@@ -254,7 +258,7 @@ class _Run:
             "zoo_spec": self.zoo_spec, "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(), "epoch": self.epoch, "step": self.step,
             "running": dict(self.running), "rng": _rng_state(self.device), "history": self.history,
-            "best_val_top1": self.best_val, "best_epoch": self.best_epoch, "elapsed": self.elapsed,
+            "best_val_score": self.best_val, "best_epoch": self.best_epoch, "elapsed": self.elapsed,
             "world_size": self.ctx.world_size,
         }
         if self.ctx.enabled:
@@ -270,7 +274,7 @@ class _Run:
         """One optimizer step on this rank's piece of a global batch; returns the batch's mean loss."""
         ctx, running = self.ctx, self.running
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        logits = self.net(x)
+        logits, y = flat_predictions(self.net(x), y)
         if ctx.enabled:
             # Sum over this rank's piece / global batch, times W (DDP averages over ranks): the
             # gradient is the mean over the global batch, as in one process.
@@ -331,13 +335,15 @@ class _Run:
         row = {"epoch": self.epoch + 1, "train_loss": self.running["loss"] / n,
                "train_top1": 100.0 * self.running["correct"] / n,
                "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"],
+               **({"val_perplexity": val["perplexity"]} if self.language else {}),
                "lr": self.optimizer.param_groups[0]["lr"], "seconds": seconds, "train_seconds": train_seconds}
         self.history.append(row)
         self.epoch, self.step = self.epoch + 1, 0
         self.running = _fresh_running()
         # Without a validation split (val_fraction 0) the last epoch counts as the best.
-        if val["n"] == 0 or val["top1"] > self.best_val:
-            self.best_val, self.best_epoch = val["top1"], row["epoch"]
+        score = -val["loss"] if self.language else val["top1"]
+        if val["n"] == 0 or score > self.best_val:
+            self.best_val, self.best_epoch = score, row["epoch"]
             self.save("best.pt")
         self.save("last.pt")
         if self.main:
@@ -346,7 +352,8 @@ class _Run:
         if not self.quiet:
             print(f"epoch {row['epoch']}/{cfg.epochs}  train loss {row['train_loss']:.4f}  "
                   f"train top-1 {row['train_top1']:.2f}  val top-1 {row['val_top1']:.2f}  "
-                  f"lr {row['lr']:.3g}  {seconds:.1f}s", flush=True)
+                  + (f"val perplexity {row['val_perplexity']:.3f}  " if self.language else "")
+                  + f"lr {row['lr']:.3g}  {seconds:.1f}s", flush=True)
 
     def finish(self) -> dict[str, Any]:
         """Checks the replicas agree, evaluates best.pt on the test set once, writes metrics.json."""
@@ -363,19 +370,28 @@ class _Run:
         best_state = on_main(ctx, lambda: load_checkpoint(out / "best.pt")["model"])
         self.model.load_state_dict(best_state)
         test = evaluate(self.model, self.test_loader, self.device, quiet=self.quiet, desc="test", ctx=ctx)
+        best = self.history[self.best_epoch - 1] if self.best_epoch else {}
+        if self.language:
+            extra.update(test_perplexity=test["perplexity"], val_perplexity=best.get("val_perplexity"))
         metrics = {
             "test_top1": test["top1"], "test_top5": test["top5"], "test_loss": test["loss"],
             "test_examples": test["n"],
-            "val_top1": self.best_val, "best_epoch": self.best_epoch, "epochs": cfg.epochs,
+            "val_top1": best.get("val_top1"), "best_epoch": self.best_epoch, "epochs": cfg.epochs,
             "seconds": self.elapsed, "seconds_per_epoch": self.elapsed / max(len(self.history), 1),
             "data": cfg.data, "model": cfg.model, "method": cfg.method, "deepshift_version": __version__,
             **count_parameters(self.model), **extra,
         }
         if self.main:
             _write_json(out / "metrics.json", metrics)
-        if not self.quiet:
-            print(f"test top-1 {metrics['test_top1']:.2f}  top-5 {metrics['test_top5']:.2f}  "
-                  f"(best val top-1 {self.best_val:.2f} at epoch {self.best_epoch}); wrote {out}", flush=True)
+        if not self.quiet and self.language:
+            print(f"test perplexity {test['perplexity']:.3f}  top-1 {metrics['test_top1']:.2f}  (best val "
+                  f"perplexity {best.get('val_perplexity', math.nan):.3f} at epoch {self.best_epoch}); "
+                  f"wrote {out}",
+                  flush=True)
+        elif not self.quiet:
+            print(f"test top-1 {metrics['test_top1']:.2f}  top-5 {metrics['test_top5']:.2f}  (best val top-1 "
+                  f"{best.get('val_top1', math.nan):.2f} at epoch {self.best_epoch}); wrote {out}",
+                  flush=True)
         return metrics
 
 

@@ -11,6 +11,7 @@ Nothing here downloads. Readers:
   unpickler that only rebuilds numpy arrays (anything else is rejected: no code runs).
 * ``imagefolder``: ImageNet layout ``root/train/<class>/*.jpg`` and ``root/val/<class>/*.jpg``,
   decoded lazily with Pillow.
+* ``fortunes`` / ``text``: byte-level text for language models (:mod:`deepshift.training.data.text`).
 
 Every split is a :class:`ImageDataset` with ``get_batch(indices, train, generator)``; the
 :class:`BatchLoader` draws a permutation and per-batch augmentation that are pure functions of
@@ -40,7 +41,7 @@ from deepshift.training.data.readers import (
 )
 from deepshift.training.data.transforms import random_crop_flip, random_resized_crop_params
 
-DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "imagefolder")
+DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "imagefolder", "fortunes", "text")
 
 
 FASHION_MNIST_DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
@@ -210,6 +211,7 @@ class Splits:
     name: str
     num_classes: int
     in_channels: int
+    task: str = "classify"  # or "language": (B, T) tokens in, (B, T, vocab) logits out
 
 
 def _hold_out(n: int, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
@@ -343,7 +345,8 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, val_fract
     """Train / val / test splits of dataset ``name`` (one of :data:`DATASETS`), read offline.
 
     Args:
-        name: ``digits``, ``mnist``, ``fashion-mnist``, ``cifar10`` or ``imagefolder``.
+        name: ``digits``, ``mnist``, ``fashion-mnist``, ``cifar10``, ``imagefolder``, ``fortunes`` or
+            ``text`` (byte windows for language models; see :mod:`deepshift.training.data.text`).
         data_dir: where the files are (fashion-mnist defaults to Debian's location; digits needs none).
         val_fraction: fraction of the training data held out as the validation split (fixed seed).
         limit_train: keep only the first ``limit_train`` training examples (quick runs).
@@ -370,6 +373,10 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, val_fract
         return load_cifar10(data_dir, val_fraction, limit_train)
     if name == "imagefolder":
         return load_imagefolder(data_dir, val_fraction, limit_train, image_size, workers)
+    if name in ("fortunes", "text"):
+        from deepshift.training.data.text import load_text
+
+        return load_text(name, data_dir, val_fraction, limit_train)
     raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
 
 
