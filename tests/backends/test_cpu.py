@@ -212,6 +212,74 @@ def test_table_lookup_linear_bit_exact(native, chunk):
     assert layouts == {None, 4, 5}  # both index widths and the fallback were exercised
 
 
+@pytest.mark.parametrize("chunk", range(2))
+def test_wide_table_lookup_linear_bit_exact(native, chunk):
+    """int64 accumulators through the table-lookup kernel's wide form (int32 tables and lane sums
+    added to int64 outputs every few columns): sums far past int32, flush intervals from 1 column
+    up, and the calls it must refuse (an |x| << shift beyond int32) falling back, all exact."""
+    if "avx512" not in isa_paths():
+        pytest.skip("this CPU lacks AVX-512 F/BW/VL: the table-lookup kernel is not run here")
+    rng = random.Random(9500 + chunk)
+    used = refused = past_int32 = 0
+    for i in range(80):
+        bits = rng.randint(3, 5)
+        out_f = rng.choice([1, 17, 96, 97, 129, 300])
+        in_f = rng.choice([3, 64, 257, 1500])
+        rows = rng.choice([1, 2, 5, 33])
+        codes = _random_codes(rng, out_f * in_f, bits, rng.choice([None, 7, 15]))
+        has_zero, shift_lo = rng.random() < 0.5, rng.choice([-15, -4, 0, 12])
+        x = _rand_int(rng, (rows, in_f), rng.choice([2**8, 2**15, 2**20, 2**40]), torch.int64)
+        bias = _rand_int(rng, (out_f,), 2**40, torch.int64) if rng.random() < 0.5 else None
+        args = (x, codes, [out_f, in_f], bits, has_zero, shift_lo, bias)
+        build.set_isa("avx512")
+        try:
+            lut = linear._lut(native, codes, [out_f, in_f], bits, has_zero, shift_lo)
+            if lut is not None:
+                u = min(shift_lo, 0)
+                bias64 = None if bias is None else torch.bitwise_left_shift(bias, -u)
+                wide = linear._wide_lut(native, x, lut, out_f, bias64, codes, [out_f, in_f], bits, has_zero,
+                                        shift_lo)
+                used, refused = used + (wide is not None), refused + (wide is None)
+            got = torch.ops.deepshift.shift_linear(*args)
+        finally:
+            build.set_isa("auto")
+        expected = ops.shift_linear_reference(*args)
+        past_int32 += int(expected.abs().max()) >= 2**31
+        assert torch.equal(got, expected), f"case {chunk}/{i}: {args[2:6]} x {tuple(x.shape)}"
+    assert used >= 10 and refused >= 5 and past_int32 >= 10, (used, refused, past_int32)
+
+
+@pytest.mark.parametrize("act_bits", [(8, 8), (16, 8)])
+def test_frozen_int64_layers_take_the_wide_kernel_or_fall_back_exactly(native, act_bits):
+    """A frozen 5-bit Linear whose worst case needs int64 (fan-in 1500, 13 shifts, 16-bit inputs):
+    inputs from tiny to saturating, through the op (wide kernel; with 24-bit inputs the large ones
+    are refused and run the reference composition) against the reference, on every ISA path."""
+    torch.manual_seed(3)
+    layer = deepshift.convert_(nn.Linear(1500, 97), deepshift.QConfig(weight_bits=5, act_bits=act_bits))
+    with torch.no_grad():
+        layer.parametrizations.weight.original.mul_(torch.logspace(0, 4, 1500, base=2))
+    frozen = deepshift.freeze_(layer.eval())
+    assert frozen.accumulator == "int64" and frozen.shift_hi - frozen.shift_lo >= 10
+    for scale in (1e-3, 1.0, 30.0, 1e6):
+        x = torch.randn(3, 1500) * scale
+        for isa in isa_paths():
+            build.set_isa(isa)
+            try:
+                got = frozen(x)
+            finally:
+                build.set_isa("auto")
+            expected = ops.frozen_linear_reference(x, frozen.codes, frozen.bias_int, frozen._spec_json)
+            assert torch.equal(got, expected), (scale, isa)
+        if "avx512" in isa_paths():  # the wide kernel runs, and refuses only the 24-bit saturating input
+            build.set_isa("avx512")
+            try:
+                run = linear._prepare_linear_wide(x, frozen.codes, [97, 1500], 5, False, frozen.shift_lo,
+                                                  frozen.bias_int, list(act_bits), "nearest")
+                assert run is not None and (run(x) is None) == (act_bits == (16, 8) and scale == 1e6)
+            finally:
+                build.set_isa("auto")
+
+
 @pytest.mark.parametrize("bits", range(2, 9))
 @pytest.mark.parametrize("has_zero", [False, True])
 def test_every_bit_width_and_code(native, bits, has_zero):

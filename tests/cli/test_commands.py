@@ -52,7 +52,7 @@ def test_export_onnx_and_report(capsys, runs, tmp_path):
     code, out, _ = cli(capsys, "report", root / "ps", "--json", "--plot", tmp_path / "h.png")
     assert code == 0
     data = json.loads(out)
-    assert data["version"] == 1 and data["shift_macs"] == 784 * 512 + 512 * 512 + 512 * 10
+    assert data["version"] == 2 and data["shift_macs"] == 784 * 512 + 512 * 512 + 512 * 10
     assert (tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
     code, out, _ = cli(capsys, "report", root / "ps")
     assert code == 0 and "shift-adds" in out and "Horowitz" in out

@@ -209,7 +209,7 @@ def _add_deploy_commands(sub) -> None:
                        description="SOURCE is a run folder (its best.pt), a checkpoint, or a packed file. "
                        "Energies: Horowitz, ISSCC 2014, 45 nm (see deepshift.report.ENERGY_45NM_PJ).")
     r.add_argument("source", metavar="SOURCE")
-    r.add_argument("--json", action="store_true", help="print the report as JSON (stable keys, version 1)")
+    r.add_argument("--json", action="store_true", help="print the report as JSON (stable keys, version 2)")
     r.add_argument("--plot", metavar="PNG", help="also draw the histogram of shift values per layer")
     r.add_argument("--input-shape", type=int, nargs="+", metavar="D", help=shape_help)
     r.set_defaults(command="report")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 import weakref
 from collections import OrderedDict
 from typing import Any
 
 from torch import Tensor
+
+from deepshift.frozen.spec import FrozenSpec
 
 _lock = threading.RLock()
 
@@ -105,3 +108,10 @@ def fused_forward(x: Tensor, codes: Tensor, bias: Tensor | None, key: str, prepa
             codes_ref = weakref.ref(codes, lambda r, k=k: _drop(_fused, r, k))
             _fused[k] = (codes_ref, versions, None if bias is None else weakref.ref(bias), value)
     return value
+
+
+@functools.lru_cache(maxsize=4096)
+def parsed_spec(spec: str) -> FrozenSpec:
+    """A frozen layer's spec, parsed once per distinct JSON string (the frozen ops receive the
+    string on every call; FrozenSpec is immutable, so sharing the parsed one is safe)."""
+    return FrozenSpec.from_json(spec)

@@ -62,8 +62,7 @@ import torch
 from torch import Tensor
 
 from deepshift.backends.cpu.build import load_extension
-from deepshift.backends.cpu.cache import _cached, fused_forward
-from deepshift.frozen.spec import FrozenSpec
+from deepshift.backends.cpu.cache import _cached, fused_forward, parsed_spec
 from deepshift.ops import reference as ref
 
 _FLOAT_DTYPES = (torch.float32, torch.float64)
@@ -335,7 +334,7 @@ def frozen_conv_cpu(x: Tensor, codes: Tensor, bias: Tensor | None, spec: str, bn
                     bn_shift: Tensor | None, residual: Tensor | None, relu: bool) -> Tensor:
     """CPU kernel of ``deepshift::frozen_conv``: one native call (convolution, BatchNorm affine, residual
     and ReLU included) where it applies, else the reference's composition of the smaller ops."""
-    s = FrozenSpec.from_json(spec)
+    s = parsed_spec(spec)
     fused = None
     if not s.transposed and not s.pad_outside:
         def prepare():

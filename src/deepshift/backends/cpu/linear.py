@@ -7,17 +7,17 @@ import torch
 from torch import Tensor
 
 from deepshift.backends.cpu.build import ISA_CODES, load_extension
-from deepshift.backends.cpu.cache import _cached, fused_forward
+from deepshift.backends.cpu.cache import _cached, fused_forward, parsed_spec
 from deepshift.backends.cpu.conv import (
     _LANE_DTYPES,
     INT16_MAX_GROUP,
     _decoded,
     _fused_setup,
     _lanes_for,
+    _max_abs,
     _shifted_bias,
     _valid_codes,
 )
-from deepshift.frozen.spec import FrozenSpec
 from deepshift.ops import reference as ref
 
 GEMV_MAX_ROWS = 4
@@ -74,6 +74,49 @@ def _lut(ext, codes, weight_shape, weight_bits, has_zero, shift_lo):
     return _gemv_lut(ext, codes, weight_shape, weight_bits, has_zero, shift_lo)
 
 
+def _wide_lut(ext, x2, lut, out_f, bias64, codes, weight_shape, weight_bits, has_zero, shift_lo):
+    """An int64-accumulator call through the table-lookup kernel's wide form (int32 tables and lane
+    sums, int64 outputs): its result, or None where it does not apply (an |x| or a shift too large
+    for int32 table entries; the table's decode keeps amounts below 32 only)."""
+    _, max_amount = _decoded(ext, codes, weight_shape, weight_bits, has_zero, shift_lo, 64)
+    if max_amount >= 31 or (x2.dtype == torch.int64 and _max_abs(x2) >= 2**31):
+        return None
+    return ext.gemv_lut(x2.to(torch.int32), *lut, out_f, bias64, True)
+
+
+def _prepare_linear_wide(x, codes, weight_shape, weight_bits, has_zero, shift_lo, bias, act_bits, rounding):
+    """``_prepare_linear_fused`` for a layer with an int64 accumulator: inputs rounded to int32 fixed
+    point (act_bits of at most 32 bits), the wide table-lookup kernel, int64 scaling; the function
+    returns None for a call the wide kernel refuses (the caller runs the reference composition).
+    None where it does not apply. Like every prepared forward it holds no reference to the codes
+    (the cache entry goes with them)."""
+    ext = load_extension()
+    if ext is None or sum(act_bits) > 32:
+        return None
+    setup = _fused_setup(ext, x, act_bits, rounding, "int32", shift_lo, bias, weight_shape[1], weight_bits)
+    lut = None if setup is None else _lut(ext, codes, weight_shape, weight_bits, has_zero, shift_lo)
+    if lut is None or not _linear_native_ok(x, codes, weight_shape, weight_bits, bias, torch.int32):
+        return None
+    if _decoded(ext, codes, weight_shape, weight_bits, has_zero, shift_lo, 64)[1] >= 31:
+        return None
+    _, lo, hi, exponent, _ = setup
+    b = _shifted_bias(None if bias is None else bias.to(torch.int64), min(shift_lo, 0))
+    out_f, in_f = weight_shape
+    rows = x.numel() // in_f
+    out_shape = (*x.shape[:-1], out_f)
+    frac, floor, out64 = act_bits[1], rounding == "floor", x.dtype == torch.float64
+    tiles, values, bits = lut
+
+    def run(x: Tensor) -> Tensor:
+        q, has_nan = ext.quantize(x.reshape(rows, in_f), frac, lo, hi, floor, False)
+        if has_nan:
+            raise ref._nan_error()
+        y = ext.gemv_lut(q, tiles, values, bits, out_f, b, True)
+        return None if y is None else ext.scale(y, exponent, out64).reshape(out_shape)
+
+    return run
+
+
 def _linear_plan(ext, codes, weight_shape, weight_bits, has_zero, shift_lo, lanes, rows):
     """The plan of a Linear over ``rows`` rows run as a 1x1 convolution (cached)."""
     out_f, in_f = weight_shape
@@ -106,8 +149,12 @@ def shift_linear_cpu(x, codes, weight_shape, weight_bits, has_zero, shift_lo, bi
     x2 = x.reshape(rows, in_f)
     x2 = (x2 if x2.dtype == dtype else x2.to(dtype)).contiguous()
     b = None if bias_s is None else bias_s.to(torch.int64 if lanes == 64 else torch.int32)
+    wide = None if lanes != 64 or lut is None else _wide_lut(ext, x2, lut, out_f, b, codes, weight_shape,
+                                                             weight_bits, has_zero, shift_lo)
     if lanes == 32 and lut is not None:  # any batch: table lookup beats the 1x1 convolution
-        y = ext.gemv_lut(x2, *lut, out_f, b)
+        y = ext.gemv_lut(x2, *lut, out_f, b, False)
+    elif wide is not None:
+        y = wide
     elif lanes == 32 and rows <= GEMV_MAX_ROWS:
         y = ext.gemv(x2, _gemv_tiles(ext, codes, weight_shape, weight_bits, has_zero, shift_lo), out_f, b)
     else:
@@ -142,7 +189,7 @@ def _prepare_linear_fused(x, codes, weight_shape, weight_bits, has_zero, shift_l
             tiles, values, bits = lut
 
             def gemv(q):
-                return ext.gemv_lut(q, tiles, values, bits, out_f, b)
+                return ext.gemv_lut(q, tiles, values, bits, out_f, b, False)
         else:
             tiles = _gemv_tiles(ext, codes, weight_shape, weight_bits, has_zero, shift_lo)
 
@@ -172,10 +219,15 @@ def _prepare_linear_fused(x, codes, weight_shape, weight_bits, has_zero, shift_l
 def frozen_linear_cpu(x: Tensor, codes: Tensor, bias: Tensor | None, spec: str) -> Tensor:
     """CPU kernel of ``deepshift::frozen_linear``: native calls only where they apply, else the
     reference's composition of the smaller ops."""
-    s = FrozenSpec.from_json(spec)
-    run = fused_forward(x, codes, bias, spec, lambda: _prepare_linear_fused(
-        x, codes, list(s.weight_shape), s.weight_bits, s.has_zero, s.shift_lo, bias, list(s.act_bits),
-        s.act_rounding, s.accumulator))
-    if run is not None:
-        return run(x)
-    return ref.frozen_linear_reference(x, codes, bias, spec)
+    s = parsed_spec(spec)
+
+    def prepare():
+        args = (x, codes, list(s.weight_shape), s.weight_bits, s.has_zero, s.shift_lo, bias, list(s.act_bits),
+                s.act_rounding)
+        if s.accumulator == "int64":
+            return _prepare_linear_wide(*args)
+        return _prepare_linear_fused(*args, s.accumulator)
+
+    run = fused_forward(x, codes, bias, spec, prepare)
+    y = None if run is None else run(x)  # None also where the wide kernel refuses this input
+    return ref.frozen_linear_reference(x, codes, bias, spec) if y is None else y

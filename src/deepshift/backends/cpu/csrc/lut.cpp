@@ -11,6 +11,11 @@
 //
 // Sums wrap mod 2**32 exactly as torch's int32 arithmetic: a table entry is (x << a) or its negation
 // mod 2**32, the same term the reference op adds.
+//
+// The wide form (int64 accumulators, y int64) keeps the int32 tables and int32 lane sums, but adds
+// the lane sums into int64 outputs every W columns, W chosen from the call's largest |x| and the
+// layer's largest shift so that no table entry and no W-term sum can leave int32: exact without any
+// 64-bit lane arithmetic in the inner loop.
 #include "common.h"
 
 namespace deepshift_cpu {
@@ -102,9 +107,9 @@ constexpr int kPrefetchTiles = 64;
 // One block b (outputs b B + 16 p + lane) over columns [k0, k1), MB rows: acc[m][p] sums the terms;
 // then y (row stride O) += acc, or y = acc + bias for the first chunk of columns. tbl: the rows'
 // tables of columns k0 .., row m's at tbl + m * rs.
-template <int BITS, int MB>
+template <int BITS, int MB, bool WIDE>
 void lut_block(const uint32_t* tiles, int64_t K, const uint32_t* tbl, int64_t rs, int64_t b, int64_t k0, int64_t k1,
-               int64_t O, const uint32_t* bias, uint32_t* y) {
+               int64_t O, const void* bias, void* y) {
   constexpr int P = BITS == 4 ? 8 : 6, T = 1 << BITS, B = 16 * P;
   __m512i acc[MB][P];
 #pragma GCC unroll 4
@@ -140,26 +145,42 @@ void lut_block(const uint32_t* tiles, int64_t K, const uint32_t* tbl, int64_t rs
     const int64_t n = std::min<int64_t>(16, O - o);
     const __mmask16 keep = static_cast<__mmask16>((1u << n) - 1);
     for (int m = 0; m < MB; ++m) {
-      uint32_t* dst = y + m * O + o;
-      const __m512i prev = k0 ? _mm512_maskz_loadu_epi32(keep, dst)
-                              : (bias ? _mm512_maskz_loadu_epi32(keep, bias + o) : _mm512_setzero_si512());
-      _mm512_mask_storeu_epi32(dst, keep, _mm512_add_epi32(prev, acc[m][p]));
+      if (WIDE) {
+        // Two halves of 8 lanes, sign-extended to int64 and added to the outputs (or the bias).
+        int64_t* dst = static_cast<int64_t*>(y) + m * O + o;
+        const int64_t* src = k0 ? dst : static_cast<const int64_t*>(bias) + o;
+        const __mmask8 k_lo = static_cast<__mmask8>(keep), k_hi = static_cast<__mmask8>(keep >> 8);
+        const bool from = k0 || bias;
+        const __m512i p_lo = from ? _mm512_maskz_loadu_epi64(k_lo, src) : _mm512_setzero_si512();
+        const __m512i p_hi = from ? _mm512_maskz_loadu_epi64(k_hi, src + 8) : _mm512_setzero_si512();
+        const __m512i a_lo = _mm512_cvtepi32_epi64(_mm512_castsi512_si256(acc[m][p]));
+        const __m512i a_hi = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(acc[m][p], 1));
+        _mm512_mask_storeu_epi64(dst, k_lo, _mm512_add_epi64(p_lo, a_lo));
+        _mm512_mask_storeu_epi64(dst + 8, k_hi, _mm512_add_epi64(p_hi, a_hi));
+      } else {
+        uint32_t* dst = static_cast<uint32_t*>(y) + m * O + o;
+        const uint32_t* bp = static_cast<const uint32_t*>(bias);
+        const __m512i prev = k0 ? _mm512_maskz_loadu_epi32(keep, dst)
+                                : (bp ? _mm512_maskz_loadu_epi32(keep, bp + o) : _mm512_setzero_si512());
+        _mm512_mask_storeu_epi32(dst, keep, _mm512_add_epi32(prev, acc[m][p]));
+      }
     }
   }
 }
 
 using LutBlockFn = void (*)(const uint32_t*, int64_t, const uint32_t*, int64_t, int64_t, int64_t, int64_t,
-                            int64_t, const uint32_t*, uint32_t*);
+                            int64_t, const void*, void*);
 
 // Rows per pass: P indices, P accumulators per row and the row's table within the 32 vector
 // registers (more rows spill accumulators to the stack: slower than another pass over the indices,
 // which the chunking below keeps in L1).
 constexpr int kRows = 2;
 
+template <bool WIDE>
 LutBlockFn lut_block_fn(int bits, int mb) {
   static_assert(kRows == 2, "one instance per row count");
-  if (bits == 4) return mb == 1 ? &lut_block<4, 1> : &lut_block<4, 2>;
-  return mb == 1 ? &lut_block<5, 1> : &lut_block<5, 2>;
+  if (bits == 4) return mb == 1 ? &lut_block<4, 1, WIDE> : &lut_block<4, 2, WIDE>;
+  return mb == 1 ? &lut_block<5, 1, WIDE> : &lut_block<5, 2, WIDE>;
 }
 
 // Level-2 cache bytes per core from the OS (the chunk of K whose tables a pass re-reads per block).
@@ -175,10 +196,12 @@ int64_t l2_bytes() {
 
 }  // namespace
 
-// y (M, O) int32 = x (M, K) int32 times the weights of lut_layout's (tiles, values, bits), plus bias
-// (O,) int32 if given, mod 2**32. AVX-512 only: the Python side calls it where current_isa() is 2.
+// y (M, O) = x (M, K) int32 times the weights of lut_layout's (tiles, values, bits), plus bias (O,) if
+// given. Narrow (wide false): int32 bias and y, mod 2**32. Wide: int64 bias and y, exact; returns an
+// undefined tensor (None in Python: the caller takes another path) where some |x| << shift leaves
+// int32. AVX-512 only: the Python side calls it where current_isa() is 2.
 torch::Tensor gemv_lut(const torch::Tensor& x, const torch::Tensor& tiles, const torch::Tensor& values, int64_t bits,
-                       int64_t O, const c10::optional<torch::Tensor>& bias) {
+                       int64_t O, const c10::optional<torch::Tensor>& bias, bool wide) {
   TORCH_CHECK(x.dim() == 2 && x.dtype() == torch::kInt32 && x.is_contiguous(), "bad x");
   TORCH_CHECK(bits == 4 || bits == 5, "bad bits");
   TORCH_CHECK(use_avx512(), "gemv_lut needs the AVX-512 path");
@@ -186,26 +209,43 @@ torch::Tensor gemv_lut(const torch::Tensor& x, const torch::Tensor& tiles, const
   const int64_t NB = (O + B - 1) / B;
   TORCH_CHECK(tiles.dtype() == torch::kInt32 && tiles.is_contiguous() && tiles.numel() == NB * K * 16, "bad tiles");
   TORCH_CHECK(values.dtype() == torch::kInt32 && values.numel() == T, "bad values");
-  const uint32_t* bp = nullptr;
+  const auto bias_dtype = wide ? torch::kInt64 : torch::kInt32;
+  const void* bp = nullptr;
   if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->dtype() == torch::kInt32 && bias->numel() == O && bias->is_contiguous(), "bad bias");
-    bp = reinterpret_cast<const uint32_t*>(bias->data_ptr<int32_t>());
+    TORCH_CHECK(bias->dtype() == bias_dtype && bias->numel() == O && bias->is_contiguous(), "bad bias");
+    bp = bias->data_ptr();
   }
-  auto y = torch::empty({M, O}, torch::kInt32);
+  const int32_t* vp = values.data_ptr<int32_t>();
+  int64_t columns = K;  // columns summed in int32 before the int64 outputs take the sums
+  if (wide) {
+    int64_t max_amount = -1, max_x = 0;
+    for (int64_t i = 0; i < T; ++i)
+      if (vp[i] != 0) max_amount = std::max<int64_t>(max_amount, std::abs(vp[i]) - 1);
+    const int32_t* xs = x.data_ptr<int32_t>();
+    for (int64_t i = 0; i < M * K; ++i) max_x = std::max<int64_t>(max_x, std::abs(static_cast<int64_t>(xs[i])));
+    const int64_t limit = (int64_t(1) << 31) - 1;
+    if (max_amount >= 31 || (max_amount >= 0 && (max_x << max_amount) > limit)) return torch::Tensor();
+    const int64_t term = max_amount < 0 ? 0 : (max_x << max_amount);
+    columns = term == 0 ? K : std::max<int64_t>(1, limit / term);
+  }
+  auto y = torch::empty({M, O}, wide ? torch::kInt64 : torch::kInt32);
   const uint32_t* xp = reinterpret_cast<const uint32_t*>(x.data_ptr<int32_t>());
   const uint32_t* tp = reinterpret_cast<const uint32_t*>(tiles.data_ptr<int32_t>());
-  uint32_t* yp = reinterpret_cast<uint32_t*>(y.data_ptr<int32_t>());
-  const int32_t* vp = values.data_ptr<int32_t>();
+  void* yp = y.data_ptr();
+  const int64_t y_bytes = wide ? 8 : 4;
 #ifdef DS_X86
   {
     // Work in chunks of rows and columns whose tables fit half of L2, built by each thread for
     // itself (a few percent of the work): memory sees each index tile once per row chunk, and a
-    // block's tiles of one column chunk stay in L1 across the passes over the rows.
+    // block's tiles of one column chunk stay in L1 across the passes over the rows. Wide: a chunk
+    // is at most `columns` long (each chunk's int32 sums go to the int64 outputs).
     const int64_t half_l2 = l2_bytes() / 2 / (T * 4);  // table entries of T
     const int64_t mc = std::clamp<int64_t>(half_l2 / 64, 1, M);
-    const int64_t kc = std::clamp<int64_t>(half_l2 / mc, 16, 1024);
+    const int64_t kc = std::min(columns, std::clamp<int64_t>(half_l2 / mc, 16, 1024));
     const int64_t grain = std::max<int64_t>(1, static_cast<int64_t>(kSerialWork / std::max<int64_t>(1, K * M * 8)));
-    const LutBlockFn pass = lut_block_fn(static_cast<int>(bits), kRows), last = lut_block_fn(static_cast<int>(bits), 1);
+    const int ib = static_cast<int>(bits);
+    const LutBlockFn pass = wide ? lut_block_fn<true>(ib, kRows) : lut_block_fn<false>(ib, kRows);
+    const LutBlockFn last = wide ? lut_block_fn<true>(ib, 1) : lut_block_fn<false>(ib, 1);
     at::parallel_for(0, NB, grain, [&](int64_t b0, int64_t b1) {
       // 64-byte aligned, kept per thread (a fresh allocation of this size is a fresh mapping whose
       // page faults cost more than a small call).
@@ -220,7 +260,8 @@ torch::Tensor gemv_lut(const torch::Tensor& x, const torch::Tensor& tiles, const
           lut_tables(xp + r0 * K, K, rows, k0, k1, vp, static_cast<int>(T), tbl);
           for (int64_t b = b0; b < b1; ++b)
             for (int64_t m = 0; m < rows; m += kRows)
-              (rows - m >= kRows ? pass : last)(tp, K, tbl + m * rs, rs, b, k0, k1, O, bp, yp + (r0 + m) * O);
+              (rows - m >= kRows ? pass : last)(tp, K, tbl + m * rs, rs, b, k0, k1, O, bp,
+                                                static_cast<char*>(yp) + (r0 + m) * O * y_bytes);
         }
       }
     });

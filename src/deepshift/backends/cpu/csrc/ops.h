@@ -30,7 +30,7 @@ int64_t set_isa(int64_t isa);
 int64_t current_isa();
 std::tuple<torch::Tensor, torch::Tensor, int64_t> lut_layout(const torch::Tensor& scode);
 torch::Tensor gemv_lut(const torch::Tensor& x, const torch::Tensor& tiles, const torch::Tensor& values, int64_t bits,
-                       int64_t O, const c10::optional<torch::Tensor>& bias);
+                       int64_t O, const c10::optional<torch::Tensor>& bias, bool wide);
 std::tuple<torch::Tensor, bool> quantize(const torch::Tensor& x, int64_t frac_bits, int64_t lo, int64_t hi,
                                          bool floor_mode, bool out64);
 torch::Tensor scale(const torch::Tensor& y, int64_t exponent, bool out64);
