@@ -319,11 +319,13 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         if not base.quiet:
             print(f"== {label} ==", flush=True)
         m = train(cfg)
-        rows.append((label, m["test_top1"], m["test_top5"], m["seconds_per_epoch"]))
+        # Language models: perplexity per byte in place of top-5.
+        rows.append((label, m["test_top1"], m.get("test_perplexity", m["test_top5"]), m["seconds_per_epoch"]))
+    third = "perplexity" if base.data in ("fortunes", "text") else "test top-5"
     print(f"{base.data}, {base.model or 'default model'}, {base.epochs or 'default'} epochs")
-    print(f"{'method':<8}{'test top-1':>11}{'test top-5':>11}{'s/epoch':>9}")
-    for label, top1, top5, spe in rows:
-        print(f"{label:<8}{top1:>11.2f}{top5:>11.2f}{spe:>9.1f}")
+    print(f"{'method':<8}{'test top-1':>11}{third:>11}{'s/epoch':>9}")
+    for label, top1, other, spe in rows:
+        print(f"{label:<8}{top1:>11.2f}{other:>11.2f}{spe:>9.1f}")
     return 0
 
 
