@@ -40,6 +40,7 @@ from deepshift.core.optim import clamp_parameters_, param_groups
 from deepshift.core.quantize import fixed_point
 from deepshift.formats.onnx import export_onnx
 from deepshift.formats.packed import PackedFormatError, load_packed, save_packed
+from deepshift.frozen.attention import ShiftMultiheadAttention
 from deepshift.frozen.float_layers import ExactGlobalAvgPool, FrozenBatchNorm
 from deepshift.frozen.freeze import DEFAULT_ACT_BITS, freeze_
 from deepshift.frozen.fuse import ShiftConvBatchNorm, fuse_frozen
@@ -73,6 +74,7 @@ __all__ = [
     "ShiftConvBatchNorm",
     "ShiftConvNd",
     "ShiftLinear",
+    "ShiftMultiheadAttention",
     "TrainConfig",
     "clamp_parameters_",
     "compression_report",

@@ -26,7 +26,7 @@ from deepshift.cli.parser import EXIT_USAGE, build_parser
 from deepshift.core.convert import convert_, shift_layers
 from deepshift.formats.packed import _MAX_HEADER, PackedFormatError, load_packed, save_packed
 from deepshift.frozen.freeze import frozen_copy
-from deepshift.frozen.layers import is_frozen_layer
+from deepshift.frozen.layers import ShiftConvNd, is_frozen_layer
 from deepshift.models import LANGUAGE_MODELS, input_shape
 
 
@@ -187,7 +187,8 @@ def _eval_packed(args: argparse.Namespace) -> dict:
     from deepshift.frozen.fuse import fuse_frozen
 
     model, _ = load_source(args.packed)
-    model = fuse_frozen(model)  # BatchNorm / residual / ReLU inside the convs: same numbers, faster
+    if any(isinstance(m, ShiftConvNd) for m in model.modules()):
+        model = fuse_frozen(model)  # BatchNorm / residual / ReLU inside the convs: same numbers, faster
     splits = load_dataset(args.data, args.data_dir)
     loader = BatchLoader(getattr(splits, args.split), args.batch_size or 256, train=False)
     return evaluate(model, loader, resolve_device(args.device), quiet=args.quiet, desc=args.split)
@@ -234,8 +235,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(m, sort_keys=True))
     else:
-        print(f"{args.split} top-1 {m['top1']:.2f}  top-5 {m['top5']:.2f}  loss {m['loss']:.4f}  "
-              f"({m['n']} examples)")
+        ppl = f"perplexity {m['perplexity']:.3f}  " if "perplexity" in m else ""
+        print(f"{args.split} {ppl}top-1 {m['top1']:.2f}  top-5 {m['top5']:.2f}  loss {m['loss']:.4f}  "
+              f"({m['n']} {'positions' if ppl else 'examples'})")
     return 0
 
 

@@ -127,8 +127,10 @@ def convert_(
     weight left in float, and ``strict=True`` raises instead of converting when there is any
     (including those ``filter_fn`` or ``depth`` leave out), before anything is changed.
     ``act_bits`` (fixed-point activations) applies to Linear and convolution layers; attention and
-    recurrent layers compute on float activations with shift weights, and :func:`deepshift.freeze_`
-    refuses them (the integer kernels cover Linear and convolutions).
+    recurrent layers compute on float activations with shift weights. :func:`deepshift.freeze_`
+    turns a converted ``nn.MultiheadAttention`` into four integer projections (their inputs rounded
+    to fixed point there, as every frozen layer's are) and refuses recurrent layers. Models written
+    with ``nn.Linear`` projections (as the zoo's transformers are) get ``act_bits`` in training too.
 
     Two starting points (``init``):
 

@@ -128,6 +128,11 @@ def freeze_(model: nn.Module, act_bits: tuple[int, int] | None = None,
     layer's output equals the float64 evaluation of the converted layer (with those
     ``act_bits``, eval mode) exactly, up to one final rounding to the input's dtype.
 
+    A converted ``nn.MultiheadAttention`` becomes a
+    :class:`~deepshift.frozen.attention.ShiftMultiheadAttention` whose query, key, value and output
+    projections are frozen layers (its float arithmetic between them is ``nn.MultiheadAttention``'s);
+    recurrent layers' shift weights cannot be frozen (ValueError, nothing changed).
+
     With ``float_layers`` (the default), BatchNorm and global average pooling modules become
     their runtime-independent forms (:mod:`deepshift.frozen.float_layers`: eval-mode BatchNorm as a
     separate multiply and add, pooling summed in float64), so that an exported ONNX graph
