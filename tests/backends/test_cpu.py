@@ -210,6 +210,16 @@ def test_table_lookup_linear_bit_exact(native, chunk):
         expected = ops.shift_linear_reference(*args)
         assert torch.equal(got, expected), f"case {chunk}/{i}: {args[2:6]} x {tuple(x.shape)}"
     assert layouts == {None, 4, 5}  # both index widths and the fallback were exercised
+    # A full 5-bit DeepShift-Q layer: 32 distinct weights and no zero fill the 32-entry table.
+    codes = pack_codes(torch.arange(32, dtype=torch.uint8).repeat(40), 5)
+    x = _rand_int(rng, (3, 64), 2**15, torch.int32)
+    build.set_isa("avx512")
+    try:
+        assert linear._lut(native, codes, [20, 64], 5, False, -20)[2] == 5
+        got = torch.ops.deepshift.shift_linear(x, codes, [20, 64], 5, False, -20, None)
+    finally:
+        build.set_isa("auto")
+    assert torch.equal(got, ops.shift_linear_reference(x, codes, [20, 64], 5, False, -20, None))
 
 
 @pytest.mark.parametrize("chunk", range(2))

@@ -120,8 +120,8 @@ def test_generate_from_float_converted_frozen_and_packed(lm_runs, capsys, tmp_pa
     code, out, err = _cli(capsys, "generate", packed, "--prompt", "Saying", "--tokens", 30,
                           "--temperature", 0)
     assert code == 0 and "frozen model" in err and out == texts["frozen"]  # the same greedy text
-    code, out, err = _cli(capsys, "eval", "--packed", packed, "--data", "fortunes", "--data-dir", root / "data",
-                          "--quiet")
+    code, out, err = _cli(capsys, "eval", "--packed", packed, "--data", "fortunes",
+                          "--data-dir", root / "data", "--quiet")
     assert code == 0 and out.startswith("test perplexity") and "positions" in out, err
     code, out, err = _cli(capsys, "generate", root / "float", "--frozen", "--prompt", "x")
     assert code == 2 and "no shift layers" in err

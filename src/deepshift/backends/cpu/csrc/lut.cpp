@@ -7,7 +7,7 @@
 // Indices are packed in 32-bit words (8 of 4 bits or 6 of 5 bits): word lane l of tile (block, k)
 // holds the indices of weights (o, k) for o = block * B + p * 16 + l, p = 0 .. P-1, so a tile is one
 // 64-byte load for B = 16 P outputs, and one right shift brings index p to the low bits the permute
-// reads (it ignores the rest). Index 0 is always the zero weight (padding outputs use it).
+// reads (it ignores the rest). Index 0 is the zero weight where the layer has zeros.
 //
 // Sums wrap mod 2**32 exactly as torch's int32 arithmetic: a table entry is (x << a) or its negation
 // mod 2**32, the same term the reference op adds.
@@ -30,7 +30,11 @@ std::tuple<torch::Tensor, torch::Tensor, int64_t> lut_layout(const torch::Tensor
   // with width 32: an amount that int32 lanes shift out entirely is already the zero weight.
   bool seen[256] = {};
   for (int64_t i = 0; i < O * K; ++i) seen[s[i] + 128] = true;
-  std::vector<int32_t> distinct{0};
+  // The zero weight takes index 0 where the layer has one; a layer without (DeepShift-Q) gets all 32
+  // entries for its weights (a full 5-bit Q layer has 32). Padding outputs read index 0 whatever it
+  // holds: their lanes are never stored.
+  std::vector<int32_t> distinct;
+  if (seen[128]) distinct.push_back(0);
   uint8_t index[256] = {};
   for (int v = -128; v < 128; ++v)
     if (v != 0 && seen[v + 128]) {
