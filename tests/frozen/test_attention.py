@@ -46,8 +46,9 @@ def test_split_form_equals_multihead_attention_in_float64(no_fast_path, batch_fi
     kpm = kpm.expand(2, 6) if batched else kpm
     bool_mask = torch.rand(5, 6) < 0.3
     bool_mask[:, 0] = False  # every query keeps one key
+    float_kpm = torch.zeros(kpm.shape, dtype=torch.float64).masked_fill(kpm, float("-inf"))
     masks = [{}, {"key_padding_mask": kpm}, {"attn_mask": bool_mask},
-             {"attn_mask": torch.randn(5, 6, dtype=torch.float64), "key_padding_mask": kpm}]
+             {"attn_mask": torch.randn(5, 6, dtype=torch.float64), "key_padding_mask": float_kpm}]
     if batched:
         masks.append({"attn_mask": torch.randn(2 * 4, 5, 6, dtype=torch.float64)})
     for mask, need_weights, average in itertools.product(masks, [True, False], [True, False]):
