@@ -98,8 +98,15 @@ def runs(tmp_path_factory):
     dist.mkdir()
     for name, extra in RUNS.items():
         train(TrainConfig(**BASE, **extra, out=str(single / name)))
+    # A language model: its loss averages over every position of every window of the global batch.
+    text = root / "text.txt"
+    text.write_text("\n\n".join(f"Paragraph {i} tells of item {i * 7 % 13}." for i in range(300)))
+    lm = dict(data="text", data_dir=str(text), model="char-transformer", limit_train=21, batch_size=8,
+              epochs=1, quiet=True, device="cpu", optimizer="sgd", lr=0.05)  # SGD: loss scale matters
+    train(TrainConfig(**lm, out=str(single / "lm")))
     (root / "driver.py").write_text(DRIVER)
     argvs = [_argv({**BASE, **extra, "quiet": False}, dist / name) for name, extra in RUNS.items()]
+    argvs.append(_argv(lm, dist / "lm"))
     argvs.append(["train", "--resume", str(root / "s2d"), "--epochs", "2", "--device", "cpu"])
     # A single-process run that 2 processes will resume (single -> distributed).
     shutil.copytree(single / "none", root / "s2d")
@@ -128,6 +135,18 @@ def test_two_processes_equal_one_process_and_each_other(runs, name):
     assert diff < 1e-5, diff
 
 
+def test_language_model_two_processes_equal_one_process(runs):
+    """Per-position loss weighting across ranks (21 windows: global batches 8, 8, 5, split unevenly)."""
+    root, _ = runs
+    metrics = json.loads((root / "dist" / "lm" / "metrics.json").read_text())
+    d0, d1 = metrics["replica_digests"]
+    assert d0 == d1 and metrics["world_size"] == 2
+    single = json.loads((root / "single" / "lm" / "metrics.json").read_text())
+    assert metrics["test_perplexity"] == pytest.approx(single["test_perplexity"], rel=1e-5)
+    diff = _max_diff(root / "dist" / "lm" / "last.pt", root / "single" / "lm" / "last.pt")
+    assert diff < 1e-5, diff
+
+
 @pytest.mark.parametrize("name", list(RUNS))
 def test_distributed_eval_equals_single_process_eval(runs, name):
     """Criterion 3: the sharded, all-reduced test accuracy is the one-process accuracy of best.pt."""
@@ -148,8 +167,8 @@ def test_one_progress_stream_one_output_folder(runs):
     # Three fresh runs of 1 epoch: one line each, not two (the resumed run keeps its saved --quiet).
     assert sum(line.startswith("epoch 1/1 ") for line in lines) == 3, proc.stdout
     assert sum(line.startswith("test top-1") for line in lines) == 3, proc.stdout
-    assert {p.name for p in (root / "dist").iterdir()} == set(RUNS)
-    for name in RUNS:
+    assert {p.name for p in (root / "dist").iterdir()} == set(RUNS) | {"lm"}  # lm: a --quiet run
+    for name in [*RUNS, "lm"]:
         assert {p.name for p in (root / "dist" / name).iterdir()} == RUN_FILES
 
 

@@ -164,12 +164,11 @@ class ShardedBatchLoader:
         return len(self.loader)
 
     def epoch(self, epoch: int, start: int = 0):
-        from deepshift.training.data.datasets import TensorImageDataset
         from deepshift.training.data.loader import _mix
 
         loader = self.loader
         order, bs, ds = loader.order(epoch), loader.batch_size, loader.dataset
-        in_memory = isinstance(ds, TensorImageDataset)
+        in_memory = getattr(ds, "in_memory", False)
         for b in range(start, len(loader)):
             idx = order[b * bs:(b + 1) * bs]
             lo, hi = shard_bounds(len(idx), self.rank, self.world_size)

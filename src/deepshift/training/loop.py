@@ -274,6 +274,9 @@ class _Run:
         """One optimizer step on this rank's piece of a global batch; returns the batch's mean loss."""
         ctx, running = self.ctx, self.running
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        # Predictions per example: 1, or a language model's window length (every window has it), so
+        # that n_global counts what the loss averages over.
+        n_global *= y[0].numel() if y.dim() > 1 and len(y) else 1
         logits, y = flat_predictions(self.net(x), y)
         if ctx.enabled:
             # Sum over this rank's piece / global batch, times W (DDP averages over ranks): the

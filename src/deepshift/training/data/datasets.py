@@ -74,6 +74,9 @@ class ImageDataset:
     num_classes: int
     in_channels: int
     labels: Tensor
+    # Whether a whole batch is cheap to build (held in memory): distributed training then builds
+    # every global batch on each rank and slices it, so the augmentation equals one process's.
+    in_memory: bool = False
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -96,6 +99,8 @@ class TensorImageDataset(ImageDataset):
         augment: ``None`` (no training augmentation; MNIST-style) or ``"crop-flip"``
             (CIFAR: random crop with 4-pixel zero padding, then random horizontal flip).
     """
+
+    in_memory = True
 
     def __init__(self, images: Tensor, labels: Tensor, num_classes: int, mean, std,
                  augment: str | None = None):

@@ -43,6 +43,7 @@ class TextDataset:
     num_classes = 256
     in_channels = 1
     task = "language"
+    in_memory = True
 
     def __init__(self, data: Tensor, context: int, starts: Tensor | None = None):
         if data.dtype != torch.uint8 or data.dim() != 1:
