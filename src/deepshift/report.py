@@ -156,7 +156,6 @@ def _type_name(module: _FrozenShift) -> str:
     return f"ConvTranspose{dims}d" if module.transposed else f"Conv{dims}d"
 
 
-@torch.no_grad()
 def _attention_shapes(module: nn.Module, args: tuple) -> tuple[int, int, int] | None:
     """(queries, keys, width) per sample of an attention module's call, None for other modules."""
     if isinstance(module, (nn.MultiheadAttention, ShiftMultiheadAttention)):
@@ -168,6 +167,7 @@ def _attention_shapes(module: nn.Module, args: tuple) -> tuple[int, int, int] | 
     return None
 
 
+@torch.no_grad()
 def savings_report(
     model: nn.Module, input_shape: tuple[int, ...], energy_table: dict[str, float] | None = None,
     input_dtype: torch.dtype | None = None,

@@ -283,9 +283,10 @@ def _split_attention(model: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.M
     tensors under ``<name>.q_proj.``) replaced by a float :class:`ShiftMultiheadAttention`."""
     split = {}
     for name, module in model.named_modules():
+        if not isinstance(module, nn.MultiheadAttention):
+            continue
         prefix = f"{name}." if name else ""
-        held = any(k.startswith(prefix + "q_proj.") for k in tensors)
-        if isinstance(module, nn.MultiheadAttention) and held:
+        if any(k.startswith(prefix + "q_proj.") for k in tensors):
             try:
                 split[id(module)] = ShiftMultiheadAttention.from_float(module)
             except ValueError as e:
