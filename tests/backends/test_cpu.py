@@ -243,12 +243,11 @@ def test_wide_table_lookup_linear_bit_exact(native, chunk):
         args = (x, codes, [out_f, in_f], bits, has_zero, shift_lo, bias)
         build.set_isa("avx512")
         try:
-            lut = linear._lut(native, codes, [out_f, in_f], bits, has_zero, shift_lo)
+            lut = linear._wide_layout(native, codes, [out_f, in_f], bits, has_zero, shift_lo)
             if lut is not None:
                 u = min(shift_lo, 0)
                 bias64 = None if bias is None else torch.bitwise_left_shift(bias, -u)
-                wide = linear._wide_lut(native, x, lut, out_f, bias64, codes, [out_f, in_f], bits, has_zero,
-                                        shift_lo)
+                wide = native.gemv_lut(x, *lut, out_f, bias64, True)  # int64 x, as the op passes it
                 used, refused = used + (wide is not None), refused + (wide is None)
             got = torch.ops.deepshift.shift_linear(*args)
         finally:

@@ -153,17 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_deploy_commands(sub)
 
-    k = sub.add_parser("calibrate", help="convert a trained float model without training, calibrated on "
-                       "a few hundred training images, into a run folder",
-                       description="SOURCE is a float run folder (its best.pt) or checkpoint. Converts its "
-                       "model (--method, --weight-bits, per-layer windows) and calibrates it with "
-                       "deepshift.calibrate_ on --calib-size images of the training split (never the "
-                       "validation or test images). Writes --out: best.pt, config.json, metrics.json, "
-                       "which `eval`, `export` and `report` accept.",
-                       epilog="example:\n"
-                       "  deepshift calibrate runs/float --method q --weight-bits 3 --out runs/q3-ptq\n"
-                       "  deepshift eval --from runs/q3-ptq/best.pt",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    k = _command(sub, "calibrate", "convert a trained float model without training, calibrated on a few "
+                 "hundred training images, into a run folder",
+                 "SOURCE is a float run folder (its best.pt) or checkpoint. Converts its model (--method, "
+                 "--weight-bits, per-layer windows) and calibrates it with deepshift.calibrate_ on "
+                 "--calib-size images of the training split (never the validation or test images). Writes "
+                 "--out: best.pt, config.json, metrics.json, which `eval`, `export` and `report` accept.",
+                 ["deepshift calibrate runs/float --method q --weight-bits 3 --out runs/q3-ptq",
+                  "deepshift eval --from runs/q3-ptq/best.pt"])
     k.add_argument("source", metavar="SOURCE")
     k.add_argument("--method", choices=("q", "ps"), default="q")
     k.add_argument("--weight-bits", type=int, default=5, help="bits per shift weight, 2..8 (default 5)")
@@ -181,20 +178,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compare", help="train float, Q and PS with one recipe and print a table",
                        description="Runs `train` three times (--method none, q, ps) with the same options "
-                       "into OUT/float, OUT/q, OUT/ps, then prints test top-1 and seconds per epoch.")
+                       "into OUT/float, OUT/q, OUT/ps, then prints test top-1, top-5 (language models: "
+                       "perplexity) and seconds per epoch.")
     _add_train_options(c)
     c.set_defaults(command="compare")
     return parser
 
 
+def _command(sub, name: str, help: str, description: str, examples: list[str]) -> argparse.ArgumentParser:
+    """A subcommand whose --help ends with its example command lines, kept as written."""
+    return sub.add_parser(name, help=help, description=description,
+                          epilog="examples:\n" + "\n".join(f"  {line}" for line in examples),
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def _add_deploy_commands(sub) -> None:
     shape_help = "input shape without batch, e.g. 1 28 28 (default: from the model / dataset)"
-    x = sub.add_parser("export", help="export a trained shift model: packed file or ONNX",
-                       description="SOURCE is a run folder (its best.pt), a checkpoint, or a packed file.",
-                       epilog="examples:\n"
-                       "  deepshift export runs/ps --format packed -o model.dshift\n"
-                       "  deepshift export model.dshift --format onnx -o model.onnx",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    x = _command(sub, "export", "export a trained shift model: packed file or ONNX",
+                 "SOURCE is a run folder (its best.pt), a checkpoint, or a packed file.",
+                 ["deepshift export runs/ps --format packed -o model.dshift",
+                  "deepshift export model.dshift --format onnx -o model.onnx"])
     x.add_argument("source", metavar="SOURCE")
     x.add_argument("--format", choices=("packed", "onnx"), default="packed")
     x.add_argument("-o", "--output", required=True, help="file to write (atomically)")
@@ -214,13 +217,11 @@ def _add_deploy_commands(sub) -> None:
     r.add_argument("--input-shape", type=int, nargs="+", metavar="D", help=shape_help)
     r.set_defaults(command="report")
 
-    g = sub.add_parser("generate", help="sample text from a trained language model (char-transformer)",
-                       description="SOURCE is a run folder (its best.pt), a checkpoint (float or converted) "
-                       "or a packed file. Prints the prompt and its continuation, then the speed.",
-                       epilog="examples:\n"
-                       "  deepshift generate runs/lm-ps --prompt 'The ' --tokens 200\n"
-                       "  deepshift generate runs/lm-ps --frozen --prompt 'The ' --tokens 200",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = _command(sub, "generate", "sample text from a trained language model (char-transformer)",
+                 "SOURCE is a run folder (its best.pt), a checkpoint (float or converted) or a packed file. "
+                 "Prints the prompt and its continuation, then the speed.",
+                 ["deepshift generate runs/lm-ps --prompt 'The ' --tokens 200",
+                  "deepshift generate runs/lm-ps --frozen --prompt 'The ' --tokens 200"])
     g.add_argument("source", metavar="SOURCE")
     g.add_argument("--prompt", required=True, help="text to continue (UTF-8; the model reads bytes)")
     g.add_argument("--tokens", type=int, default=200, help="bytes to generate (default 200)")

@@ -14,7 +14,6 @@ from deepshift.backends.cpu.conv import (
     _decoded,
     _fused_setup,
     _lanes_for,
-    _max_abs,
     _shifted_bias,
     _valid_codes,
 )
@@ -74,14 +73,13 @@ def _lut(ext, codes, weight_shape, weight_bits, has_zero, shift_lo):
     return _gemv_lut(ext, codes, weight_shape, weight_bits, has_zero, shift_lo)
 
 
-def _wide_lut(ext, x2, lut, out_f, bias64, codes, weight_shape, weight_bits, has_zero, shift_lo):
-    """An int64-accumulator call through the table-lookup kernel's wide form (int32 tables and lane
-    sums, int64 outputs): its result, or None where it does not apply (an |x| or a shift too large
-    for int32 table entries; the table's decode keeps amounts below 32 only)."""
-    _, max_amount = _decoded(ext, codes, weight_shape, weight_bits, has_zero, shift_lo, 64)
-    if max_amount >= 31 or (x2.dtype == torch.int64 and _max_abs(x2) >= 2**31):
+def _wide_layout(ext, codes, weight_shape, weight_bits, has_zero, shift_lo):
+    """The table-lookup layout where the kernel's wide form (int64 outputs) may take the layer: its
+    table's decode keeps shift amounts below 32 only, and an entry |x| << amount must fit int32."""
+    lut = _lut(ext, codes, weight_shape, weight_bits, has_zero, shift_lo)
+    if lut is None or _decoded(ext, codes, weight_shape, weight_bits, has_zero, shift_lo, 64)[1] >= 31:
         return None
-    return ext.gemv_lut(x2.to(torch.int32), *lut, out_f, bias64, True)
+    return lut
 
 
 def _prepare_linear_wide(x, codes, weight_shape, weight_bits, has_zero, shift_lo, bias, act_bits, rounding):
@@ -94,10 +92,8 @@ def _prepare_linear_wide(x, codes, weight_shape, weight_bits, has_zero, shift_lo
     if ext is None or sum(act_bits) > 32:
         return None
     setup = _fused_setup(ext, x, act_bits, rounding, "int32", shift_lo, bias, weight_shape[1], weight_bits)
-    lut = None if setup is None else _lut(ext, codes, weight_shape, weight_bits, has_zero, shift_lo)
+    lut = None if setup is None else _wide_layout(ext, codes, weight_shape, weight_bits, has_zero, shift_lo)
     if lut is None or not _linear_native_ok(x, codes, weight_shape, weight_bits, bias, torch.int32):
-        return None
-    if _decoded(ext, codes, weight_shape, weight_bits, has_zero, shift_lo, 64)[1] >= 31:
         return None
     _, lo, hi, exponent, _ = setup
     b = _shifted_bias(None if bias is None else bias.to(torch.int64), min(shift_lo, 0))
@@ -149,8 +145,10 @@ def shift_linear_cpu(x, codes, weight_shape, weight_bits, has_zero, shift_lo, bi
     x2 = x.reshape(rows, in_f)
     x2 = (x2 if x2.dtype == dtype else x2.to(dtype)).contiguous()
     b = None if bias_s is None else bias_s.to(torch.int64 if lanes == 64 else torch.int32)
-    wide = None if lanes != 64 or lut is None else _wide_lut(ext, x2, lut, out_f, b, codes, weight_shape,
-                                                             weight_bits, has_zero, shift_lo)
+    # int64 lanes: the wide table lookup where it takes the call (None where an |x| << shift leaves int32).
+    wide_lut = None if lanes != 64 or lut is None else _wide_layout(ext, codes, weight_shape, weight_bits,
+                                                                    has_zero, shift_lo)
+    wide = None if wide_lut is None else ext.gemv_lut(x2, *wide_lut, out_f, b, True)
     if lanes == 32 and lut is not None:  # any batch: table lookup beats the 1x1 convolution
         y = ext.gemv_lut(x2, *lut, out_f, b, False)
     elif wide is not None:

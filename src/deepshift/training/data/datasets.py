@@ -77,6 +77,7 @@ class ImageDataset:
     # Whether a whole batch is cheap to build (held in memory): distributed training then builds
     # every global batch on each rank and slices it, so the augmentation equals one process's.
     in_memory: bool = False
+    task = "classify"  # what the model predicts: a class per example (text datasets: "language")
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -216,7 +217,11 @@ class Splits:
     name: str
     num_classes: int
     in_channels: int
-    task: str = "classify"  # or "language": (B, T) tokens in, (B, T, vocab) logits out
+
+    @property
+    def task(self) -> str:
+        """``"classify"``, or ``"language"``: (B, T) tokens in, (B, T, vocab) logits out."""
+        return self.train.task
 
 
 def _hold_out(n: int, fraction: float, seed: int) -> tuple[Tensor, Tensor]:

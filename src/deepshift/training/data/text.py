@@ -137,4 +137,4 @@ def load_text(name: str, root: str | os.PathLike | None, val_fraction: float = 0
                                f"{', '.join(short)} split ({len(docs)} documents in all)")
     if limit_train is not None and limit_train < len(train):
         train = train.subset(torch.arange(limit_train))
-    return Splits(train, val_ds, test_ds, name, 256, 1, task="language")
+    return Splits(train, val_ds, test_ds, name, 256, 1)

@@ -200,16 +200,18 @@ int64_t l2_bytes() {
 
 }  // namespace
 
-// y (M, O) = x (M, K) int32 times the weights of lut_layout's (tiles, values, bits), plus bias (O,) if
-// given. Narrow (wide false): int32 bias and y, mod 2**32. Wide: int64 bias and y, exact; returns an
-// undefined tensor (None in Python: the caller takes another path) where some |x| << shift leaves
-// int32. AVX-512 only: the Python side calls it where current_isa() is 2.
-torch::Tensor gemv_lut(const torch::Tensor& x, const torch::Tensor& tiles, const torch::Tensor& values, int64_t bits,
-                       int64_t O, const c10::optional<torch::Tensor>& bias, bool wide) {
-  TORCH_CHECK(x.dim() == 2 && x.dtype() == torch::kInt32 && x.is_contiguous(), "bad x");
+// y (M, O) = x (M, K) times the weights of lut_layout's (tiles, values, bits), plus bias (O,) if given.
+// Narrow (wide false): int32 x, bias and y, mod 2**32. Wide: int32 or int64 x, int64 bias and y,
+// exact; returns an undefined tensor (None in Python: the caller takes another path) where some
+// |x| << shift leaves int32. AVX-512 only: the Python side calls it where current_isa() is 2.
+torch::Tensor gemv_lut(const torch::Tensor& x_in, const torch::Tensor& tiles, const torch::Tensor& values,
+                       int64_t bits, int64_t O, const c10::optional<torch::Tensor>& bias, bool wide) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.is_contiguous() &&
+                  (x_in.dtype() == torch::kInt32 || (wide && x_in.dtype() == torch::kInt64)),
+              "bad x");
   TORCH_CHECK(bits == 4 || bits == 5, "bad bits");
   TORCH_CHECK(use_avx512(), "gemv_lut needs the AVX-512 path");
-  const int64_t M = x.size(0), K = x.size(1), T = int64_t(1) << bits, B = 16 * (bits == 4 ? 8 : 6);
+  const int64_t M = x_in.size(0), K = x_in.size(1), T = int64_t(1) << bits, B = 16 * (bits == 4 ? 8 : 6);
   const int64_t NB = (O + B - 1) / B;
   TORCH_CHECK(tiles.dtype() == torch::kInt32 && tiles.is_contiguous() && tiles.numel() == NB * K * 16, "bad tiles");
   TORCH_CHECK(values.dtype() == torch::kInt32 && values.numel() == T, "bad values");
@@ -225,13 +227,22 @@ torch::Tensor gemv_lut(const torch::Tensor& x, const torch::Tensor& tiles, const
     int64_t max_amount = -1, max_x = 0;
     for (int64_t i = 0; i < T; ++i)
       if (vp[i] != 0) max_amount = std::max<int64_t>(max_amount, std::abs(vp[i]) - 1);
-    const int32_t* xs = x.data_ptr<int32_t>();
-    for (int64_t i = 0; i < M * K; ++i) max_x = std::max<int64_t>(max_x, std::abs(static_cast<int64_t>(xs[i])));
+    // One scan of x for its largest magnitude (stopping once past int32: refused anyway).
     const int64_t limit = (int64_t(1) << 31) - 1;
-    if (max_amount >= 31 || (max_amount >= 0 && (max_x << max_amount) > limit)) return torch::Tensor();
+    auto scan = [&](const auto* xs) {
+      for (int64_t i = 0; i < M * K && max_x <= limit; ++i) {
+        const int64_t v = xs[i];
+        max_x = std::max<int64_t>(max_x, v == INT64_MIN ? INT64_MAX : (v < 0 ? -v : v));
+      }
+    };
+    if (x_in.dtype() == torch::kInt64) scan(x_in.data_ptr<int64_t>());
+    else scan(x_in.data_ptr<int32_t>());
+    if (max_x > limit || max_amount >= 31 || (max_amount >= 0 && (max_x << max_amount) > limit))
+      return torch::Tensor();
     const int64_t term = max_amount < 0 ? 0 : (max_x << max_amount);
     columns = term == 0 ? K : std::max<int64_t>(1, limit / term);
   }
+  const torch::Tensor x = x_in.dtype() == torch::kInt32 ? x_in : x_in.to(torch::kInt32);
   auto y = torch::empty({M, O}, wide ? torch::kInt64 : torch::kInt32);
   const uint32_t* xp = reinterpret_cast<const uint32_t*>(x.data_ptr<int32_t>());
   const uint32_t* tp = reinterpret_cast<const uint32_t*>(tiles.data_ptr<int32_t>());
