@@ -44,6 +44,7 @@ from deepshift.frozen.attention import ShiftMultiheadAttention
 from deepshift.frozen.float_layers import ExactGlobalAvgPool, FrozenBatchNorm
 from deepshift.frozen.freeze import DEFAULT_ACT_BITS, freeze_
 from deepshift.frozen.fuse import ShiftConvBatchNorm, fuse_frozen
+from deepshift.frozen.integer import integer_only
 from deepshift.frozen.layers import ShiftConvNd, ShiftLinear, is_frozen_layer
 from deepshift.models import build_model
 from deepshift.ops.codes import pack_codes, unpack_codes
@@ -88,6 +89,7 @@ __all__ = [
     "fixed_point",
     "freeze_",
     "fuse_frozen",
+    "integer_only",
     "is_frozen_layer",
     "is_shift_layer",
     "layer_shift_range",

@@ -131,6 +131,13 @@ class Report:
         return "\n".join(lines)
 
 
+def _is_shift_layer(module: nn.Module) -> bool:
+    """A frozen shift layer, or the integer form of one in an integer-only model."""
+    from deepshift.frozen.integer import IntegerShiftLayer
+
+    return is_frozen_layer(module) or isinstance(module, IntegerShiftLayer)
+
+
 def _shift_sign(module: _FrozenShift) -> tuple[Tensor, Tensor, dict[str, Any]]:
     """(shift, sign, info) of a frozen shift layer."""
     rel, sign = decode_codes(module.codes, module.weight_shape, module.weight_bits, module.has_zero)
@@ -204,7 +211,7 @@ def savings_report(
     attention: list[tuple[nn.Module, tuple[int, int, int]]] = []
     hooks = []
     for name, module in model.named_modules():
-        if is_frozen_layer(module) or isinstance(module, (nn.Linear, nn.modules.conv._ConvNd, *_BATCHNORM,
+        if _is_shift_layer(module) or isinstance(module, (nn.Linear, nn.modules.conv._ConvNd, *_BATCHNORM,
                                                     *_AVG_POOL)):
             def hook(mod, args, out, name=name):
                 shapes[name] = (tuple(args[0].shape), tuple(out.shape))
@@ -232,7 +239,7 @@ def savings_report(
         if name not in shapes:
             continue
         in_shape, out_shape = shapes[name]
-        if is_frozen_layer(module):
+        if _is_shift_layer(module):
             shift, sign, info = _shift_sign(module)
             weight_shape = list(shift.shape)
             # Elements that each sum fan_in terms: every output of Linear and conv; every input

@@ -1,0 +1,530 @@
+"""Integer-only frozen models: the input rounded once to fixed point, then integers to the logits.
+
+A model frozen by :func:`deepshift.freeze_` is multiplication-free inside its shift layers only:
+between them it computes in float (each layer's input rounded to fixed point, its output scaled
+back, BatchNorm as a float multiply and add, pooling as a float mean). :func:`integer_only` turns
+a frozen model into one that stays in integers: every value between the input and the logits is
+an ``int64`` tensor ``v`` standing for ``v * 2**-f``, its fraction bits ``f`` fixed per value at
+conversion, and every step is a shift, an add, a compare or a copy:
+
+* a shift layer's input is requantised to the layer's ``act_bits`` by a shift with
+  round-to-nearest (ties to even, as ``torch.round``) and saturation, then the layer's integer op
+  (``deepshift::shift_linear`` / ``shift_conv``) runs as in the frozen model;
+* a BatchNorm ``y = x * s_c + t_c`` becomes, per channel ``c``, a sum of ``scale_terms`` signed
+  powers of two ``s_c ~ sum_k +-2**e_kc`` (its canonical signed-digit approximation: each term a
+  shift of ``x``) and an integer bias ``round(t_c * 2**f)``;
+* ReLU, ReLU6 and hardtanh are integer clamps; a residual addition aligns its operands' fraction
+  bits by left shifts (exact); max pooling, flattening, slicing and zero padding copy integers;
+* average pooling sums; its divisor is a shift where it is a power of two, else a sum of powers of
+  two accurate to ``2**-16`` (relative);
+* the logits are the one conversion back to float (a power-of-two scale, exact).
+
+Anything else (a softmax, a LayerNorm, attention, a float parameter used in forward) is named in a
+ValueError: such a model is not integer-only.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from deepshift.core.quantize import fixed_point_limits
+from deepshift.frozen.float_layers import ExactGlobalAvgPool, FrozenBatchNorm
+from deepshift.frozen.layers import ShiftConvNd, ShiftLinear, _FrozenShift, is_frozen_layer
+from deepshift.ops import reference as ref
+from deepshift.ops.reference import ACCUMULATORS, accumulator_bound
+
+# Extra fraction bits kept after a BatchNorm or a pooling divisor, beyond the finest activation
+# format of the model's shift layers: the next requantisation rounds once more, so these keep
+# the integer model's double rounding far below one activation step.
+GUARD_BITS = 8
+# Relative accuracy of a pooling divisor that is not a power of two (a sum of powers of two).
+_DIVISOR_ACCURACY = 2.0**-16
+_INT64_SAFE = 2**62
+
+
+def power_terms(values: Tensor, terms: int) -> tuple[Tensor, Tensor]:
+    """Each of ``values`` as a sum of up to ``terms`` signed powers of two, greedily (the largest
+    first, each the power of two nearest to what remains): ``(signs, exponents)``, both
+    ``(terms, len(values))`` int64, ``signs`` in {-1, 0, 1}. Zero gets no terms."""
+    rest = values.detach().double().reshape(-1).clone()
+    signs = torch.zeros(terms, rest.numel(), dtype=torch.int64)
+    exps = torch.zeros(terms, rest.numel(), dtype=torch.int64)
+    for k in range(terms):
+        mag = rest.abs()
+        live = mag > 0
+        lo = torch.floor(torch.log2(torch.where(live, mag, 1.0)))
+        # The nearer of 2**lo and 2**(lo + 1) (in value, not in log: what is left is subtracted).
+        e = torch.where(mag - torch.exp2(lo) > torch.exp2(lo + 1) - mag, lo + 1, lo)
+        s = torch.where(live, torch.sign(rest), 0.0)
+        signs[k] = s.to(torch.int64)
+        exps[k] = torch.where(live, e, 0.0).to(torch.int64)
+        rest = rest - s * torch.exp2(e)
+    return signs, exps
+
+
+def terms_value(signs: Tensor, exps: Tensor) -> Tensor:
+    """The float64 values that :func:`power_terms` represents."""
+    return (signs.double() * torch.exp2(exps.double())).sum(0)
+
+
+def round_shift(x: Tensor, amount: Tensor | int) -> Tensor:
+    """``x * 2**-amount`` rounded to the nearest integer (ties to even), by shifts: a right shift
+    where ``amount > 0``, an exact left shift where it is negative. ``amount`` broadcasts."""
+    if isinstance(amount, int):
+        if amount <= 0:
+            return torch.bitwise_left_shift(x, -amount)
+        # floor((x + 2**(a-1) - 1 + lowest kept bit) / 2**a): round half to even
+        odd = torch.bitwise_and(torch.bitwise_right_shift(x, amount), 1)
+        return torch.bitwise_right_shift(x + ((1 << (amount - 1)) - 1) + odd, amount)
+    left = torch.clamp_min(-amount, 0)
+    right = torch.clamp_min(amount, 0)
+    x = torch.bitwise_left_shift(x, left)
+    half = torch.bitwise_right_shift(torch.bitwise_left_shift(torch.ones_like(right), right), 1)
+    odd = torch.bitwise_and(torch.bitwise_right_shift(x, right), 1)
+    # right == 0: half == 0 and the adjustment below must be 0 too
+    adjust = torch.where(right > 0, half - 1 + odd, torch.zeros_like(odd))
+    return torch.bitwise_right_shift(x + adjust, right)
+
+
+def _channel_view(t: Tensor, x: Tensor, dim: int) -> Tensor:
+    shape = [1] * x.dim()
+    shape[dim] = -1
+    return t.reshape(shape)
+
+
+class QuantizeInput(nn.Module):
+    """The model's one float step at the input: ``clamp(round(x * 2**F))`` as int64."""
+
+    def __init__(self, act_bits: tuple[int, int], rounding: str):
+        super().__init__()
+        self.act_bits, self.rounding = act_bits, rounding
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not x.is_floating_point():
+            raise TypeError(f"an integer-only model takes a float input, got {x.dtype}")
+        return torch.ops.deepshift.quantize_input(x, list(self.act_bits), self.rounding, torch.int64)
+
+    def extra_repr(self) -> str:
+        return f"act_bits={self.act_bits}"
+
+
+class Requantize(nn.Module):
+    """From ``in_frac`` to ``out_frac`` fraction bits (rounding, ties to even), saturated to
+    ``[lo, hi]``."""
+
+    def __init__(self, in_frac: int, out_frac: int, lo: int, hi: int):
+        super().__init__()
+        self.shift, self.lo, self.hi = in_frac - out_frac, lo, hi
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.clamp(round_shift(x, self.shift), self.lo, self.hi)
+
+    def extra_repr(self) -> str:
+        return f"shift={self.shift}, range=[{self.lo}, {self.hi}]"
+
+
+class IntegerShiftLayer(nn.Module):
+    """A frozen shift layer on integers: its codes and its integer op, without the float steps
+    around it (its input comes requantised, its accumulator leaves as int64)."""
+
+    def __init__(self, layer: _FrozenShift):
+        super().__init__()
+        self.spec = layer.spec()
+        # what reports read from a shift layer (deepshift.savings_report)
+        for key in ("kind", "weight_shape", "weight_bits", "has_zero", "shift_lo", "shift_hi", "method",
+                    "config", "act_bits"):
+            setattr(self, key, getattr(layer, key))
+        self.transposed = getattr(layer, "transposed", False)
+        self.register_buffer("codes", layer.codes.clone())
+        self.register_buffer("bias_int", None if layer.bias_int is None else layer.bias_int.clone())
+        self.reference = False  # run the pure-torch reference op instead of the dispatched one
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = self.spec
+        acc = ACCUMULATORS[s.accumulator]
+        q = x.to(acc)
+        bias = None if self.bias_int is None else self.bias_int.to(acc)
+        if s.kind == "linear":
+            fn = ref.shift_linear_reference if self.reference else torch.ops.deepshift.shift_linear
+            y = fn(q, self.codes, list(s.weight_shape), s.weight_bits, s.has_zero, s.shift_lo, bias)
+        else:
+            unbatched = q.dim() == len(s.weight_shape) - 1
+            if unbatched:
+                q = q.unsqueeze(0)
+            q, padding = ref._padded(q, s)
+            fn = ref.shift_conv_reference if self.reference else torch.ops.deepshift.shift_conv
+            y = fn(q, self.codes, list(s.weight_shape), s.weight_bits, s.has_zero, s.shift_lo, bias,
+                   list(s.stride), padding, list(s.dilation), s.groups, s.transposed, list(s.output_padding))
+            if unbatched:
+                y = y.squeeze(0)
+        return y.to(torch.int64)
+
+    def extra_repr(self) -> str:
+        return f"{self.spec.kind}, weight_shape={self.spec.weight_shape}, act_bits={self.spec.act_bits}"
+
+
+class ChannelScale(nn.Module):
+    """``y = sum_k sign_kc * x * 2**e_kc + bias_c`` per channel ``c`` (channel dimension ``dim``),
+    from ``in_frac`` to ``out_frac`` fraction bits: each term a shift of ``x`` to ``out_frac +
+    GUARD_BITS`` bits (rounded), the sum rounded once more to ``out_frac``. Per-tensor when
+    ``signs`` has one column."""
+
+    def __init__(self, signs: Tensor, exps: Tensor, bias: Tensor | None, in_frac: int, out_frac: int,
+                 dim: int = 1):
+        super().__init__()
+        inner = out_frac + GUARD_BITS
+        self.register_buffer("signs", signs.clone())
+        # term k of channel c: x * 2**(e - in_frac) at 2**-inner: shift right by in_frac - e - inner
+        self.register_buffer("amounts", in_frac - exps - inner)
+        # the bias at 2**-inner, rounded once
+        self.register_buffer("bias", None if bias is None else
+                             torch.round(bias.double() * 2.0**inner).to(torch.int64))
+        self.dim, self.out_shift = dim, GUARD_BITS
+
+    def forward(self, x: Tensor) -> Tensor:
+        dim = self.dim if self.signs.shape[1] > 1 else 0
+        y = None
+        for sign, amount in zip(self.signs, self.amounts, strict=True):
+            term = round_shift(x, _channel_view(amount, x, dim) if amount.numel() > 1 else int(amount))
+            # a sign is -1, 0 or 1: choose, do not multiply
+            s = _channel_view(sign, x, dim) if sign.numel() > 1 else sign.reshape(())
+            term = torch.where(s > 0, term, torch.where(s < 0, -term, torch.zeros_like(term)))
+            y = term if y is None else y + term
+        if self.bias is not None:
+            y = y + _channel_view(self.bias, x, dim)
+        return round_shift(y, self.out_shift)
+
+    def extra_repr(self) -> str:
+        return f"terms={self.signs.shape[0]}, channels={self.signs.shape[1]}"
+
+
+class Clamp(nn.Module):
+    """ReLU / ReLU6 / hardtanh on integers: ``clamp(x, lo, hi)`` (``None``: unbounded)."""
+
+    def __init__(self, lo: int | None, hi: int | None):
+        super().__init__()
+        self.lo, self.hi = lo, hi
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.clamp(x, self.lo, self.hi)
+
+
+class AlignedAdd(nn.Module):
+    """``a + b`` with ``a`` shifted left by ``shift_a`` bits and ``b`` by ``shift_b`` (exact)."""
+
+    def __init__(self, shift_a: int, shift_b: int):
+        super().__init__()
+        self.shift_a, self.shift_b = shift_a, shift_b
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        return torch.bitwise_left_shift(a, self.shift_a) + torch.bitwise_left_shift(b, self.shift_b)
+
+
+class SumPool(nn.Module):
+    """Sum over ``kernel`` windows (``None``: over all positions, keeping dimensions as
+    ``adaptive_avg_pool(x, 1)`` does)."""
+
+    def __init__(self, kernel: tuple[int, ...] | None, stride: tuple[int, ...] | None):
+        super().__init__()
+        self.kernel, self.stride = kernel, stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        dims = tuple(range(2, x.dim())) if x.dim() > 2 else (1,)
+        if self.kernel is None:
+            return x.sum(dims, keepdim=True)
+        # each unfold appends its window dimension last; the spatial dimensions stay at 2, 3, ...
+        for d, (k, s) in enumerate(zip(self.kernel, self.stride, strict=True)):
+            x = x.unfold(2 + d, k, s)
+        return x.sum(tuple(range(x.dim() - len(self.kernel), x.dim())))
+
+
+class Dequantize(nn.Module):
+    """The logits: ``v * 2**-frac`` in the model input's float dtype (computed in float64: exact;
+    rounded once to a narrower input dtype)."""
+
+    def __init__(self, frac: int):
+        super().__init__()
+        self.frac = frac
+
+    def forward(self, v: Tensor, like: Tensor) -> Tensor:
+        return (v.to(torch.float64) * 2.0 ** -self.frac).to(like.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Conversion: trace the frozen model, give every value its fraction bits, emit integer steps.
+
+
+class _Value:
+    """A traced value of the integer graph: its node, fraction bits and a bound on its integers."""
+
+    def __init__(self, node: torch.fx.Node, frac: int, bound: int):
+        self.node, self.frac, self.bound = node, frac, bound
+
+
+_PASS_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute,
+                   torch.transpose, operator.getitem, torch.max_pool1d, torch.max_pool2d, torch.max_pool3d,
+                   F.max_pool1d, F.max_pool2d, F.max_pool3d, torch.nn.functional.dropout}
+_PASS_METHODS = {"flatten", "view", "reshape", "squeeze", "unsqueeze", "permute", "transpose", "contiguous",
+                 "__getitem__", "clone"}
+_PASS_MODULES = (nn.Flatten, nn.Identity, nn.Dropout, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Unflatten)
+_RELU_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.hardtanh}
+_ADDS = {operator.add, torch.add, operator.iadd}
+
+
+def _describe(node: torch.fx.Node, modules: dict) -> str:
+    if node.op == "call_module":
+        return f"{node.target} ({type(modules[node.target]).__name__})"
+    name = getattr(node.target, "__name__", str(node.target))
+    return f"{node.name} ({name})"
+
+
+def integer_only(model: nn.Module, example_input: Tensor, scale_terms: int = 2) -> torch.fx.GraphModule:
+    """The integer-only form of a frozen model (see the module docstring); ``model`` is unchanged.
+
+    ``example_input`` (one batch of the inputs the model takes, float) fixes the shapes the
+    conversion reads (pooling windows). ``scale_terms`` is how many signed powers of two
+    approximate each BatchNorm channel's scale (1: a single shift; 2, the default, keeps the
+    scale within 1/8 of itself and typically much closer).
+
+    The result is a ``torch.fx.GraphModule`` of integer steps (:class:`Requantize`,
+    :class:`IntegerShiftLayer`, :class:`ChannelScale`, ...) that takes the float input and returns
+    float logits; ``print(result.code)`` shows them. Its shift layers call the same ops as the
+    frozen model's (the native kernels); :func:`set_reference_` switches them to the pure-torch
+    reference, which gives the same integers.
+
+    Raises ValueError naming every operation that has no integer form, or a model without
+    frozen shift layers.
+
+    Example:
+        >>> import torch, deepshift
+        >>> _ = torch.manual_seed(0)
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+        ...                           torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3)).eval()
+        >>> frozen = deepshift.freeze_(deepshift.convert_(net, deepshift.QConfig(weight_bits=5)))
+        >>> x = torch.randn(2, 1, 8, 8)
+        >>> model = deepshift.integer_only(frozen, x)
+        >>> bool((model(x) - frozen(x)).abs().max() < 0.1)
+        True
+        >>> deepshift.savings_report(model, (1, 8, 8)).float_mults_outside
+        0
+    """
+    from deepshift.frozen.fuse import _Tracer
+
+    if not any(is_frozen_layer(m) for m in model.modules()):
+        raise ValueError("integer_only needs a frozen model (deepshift.freeze_) with shift layers")
+    if isinstance(scale_terms, bool) or not isinstance(scale_terms, int) or not 1 <= scale_terms <= 8:
+        raise ValueError(f"scale_terms must be an int in [1, 8], got {scale_terms!r}")
+    try:
+        traced = _Tracer().trace(model)
+    except Exception as exc:  # fx raises many types on untraceable code
+        raise ValueError(f"integer_only cannot trace {type(model).__name__} with torch.fx: {exc}") from exc
+    modules = dict(model.named_modules())
+    gm = torch.fx.GraphModule(model, traced)
+    torch.fx.passes.shape_prop.ShapeProp(gm).propagate(example_input)
+    layers = [modules[n.target] for n in traced.nodes if n.op == "call_module"
+              and is_frozen_layer(modules[n.target])]
+    work_frac = max(layer.act_bits[1] for layer in layers) + GUARD_BITS
+    first = layers[0]
+
+    graph = torch.fx.Graph()
+    new_modules: dict[str, nn.Module] = {}
+    env: dict[torch.fx.Node, _Value] = {}
+    unsupported: list[str] = []
+
+    def add(name: str, module: nn.Module, args: tuple) -> torch.fx.Node:
+        key = f"{name.replace('.', '_')}_{len(new_modules)}"
+        new_modules[key] = module
+        return graph.call_module(key, args)
+
+    def value(arg):
+        return env[arg] if isinstance(arg, torch.fx.Node) else arg
+
+    for node in traced.nodes:
+        if node.op == "placeholder":
+            if env:
+                unsupported.append(f"second input {node.name}")
+                continue
+            x = graph.placeholder(node.name)
+            lo, hi = fixed_point_limits(first.act_bits)
+            env[node] = _Value(add("input", QuantizeInput(first.act_bits, first.act_rounding), (x,)),
+                               first.act_bits[1], max(-lo, hi))
+            continue
+        if node.op == "output":
+            out = node.args[0]
+            if not isinstance(out, torch.fx.Node) or out not in env:
+                unsupported.append("an output that is not one tensor")
+                continue
+            v = env[out]
+            graph.output(add("logits", Dequantize(v.frac), (v.node, x)))
+            continue
+        if node.op == "get_attr":
+            unsupported.append(f"{node.target} (a parameter or buffer read in forward)")
+            env[node] = _Value(graph.call_function(_no_integer_form, ()), 0, 0)
+            continue
+        mod = modules.get(node.target) if node.op == "call_module" else None
+        result = _convert_node(node, mod, env, value, add, graph, work_frac, scale_terms)
+        if result is None:
+            unsupported.append(_describe(node, modules))
+            # a stand-in, so that the steps after it are checked too (the graph is not kept)
+            result = _Value(graph.call_function(_no_integer_form, ()), 0, 0)
+        env[node] = result
+    if unsupported:
+        listed = ", ".join(unsupported[:8]) + (f", ... ({len(unsupported) - 8} more)"
+                                               if len(unsupported) > 8 else "")
+        raise ValueError(f"integer_only: no integer form for {listed}. Integer-only models take shift "
+                         "layers, BatchNorm, ReLU/ReLU6/hardtanh, residual additions, max and average "
+                         "pooling, flatten/reshape/slicing and zero padding.")
+    root = nn.Module()
+    for key, module in new_modules.items():
+        root.add_module(key, module)
+    graph.lint()
+    result = torch.fx.GraphModule(root, graph, class_name=f"{type(model).__name__}IntegerOnly")
+    for name, v in env.items():
+        if v.bound >= _INT64_SAFE:
+            raise ValueError(f"integer_only: the integers after {name} may reach 2**{v.bound.bit_length()}, "
+                             "beyond int64: narrow the activation bits")
+    return result
+
+
+def _no_integer_form() -> Tensor:
+    raise AssertionError("unreachable: a model with this step is refused")
+
+
+def _shape(node: torch.fx.Node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def _convert_node(node, mod, env, value, add, graph, work_frac: int, scale_terms: int) -> _Value | None:
+    """The integer step(s) for one traced node, or None if it has none."""
+    args = [value(a) for a in node.args]
+    first = args[0] if args and isinstance(args[0], _Value) else None
+    name = str(node.target) if node.op == "call_module" else node.name
+
+    # shift layers
+    if isinstance(mod, (ShiftLinear, ShiftConvNd)) and first is not None and len(args) == 1:
+        lo, hi = fixed_point_limits(mod.act_bits)
+        q = add(name + "_in", Requantize(first.frac, mod.act_bits[1], lo, hi), (first.node,))
+        u = min(mod.shift_lo, 0)
+        bound = accumulator_bound(mod.fan_in(), max(-lo, hi), mod.shift_hi - u,
+                                  max(-lo, hi) if mod.bias_int is not None else 0, u)
+        return _Value(add(name, IntegerShiftLayer(mod), (q,)), mod.act_bits[1] - u, bound)
+
+    # BatchNorm (eval): per-channel scale and shift
+    if isinstance(mod, (FrozenBatchNorm, nn.modules.batchnorm._BatchNorm)) and first is not None:
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and (mod.training or mod.running_var is None):
+            return None
+        w = mod.weight.double() if mod.weight is not None else torch.ones_like(mod.running_var.double())
+        b = mod.bias.double() if mod.bias is not None else torch.zeros_like(w)
+        scale = w / torch.sqrt(mod.running_var.double() + mod.eps)
+        shift = b - mod.running_mean.double() * scale
+        signs, exps = power_terms(scale, scale_terms)
+        step = ChannelScale(signs, exps, shift, first.frac, work_frac, dim=1)
+        gain = float(terms_value(signs.abs(), exps).max())
+        bound = math.ceil(first.bound * 2.0 ** (work_frac - first.frac) * gain
+                          + float(shift.abs().max()) * 2.0**work_frac) + 2
+        return _Value(add(name, step, (first.node,)), work_frac, bound)
+
+    # clamps
+    relu = ((node.op == "call_module" and isinstance(mod, (nn.ReLU, nn.ReLU6, nn.Hardtanh)))
+            or (node.op == "call_function" and node.target in _RELU_FUNCTIONS)
+            or (node.op == "call_method" and node.target in ("relu", "relu_")))
+    if relu and first is not None:
+        if isinstance(mod, nn.Hardtanh):  # ReLU6 is a Hardtanh(0, 6)
+            lo_f, hi_f = mod.min_val, mod.max_val
+        elif node.target is F.relu6:
+            lo_f, hi_f = 0.0, 6.0
+        elif node.target is F.hardtanh:
+            lo_f = node.kwargs.get("min_val", args[1] if len(args) > 1 else -1.0)
+            hi_f = node.kwargs.get("max_val", args[2] if len(args) > 2 else 1.0)
+        else:
+            lo_f, hi_f = 0.0, None
+        bounds = []
+        for v in (lo_f, hi_f):
+            if v is None:
+                bounds.append(None)
+                continue
+            scaled = float(v) * 2.0**first.frac
+            if scaled != round(scaled):
+                return None
+            bounds.append(int(scaled))
+        return _Value(add(name, Clamp(*bounds), (first.node,)), first.frac, first.bound)
+
+    # residual additions
+    if node.op == "call_function" and node.target in _ADDS and len(args) == 2 and not node.kwargs \
+            and all(isinstance(a, _Value) for a in args):
+        a, b = args
+        frac = max(a.frac, b.frac)
+        step = AlignedAdd(frac - a.frac, frac - b.frac)
+        bound = (a.bound << (frac - a.frac)) + (b.bound << (frac - b.frac))
+        return _Value(add("add", step, (a.node, b.node)), frac, bound)
+
+    # average pooling
+    shape_in = _shape(node.args[0]) if node.args and isinstance(node.args[0], torch.fx.Node) else None
+    shape_out = _shape(node)
+    pool = None
+    adaptive = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+    if isinstance(mod, ExactGlobalAvgPool) or (isinstance(mod, adaptive) and shape_out is not None
+                                               and all(s == 1 for s in shape_out[2:])):
+        pool = (None, None)
+    elif isinstance(mod, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)):
+        dims = len(shape_in) - 2 if shape_in else 0
+
+        def as_tuple(v):
+            return tuple(v) if isinstance(v, (tuple, list)) else (v,) * dims
+
+        padding = as_tuple(mod.padding)
+        if any(padding) or mod.ceil_mode or getattr(mod, "divisor_override", None):
+            return None
+        pool = (as_tuple(mod.kernel_size), as_tuple(mod.stride or mod.kernel_size))
+    if pool is not None and first is not None and shape_in is not None:
+        kernel, stride = pool
+        count = math.prod(shape_in[2:]) if kernel is None else math.prod(kernel)
+        summed = add(name + "_sum", SumPool(kernel, stride), (first.node,))
+        bound = first.bound * count
+        if count & (count - 1) == 0:  # a power of two: the divisor is a change of fraction bits
+            return _Value(summed, first.frac + count.bit_length() - 1, bound)
+        terms = 1
+        while True:
+            signs, exps = power_terms(torch.tensor([1.0 / count], dtype=torch.float64), terms)
+            if abs(float(terms_value(signs, exps)[0]) * count - 1) <= _DIVISOR_ACCURACY or terms == 8:
+                break
+            terms += 1
+        step = ChannelScale(signs, exps, None, first.frac, work_frac)
+        return _Value(add(name, step, (summed,)),
+                      work_frac, math.ceil(first.bound * 2.0 ** (work_frac - first.frac)) + 2)
+
+    # value-preserving steps (copies, views, max pooling, zero padding)
+    if first is not None:
+        keeps = ((node.op == "call_module" and isinstance(mod, _PASS_MODULES))
+                 or (node.op == "call_function" and node.target in _PASS_FUNCTIONS)
+                 or (node.op == "call_method" and node.target in _PASS_METHODS))
+        if node.op == "call_function" and node.target is F.pad:
+            mode = node.kwargs.get("mode", args[2] if len(args) > 2 else "constant")
+            fill = node.kwargs.get("value", args[3] if len(args) > 3 else None)
+            keeps = mode == "constant" and not fill
+        if keeps:
+            new_args = tuple(a.node if isinstance(a, _Value) else a for a in args)
+            if node.op == "call_module":
+                copy_mod = mod
+                new = add(name, copy_mod, new_args)
+            elif node.op == "call_method":
+                new = graph.call_method(node.target, new_args, dict(node.kwargs))
+            else:
+                new = graph.call_function(node.target, new_args, dict(node.kwargs))
+            return _Value(new, first.frac, first.bound)
+    return None
+
+
+def set_reference_(model: nn.Module, on: bool = True) -> nn.Module:
+    """Make every integer shift layer of an integer-only model call the pure-torch reference op
+    (``on``) or the dispatched native kernel (the default)."""
+    for module in model.modules():
+        if isinstance(module, IntegerShiftLayer):
+            module.reference = on
+    return model

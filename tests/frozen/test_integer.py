@@ -1,0 +1,201 @@
+"""Integer-only frozen models (deepshift.integer_only): integers from the input to the logits."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import deepshift
+from deepshift.frozen import integer as integer_module
+from deepshift.frozen.integer import integer_only, power_terms, round_shift, set_reference_, terms_value
+from deepshift.models import build_model
+
+
+def _frozen(name: str, cfg, shape, in_channels=None, seed=0):
+    torch.manual_seed(seed)
+    net = build_model(name, in_channels=in_channels)
+    x = torch.randn(*shape)
+    net.train()
+    with torch.no_grad():  # BatchNorm statistics that are not the identity
+        for _ in range(3):
+            net(x + 0.5 * torch.randn_like(x))
+    deepshift.convert_(net.eval(), cfg)
+    return deepshift.freeze_(net), x
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(-(2**40), 2**40), min_size=1, max_size=32), st.integers(-12, 24))
+def test_round_shift_rounds_to_nearest_ties_to_even(values, amount):
+    x = torch.tensor(values, dtype=torch.int64)
+    expected = torch.round(x.double() * 2.0**-amount).to(torch.int64)  # exact in float64 here
+    assert torch.equal(round_shift(x, amount), expected)
+    # the per-element (tensor) form agrees
+    amounts = torch.full_like(x, amount)
+    assert torch.equal(round_shift(x, amounts), expected)
+
+
+def test_round_shift_ties_and_mixed_amounts():
+    x = torch.tensor([3, 5, -3, -5, -1, 1, 7, -7, 6])
+    assert round_shift(x, 1).tolist() == [2, 2, -2, -2, 0, 0, 4, -4, 3]  # 1.5, 2.5, ... to even
+    amounts = torch.tensor([1, 1, 0, -2, 2, 3, -1, 2, 1])
+    expected = torch.round(x.double() * torch.exp2(-amounts.double())).to(torch.int64)
+    assert torch.equal(round_shift(x, amounts), expected)
+
+
+def test_requantize_saturates_and_rounds():
+    step = integer_module.Requantize(in_frac=10, out_frac=8, lo=-128, hi=127)
+    x = torch.tensor([2**20, -(2**20), 6, 2, -6, 511, -514])  # /4: huge, huge, 1.5, 0.5, -1.5, 127.75, -128.5
+    assert step(x).tolist() == [127, -128, 2, 0, -2, 127, -128]
+
+
+def test_power_terms_approximate_better_with_each_term_and_are_exact_for_powers_of_two():
+    torch.manual_seed(0)
+    values = torch.randn(500, dtype=torch.float64) * 3
+    errors = []
+    for k in (1, 2, 3, 4):
+        signs, exps = power_terms(values, k)
+        assert signs.shape == exps.shape == (k, 500) and signs.dtype == exps.dtype == torch.int64
+        assert set(signs.unique().tolist()) <= {-1, 0, 1}
+        errors.append(float(((terms_value(signs, exps) - values) / values).abs().max()))
+    assert errors[0] <= 1 / 3 + 1e-12 and all(b < a for a, b in zip(errors, errors[1:], strict=False))
+    exact = torch.tensor([0.25, -8.0, 1.0, 0.0], dtype=torch.float64)
+    signs, exps = power_terms(exact, 2)
+    assert torch.equal(terms_value(signs, exps), exact) and signs[1].abs().sum() == 0
+
+
+class _DispatchLog(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: list[tuple[str, list[torch.dtype]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        flat = out if isinstance(out, (tuple, list)) else [out]
+        self.ops.append((str(func), [t.dtype for t in flat if isinstance(t, torch.Tensor)]))
+        return out
+
+
+@pytest.mark.parametrize("name,shape,in_channels", [("mnist-conv", (2, 1, 28, 28), None),
+                                                    ("resnet20", (2, 1, 28, 28), 1),
+                                                    ("resnet20", (2, 3, 32, 32), None)])
+def test_no_op_between_the_input_quantisation_and_the_logits_makes_a_float_tensor(name, shape, in_channels):
+    frozen, x = _frozen(name, deepshift.QConfig(weight_bits=5), shape, in_channels)
+    model = integer_only(frozen, x)
+    with _DispatchLog() as log, torch.no_grad():
+        y = model(x)
+    ops = log.ops
+    start = next(i for i, (op, _) in enumerate(ops) if "quantize_input" in op)
+    assert all(not dt.is_floating_point for dt in ops[start][1])
+    # the logits: int64 -> float64, times 2**-frac, -> float32: the only float ops after the input's
+    first_float = next(i for i in range(start + 1, len(ops)) if any(dt.is_floating_point for dt in ops[i][1]))
+    assert len(ops) - first_float <= 3, ops[first_float:]
+    between = ops[start + 1:first_float]
+    assert len(between) > 20  # the whole network ran in between
+    assert all(not dt.is_floating_point for _, dts in between for dt in dts), \
+        [op for op, dts in between if any(dt.is_floating_point for dt in dts)]
+    assert y.dtype == torch.float32 and y.shape == (shape[0], 10)
+
+
+def test_without_batchnorm_integer_only_equals_the_frozen_model_bit_for_bit():
+    # mnist-conv has no BatchNorm: every step between the shift layers is exact in float64 too
+    for cfg in (deepshift.QConfig(weight_bits=5), deepshift.PSConfig(weight_bits=3),
+                deepshift.QConfig(weight_bits=4, act_bits=(6, 6))):
+        frozen, x = _frozen("mnist-conv", cfg, (8, 1, 28, 28))
+        x = x.double()
+        model = integer_only(frozen, x)
+        with torch.no_grad():
+            assert torch.equal(model(x), frozen(x))
+
+
+@pytest.mark.parametrize("shape,in_channels", [((4, 1, 28, 28), 1), ((4, 3, 32, 32), None)],
+                         ids=["28x28-pool49", "32x32-pool64"])
+def test_with_exact_scales_a_resnet_follows_the_frozen_model(shape, in_channels):
+    frozen, x = _frozen("resnet20", deepshift.QConfig(weight_bits=5), shape, in_channels)
+    with torch.no_grad():
+        expected = frozen(x)
+        close = integer_only(frozen, x, scale_terms=8)(x)
+        rough = integer_only(frozen, x, scale_terms=1)(x)
+    err_close = float((close - expected).abs().max())
+    err_rough = float((rough - expected).abs().max())
+    assert err_close < 0.01 * float(expected.abs().max()), err_close
+    assert err_close < err_rough
+
+
+@pytest.mark.parametrize("cfg", [deepshift.QConfig(weight_bits=5), deepshift.PSConfig(weight_bits=3),
+                                 deepshift.QConfig(weight_bits=2, act_bits=(4, 4))],
+                         ids=["q5", "ps3", "q2-a4.4"])
+def test_the_integer_reference_equals_the_native_path_bit_for_bit(cfg):
+    for name, shape, channels in (("resnet20", (3, 1, 28, 28), 1), ("mnist-conv", (3, 1, 28, 28), None)):
+        frozen, x = _frozen(name, cfg, shape, channels)
+        model = integer_only(frozen, x)
+        with torch.no_grad():
+            native = model(x)
+            reference = set_reference_(copy.deepcopy(model))(x)
+        assert torch.equal(native, reference)
+
+
+class _WithSoftmax(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+        self.norm = nn.LayerNorm(4)
+
+    def forward(self, x):
+        return torch.softmax(self.norm(self.fc(x)), -1)
+
+
+def test_operations_without_an_integer_form_are_named():
+    net = deepshift.convert_(_WithSoftmax(), deepshift.QConfig())
+    frozen = deepshift.freeze_(net.eval())
+    with pytest.raises(ValueError, match=r"norm \(LayerNorm\).*softmax"):
+        integer_only(frozen, torch.randn(2, 8))
+    with pytest.raises(ValueError, match="needs a frozen model"):
+        integer_only(nn.Sequential(nn.Linear(3, 2)), torch.randn(1, 3))
+    frozen_ok, x = _frozen("mnist-conv", deepshift.QConfig(), (1, 1, 28, 28))
+    for bad in (0, 9, 2.0, True):
+        with pytest.raises(ValueError, match="scale_terms"):
+            integer_only(frozen_ok, x, scale_terms=bad)
+    with pytest.raises(TypeError, match="float input"):
+        integer_only(frozen_ok, x)(x.to(torch.int64))
+
+
+def test_hardtanh_and_relu6_clamp_in_integers():
+    net = nn.Sequential(nn.Linear(6, 5), nn.ReLU6(), nn.Linear(5, 4), nn.Hardtanh(-0.5, 0.75),
+                        nn.Linear(4, 3))
+    torch.manual_seed(1)
+    frozen = deepshift.freeze_(deepshift.convert_(net, deepshift.QConfig(weight_bits=5)).eval())
+    x = torch.randn(16, 6, dtype=torch.float64) * 4
+    with torch.no_grad():
+        assert torch.equal(integer_only(frozen, x)(x), frozen(x))
+
+
+def test_the_report_of_an_integer_only_resnet_counts_no_float_work_and_the_same_shift_work():
+    frozen, x = _frozen("resnet20", deepshift.QConfig(weight_bits=5), (2, 3, 32, 32))
+    before = deepshift.savings_report(frozen, (3, 32, 32))
+    after = deepshift.savings_report(integer_only(frozen, x), (3, 32, 32))
+    assert before.float_mults_outside > 0 and before.float_adds_outside > 0
+    assert after.float_mults_outside == 0 and after.float_adds_outside == 0 and after.float_macs_outside == 0
+    assert after.shift_macs == before.shift_macs and len(after.layers) == len(before.layers) == 20
+    assert after.packed_weight_bytes == before.packed_weight_bytes
+
+
+def test_average_pooling_divides_by_a_shift_or_by_a_sum_of_powers_of_two():
+    torch.manual_seed(2)
+    for pool, exact in ((nn.AvgPool2d(2), True), (nn.AvgPool2d(3, stride=2), False),
+                        (nn.AdaptiveAvgPool2d(1), False)):
+        net = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), pool, nn.Flatten(), nn.LazyLinear(3))
+        x = torch.randn(5, 2, 12, 12, dtype=torch.float64)
+        net(x.float())  # sizes the lazy layer
+        frozen = deepshift.freeze_(deepshift.convert_(net.eval(), deepshift.QConfig(weight_bits=5)))
+        with torch.no_grad():
+            expected, got = frozen(x), integer_only(frozen, x)(x)
+        if exact:  # 2x2 windows: a change of fraction bits, no rounding at all
+            assert torch.equal(got, expected)
+        else:  # 1/9 and 1/100 to 2**-16: at most a step of the next layer's input rounding
+            assert float((got - expected).abs().max()) < 0.05 * float(expected.abs().max())
