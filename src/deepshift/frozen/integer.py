@@ -11,8 +11,8 @@ conversion, and every step is a shift, an add, a compare or a copy:
   round-to-nearest (ties to even, as ``torch.round``) and saturation, then the layer's integer op
   (``deepshift::shift_linear`` / ``shift_conv``) runs as in the frozen model;
 * a BatchNorm ``y = x * s_c + t_c`` becomes, per channel ``c``, a sum of ``scale_terms`` signed
-  powers of two ``s_c ~ sum_k +-2**e_kc`` (its canonical signed-digit approximation: each term a
-  shift of ``x``) and an integer bias ``round(t_c * 2**f)``;
+  powers of two ``s_c ~ sum_k +-2**e_kc`` (a signed-digit approximation: each term a shift of
+  ``x``) and an integer bias, summed exactly and rounded once;
 * ReLU, ReLU6 and hardtanh are integer clamps; a residual addition aligns its operands' fraction
   bits by left shifts (exact); max pooling, flattening, slicing and zero padding copy integers;
 * average pooling sums; its divisor is a shift where it is a power of two, else a sum of powers of
@@ -45,6 +45,8 @@ GUARD_BITS = 8
 # Relative accuracy of a pooling divisor that is not a power of two (a sum of powers of two).
 _DIVISOR_ACCURACY = 2.0**-16
 _INT64_SAFE = 2**62
+# Terms of a power-of-two sum more than this many bits below its leading term are dropped.
+_TERM_SPAN = 26
 
 
 def power_terms(values: Tensor, terms: int) -> tuple[Tensor, Tensor]:
@@ -54,9 +56,12 @@ def power_terms(values: Tensor, terms: int) -> tuple[Tensor, Tensor]:
     rest = values.detach().double().reshape(-1).clone()
     signs = torch.zeros(terms, rest.numel(), dtype=torch.int64)
     exps = torch.zeros(terms, rest.numel(), dtype=torch.int64)
+    lead = None
     for k in range(terms):
         mag = rest.abs()
         live = mag > 0
+        if lead is not None:  # below float32's precision of the value: no use, and wide shifts
+            live &= mag >= lead * 2.0**-_TERM_SPAN
         lo = torch.floor(torch.log2(torch.where(live, mag, 1.0)))
         # The nearer of 2**lo and 2**(lo + 1) (in value, not in log: what is left is subtracted).
         e = torch.where(mag - torch.exp2(lo) > torch.exp2(lo + 1) - mag, lo + 1, lo)
@@ -64,6 +69,8 @@ def power_terms(values: Tensor, terms: int) -> tuple[Tensor, Tensor]:
         signs[k] = s.to(torch.int64)
         exps[k] = torch.where(live, e, 0.0).to(torch.int64)
         rest = rest - s * torch.exp2(e)
+        if lead is None:
+            lead = mag
     return signs, exps
 
 
@@ -169,35 +176,59 @@ class IntegerShiftLayer(nn.Module):
 
 
 class ChannelScale(nn.Module):
-    """``y = sum_k sign_kc * x * 2**e_kc + bias_c`` per channel ``c`` (channel dimension ``dim``),
-    from ``in_frac`` to ``out_frac`` fraction bits: each term a shift of ``x`` to ``out_frac +
-    GUARD_BITS`` bits (rounded), the sum rounded once more to ``out_frac``. Per-tensor when
-    ``signs`` has one column."""
+    """``y = round((sum_k sign_kc * x * 2**e_kc + bias_c) * 2**(out_frac - in_frac))`` per channel
+    ``c`` (channel dimension ``dim``; per tensor when ``signs`` has one column): ``x`` at ``in_frac``
+    fraction bits, ``y`` at ``out_frac``. The sum is exact (each term a left shift of ``x`` by
+    ``e_kc - m_c``, ``m_c`` the channel's lowest exponent; the bias rounded once at that precision),
+    and one rounding shift (ties to even) takes it to ``out_frac``."""
 
     def __init__(self, signs: Tensor, exps: Tensor, bias: Tensor | None, in_frac: int, out_frac: int,
-                 dim: int = 1):
+                 x_bound: int, dim: int = 1):
         super().__init__()
-        inner = out_frac + GUARD_BITS
+        live = signs != 0
+        low = torch.where(live, exps, torch.iinfo(torch.int64).max).amin(0)
+        low = torch.where(live.any(0), low, 0)
+        lefts = torch.where(live, exps - low, 0)
+        gain = int(torch.where(live, torch.bitwise_left_shift(torch.ones_like(lefts), lefts), 0).sum(0).max())
+        bias_max = 0.0 if bias is None else float(bias.abs().max())
+        # Inputs whose bound would let the exact sum pass int64 are rounded first by ``pre`` bits
+        # (bits far below the output's precision: only for extreme accumulator bounds).
+        self.pre = 0
+        while True:
+            inner = in_frac - self.pre - low
+            top = int(inner.max()) if inner.numel() else 0
+            bound = ((x_bound >> self.pre) + 1) * gain + bias_max * 2.0**top
+            if bound < _INT64_SAFE or self.pre >= 62:
+                break
+            self.pre += 1
+        self.bound = int(bound)
         self.register_buffer("signs", signs.clone())
-        # term k of channel c: x * 2**(e - in_frac) at 2**-inner: shift right by in_frac - e - inner
-        self.register_buffer("amounts", in_frac - exps - inner)
-        # the bias at 2**-inner, rounded once
+        self.register_buffer("lefts", lefts)
+        # the sum is at in_frac - pre - low fraction bits: shift right by that minus out_frac
+        self.register_buffer("rights", inner - out_frac)
         self.register_buffer("bias", None if bias is None else
-                             torch.round(bias.double() * 2.0**inner).to(torch.int64))
-        self.dim, self.out_shift = dim, GUARD_BITS
+                             torch.round(bias.double() * torch.exp2(inner.double())).to(torch.int64))
+        self.dim = dim
 
     def forward(self, x: Tensor) -> Tensor:
         dim = self.dim if self.signs.shape[1] > 1 else 0
+        if self.pre:
+            x = round_shift(x, self.pre)
+
+        def per_channel(t: Tensor) -> Tensor:
+            return _channel_view(t, x, dim) if t.numel() > 1 else t.reshape(())
+
         y = None
-        for sign, amount in zip(self.signs, self.amounts, strict=True):
-            term = round_shift(x, _channel_view(amount, x, dim) if amount.numel() > 1 else int(amount))
+        for sign, left in zip(self.signs, self.lefts, strict=True):
+            term = torch.bitwise_left_shift(x, per_channel(left))
             # a sign is -1, 0 or 1: choose, do not multiply
-            s = _channel_view(sign, x, dim) if sign.numel() > 1 else sign.reshape(())
+            s = per_channel(sign)
             term = torch.where(s > 0, term, torch.where(s < 0, -term, torch.zeros_like(term)))
             y = term if y is None else y + term
         if self.bias is not None:
-            y = y + _channel_view(self.bias, x, dim)
-        return round_shift(y, self.out_shift)
+            y = y + per_channel(self.bias)
+        rights = self.rights
+        return round_shift(y, per_channel(rights) if rights.numel() > 1 else int(rights))
 
     def extra_repr(self) -> str:
         return f"terms={self.signs.shape[0]}, channels={self.signs.shape[1]}"
@@ -384,11 +415,15 @@ def integer_only(model: nn.Module, example_input: Tensor, scale_terms: int = 2) 
         root.add_module(key, module)
     graph.lint()
     result = torch.fx.GraphModule(root, graph, class_name=f"{type(model).__name__}IntegerOnly")
-    for name, v in env.items():
-        if v.bound >= _INT64_SAFE:
-            raise ValueError(f"integer_only: the integers after {name} may reach 2**{v.bound.bit_length()}, "
-                             "beyond int64: narrow the activation bits")
+    for node, v in env.items():
+        _check_int64(v.bound, node.name)
     return result
+
+
+def _check_int64(bound: int, name: str) -> None:
+    if bound >= _INT64_SAFE:
+        raise ValueError(f"integer_only: the integers at {name} may reach 2**{bound.bit_length()}, beyond "
+                         "int64: narrow the activation bits or the layer's shift range")
 
 
 def _no_integer_form() -> Tensor:
@@ -424,7 +459,8 @@ def _convert_node(node, mod, env, value, add, graph, work_frac: int, scale_terms
         scale = w / torch.sqrt(mod.running_var.double() + mod.eps)
         shift = b - mod.running_mean.double() * scale
         signs, exps = power_terms(scale, scale_terms)
-        step = ChannelScale(signs, exps, shift, first.frac, work_frac, dim=1)
+        step = ChannelScale(signs, exps, shift, first.frac, work_frac, first.bound, dim=1)
+        _check_int64(step.bound, name)
         gain = float(terms_value(signs.abs(), exps).max())
         bound = math.ceil(first.bound * 2.0 ** (work_frac - first.frac) * gain
                           + float(shift.abs().max()) * 2.0**work_frac) + 2
@@ -495,7 +531,8 @@ def _convert_node(node, mod, env, value, add, graph, work_frac: int, scale_terms
             if abs(float(terms_value(signs, exps)[0]) * count - 1) <= _DIVISOR_ACCURACY or terms == 8:
                 break
             terms += 1
-        step = ChannelScale(signs, exps, None, first.frac, work_frac)
+        step = ChannelScale(signs, exps, None, first.frac, work_frac, bound)
+        _check_int64(step.bound, name)
         return _Value(add(name, step, (summed,)),
                       work_frac, math.ceil(first.bound * 2.0 ** (work_frac - first.frac)) + 2)
 
