@@ -43,6 +43,31 @@ def test_export_packed_then_eval_packed_matches_the_run(capsys, runs, tmp_path):
     assert frozen["n"] > 0 and abs(frozen["top1"] - metrics["test_top1"]) <= 1.0
 
 
+def test_export_integer_only_then_eval_and_report_it(capsys, runs, tmp_path):
+    root, _ = runs
+    frozen_file, int_file = tmp_path / "m.dshift", tmp_path / "int.dshift"
+    assert cli(capsys, "export", root / "ps", "-o", frozen_file)[0] == 0
+    code, out, _ = cli(capsys, "export", root / "ps", "--integer-only", "-o", int_file)
+    assert code == 0 and "int.dshift" in out
+    results = {}
+    for name, path in (("frozen", frozen_file), ("integer", int_file)):
+        code, out, _ = cli(capsys, "eval", "--packed", path, "--data", "digits", "--json", "--quiet")
+        assert code == 0
+        results[name] = json.loads(out)
+    # mnist-fc has no BatchNorm: the integer-only model classifies exactly as the frozen one
+    assert results["integer"]["n"] == results["frozen"]["n"] > 0
+    assert abs(results["integer"]["top1"] - results["frozen"]["top1"]) <= 0.5
+    code, out, _ = cli(capsys, "report", int_file, "--json")
+    data = json.loads(out)
+    assert code == 0 and data["float_mults_outside"] == 0 and data["float_adds_outside"] == 0
+    assert data["shift_macs"] == 784 * 512 + 512 * 512 + 512 * 10
+    code, _, err = cli(capsys, "export", root / "ps", "--integer-only", "--format", "onnx", "-o",
+                       tmp_path / "m.onnx")
+    assert code == 2 and "integer-only" in err and "\n" not in err
+    code, _, err = cli(capsys, "export", int_file, "-o", tmp_path / "again.dshift")
+    assert code == 2 and "integer-only packed file already" in err
+
+
 def test_export_onnx_and_report(capsys, runs, tmp_path):
     pytest.importorskip("onnx", reason="onnx is an optional extra")
     root, _ = runs

@@ -199,3 +199,21 @@ def test_average_pooling_divides_by_a_shift_or_by_a_sum_of_powers_of_two():
             assert torch.equal(got, expected)
         else:  # 1/9 and 1/100 to 2**-16: at most a step of the next layer's input rounding
             assert float((got - expected).abs().max()) < 0.05 * float(expected.abs().max())
+
+
+def test_a_packed_file_round_trips_the_integer_only_model(tmp_path):
+    frozen, x = _frozen("resnet20", deepshift.PSConfig(weight_bits=4), (3, 1, 28, 28), in_channels=1)
+    frozen.zoo_spec = {"name": "resnet20", "kwargs": {"num_classes": 10, "in_channels": 1}}
+    path = tmp_path / "int.dshift"
+    deepshift.save_packed(frozen, path, integer_only={"input_shape": [1, 28, 28], "scale_terms": 3})
+    loaded = deepshift.load_packed(path)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), integer_only(frozen, x, scale_terms=3)(x))
+    assert loaded.integer_recipe == {"input_shape": [1, 28, 28], "scale_terms": 3}
+    for bad in ({"input_shape": [1, 28, 28]}, {"input_shape": [], "scale_terms": 2},
+                {"input_shape": [1, 28, 28], "scale_terms": 0}, {"input_shape": [1, -2], "scale_terms": 2}):
+        with pytest.raises(ValueError, match="integer_only|scale_terms"):
+            deepshift.save_packed(frozen, tmp_path / "bad.dshift", integer_only=bad)
+    assert not (tmp_path / "bad.dshift").exists()
+    with pytest.raises(ValueError, match="not its integer_only form"):
+        deepshift.save_packed(loaded, tmp_path / "bad.dshift")

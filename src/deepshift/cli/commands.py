@@ -75,8 +75,9 @@ def load_source(source: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
         model = load_packed(path)
         spec = getattr(model, "zoo_spec", None) or {}
         name = spec.get("name")
+        recipe = getattr(model, "integer_recipe", None)  # an integer-only file knows its input shape
         return model, {"kind": "packed", "model": name, "data": None,
-                       "input_shape": default_input_shape(name)}
+                       "input_shape": tuple(recipe["input_shape"]) if recipe else default_input_shape(name)}
     ckpt = load_checkpoint(path)
     try:
         cfg = TrainConfig.from_dict(ckpt["config"])
@@ -101,21 +102,41 @@ def _input_dtype(info: dict[str, Any]) -> torch.dtype:
 
 
 def _require_shift_layers(model: nn.Module, source) -> None:
-    if not shift_layers(model) and not any(is_frozen_layer(m) for m in model.modules()):
+    from deepshift.frozen.integer import IntegerShiftLayer
+
+    if not shift_layers(model) and not any(is_frozen_layer(m) or isinstance(m, IntegerShiftLayer)
+                                           for m in model.modules()):
         raise DeployError(f"{source} has no shift layers (a float run): train with --method q or ps")
 
 
 def export(source: str | os.PathLike, fmt: str, output: str | os.PathLike,
            act_bits: tuple[int, int] | None = None, onnx_mode: str = "fixed_point",
-           input_shape: tuple[int, ...] | None = None) -> dict[str, Any]:
-    """Export ``source`` to a packed file (``fmt="packed"``) or ONNX (``fmt="onnx"``); returns a summary."""
+           input_shape: tuple[int, ...] | None = None, integer_only: bool = False,
+           scale_terms: int = 2) -> dict[str, Any]:
+    """Export ``source`` to a packed file (``fmt="packed"``) or ONNX (``fmt="onnx"``); returns a summary.
+    ``integer_only``: a packed file that loads as the integer-only model (``scale_terms`` signed
+    powers of two per BatchNorm scale)."""
     model, info = load_source(source)
     _require_shift_layers(model, source)
     if fmt not in ("packed", "onnx"):
         raise DeployError(f"format {fmt!r} is not allowed; choose packed or onnx")
+    if integer_only and fmt != "packed":
+        raise DeployError("--integer-only writes a packed file; ONNX export of integer-only models is not "
+                          "available yet")
+    if getattr(model, "integer_recipe", None) is not None:
+        raise DeployError(f"{source} is an integer-only packed file already: export its frozen source")
     frozen = frozen_copy(model, act_bits)  # a packed file's model is frozen already
     if fmt == "packed":
-        size = save_packed(frozen, output)
+        recipe = None
+        if integer_only:
+            shape = input_shape or info["input_shape"]
+            if shape is None:
+                raise DeployError("cannot tell the model's input shape: pass --input-shape")
+            recipe = {"input_shape": list(shape), "scale_terms": scale_terms}
+        try:
+            size = save_packed(frozen, output, integer_only=recipe)
+        except ValueError as e:
+            raise DeployError(str(e)) from e
         from deepshift.report import compression_report
 
         return {"path": str(output), "bytes": size, **compression_report(frozen)}
@@ -152,7 +173,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     act = tuple(args.act_bits) if args.act_bits else None
     shape = tuple(args.input_shape) if args.input_shape else None
     info = export(args.source, args.format, args.output, act_bits=act, onnx_mode=args.onnx_mode,
-                  input_shape=shape)
+                  input_shape=shape, integer_only=args.integer_only, scale_terms=args.scale_terms)
     line = f"wrote {info['path']} ({info['bytes']:,} bytes)"
     if args.format == "packed":
         line += (f"; shift weights {info['float32_weight_bytes']:,} B float32 -> "

@@ -197,6 +197,7 @@ def _add_deploy_commands(sub) -> None:
     x = _command(sub, "export", "export a trained shift model: packed file or ONNX",
                  "SOURCE is a run folder (its best.pt), a checkpoint, or a packed file.",
                  ["deepshift export runs/ps --format packed -o model.dshift",
+                  "deepshift export runs/ps --integer-only -o model-int.dshift",
                   "deepshift export model.dshift --format onnx -o model.onnx"])
     x.add_argument("source", metavar="SOURCE")
     x.add_argument("--format", choices=("packed", "onnx"), default="packed")
@@ -206,6 +207,11 @@ def _add_deploy_commands(sub) -> None:
     x.add_argument("--onnx-mode", choices=("fixed_point", "weights"), default="fixed_point",
                    help="fixed_point: the frozen model exactly; weights: the float-simulated graph")
     x.add_argument("--input-shape", type=int, nargs="+", metavar="D", help=shape_help)
+    x.add_argument("--integer-only", action="store_true",
+                   help="a packed file that runs as an integer-only model (deepshift.integer_only): "
+                        "integers from the input to the logits, BatchNorm as shifts and adds")
+    x.add_argument("--scale-terms", type=int, default=2,
+                   help="signed powers of two per BatchNorm scale with --integer-only (default 2)")
     x.set_defaults(command="export")
 
     r = sub.add_parser("report", help="per-layer operations, bytes and energy saved by a shift model",

@@ -112,8 +112,14 @@ def _encode(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> bytes:
     return _seal(text, b"".join(chunks))
 
 
-def save_packed(model: nn.Module, path: str | os.PathLike, act_bits: tuple[int, int] | None = None) -> int:
+def save_packed(model: nn.Module, path: str | os.PathLike, act_bits: tuple[int, int] | None = None,
+                integer_only: dict[str, Any] | None = None) -> int:
     """Write ``model`` as a packed file (atomically: temp file + ``os.replace``); returns its size.
+
+    ``integer_only`` (``{"input_shape": [...], "scale_terms": k}``, the sample shape without the
+    batch dimension) records that the file is to run as an integer-only model:
+    :func:`load_packed` then returns ``deepshift.integer_only(frozen, zeros(1, *input_shape),
+    scale_terms)``, which the frozen model and these two numbers determine.
 
     ``model`` may be converted (shift layers: a frozen copy is made with
     :func:`deepshift.freeze_` and ``act_bits``; ``model`` is not changed) or already frozen. A
@@ -134,6 +140,9 @@ def save_packed(model: nn.Module, path: str | os.PathLike, act_bits: tuple[int, 
     if any(type(m).__name__ == "ShiftConvBatchNorm" for m in model.modules()):
         raise ValueError("save_packed stores the frozen model, not its fuse_frozen copy: save the "
                          "frozen model (a loaded model can be fused again)")
+    if any(type(m).__name__ == "IntegerShiftLayer" for m in model.modules()):
+        raise ValueError("save_packed stores the frozen model, not its integer_only form: save the frozen "
+                         "model with integer_only={'input_shape': ..., 'scale_terms': ...}")
     frozen = frozen_copy(model, act_bits)
     # remove_duplicate=False: a layer shared by two parents is listed under both names, as in
     # the state_dict.
@@ -144,6 +153,9 @@ def save_packed(model: nn.Module, path: str | os.PathLike, act_bits: tuple[int, 
 
     meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "layers": layers, "zoo": zoo,
             "library": __version__}
+    if integer_only is not None:
+        meta["integer_only"] = _integer_recipe(integer_only)
+        _integer_model(frozen, meta["integer_only"])  # refused now, not when the file is loaded
     try:
         json.dumps(meta)
     except (TypeError, ValueError) as e:
@@ -344,4 +356,33 @@ def load_packed(path: str | os.PathLike | bytes, model: nn.Module | None = None)
         except ValueError as e:
             raise _fail(f"layer {name!r}: {e}") from e
     # The same float-layer forms freeze_ gives (state-dict compatible, so the file need not say).
-    return without_attention_fast_path(freeze_float_layers_(model)).eval()
+    model = without_attention_fast_path(freeze_float_layers_(model)).eval()
+    if "integer_only" in meta:
+        try:
+            return _integer_model(model, _integer_recipe(meta["integer_only"]))
+        except (ValueError, TypeError) as e:
+            raise _fail(f"integer-only model: {e}") from e
+    return model
+
+
+def _integer_recipe(recipe: Any) -> dict[str, Any]:
+    """The checked ``{"input_shape", "scale_terms"}`` of an integer-only packed file."""
+    if not isinstance(recipe, dict) or set(recipe) != {"input_shape", "scale_terms"}:
+        raise ValueError(f"integer_only must be {{'input_shape': [...], 'scale_terms': k}}, got {recipe!r}")
+    shape, terms = recipe["input_shape"], recipe["scale_terms"]
+    if (not isinstance(shape, (list, tuple)) or not shape or len(shape) > 4
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 < d <= 1 << 16 for d in shape)):
+        raise ValueError(f"integer_only input_shape must be 1 to 4 sizes in [1, 65536], got {shape!r}")
+    return {"input_shape": list(shape), "scale_terms": terms}
+
+
+def _integer_model(frozen: nn.Module, recipe: dict[str, Any]) -> nn.Module:
+    from deepshift.frozen.integer import integer_only
+
+    example = torch.zeros((1, *recipe["input_shape"]))
+    result = integer_only(frozen, example, scale_terms=recipe["scale_terms"])
+    zoo = getattr(frozen, "zoo_spec", None)
+    if zoo is not None:
+        result.zoo_spec = zoo
+    result.integer_recipe = dict(recipe)
+    return result.eval()

@@ -1,0 +1,94 @@
+"""Integer-only models against the same models frozen with float BatchNorm: accuracy and speed.
+
+For each converted run folder (``deepshift train`` / ``deepshift calibrate`` output) it freezes the
+model (float glue between the shift layers: the float-BN frozen model), makes its integer-only form
+(:func:`deepshift.integer_only`) with 1, 2 and 3 signed powers of two per BatchNorm scale, and
+prints the test top-1 of each on the run's whole test split, and the float multiplies / adds per
+image outside the shift layers (deepshift.savings_report). With ``--seconds`` it also times, side
+by side in one run (medians after warm-up), the integer-only model against the float-BN frozen
+model as deployed (fused: BatchNorm, residual and ReLU inside the conv's native call), batch 1 and
+128.
+
+    .venv/bin/python benchmarks/integer.py runs/r20-q5 runs/r20-q3 [--seconds 2] [--out results/integer.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import torch
+
+import deepshift
+from deepshift.backends.cpu.machine import describe
+from deepshift.training.data.datasets import load_dataset
+from deepshift.training.data.loader import BatchLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernels import measure  # noqa: E402  (the side-by-side timer of the kernel benchmarks)
+
+TERMS = (1, 2, 3)
+
+
+@torch.no_grad()
+def top1(model, loader) -> float:
+    correct = n = 0
+    for x, y in loader:
+        correct += int((model(x).argmax(1) == y).sum())
+        n += len(y)
+    return 100.0 * correct / n
+
+
+def main(argv: list[str] | None = None) -> int:
+    from deepshift.cli.commands import load_source
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("runs", nargs="+", type=Path)
+    p.add_argument("--seconds", type=float, default=0.0, help="time each model this long per batch size")
+    p.add_argument("--out", type=Path, help="also write the tables to this markdown file")
+    args = p.parse_args(argv)
+    acc_rows = ["| run | model | method | bits | frozen, float BN | "
+                + " | ".join(f"integer-only, {k} term{'s' * (k > 1)}" for k in TERMS)
+                + " | float mults / adds per image outside shift layers (frozen -> integer-only) |",
+                "|---|---|---|---:|---:|" + "---:|" * len(TERMS) + "---|"]
+    time_rows = ["| run | batch | fused frozen, float BN (ms) | integer-only (ms) | integer-only / frozen |",
+                 "|---|---:|---:|---:|---:|"]
+    for run in args.runs:
+        model, info = load_source(run)
+        cfg = info["config"]
+        splits = load_dataset(cfg.data, cfg.data_dir, cfg.val_fraction, cfg.limit_train, cfg.image_size)
+        loader = list(BatchLoader(splits.test, 256, train=False))
+        frozen = deepshift.freeze_(copy.deepcopy(model).eval())
+        example = loader[0][0][:8]
+        integer = {k: deepshift.integer_only(frozen, example, scale_terms=k) for k in TERMS}
+        shape = tuple(example.shape[1:])
+        before, after = deepshift.savings_report(frozen, shape), deepshift.savings_report(integer[2], shape)
+        scores = [top1(frozen, loader)] + [top1(integer[k], loader) for k in TERMS]
+        acc_rows.append(
+            f"| {run.name} | {cfg.model} | {cfg.method} | {cfg.weight_bits} | "
+            + " | ".join(f"{s:.2f}" for s in scores)
+            + f" | {before.float_mults_outside:,} / {before.float_adds_outside:,} -> "
+              f"{after.float_mults_outside:,} / {after.float_adds_outside:,} |")
+        print(acc_rows[-1], flush=True)
+        if args.seconds > 0:
+            fused = deepshift.fuse_frozen(frozen)
+            for batch in (1, 128):
+                x = torch.cat([b for b, _ in loader])[:batch]
+                with torch.no_grad():
+                    t = measure({"fused": lambda x=x, f=fused: f(x),
+                                 "integer": lambda x=x, m=integer[2]: m(x)}, args.seconds)
+                time_rows.append(f"| {run.name} | {batch} | {1e3 * t['fused'][0]:.2f} | "
+                                 f"{1e3 * t['integer'][0]:.2f} | {t['integer'][0] / t['fused'][0]:.2f} |")
+                print(time_rows[-1], flush=True)
+    text = "\n".join([describe(), "", *acc_rows, ""] + (["", *time_rows, ""] if args.seconds > 0 else []))
+    print(text)
+    if args.out:
+        command = "python benchmarks/integer.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        args.out.write_text(f"Produced by `{command}`.\n\n{text}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
