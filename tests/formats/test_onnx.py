@@ -1,6 +1,7 @@
 """ONNX export: standard ops only, exact against the frozen model."""
 
 import copy
+import os
 
 import pytest
 import torch
@@ -80,3 +81,16 @@ def test_every_layer_type_exports(tmp_path, name):
     frozen = deepshift.freeze_(layer.eval())
     path = deepshift.export_onnx(frozen, x[:1], tmp_path / "l.onnx")
     torch.testing.assert_close(run_onnx(path, x), frozen(x), rtol=0, atol=1e-5)
+
+
+def test_the_file_holds_codes_not_float_weights(tmp_path):
+    torch.manual_seed(0)
+    frozen = deepshift.freeze_(deepshift.convert_(build_model("mnist-fc"), deepshift.QConfig()).eval())
+    path = deepshift.export_onnx(frozen, torch.randn(1, 1, 28, 28), tmp_path / "m.onnx")
+    packed = deepshift.save_packed(frozen, tmp_path / "m.dshift")
+    weights = 784 * 512 + 512 * 512 + 512 * 10
+    graph = onnx.load(str(path))
+    uint8 = sum(len(t.raw_data) for t in graph.graph.initializer if t.data_type == onnx.TensorProto.UINT8)
+    assert uint8 == weights  # one byte per weight
+    # a byte per 5-bit code: 1.6x the packed file, against 8 bytes per weight as float64 constants
+    assert os.path.getsize(path) < 1.7 * packed < weights * 4

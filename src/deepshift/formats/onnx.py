@@ -37,25 +37,33 @@ from deepshift.files import atomic_path
 from deepshift.frozen.float_layers import FrozenBatchNorm
 from deepshift.frozen.freeze import frozen_copy
 from deepshift.frozen.layers import ShiftConvNd, ShiftLinear, _FrozenShift, is_frozen_layer
-from deepshift.ops.codes import decode_codes
+from deepshift.ops.codes import decode_codes, pack_codes, unpack_codes
 from deepshift.ops.reference import _im2col, channel_affine_reference
 
 MODES = ("fixed_point", "weights")
 
 
-def _frozen_weight(layer: _FrozenShift) -> Tensor:
-    rel, sign = decode_codes(layer.codes, layer.weight_shape, layer.weight_bits, layer.has_zero)
-    return (sign.to(torch.float64) * torch.exp2((rel + layer.shift_lo).to(torch.float64))).float()
+def _code_table(layer: _FrozenShift) -> tuple[Tensor, Tensor]:
+    """The layer's codes, one uint8 per weight (weight's shape), and the float64 weight value of
+    every possible code (``2**weight_bits`` entries): ``table[codes]`` is the weight."""
+    numel = math.prod(layer.weight_shape)
+    codes = unpack_codes(layer.codes, layer.weight_bits, numel).reshape(tuple(layer.weight_shape))
+    every = pack_codes(torch.arange(2**layer.weight_bits, dtype=torch.uint8), layer.weight_bits)
+    rel, sign = decode_codes(every, [2**layer.weight_bits], layer.weight_bits, layer.has_zero)
+    return codes, sign.to(torch.float64) * torch.exp2((rel + layer.shift_lo).to(torch.float64))
 
 
 class OnnxShiftLayer(nn.Module):
-    """Standard-op stand-in for one frozen shift layer, used only for export."""
+    """Standard-op stand-in for one frozen shift layer, used only for export. Its weight is held as
+    codes, one uint8 per weight, and a table of the ``2**bits`` weight values; the graph decodes
+    it with one ``Gather`` (so the file holds a byte per weight, not a float)."""
 
-    def __init__(self, kind: str, weight: Tensor, bias: Tensor | None, act_bits, act_rounding: str,
-                 conv: dict[str, Any] | None):
+    def __init__(self, kind: str, codes: Tensor, table: Tensor, bias: Tensor | None, act_bits,
+                 act_rounding: str, conv: dict[str, Any] | None):
         super().__init__()
         self.kind = kind
-        self.register_buffer("weight", weight.detach().float().clone())
+        self.register_buffer("codes", codes.detach().to(torch.uint8).clone())
+        self.register_buffer("table", table.detach().to(torch.float64).clone())
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.act_bits = None if act_bits is None else (int(act_bits[0]), int(act_bits[1]))
         self.act_rounding = act_rounding
@@ -77,7 +85,8 @@ class OnnxShiftLayer(nn.Module):
             x = F.pad(x, c["pads"], mode=mode)
         x = self._quantize(x)
         dtype = x.dtype
-        weight, bias = self.weight.to(dtype), None if self.bias is None else self.bias.to(dtype)
+        weight = self.weight().to(dtype)
+        bias = None if self.bias is None else self.bias.to(dtype)
         if self.exact and not (self.kind == "conv" and c["transposed"]):
             # Fixed-point inputs times power-of-two weights: every product and partial sum is
             # an integer multiple of one power of two below 2**53, so float64 accumulates them
@@ -89,6 +98,10 @@ class OnnxShiftLayer(nn.Module):
                 return _conv_as_matmul(x, weight, bias, c).to(dtype)
             return self._layer(x, weight, bias).to(dtype)
         return self._layer(x, weight, bias)
+
+    def weight(self) -> Tensor:
+        """The exact power-of-two weights (float64), decoded from the codes."""
+        return self.table[self.codes.to(torch.int64)]
 
     def _layer(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         c = self.conv
@@ -172,7 +185,7 @@ def exportable(model: nn.Module, mode: str = "fixed_point") -> nn.Module:
             bias = module.bias_int.to(torch.float64) * 2.0 ** -module.act_bits[1]
         conv = _conv_options_frozen(module) if isinstance(module, ShiftConvNd) else None
         kind = "linear" if isinstance(module, ShiftLinear) else "conv"
-        return OnnxShiftLayer(kind, _frozen_weight(module), bias, act, module.act_rounding, conv)
+        return OnnxShiftLayer(kind, *_code_table(module), bias, act, module.act_rounding, conv)
 
     return replace_modules(copy.deepcopy(frozen_copy(model)).eval(), standard_ops)
 
@@ -234,9 +247,11 @@ def export_onnx(
             # e.g. "Constant folding - Only steps=1 can be constant folded": slices with a step
             # are left for the runtime, which is what we want.
             warnings.filterwarnings("ignore", message="Constant folding")
+            # No constant folding: it would store each layer's decoded float weights instead of
+            # its codes (8x larger); the runtime folds them once when it loads the graph.
             torch.onnx.export(graph_model, (example_input,), tmp, input_names=["input"],
                               output_names=["output"], opset_version=opset,
-                              dynamic_axes=dynamic_axes, dynamo=False)
+                              dynamic_axes=dynamic_axes, dynamo=False, do_constant_folding=False)
         onnx.checker.check_model(onnx.load(tmp), full_check=True)
     return path
 
