@@ -920,3 +920,38 @@ def test_a_build_lock_left_by_a_killed_builder_does_not_hang(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
     assert not (tmp_path / name / "lock").exists()
+
+
+@pytest.mark.parametrize("chunk", range(3))
+def test_int_epilogue_bit_exact_random(native, chunk):
+    """deepshift::int_epilogue (integer-only BatchNorm as shifts, residual, clamp) against its
+    reference: per channel and per tensor, 1-4 terms with zero signs, every rounding direction,
+    ties, residuals and clamps, wrapping values near int64's ends."""
+    rng = random.Random(7000 + chunk)
+    for case in range(40):
+        per_channel = rng.random() < 0.75
+        shape = [rng.randint(1, 3), rng.randint(2, 9), rng.randint(1, 7), rng.randint(1, 9)]
+        c = shape[1] if per_channel else 1
+        k = rng.randint(1, 4)
+        big = case % 10 == 0  # values whose shifts wrap: the native pass must wrap as torch does
+        mag = 2**62 if big else 2 ** rng.randint(1, 40)
+        x = torch.randint(-mag, mag, shape, generator=torch.Generator().manual_seed(case), dtype=torch.int64)
+        signs = torch.tensor([[rng.choice((-1, 0, 1)) for _ in range(c)] for _ in range(k)])
+        lefts = torch.tensor([[rng.randint(0, 12) for _ in range(c)] for _ in range(k)], dtype=torch.int64)
+        bias = torch.tensor([rng.randint(-(2**30), 2**30) for _ in range(c)]) if rng.random() < 0.7 else None
+        rights = torch.tensor([rng.randint(-3, 20) for _ in range(c)], dtype=torch.int64)
+        pre = rng.choice((0, 0, 1, 5))
+        residual = (torch.randint(-(2**20), 2**20, shape, dtype=torch.int64) if rng.random() < 0.5 else None)
+        rshift = rng.randint(0, 6)
+        lo = rng.choice((None, 0, -(2**15)))
+        hi = rng.choice((None, 2**15 - 1, 6 << 8))
+        args = (x, signs, lefts, bias, rights, pre, residual, rshift, lo, hi)
+        _check(elementwise.int_epilogue_cpu, ops.int_epilogue_reference, args, f"int_epilogue case {case}")
+    ties = torch.tensor([[[[3, 5, -3, -5, -1, 1, 7, -7]]]], dtype=torch.int64)
+    args = (ties, torch.ones(1, 1, dtype=torch.int64), torch.zeros(1, 1, dtype=torch.int64), None,
+            torch.ones(1, dtype=torch.int64), 0, None, 0, None, None)
+    _check(elementwise.int_epilogue_cpu, ops.int_epilogue_reference, args, "ties")
+    assert elementwise.int_epilogue_cpu(*args).flatten().tolist() == [2, 2, -2, -2, 0, 0, 4, -4]
+    # the calls above reached the extension, not the reference fallback
+    direct = native.int_epilogue(ties, *args[1:3], None, args[4], 0, None, 0, -(2**63), 2**63 - 1)
+    assert direct.flatten().tolist() == [2, 2, -2, -2, 0, 0, 4, -4]

@@ -36,7 +36,7 @@ from deepshift.core.quantize import fixed_point_limits
 from deepshift.frozen.float_layers import ExactGlobalAvgPool, FrozenBatchNorm
 from deepshift.frozen.layers import ShiftConvNd, ShiftLinear, _FrozenShift, is_frozen_layer
 from deepshift.ops import reference as ref
-from deepshift.ops.reference import ACCUMULATORS, accumulator_bound
+from deepshift.ops.reference import ACCUMULATORS, accumulator_bound, round_shift
 
 # Extra fraction bits kept after a BatchNorm or a pooling divisor, beyond the finest activation
 # format of the model's shift layers: the next requantisation rounds once more, so these keep
@@ -77,25 +77,6 @@ def power_terms(values: Tensor, terms: int) -> tuple[Tensor, Tensor]:
 def terms_value(signs: Tensor, exps: Tensor) -> Tensor:
     """The float64 values that :func:`power_terms` represents."""
     return (signs.double() * torch.exp2(exps.double())).sum(0)
-
-
-def round_shift(x: Tensor, amount: Tensor | int) -> Tensor:
-    """``x * 2**-amount`` rounded to the nearest integer (ties to even), by shifts: a right shift
-    where ``amount > 0``, an exact left shift where it is negative. ``amount`` broadcasts."""
-    if isinstance(amount, int):
-        if amount <= 0:
-            return torch.bitwise_left_shift(x, -amount)
-        # floor((x + 2**(a-1) - 1 + lowest kept bit) / 2**a): round half to even
-        odd = torch.bitwise_and(torch.bitwise_right_shift(x, amount), 1)
-        return torch.bitwise_right_shift(x + ((1 << (amount - 1)) - 1) + odd, amount)
-    left = torch.clamp_min(-amount, 0)
-    right = torch.clamp_min(amount, 0)
-    x = torch.bitwise_left_shift(x, left)
-    half = torch.bitwise_right_shift(torch.bitwise_left_shift(torch.ones_like(right), right), 1)
-    odd = torch.bitwise_and(torch.bitwise_right_shift(x, right), 1)
-    # right == 0: half == 0 and the adjustment below must be 0 too
-    adjust = torch.where(right > 0, half - 1 + odd, torch.zeros_like(odd))
-    return torch.bitwise_right_shift(x + adjust, right)
 
 
 def _channel_view(t: Tensor, x: Tensor, dim: int) -> Tensor:
@@ -209,29 +190,19 @@ class ChannelScale(nn.Module):
         self.register_buffer("bias", None if bias is None else
                              torch.round(bias.double() * torch.exp2(inner.double())).to(torch.int64))
         self.dim = dim
+        # Set when fused with the residual add and the clamp after it (_fuse_epilogues).
+        self.residual_shift, self.lo, self.hi = 0, None, None
+        self.reference = False
 
-    def forward(self, x: Tensor) -> Tensor:
-        dim = self.dim if self.signs.shape[1] > 1 else 0
-        if self.pre:
-            x = round_shift(x, self.pre)
-
-        def per_channel(t: Tensor) -> Tensor:
-            return _channel_view(t, x, dim) if t.numel() > 1 else t.reshape(())
-
-        y = None
-        for sign, left in zip(self.signs, self.lefts, strict=True):
-            term = torch.bitwise_left_shift(x, per_channel(left))
-            # a sign is -1, 0 or 1: choose, do not multiply
-            s = per_channel(sign)
-            term = torch.where(s > 0, term, torch.where(s < 0, -term, torch.zeros_like(term)))
-            y = term if y is None else y + term
-        if self.bias is not None:
-            y = y + per_channel(self.bias)
-        rights = self.rights
-        return round_shift(y, per_channel(rights) if rights.numel() > 1 else int(rights))
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        fn = ref.int_epilogue_reference if self.reference else torch.ops.deepshift.int_epilogue
+        return fn(x, self.signs, self.lefts, self.bias, self.rights, self.pre, residual, self.residual_shift,
+                  self.lo, self.hi)
 
     def extra_repr(self) -> str:
-        return f"terms={self.signs.shape[0]}, channels={self.signs.shape[1]}"
+        fused = f", residual << {self.residual_shift}" if self.residual_shift else ""
+        clamp = "" if self.lo is None and self.hi is None else f", clamp [{self.lo}, {self.hi}]"
+        return f"terms={self.signs.shape[0]}, channels={self.signs.shape[1]}{fused}{clamp}"
 
 
 class Clamp(nn.Module):
@@ -410,6 +381,7 @@ def integer_only(model: nn.Module, example_input: Tensor, scale_terms: int = 2) 
         raise ValueError(f"integer_only: no integer form for {listed}. Integer-only models take shift "
                          "layers, BatchNorm, ReLU/ReLU6/hardtanh, residual additions, max and average "
                          "pooling, flatten/reshape/slicing and zero padding.")
+    _fuse_epilogues(graph, new_modules)
     root = nn.Module()
     for key, module in new_modules.items():
         root.add_module(key, module)
@@ -418,6 +390,42 @@ def integer_only(model: nn.Module, example_input: Tensor, scale_terms: int = 2) 
     for node, v in env.items():
         _check_int64(v.bound, node.name)
     return result
+
+
+def _fuse_epilogues(graph: torch.fx.Graph, modules: dict[str, nn.Module]) -> None:
+    """Each BatchNorm step (:class:`ChannelScale`) takes over the residual add (where its output is
+    the operand not shifted) and then the clamp that use its result alone: one pass over memory
+    (``deepshift::int_epilogue``) instead of three."""
+    def only_user(node: torch.fx.Node) -> torch.fx.Node | None:
+        return next(iter(node.users)) if len(node.users) == 1 else None
+
+    def replace(old: torch.fx.Node, last: torch.fx.Node, args: tuple) -> torch.fx.Node:
+        with graph.inserting_before(last):
+            new = graph.call_module(old.target, args)
+        last.replace_all_uses_with(new)
+        graph.erase_node(last)
+        graph.erase_node(old)
+        return new
+
+    for node in list(graph.nodes):
+        step = modules.get(node.target) if node.op == "call_module" else None
+        if not isinstance(step, ChannelScale) or len(node.args) != 1:
+            continue
+        user = only_user(node)
+        add = modules.get(user.target) if user is not None and user.op == "call_module" else None
+        if isinstance(add, AlignedAdd) and user.args[0] is not user.args[1]:
+            mine, theirs = (add.shift_a, add.shift_b) if user.args[0] is node else (add.shift_b, add.shift_a)
+            if mine == 0:
+                other = user.args[1] if user.args[0] is node else user.args[0]
+                step.residual_shift = theirs
+                node = replace(node, user, (node.args[0], other))
+                modules.pop(user.target)
+        user = only_user(node)
+        clamp = modules.get(user.target) if user is not None and user.op == "call_module" else None
+        if isinstance(clamp, Clamp):
+            step.lo, step.hi = clamp.lo, clamp.hi
+            node = replace(node, user, tuple(node.args))
+            modules.pop(user.target)
 
 
 def _check_int64(bound: int, name: str) -> None:
@@ -559,9 +567,9 @@ def _convert_node(node, mod, env, value, add, graph, work_frac: int, scale_terms
 
 
 def set_reference_(model: nn.Module, on: bool = True) -> nn.Module:
-    """Make every integer shift layer of an integer-only model call the pure-torch reference op
-    (``on``) or the dispatched native kernel (the default)."""
+    """Make the shift layers and BatchNorm steps of an integer-only model call the pure-torch
+    reference ops (``on``) or the dispatched native kernels (the default)."""
     for module in model.modules():
-        if isinstance(module, IntegerShiftLayer):
+        if isinstance(module, (IntegerShiftLayer, ChannelScale)):
             module.reference = on
     return model

@@ -288,6 +288,62 @@ def channel_affine_reference(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     return torch.add(torch.mul(x, scale.view(view)), shift.view(view))
 
 
+def round_shift(x: Tensor, amount: Tensor | int) -> Tensor:
+    """``x * 2**-amount`` rounded to the nearest integer (ties to even), by shifts: a right shift
+    where ``amount > 0``, an exact left shift where it is negative. ``amount`` broadcasts."""
+    if isinstance(amount, int):
+        if amount <= 0:
+            return torch.bitwise_left_shift(x, -amount)
+        # floor((x + 2**(a-1) - 1 + lowest kept bit) / 2**a): round half to even
+        odd = torch.bitwise_and(torch.bitwise_right_shift(x, amount), 1)
+        return torch.bitwise_right_shift(x + ((1 << (amount - 1)) - 1) + odd, amount)
+    left = torch.clamp_min(-amount, 0)
+    right = torch.clamp_min(amount, 0)
+    x = torch.bitwise_left_shift(x, left)
+    half = torch.bitwise_right_shift(torch.bitwise_left_shift(torch.ones_like(right), right), 1)
+    odd = torch.bitwise_and(torch.bitwise_right_shift(x, right), 1)
+    # right == 0: half == 0 and the adjustment below must be 0 too
+    adjust = torch.where(right > 0, half - 1 + odd, torch.zeros_like(odd))
+    return torch.bitwise_right_shift(x + adjust, right)
+
+
+def int_epilogue_reference(x: Tensor, signs: Tensor, lefts: Tensor, bias: Tensor | None, rights: Tensor,
+                           pre: int, residual: Tensor | None, residual_shift: int, lo: int | None,
+                           hi: int | None) -> Tensor:
+    """An integer-only model's step after a shift layer, on int64 ``x`` (channels on dimension 1
+    when the parameters have more than one column; else one set for the whole tensor)::
+
+        v = round_shift(x, pre)
+        s = sum_k signs[k, c] * (v << lefts[k, c]) + bias[c]       (signs in {-1, 0, 1}: selected)
+        y = clamp(round_shift(s, rights[c]) + (residual << residual_shift), lo, hi)
+
+    i.e. a BatchNorm as a sum of powers of two, exact, rounded once (ties to even), then an
+    optional residual (exactly aligned) and clamp (ReLU: ``lo = 0``). int64 throughout; the caller
+    proves no intermediate overflows (:class:`deepshift.frozen.integer.ChannelScale`)."""
+    per_channel = signs.shape[1] > 1
+
+    def view(t: Tensor) -> Tensor:
+        if not per_channel:
+            return t.reshape(())
+        shape = [1] * x.dim()
+        shape[1] = -1
+        return t.reshape(shape)
+
+    v = round_shift(x, pre) if pre else x
+    y = None
+    for sign, left in zip(signs, lefts, strict=True):
+        term = torch.bitwise_left_shift(v, view(left))
+        s = view(sign)
+        term = torch.where(s > 0, term, torch.where(s < 0, -term, torch.zeros_like(term)))
+        y = term if y is None else y + term
+    if bias is not None:
+        y = y + view(bias)
+    y = round_shift(y, view(rights) if per_channel else int(rights.reshape(-1)[0]))
+    if residual is not None:
+        y = y + torch.bitwise_left_shift(residual, residual_shift)
+    return y if lo is None and hi is None else torch.clamp(y, lo, hi)
+
+
 def fake_quantize_reference(x: Tensor, frac_bits: int, lo: float, hi: float, floor: bool, band_lo: float,
                             band_hi: float) -> tuple[Tensor, Tensor]:
     """``(clamp(round(x * 2**F), lo, hi) * 2**-F, outside)``: training-time fixed point.

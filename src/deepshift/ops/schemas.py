@@ -20,6 +20,8 @@ Ops (integer ops first; see :mod:`deepshift.ops.reference` for the exact semanti
   per-channel affine, a residual add and ReLU, for fused Conv-BatchNorm blocks).
 * ``quantize_input`` / ``scale_output``: those two element-wise steps alone.
 * ``channel_affine``: ``x * scale[c] + shift[c]``, two roundings (a frozen BatchNorm).
+* ``int_epilogue``: an integer-only model's BatchNorm (a sum of shifts per channel, rounded once),
+  residual add and clamp, on int64.
 * ``fake_quantize``: training-time fixed-point rounding, and whether any input saturated.
 * ``q_round`` / ``ps_round``: DeepShift-Q / -PS deterministic weight rounding.
 """
@@ -56,6 +58,11 @@ SCHEMAS: dict[str, tuple[str, Callable]] = {
                      ref.scale_output_reference),
     "channel_affine": ("channel_affine(Tensor x, Tensor scale, Tensor shift) -> Tensor",
                        ref.channel_affine_reference),
+    "int_epilogue": (
+        "int_epilogue(Tensor x, Tensor signs, Tensor lefts, Tensor? bias, Tensor rights, int pre, "
+        "Tensor? residual, int residual_shift, int? lo, int? hi) -> Tensor",
+        ref.int_epilogue_reference,
+    ),
     "fake_quantize": (
         "fake_quantize(Tensor x, int frac_bits, float lo, float hi, bool floor, float band_lo, "
         "float band_hi) -> (Tensor, Tensor)",

@@ -6,6 +6,7 @@ from deepshift.backends.cpu.conv import frozen_conv_cpu, shift_conv_cpu
 from deepshift.backends.cpu.elementwise import (
     channel_affine_cpu,
     fake_quantize_cpu,
+    int_epilogue_cpu,
     ps_round_cpu,
     q_round_cpu,
     quantize_input_cpu,
@@ -22,6 +23,7 @@ KERNELS = {
     "quantize_input": quantize_input_cpu,
     "scale_output": scale_output_cpu,
     "channel_affine": channel_affine_cpu,
+    "int_epilogue": int_epilogue_cpu,
     "fake_quantize": fake_quantize_cpu,
     "q_round": q_round_cpu,
     "ps_round": ps_round_cpu,

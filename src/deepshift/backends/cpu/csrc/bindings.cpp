@@ -19,6 +19,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scale", &deepshift_cpu::scale);
   m.def("fake_quantize", &deepshift_cpu::fake_quantize);
   m.def("channel_affine", &deepshift_cpu::channel_affine);
+  m.def("int_epilogue", &deepshift_cpu::int_epilogue);
   m.def("q_round", &deepshift_cpu::q_round);
   m.def("ps_round", &deepshift_cpu::ps_round);
 }

@@ -576,6 +576,37 @@ void epilogue_run(const F* x, F* y, int64_t n, F s, F h, const F* r) {
   }
 }
 
+// The integer-only models' epilogue on one channel's plane (deepshift::int_epilogue's reference):
+//   v = round_shift(x[i], pre); s = sum_k +-(v << left[k]) + bias (the K active terms, neg[k] = -1
+//   for a negative one, else 0: a conditional negation, (t ^ m) - m, no multiply);
+//   t = round_shift(s, right) + (r[i] << rs); y[i] = clamp(t, lo, hi).
+// round_shift(v, a > 0) = (v + 2**(a-1) - 1 + ((v >> a) & 1)) >> a: to nearest, ties to even
+// (arithmetic shifts of two's complement int64); a <= 0 shifts left. Wrapping like torch's int64.
+inline int64_t round_shift_one(int64_t v, int64_t a) {
+  if (a <= 0) return static_cast<int64_t>(static_cast<uint64_t>(v) << -a);
+  const int64_t odd = (v >> a) & 1;
+  return static_cast<int64_t>(static_cast<uint64_t>(v) + ((uint64_t(1) << (a - 1)) - 1) + uint64_t(odd)) >> a;
+}
+
+template <int K>
+void int_epilogue_run(const int64_t* x, int64_t* y, int64_t n, int k_dyn, const int64_t* left, const int64_t* neg,
+                      int64_t bias, int64_t right, int64_t pre, const int64_t* r, int64_t rs, int64_t lo,
+                      int64_t hi) {
+  const int kk = K > 0 ? K : k_dyn;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t v = pre ? round_shift_one(x[i], pre) : x[i];
+    uint64_t s = static_cast<uint64_t>(bias);
+    for (int k = 0; k < kk; ++k) {
+      const uint64_t t = static_cast<uint64_t>(v) << left[k];
+      const uint64_t m = static_cast<uint64_t>(neg[k]);
+      s += (t ^ m) - m;
+    }
+    int64_t t = round_shift_one(static_cast<int64_t>(s), right);
+    if (r) t = static_cast<int64_t>(static_cast<uint64_t>(t) + (static_cast<uint64_t>(r[i]) << rs));
+    y[i] = t < lo ? lo : (t > hi ? hi : t);
+  }
+}
+
 // Bit layout of the float types the weight-rounding passes below handle.
 template <typename F>
 struct FloatBits;

@@ -37,6 +37,10 @@ torch::Tensor scale(const torch::Tensor& y, int64_t exponent, bool out64);
 std::tuple<torch::Tensor, bool> fake_quantize(const torch::Tensor& x, int64_t frac_bits, double lo, double hi,
                                               bool floor_mode, double glo, double ghi);
 torch::Tensor channel_affine(const torch::Tensor& x, const torch::Tensor& scale, const torch::Tensor& shift);
+torch::Tensor int_epilogue(const torch::Tensor& x, const torch::Tensor& signs, const torch::Tensor& lefts,
+                           const c10::optional<torch::Tensor>& bias, const torch::Tensor& rights, int64_t pre,
+                           const c10::optional<torch::Tensor>& residual, int64_t residual_shift, int64_t lo,
+                           int64_t hi);
 torch::Tensor q_round(const torch::Tensor& w, double lo, double hi, double thr);
 torch::Tensor ps_round(const torch::Tensor& shift, const torch::Tensor& sign, double lo, double hi);
 
