@@ -108,9 +108,15 @@ class Requantize(nn.Module):
     def __init__(self, in_frac: int, out_frac: int, lo: int, hi: int):
         super().__init__()
         self.shift, self.lo, self.hi = in_frac - out_frac, lo, hi
+        # deepshift::int_epilogue with one term (x itself) does it in one pass
+        self.register_buffer("_one", torch.ones(1, 1, dtype=torch.int64))
+        self.register_buffer("_zero", torch.zeros(1, 1, dtype=torch.int64))
+        self.register_buffer("_rights", torch.tensor([self.shift], dtype=torch.int64))
+        self.reference = False
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.clamp(round_shift(x, self.shift), self.lo, self.hi)
+        fn = ref.int_epilogue_reference if self.reference else torch.ops.deepshift.int_epilogue
+        return fn(x, self._one, self._zero, None, self._rights, 0, None, 0, self.lo, self.hi)
 
     def extra_repr(self) -> str:
         return f"shift={self.shift}, range=[{self.lo}, {self.hi}]"
@@ -570,6 +576,6 @@ def set_reference_(model: nn.Module, on: bool = True) -> nn.Module:
     """Make the shift layers and BatchNorm steps of an integer-only model call the pure-torch
     reference ops (``on``) or the dispatched native kernels (the default)."""
     for module in model.modules():
-        if isinstance(module, (IntegerShiftLayer, ChannelScale)):
+        if isinstance(module, (IntegerShiftLayer, ChannelScale, Requantize)):
             module.reference = on
     return model
