@@ -36,7 +36,7 @@ from deepshift.core.quantize import fixed_point_limits
 from deepshift.frozen.float_layers import ExactGlobalAvgPool, FrozenBatchNorm
 from deepshift.frozen.layers import ShiftConvNd, ShiftLinear, _FrozenShift, is_frozen_layer
 from deepshift.ops import reference as ref
-from deepshift.ops.reference import ACCUMULATORS, accumulator_bound, round_shift
+from deepshift.ops.reference import ACCUMULATORS, accumulator_bound
 
 # Extra fraction bits kept after a BatchNorm or a pooling divisor, beyond the finest activation
 # format of the model's shift layers: the next requantisation rounds once more, so these keep
