@@ -13,8 +13,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import deepshift
 from deepshift.frozen import integer as integer_module
-from deepshift.frozen.integer import integer_only, power_terms, round_shift, set_reference_, terms_value
+from deepshift.frozen.integer import integer_only, power_terms, set_reference_, terms_value
 from deepshift.models import build_model
+from deepshift.ops.reference import round_shift
 
 
 def _frozen(name: str, cfg, shape, in_channels=None, seed=0):

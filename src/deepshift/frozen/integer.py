@@ -10,9 +10,9 @@ conversion, and every step is a shift, an add, a compare or a copy:
 * a shift layer's input is requantised to the layer's ``act_bits`` by a shift with
   round-to-nearest (ties to even, as ``torch.round``) and saturation, then the layer's integer op
   (``deepshift::shift_linear`` / ``shift_conv``) runs as in the frozen model;
-* a BatchNorm ``y = x * s_c + t_c`` becomes, per channel ``c``, a sum of ``scale_terms`` signed
-  powers of two ``s_c ~ sum_k +-2**e_kc`` (a signed-digit approximation: each term a shift of
-  ``x``) and an integer bias, summed exactly and rounded once;
+* a BatchNorm ``y = s_c * (x - m_c) + b_c`` becomes, per channel ``c``, a sum of ``scale_terms``
+  signed powers of two ``s~_c = sum_k +-2**e_kc ~ s_c`` (a signed-digit approximation: each term a
+  shift of ``x``) and the bias ``b_c - s~_c * m_c``, summed exactly and rounded once;
 * ReLU, ReLU6 and hardtanh are integer clamps; a residual addition aligns its operands' fraction
   bits by left shifts (exact); max pooling, flattening, slicing and zero padding copy integers;
 * average pooling sums; its divisor is a shift where it is a power of two, else a sum of powers of
@@ -471,8 +471,10 @@ def _convert_node(node, mod, env, value, add, graph, work_frac: int, scale_terms
         w = mod.weight.double() if mod.weight is not None else torch.ones_like(mod.running_var.double())
         b = mod.bias.double() if mod.bias is not None else torch.zeros_like(w)
         scale = w / torch.sqrt(mod.running_var.double() + mod.eps)
-        shift = b - mod.running_mean.double() * scale
         signs, exps = power_terms(scale, scale_terms)
+        # y = s~ * (x - mean) + bias: the rounded scale times the centred input, so its error
+        # grows with the spread of x around the mean, not with x itself
+        shift = b - mod.running_mean.double() * terms_value(signs, exps)
         step = ChannelScale(signs, exps, shift, first.frac, work_frac, first.bound, dim=1)
         _check_int64(step.bound, name)
         gain = float(terms_value(signs.abs(), exps).max())
