@@ -90,6 +90,45 @@ def test_a_bias_free_conv_corrects_through_the_batchnorm_after_it():
     assert not torch.equal(model[1].running_mean, before)
 
 
+def test_a_batchnorm_given_channel_scales_computes_what_it_did():
+    torch.manual_seed(0)
+    norm = nn.BatchNorm2d(6, eps=1e-3).double().eval()
+    with torch.no_grad():
+        norm.running_mean.normal_()
+        norm.running_var.uniform_(1e-4, 2.0)  # small variances: eps matters
+        norm.weight.normal_()
+        norm.bias.normal_()
+    y = torch.randn(4, 6, 5, 5, dtype=torch.float64)
+    scale = 2.0 ** (torch.arange(6, dtype=torch.float64) / 7)
+    expected = norm(y)
+    calibrate_module._scale_batchnorm(norm, scale)
+    torch.testing.assert_close(norm(y * scale.reshape(1, -1, 1, 1)), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("cfg", [QConfig(weight_bits=5), PSConfig(weight_bits=4, max_shift="auto")],
+                         ids=["q5", "ps4-auto"])
+def test_channel_scales_alone_cut_the_error_of_layers_before_a_batchnorm(cfg):
+    net, xs = _float_net(2)
+    test = torch.randn(64, 3, 10, 10)
+    with torch.no_grad():
+        target = net[:2](test)  # what the BatchNorm after the first convolution gives
+    errors = {}
+    for on in (False, True):
+        model = deepshift.convert_(copy.deepcopy(net), cfg)
+        stats = []
+        deepshift.calibrate_(model, xs, reference=net, adaptive=False, bias_correction=False, batchnorm=False,
+                             channel_scales=on, progress=False, stats=stats)
+        _assert_exact_in_range(model)
+        with torch.no_grad():
+            errors[on] = float((model.eval()[:2](test) - target).square().mean())
+        first = stats[0]  # the convolution the BatchNorm follows
+        if on:
+            assert first["calibrated"] < 0.8 * first["plain"], first
+        else:
+            assert first["calibrated"] == first["plain"]
+    assert errors[True] < 0.8 * errors[False], errors  # on new inputs too, the scales folded in
+
+
 def test_q_needs_no_reference_and_ps_does():
     net, xs = _float_net()
     q = deepshift.convert_(copy.deepcopy(net), QConfig(weight_bits=3, act_bits=(4, 4)))

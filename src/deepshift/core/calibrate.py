@@ -28,6 +28,10 @@ _LR = 3e-2
 # (ResNet-50 at 224x224: ~76M per image and layer) stay in minutes on 2 cores while a small one's
 # take whole batches of a few dozen samples.
 _STEP_MACS = 2**27
+# Candidate per-channel factors 2**(j / _SCALES) folded into a following BatchNorm, each scored
+# on as many calibration samples as take _SCALE_MACS multiply-accumulates in the layer.
+_SCALES = 16
+_SCALE_MACS = 2**29
 # Memory for the tensors one capture pass keeps (a group of layers' inputs and float outputs).
 _CAPTURE_BYTES = 2**31
 
@@ -358,6 +362,7 @@ def calibrate_(
     adaptive: bool = True,
     bias_correction: bool = True,
     batchnorm: bool = True,
+    channel_scales: bool = True,
     seed: int = 0,
     progress: bool = True,
     stats: list[dict[str, Any]] | None = None,
@@ -368,6 +373,9 @@ def calibrate_(
     of that layer as the target and the inputs the layer receives from the layers calibrated before
     it (so each layer also makes up for their error):
 
+    * **channel scales**: where a BatchNorm takes the layer's output, each output channel's weights
+      are multiplied by the factor in [1/2, 2) whose rounding gives that channel the least output
+      error, and the BatchNorm's statistics by the same factor (see ``channel_scales``);
     * **window**: with ``max_shift="auto"``, the ``p_max`` (as placed, one below, one above) whose
       rounding gives the least output error;
     * **adaptive rounding**: each weight takes the power of two just below or just above it (or
@@ -399,6 +407,9 @@ def calibrate_(
         reference: the float model (required for PS).
         max_samples: how many samples to use (the first ones ``batches`` yields).
         iters: optimisation steps of adaptive rounding per layer.
+        channel_scales: where a BatchNorm takes a layer's output, give each output channel the
+            factor in [1/2, 2) that brings its weights nearest to powers of two and fold its inverse
+            into the BatchNorm (the model's function is unchanged; the weights stay powers of two).
         adaptive, bias_correction, batchnorm: switch each step off (``batchnorm=False`` keeps the
             BatchNorm variances; bias correction still moves the means of BatchNorms after layers
             without a bias).
@@ -452,7 +463,8 @@ def calibrate_(
     else:
         float_model = _float_copy(model)
     work = copy.deepcopy(model).eval()
-    steps = _Steps(adaptive, iters, bias_correction, batchnorm, torch.Generator().manual_seed(seed), stats)
+    steps = _Steps(adaptive, iters, bias_correction, batchnorm, channel_scales,
+                   torch.Generator().manual_seed(seed), stats)
     work_layers = shift_layers(work)
     probe_x = xs[0][:2]
     probe = _probe(work, [m for _, m, _ in work_layers], probe_x)
@@ -498,50 +510,133 @@ class _Steps:
     iters: int
     bias_correction: bool
     batchnorm: bool
+    channel_scales: bool
     generator: torch.Generator
     stats: list[dict] | None
 
 
+def _nearest(w: Tensor, shift_range: tuple[int, int]) -> Tensor:
+    """Plain rounding: each weight's nearest power of two (in the log domain) within the window."""
+    shift, sign = q_shift_sign(w, shift_range)
+    return sign * torch.exp2(shift)
+
+
+def _per_channel(values: Tensor, like: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """``values`` (one per output channel) shaped to broadcast against the output ``like``."""
+    return values.reshape([-1 if d not in dims else 1 for d in range(like.dim())])
+
+
+def _channel_scales(fn, xs, targets, w: Tensor, bias, shift_range, dims, norm: nn.Module) -> Tensor:
+    """Per output channel, the factor ``a`` in [1/2, 2) (steps of 2**(1/16)) whose plain rounding of
+    ``a * w`` gives that channel the least output error, measured after dividing by ``a`` again (what
+    the BatchNorm after the layer does once it absorbs ``a``). Within [1, 2) the factor moves the
+    weights against the powers of two; below 1 it also pulls a channel's largest weights under the
+    layer's window top. ``a = 1`` is a candidate, so no channel's error grows."""
+    # A factor below 1 must leave the BatchNorm a variance >= 0: a**2 * (var + eps) >= eps.
+    lowest = (norm.eps / (norm.running_var.double() + norm.eps)).sqrt()
+    # The samples that fit _SCALE_MACS per candidate (at least one batch's first sample): a
+    # channel's error over many positions of a few dozen images ranks the factors as well as all.
+    per_sample = targets[0][0].numel() * (w[0].numel() if w.dim() > 1 else 1)
+    budget = max(1, _SCALE_MACS // max(per_sample, 1))
+    batched = xs[0].dim() >= 2 and (w.dim() == 2 or xs[0].dim() == w.dim())
+    if batched:
+        picked, count = [], 0
+        for x, t in zip(xs, targets, strict=True):
+            take = min(x.shape[0], budget - count)
+            picked.append((x[:take], t[:take]))
+            count += take
+            if count >= budget:
+                break
+        xs, targets = [p[0] for p in picked], [p[1] for p in picked]
+    best = best_error = None
+    with torch.no_grad():
+        for j in [0, *range(-_SCALES, 0), *range(1, _SCALES)]:
+            a = 2.0 ** (j / _SCALES)
+            wq = _nearest(w * a, shift_range)
+            b = None if bias is None else bias * a
+            error = sum(((fn(x, wq, b) / a - t).square()).sum(dims) for x, t in zip(xs, targets, strict=True))
+            if best is None:
+                best, best_error = torch.ones_like(error), error
+            else:
+                better = (error < best_error) & (lowest.to(error.device) <= a)
+                best = torch.where(better, torch.full_like(best, a), best)
+                best_error = torch.where(better, error, best_error)
+    return best
+
+
+def _scale_batchnorm(norm: nn.Module, scale: Tensor) -> None:
+    """The BatchNorm after a layer whose outputs were multiplied by ``scale`` (per channel) computes
+    what it did: its mean and its standard deviation sqrt(var + eps) multiply by the same factor."""
+    with torch.no_grad():
+        var = norm.running_var.double()
+        s = scale.double()
+        norm.running_mean.copy_(norm.running_mean.double() * s)
+        norm.running_var.copy_(s.square() * (var + norm.eps) - norm.eps)
+
+
 def _calibrate_layer(module, cfg, float_layer, inputs, targets, norm, steps: _Steps, name: str) -> None:
-    """One layer: window, adaptive rounding, bias correction, the BatchNorm after it."""
+    """One layer: channel scales, window, adaptive rounding, bias correction, the BatchNorm after it."""
     param = _shift_parametrization(module)
     fn = _layer_fn(module)
     w = float_layer.weight.detach().to(module.weight.dtype)
     bias = None if module.bias is None else module.bias.detach()
+    dims = _channel_dims(targets[0], module)
+    # Plain rounding in the weight-placed window: what convert_ alone gives, the baseline no
+    # calibrated layer may be worse than.
+    start_range = param.shift_range
+    plain = _nearest(w, start_range)
+    plain_outputs, plain_error = _outputs(fn, inputs, plain, bias, targets)
 
-    def nearest(shift_range, w=w):
-        shift, sign = q_shift_sign(w, shift_range)
-        return sign * torch.exp2(shift)
+    scale = None
+    # A BatchNorm that takes the layer's output can absorb a per-channel factor: the weights of
+    # channel c become a_c * w (rounded to powers of two), the BatchNorm divides by a_c again. A
+    # depthwise channel has 9 or 25 weights; the factor that puts them nearest to powers of two
+    # cuts its rounding error several times (EfficientNet-Lite0, results/ptq.md).
+    if norm is not None and steps.channel_scales and not getattr(module, "transposed", False):
+        scale = _channel_scales(fn, inputs, targets, w, bias, start_range, dims, norm)
+        w = w * scale.reshape([-1] + [1] * (w.dim() - 1))
+        base = fn
+
+        def fn(x, weight, b, base=base):  # the layer's output in the original units
+            y = base(x, weight, None if b is None else b * scale)
+            return y / _per_channel(scale, y, dims)
 
     if cfg.auto_range:  # the window with the least output error, near the weight-placed one
-        top = param.shift_range[1]
+        top = start_range[1]
         scored = []
         for p_max in (top, top - 1, top + 1):
             rng = cfg.range_below(p_max)
-            scored.append((_error(fn, inputs, nearest(rng), bias, targets), p_max))
+            scored.append((_error(fn, inputs, _nearest(w, rng), bias, targets), p_max))
         param.set_max_shift_(min(scored)[1])
     shift_range = param.shift_range
-    plain = nearest(shift_range)
-    outputs, plain_error = _outputs(fn, inputs, plain, bias, targets)
-    chosen, chosen_error = plain, plain_error
+    chosen = _nearest(w, shift_range)
+    outputs, chosen_error = _outputs(fn, inputs, chosen, bias, targets)
     if steps.adaptive and steps.iters > 0:
         candidate = _adaptive_round(fn, inputs, targets, w, bias, shift_range, isinstance(cfg, PSConfig),
                                     steps.iters, steps.generator)
         candidate_outputs, error = _outputs(fn, inputs, candidate, bias, targets)
-        if error < plain_error:
+        if error < chosen_error:
             chosen, chosen_error, outputs = candidate, error, candidate_outputs
+    if chosen_error > plain_error:  # never worse than convert_ alone
+        param.set_max_shift_(start_range[1])
+        chosen, chosen_error, outputs, scale = plain, plain_error, plain_outputs, None
     _write(module, chosen)
     if steps.stats is not None:
         steps.stats.append({"layer": name, "plain": plain_error, "calibrated": chosen_error})
     with torch.no_grad():
-        dims = _channel_dims(targets[0], module)
         if steps.bias_correction and module.bias is not None:
             delta = _typical_error(outputs, targets, dims)
+            new_bias = bias + delta if scale is None else (bias + delta) * scale
             if parametrize.is_parametrized(module, "bias"):  # fixed point: its float original
-                module.parametrizations.bias.original.add_(delta)
+                module.parametrizations.bias.original.copy_(new_bias)
             else:
-                module.bias.add_(delta)
-            outputs = [y + delta.reshape([-1 if d not in dims else 1 for d in range(y.dim())])
-                       for y in outputs]
+                module.bias.copy_(new_bias)
+            outputs = [y + _per_channel(delta, y, dims) for y in outputs]
+        elif scale is not None and module.bias is not None:
+            target = module.parametrizations.bias.original if parametrize.is_parametrized(module, "bias") \
+                else module.bias
+            target.mul_(scale)
         if norm is not None and (steps.batchnorm or steps.bias_correction):
             _match_batchnorm(norm, outputs, targets, dims, variance=steps.batchnorm)
+        if scale is not None:
+            _scale_batchnorm(norm, scale)
