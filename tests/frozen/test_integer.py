@@ -163,6 +163,8 @@ def test_operations_without_an_integer_form_are_named():
     for bad in (0, 9, 2.0, True):
         with pytest.raises(ValueError, match="scale_terms"):
             integer_only(frozen_ok, x, scale_terms=bad)
+    with pytest.raises(ValueError, match="not its fuse_frozen copy"):
+        integer_only(deepshift.fuse_frozen(_frozen("resnet20", deepshift.QConfig(), (1, 3, 32, 32))[0]), x)
     with pytest.raises(TypeError, match="float input"):
         integer_only(frozen_ok, x)(x.to(torch.int64))
 

@@ -325,6 +325,9 @@ def integer_only(model: nn.Module, example_input: Tensor, scale_terms: int = 2) 
 
     if not any(is_frozen_layer(m) for m in model.modules()):
         raise ValueError("integer_only needs a frozen model (deepshift.freeze_) with shift layers")
+    if any(type(m).__name__ == "ShiftConvBatchNorm" for m in model.modules()):
+        raise ValueError("integer_only takes the frozen model, not its fuse_frozen copy (the integer "
+                         "model fuses BatchNorm, residual and ReLU itself)")
     if isinstance(scale_terms, bool) or not isinstance(scale_terms, int) or not 1 <= scale_terms <= 8:
         raise ValueError(f"scale_terms must be an int in [1, 8], got {scale_terms!r}")
     try:
