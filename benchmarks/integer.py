@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 import deepshift
+import deepshift.frozen.integer
 from deepshift.backends.cpu.machine import describe
 from deepshift.training.data.datasets import load_dataset
 from deepshift.training.data.loader import BatchLoader
@@ -46,26 +47,34 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("runs", nargs="+", type=Path)
+    p.add_argument("--split", choices=("val", "test"), default="test",
+                   help="evaluate on the run's validation split (to choose settings) or its test split")
+    p.add_argument("--terms", type=int, nargs="+", default=list(TERMS),
+                   help="signed powers of two per BatchNorm scale to compare (default 1 2 3)")
     p.add_argument("--seconds", type=float, default=0.0, help="time each model this long per batch size")
     p.add_argument("--out", type=Path, help="also write the tables to this markdown file")
     args = p.parse_args(argv)
-    acc_rows = ["| run | model | method | bits | frozen, float BN | "
-                + " | ".join(f"integer-only, {k} term{'s' * (k > 1)}" for k in TERMS)
+    terms = args.terms
+    default = deepshift.frozen.integer.DEFAULT_SCALE_TERMS
+    acc_rows = [f"| run | model | method | bits | {args.split} top-1: frozen, float BN | "
+                + " | ".join(f"integer-only, {k} term{'s' * (k > 1)}" for k in terms)
                 + " | float mults / adds per image outside shift layers (frozen -> integer-only) |",
-                "|---|---|---|---:|---:|" + "---:|" * len(TERMS) + "---|"]
-    time_rows = ["| run | batch | fused frozen, float BN (ms) | integer-only (ms) | integer-only / frozen |",
+                "|---|---|---|---:|---:|" + "---:|" * len(terms) + "---|"]
+    time_rows = ["| run | batch | fused frozen, float BN (ms) | integer-only, default terms (ms) | "
+                 "integer-only / frozen |",
                  "|---|---:|---:|---:|---:|"]
     for run in args.runs:
         model, info = load_source(run)
         cfg = info["config"]
         splits = load_dataset(cfg.data, cfg.data_dir, cfg.val_fraction, cfg.limit_train, cfg.image_size)
-        loader = list(BatchLoader(splits.test, 256, train=False))
+        loader = list(BatchLoader(getattr(splits, args.split), 256, train=False))
         frozen = deepshift.freeze_(copy.deepcopy(model).eval())
         example = loader[0][0][:8]
-        integer = {k: deepshift.integer_only(frozen, example, scale_terms=k) for k in TERMS}
+        integer = {k: deepshift.integer_only(frozen, example, scale_terms=k) for k in {*terms, default}}
         shape = tuple(example.shape[1:])
-        before, after = deepshift.savings_report(frozen, shape), deepshift.savings_report(integer[2], shape)
-        scores = [top1(frozen, loader)] + [top1(integer[k], loader) for k in TERMS]
+        before = deepshift.savings_report(frozen, shape)
+        after = deepshift.savings_report(integer[default], shape)
+        scores = [top1(frozen, loader)] + [top1(integer[k], loader) for k in terms]
         acc_rows.append(
             f"| {run.name} | {cfg.model} | {cfg.method} | {cfg.weight_bits} | "
             + " | ".join(f"{s:.2f}" for s in scores)
@@ -78,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                 x = torch.cat([b for b, _ in loader])[:batch]
                 with torch.no_grad():
                     t = measure({"fused": lambda x=x, f=fused: f(x),
-                                 "integer": lambda x=x, m=integer[2]: m(x)}, args.seconds)
+                                 "integer": lambda x=x, m=integer[default]: m(x)}, args.seconds)
                 time_rows.append(f"| {run.name} | {batch} | {1e3 * t['fused'][0]:.2f} | "
                                  f"{1e3 * t['integer'][0]:.2f} | {t['integer'][0] / t['fused'][0]:.2f} |")
                 print(time_rows[-1], flush=True)

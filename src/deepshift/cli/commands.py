@@ -112,7 +112,7 @@ def _require_shift_layers(model: nn.Module, source) -> None:
 def export(source: str | os.PathLike, fmt: str, output: str | os.PathLike,
            act_bits: tuple[int, int] | None = None, onnx_mode: str = "fixed_point",
            input_shape: tuple[int, ...] | None = None, integer_only: bool = False,
-           scale_terms: int = 2) -> dict[str, Any]:
+           scale_terms: int = 3) -> dict[str, Any]:
     """Export ``source`` to a packed file (``fmt="packed"``) or ONNX (``fmt="onnx"``); returns a summary.
     ``integer_only``: a packed file that loads as the integer-only model (``scale_terms`` signed
     powers of two per BatchNorm scale)."""

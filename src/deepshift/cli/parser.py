@@ -210,8 +210,8 @@ def _add_deploy_commands(sub) -> None:
     x.add_argument("--integer-only", action="store_true",
                    help="a packed file that runs as an integer-only model (deepshift.integer_only): "
                         "integers from the input to the logits, BatchNorm as shifts and adds")
-    x.add_argument("--scale-terms", type=int, default=2,
-                   help="signed powers of two per BatchNorm scale with --integer-only (default 2)")
+    x.add_argument("--scale-terms", type=int, default=3,
+                   help="signed powers of two per BatchNorm scale with --integer-only (default 3)")
     x.set_defaults(command="export")
 
     r = sub.add_parser("report", help="per-layer operations, bytes and energy saved by a shift model",
