@@ -95,7 +95,15 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.out:
         command = "python benchmarks/integer.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        args.out.write_text(f"Produced by `{command}`.\n\n{text}")
+        args.out.write_text(
+            "# Integer-only models vs the same models frozen with float BatchNorm\n\n"
+            "Each run is frozen (`deepshift.freeze_`: packed codes, integer shift layers, float between "
+            "them) and made integer-only (`deepshift.integer_only`: integers from the input's rounding to "
+            "the logits, each BatchNorm scale a sum of 1, 2 or 3 signed powers of two); both are evaluated "
+            f"on the run's whole {args.split} split. Timings: the integer-only model with the default "
+            f"number of terms ({default}) against the float-BN frozen model as deployed (fuse_frozen), "
+            "side by side in one run, medians after warm-up.\n\n"
+            f"Produced by `{command}`.\n\n{text}")
     return 0
 
 
