@@ -254,8 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib-size", type=int, default=256)
     p.add_argument("--iters", type=int, default=300)
     p.add_argument("--no-batchnorm", action="store_true", help="keep the BatchNorm variances")
-    p.add_argument("--no-channel-scales", action="store_true",
-                   help="no per-channel factors folded into BatchNorms (calibrate_'s channel_scales)")
+    p.add_argument("--channel-scales", action="store_true",
+                   help="per-channel factors folded into BatchNorms (calibrate_'s channel_scales)")
     p.add_argument("--out", help="also write the table, with this command, to a Markdown file")
     p.add_argument("--append", action="store_true", help="add to --out instead of replacing it")
     args = p.parse_args(argv)
@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 deepshift.calibrate_(converted, case.calib, reference=case.model, iters=args.iters,
                                      max_samples=args.calib_size, batchnorm=not args.no_batchnorm,
-                                     channel_scales=not args.no_channel_scales, progress=False)
+                                     channel_scales=args.channel_scales, progress=False)
                 seconds = time.perf_counter() - t0
                 calibrated, calibrated_fid = case.score(converted)
                 rows.append(f"| {case.name} | {case.data} | {method.upper()} | {bits} | {float_score:.2f} | "

@@ -108,10 +108,12 @@ def test_calibrate_writes_a_run_that_eval_export_and_report_accept(capsys, runs,
     root, _ = runs
     out = tmp_path / "q3"
     code, stdout, err = cli(capsys, "calibrate", root / "float", "--method", "q", "--weight-bits", "3",
-                            "--calib-size", "48", "--iters", "20", "--out", out, "--quiet")
+                            "--calib-size", "48", "--iters", "20", "--channel-scales", "--out", out,
+                            "--quiet")
     assert code == 0, err
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["calib_size"] == 48 and 0 <= metrics["val_top1"] <= 100
+    assert metrics["channel_scales"] is True and metrics["iters"] == 20  # what made the run
     code, stdout, _ = cli(capsys, "eval", "--from", out / "best.pt", "--split", "val", "--json", "--quiet")
     assert code == 0 and abs(json.loads(stdout)["top1"] - metrics["val_top1"]) < 1e-9  # the same model
     assert cli(capsys, "export", out, "-o", tmp_path / "m.dshift")[0] == 0

@@ -298,11 +298,12 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     model = convert_(copy.deepcopy(float_model), shift_cfg)
     t0 = time.perf_counter()
     calibrate_(model, batches, reference=float_model, max_samples=args.calib_size, iters=args.iters,
-               progress=not args.quiet)
+               channel_scales=args.channel_scales, progress=not args.quiet)
     seconds = time.perf_counter() - t0
     val = BatchLoader(splits.val, cfg.batch_size or 256, train=False)
     plain = convert_(copy.deepcopy(float_model), shift_cfg).eval()
-    metrics = {"calibrate_seconds": seconds, "calib_size": len(picked),
+    metrics = {"calibrate_seconds": seconds, "calib_size": len(picked), "iters": args.iters,
+               "channel_scales": args.channel_scales,
                "val_top1_float": evaluate(float_model, val)["top1"],
                "val_top1_converted": evaluate(plain, val)["top1"],
                "val_top1": evaluate(model.eval(), val)["top1"]}

@@ -170,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fixed-point activations of the shift layers (default: float)")
     k.add_argument("--calib-size", type=int, default=256, help="calibration images (default 256)")
     k.add_argument("--iters", type=int, default=300, help="adaptive-rounding steps per layer (default 300)")
+    k.add_argument("--channel-scales", action="store_true",
+                   help="fold a per-channel factor into each BatchNorm after a shift layer (calibrate_'s "
+                        "channel_scales: helps at 2-3 bits)")
     k.add_argument("--data-dir", help="override the data folder stored in the checkpoint")
     k.add_argument("--out", required=True, help="output run folder")
     k.add_argument("--overwrite", action="store_true", help="replace the run in a non-empty --out")
