@@ -222,3 +222,16 @@ def test_a_packed_file_round_trips_the_integer_only_model(tmp_path):
     assert not (tmp_path / "bad.dshift").exists()
     with pytest.raises(ValueError, match="not its integer_only form"):
         deepshift.save_packed(loaded, tmp_path / "bad.dshift")
+
+
+def test_padding_modes_strides_and_groups_run_on_integers_exactly():
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, padding_mode="reflect"), nn.ReLU(),
+                        nn.Conv2d(4, 4, 3, stride=2, padding="valid", groups=2), nn.ReLU(),
+                        nn.Conv2d(4, 6, 3, padding="same", padding_mode="circular", dilation=2),
+                        nn.Flatten(), nn.LazyLinear(3))
+    x = torch.randn(3, 2, 11, 11, dtype=torch.float64)
+    net(x.float())
+    frozen = deepshift.freeze_(deepshift.convert_(net.eval(), deepshift.PSConfig(weight_bits=4)))
+    with torch.no_grad():
+        assert torch.equal(integer_only(frozen, x)(x), frozen(x))
