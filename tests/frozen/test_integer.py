@@ -166,6 +166,9 @@ def test_operations_without_an_integer_form_are_named():
             integer_only(frozen_ok, x, scale_terms=bad)
     with pytest.raises(ValueError, match="not its fuse_frozen copy"):
         integer_only(deepshift.fuse_frozen(_frozen("resnet20", deepshift.QConfig(), (1, 3, 32, 32))[0]), x)
+    resnet, example = _frozen("resnet20", deepshift.QConfig(), (1, 3, 32, 32))
+    with pytest.raises(ValueError, match="averages over 64 positions"):
+        integer_only(resnet, example)(torch.randn(1, 3, 40, 40))
     with pytest.raises(TypeError, match="float input"):
         integer_only(frozen_ok, x)(x.to(torch.int64))
 

@@ -241,13 +241,19 @@ class SumPool(nn.Module):
     """Sum over ``kernel`` windows (``None``: over all positions, keeping dimensions as
     ``adaptive_avg_pool(x, 1)`` does)."""
 
-    def __init__(self, kernel: tuple[int, ...] | None, stride: tuple[int, ...] | None):
+    def __init__(self, kernel: tuple[int, ...] | None, stride: tuple[int, ...] | None, count: int):
         super().__init__()
-        self.kernel, self.stride = kernel, stride
+        self.kernel, self.stride, self.count = kernel, stride, count
 
     def forward(self, x: Tensor) -> Tensor:
         dims = tuple(range(2, x.dim())) if x.dim() > 2 else (1,)
         if self.kernel is None:
+            # the divisor after the sum was fixed at conversion: another input size would be wrong
+            got = math.prod(x.shape[d] for d in dims)
+            if got != self.count:
+                raise ValueError(f"this integer-only model averages over {self.count} positions, as its "
+                                 f"example input gave; got an input with {got}: convert it again with an "
+                                 "example of this size")
             return x.sum(dims, keepdim=True)
         # each unfold appends its window dimension last; the spatial dimensions stay at 2, 3, ...
         for d, (k, s) in enumerate(zip(self.kernel, self.stride, strict=True)):
@@ -546,7 +552,7 @@ def _convert_node(node, mod, env, value, add, graph, work_frac: int, scale_terms
     if pool is not None and first is not None and shape_in is not None:
         kernel, stride = pool
         count = math.prod(shape_in[2:]) if kernel is None else math.prod(kernel)
-        summed = add(name + "_sum", SumPool(kernel, stride), (first.node,))
+        summed = add(name + "_sum", SumPool(kernel, stride, count), (first.node,))
         bound = first.bound * count
         if count & (count - 1) == 0:  # a power of two: the divisor is a change of fraction bits
             return _Value(summed, first.frac + count.bit_length() - 1, bound)
