@@ -171,6 +171,12 @@ def test_operations_without_an_integer_form_are_named():
         integer_only(resnet, example)(torch.randn(1, 3, 40, 40))
     with pytest.raises(TypeError, match="float input"):
         integer_only(frozen_ok, x)(x.to(torch.int64))
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        integer_only(frozen_ok, x)(bad)
+    bad[0, 0, 0, 0] = float("inf")  # saturates, as in the frozen model
+    assert torch.isfinite(integer_only(frozen_ok, x)(bad)).all()
 
 
 def test_hardtanh_and_relu6_clamp_in_integers():
