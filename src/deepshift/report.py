@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from deepshift.frozen.attention import ShiftMultiheadAttention
 from deepshift.frozen.float_layers import ExactGlobalAvgPool, FrozenBatchNorm
 from deepshift.frozen.freeze import frozen_copy
+from deepshift.frozen.integer import IntegerShiftLayer
 from deepshift.frozen.layers import _FrozenShift, is_frozen_layer
 from deepshift.models.transformer import SelfAttention
 from deepshift.ops.codes import decode_codes
@@ -133,8 +134,6 @@ class Report:
 
 def _is_shift_layer(module: nn.Module) -> bool:
     """A frozen shift layer, or the integer form of one in an integer-only model."""
-    from deepshift.frozen.integer import IntegerShiftLayer
-
     return is_frozen_layer(module) or isinstance(module, IntegerShiftLayer)
 
 

@@ -37,6 +37,7 @@ from deepshift.files import atomic_path
 from deepshift.frozen.attention import ShiftMultiheadAttention
 from deepshift.frozen.float_layers import freeze_float_layers_
 from deepshift.frozen.freeze import frozen_copy, without_attention_fast_path
+from deepshift.frozen.integer import IntegerShiftLayer, integer_only
 from deepshift.frozen.layers import _FrozenShift, frozen_from_spec, is_frozen_layer
 from deepshift.frozen.spec import FrozenSpec
 from deepshift.ops.codes import packed_numel
@@ -140,7 +141,7 @@ def save_packed(model: nn.Module, path: str | os.PathLike, act_bits: tuple[int, 
     if any(type(m).__name__ == "ShiftConvBatchNorm" for m in model.modules()):
         raise ValueError("save_packed stores the frozen model, not its fuse_frozen copy: save the "
                          "frozen model (a loaded model can be fused again)")
-    if any(type(m).__name__ == "IntegerShiftLayer" for m in model.modules()):
+    if any(isinstance(m, IntegerShiftLayer) for m in model.modules()):
         raise ValueError("save_packed stores the frozen model, not its integer_only form: save the frozen "
                          "model with integer_only={'input_shape': ..., 'scale_terms': ...}")
     frozen = frozen_copy(model, act_bits)
@@ -377,8 +378,6 @@ def _integer_recipe(recipe: Any) -> dict[str, Any]:
 
 
 def _integer_model(frozen: nn.Module, recipe: dict[str, Any]) -> nn.Module:
-    from deepshift.frozen.integer import integer_only
-
     example = torch.zeros((1, *recipe["input_shape"]))
     result = integer_only(frozen, example, scale_terms=recipe["scale_terms"])
     zoo = getattr(frozen, "zoo_spec", None)

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from deepshift.core.quantize import fixed_point_limits
 from deepshift.frozen.float_layers import ExactGlobalAvgPool, FrozenBatchNorm
+from deepshift.frozen.fuse import _ADDS, _RELUS, ShiftConvBatchNorm, _Tracer
 from deepshift.frozen.layers import ShiftConvNd, ShiftLinear, _FrozenShift, is_frozen_layer
 from deepshift.ops import reference as ref
 from deepshift.ops.reference import ACCUMULATORS, accumulator_bound
@@ -81,12 +82,6 @@ def power_terms(values: Tensor, terms: int) -> tuple[Tensor, Tensor]:
 def terms_value(signs: Tensor, exps: Tensor) -> Tensor:
     """The float64 values that :func:`power_terms` represents."""
     return (signs.double() * torch.exp2(exps.double())).sum(0)
-
-
-def _channel_view(t: Tensor, x: Tensor, dim: int) -> Tensor:
-    shape = [1] * x.dim()
-    shape[dim] = -1
-    return t.reshape(shape)
 
 
 class QuantizeInput(nn.Module):
@@ -168,13 +163,13 @@ class IntegerShiftLayer(nn.Module):
 
 class ChannelScale(nn.Module):
     """``y = round((sum_k sign_kc * x * 2**e_kc + bias_c) * 2**(out_frac - in_frac))`` per channel
-    ``c`` (channel dimension ``dim``; per tensor when ``signs`` has one column): ``x`` at ``in_frac``
+    ``c`` (channel dimension 1; per tensor when ``signs`` has one column): ``x`` at ``in_frac``
     fraction bits, ``y`` at ``out_frac``. The sum is exact (each term a left shift of ``x`` by
     ``e_kc - m_c``, ``m_c`` the channel's lowest exponent; the bias rounded once at that precision),
     and one rounding shift (ties to even) takes it to ``out_frac``."""
 
     def __init__(self, signs: Tensor, exps: Tensor, bias: Tensor | None, in_frac: int, out_frac: int,
-                 x_bound: int, dim: int = 1):
+                 x_bound: int):
         super().__init__()
         live = signs != 0
         low = torch.where(live, exps, torch.iinfo(torch.int64).max).amin(0)
@@ -192,14 +187,15 @@ class ChannelScale(nn.Module):
             if bound < _INT64_SAFE or self.pre >= 62:
                 break
             self.pre += 1
-        self.bound = int(bound)
+        self.bound = int(bound)  # of the exact sum
+        # of the result: the sum shifted by the smallest right shift (rounding adds at most 1)
+        self.out_bound = math.ceil(bound * 2.0 ** -int(inner.min() - out_frac)) + 1 if inner.numel() else 1
         self.register_buffer("signs", signs.clone())
         self.register_buffer("lefts", lefts)
         # the sum is at in_frac - pre - low fraction bits: shift right by that minus out_frac
         self.register_buffer("rights", inner - out_frac)
         self.register_buffer("bias", None if bias is None else
                              torch.round(bias.double() * torch.exp2(inner.double())).to(torch.int64))
-        self.dim = dim
         # Set when fused with the residual add and the clamp after it (_fuse_epilogues).
         self.residual_shift, self.lo, self.hi = 0, None, None
         self.reference = False
@@ -290,8 +286,7 @@ _PASS_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze,
 _PASS_METHODS = {"flatten", "view", "reshape", "squeeze", "unsqueeze", "permute", "transpose", "contiguous",
                  "__getitem__", "clone"}
 _PASS_MODULES = (nn.Flatten, nn.Identity, nn.Dropout, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Unflatten)
-_RELU_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.hardtanh}
-_ADDS = {operator.add, torch.add, operator.iadd}
+_RELU_FUNCTIONS = {*_RELUS, F.relu6, F.hardtanh}
 
 
 def _describe(node: torch.fx.Node, modules: dict) -> str:
@@ -333,11 +328,9 @@ def integer_only(model: nn.Module, example_input: Tensor, scale_terms: int = DEF
         >>> deepshift.savings_report(model, (1, 8, 8)).float_mults_outside
         0
     """
-    from deepshift.frozen.fuse import _Tracer
-
     if not any(is_frozen_layer(m) for m in model.modules()):
         raise ValueError("integer_only needs a frozen model (deepshift.freeze_) with shift layers")
-    if any(type(m).__name__ == "ShiftConvBatchNorm" for m in model.modules()):
+    if any(isinstance(m, ShiftConvBatchNorm) for m in model.modules()):
         raise ValueError("integer_only takes the frozen model, not its fuse_frozen copy (the integer "
                          "model fuses BatchNorm, residual and ReLU itself)")
     if isinstance(scale_terms, bool) or not isinstance(scale_terms, int) or not 1 <= scale_terms <= 8:
@@ -490,12 +483,9 @@ def _convert_node(node, mod, env, value, add, graph, work_frac: int, scale_terms
         # y = s~ * (x - mean) + bias: the rounded scale times the centred input, so its error
         # grows with the spread of x around the mean, not with x itself
         shift = b - mod.running_mean.double() * terms_value(signs, exps)
-        step = ChannelScale(signs, exps, shift, first.frac, work_frac, first.bound, dim=1)
+        step = ChannelScale(signs, exps, shift, first.frac, work_frac, first.bound)
         _check_int64(step.bound, name)
-        gain = float(terms_value(signs.abs(), exps).max())
-        bound = math.ceil(first.bound * 2.0 ** (work_frac - first.frac) * gain
-                          + float(shift.abs().max()) * 2.0**work_frac) + 2
-        return _Value(add(name, step, (first.node,)), work_frac, bound)
+        return _Value(add(name, step, (first.node,)), work_frac, step.out_bound)
 
     # clamps
     relu = ((node.op == "call_module" and isinstance(mod, (nn.ReLU, nn.ReLU6, nn.Hardtanh)))
@@ -564,8 +554,7 @@ def _convert_node(node, mod, env, value, add, graph, work_frac: int, scale_terms
             terms += 1
         step = ChannelScale(signs, exps, None, first.frac, work_frac, bound)
         _check_int64(step.bound, name)
-        return _Value(add(name, step, (summed,)),
-                      work_frac, math.ceil(first.bound * 2.0 ** (work_frac - first.frac)) + 2)
+        return _Value(add(name, step, (summed,)), work_frac, step.out_bound)
 
     # value-preserving steps (copies, views, max pooling, zero padding)
     if first is not None:
