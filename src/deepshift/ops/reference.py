@@ -291,18 +291,13 @@ def channel_affine_reference(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
 def round_shift(x: Tensor, amount: Tensor | int) -> Tensor:
     """``x * 2**-amount`` rounded to the nearest integer (ties to even), by shifts: a right shift
     where ``amount > 0``, an exact left shift where it is negative. ``amount`` broadcasts."""
-    if isinstance(amount, int):
-        if amount <= 0:
-            return torch.bitwise_left_shift(x, -amount)
-        # floor((x + 2**(a-1) - 1 + lowest kept bit) / 2**a): round half to even
-        odd = torch.bitwise_and(torch.bitwise_right_shift(x, amount), 1)
-        return torch.bitwise_right_shift(x + ((1 << (amount - 1)) - 1) + odd, amount)
+    amount = torch.as_tensor(amount, dtype=x.dtype, device=x.device)
     left = torch.clamp_min(-amount, 0)
     right = torch.clamp_min(amount, 0)
     x = torch.bitwise_left_shift(x, left)
+    # floor((x + 2**(a-1) - 1 + lowest kept bit) / 2**a): round half to even; nothing where a == 0
     half = torch.bitwise_right_shift(torch.bitwise_left_shift(torch.ones_like(right), right), 1)
     odd = torch.bitwise_and(torch.bitwise_right_shift(x, right), 1)
-    # right == 0: half == 0 and the adjustment below must be 0 too
     adjust = torch.where(right > 0, half - 1 + odd, torch.zeros_like(odd))
     return torch.bitwise_right_shift(x + adjust, right)
 
@@ -338,7 +333,7 @@ def int_epilogue_reference(x: Tensor, signs: Tensor, lefts: Tensor, bias: Tensor
         y = term if y is None else y + term
     if bias is not None:
         y = y + view(bias)
-    y = round_shift(y, view(rights) if per_channel else int(rights.reshape(-1)[0]))
+    y = round_shift(y, view(rights))
     if residual is not None:
         y = y + torch.bitwise_left_shift(residual, residual_shift)
     return y if lo is None and hi is None else torch.clamp(y, lo, hi)
