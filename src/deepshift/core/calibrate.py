@@ -202,6 +202,17 @@ def _neighbours(w: Tensor, shift_range: tuple[int, int], ps: bool) -> tuple[Tens
     return sign, low, high
 
 
+def _samples_within(xs: list[Tensor], targets: list[Tensor], w: Tensor, macs: int) -> tuple[int, bool]:
+    """How many samples one pass over the layer may take to stay near ``macs`` multiply-
+    accumulates (at least one), and whether the inputs have a sample dimension to take them from."""
+    # Per sample: output elements x weights each one reads (the fan-in).
+    per_sample = targets[0][0].numel() * (w[0].numel() if w.dim() > 1 else 1)
+    # A Linear's leading dimensions are rows; a convolution's input is batched when it has the
+    # weight's number of dimensions (an unbatched one has no sample dimension to subset).
+    batched = xs[0].dim() >= 2 and (w.dim() == 2 or xs[0].dim() == w.dim())
+    return max(1, macs // max(per_sample, 1)), batched
+
+
 def _adaptive_round(fn, xs, targets, w: Tensor, bias, shift_range, ps: bool, iters: int,
                     generator: torch.Generator) -> Tensor:
     """Chooses, for each weight, the power of two just below or just above it (or zero, PS) that
@@ -216,12 +227,7 @@ def _adaptive_round(fn, xs, targets, w: Tensor, bias, shift_range, ps: bool, ite
     v = torch.log(p / (1 - p)).requires_grad_(True)
     opt = torch.optim.Adam([v], lr=_LR)
     scale = sum(float(t.square().mean()) for t in targets) / len(targets) or 1.0
-    # Per sample: output elements x weights each one reads (the fan-in).
-    per_sample = targets[0][0].numel() * (w[0].numel() if w.dim() > 1 else 1)
-    take = max(1, _STEP_MACS // max(per_sample, 1))
-    # A Linear's leading dimensions are rows; a convolution's input is batched when it has the
-    # weight's number of dimensions (an unbatched one has no sample dimension to subset).
-    batched = xs[0].dim() >= 2 and (w.dim() == 2 or xs[0].dim() == w.dim())
+    take, batched = _samples_within(xs, targets, w, _STEP_MACS)
     warmup = iters // 5
     for step in range(iters):
         i = int(torch.randint(len(xs), (1,), generator=generator))
@@ -540,9 +546,7 @@ def _channel_scales(fn, xs, targets, w: Tensor, bias, shift_range, dims, norm: n
     lowest = (norm.eps / (norm.running_var.double() + norm.eps)).sqrt()
     # The samples that fit _SCALE_MACS per candidate (at least one batch's first sample): a
     # channel's error over many positions of a few dozen images ranks the factors as well as all.
-    per_sample = targets[0][0].numel() * (w[0].numel() if w.dim() > 1 else 1)
-    budget = max(1, _SCALE_MACS // max(per_sample, 1))
-    batched = xs[0].dim() >= 2 and (w.dim() == 2 or xs[0].dim() == w.dim())
+    budget, batched = _samples_within(xs, targets, w, _SCALE_MACS)
     if batched:
         picked, count = [], 0
         for x, t in zip(xs, targets, strict=True):
@@ -628,18 +632,16 @@ def _calibrate_layer(module, cfg, float_layer, inputs, targets, norm, steps: _St
     if steps.stats is not None:
         steps.stats.append({"layer": name, "plain": plain_error, "calibrated": chosen_error})
     with torch.no_grad():
-        if steps.bias_correction and module.bias is not None:
-            delta = _typical_error(outputs, targets, dims)
-            new_bias = bias + delta if scale is None else (bias + delta) * scale
-            if parametrize.is_parametrized(module, "bias"):  # fixed point: its float original
-                module.parametrizations.bias.original.copy_(new_bias)
-            else:
-                module.bias.copy_(new_bias)
-            outputs = [y + _per_channel(delta, y, dims) for y in outputs]
-        elif scale is not None and module.bias is not None:
-            target = module.parametrizations.bias.original if parametrize.is_parametrized(module, "bias") \
+        if module.bias is not None and (steps.bias_correction or scale is not None):
+            # fixed point: the float original behind the rounding
+            stored = module.parametrizations.bias.original if parametrize.is_parametrized(module, "bias") \
                 else module.bias
-            target.mul_(scale)
+            if steps.bias_correction:
+                delta = _typical_error(outputs, targets, dims)
+                stored.add_(delta)
+                outputs = [y + _per_channel(delta, y, dims) for y in outputs]
+            if scale is not None:  # the layer's own units: the BatchNorm after it divides by scale
+                stored.mul_(scale)
         if norm is not None and (steps.batchnorm or steps.bias_correction):
             _match_batchnorm(norm, outputs, targets, dims, variance=steps.batchnorm)
         if scale is not None:
