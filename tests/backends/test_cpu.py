@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -284,7 +285,7 @@ def test_frozen_int64_layers_take_the_wide_kernel_or_fall_back_exactly(native, a
             try:
                 run = linear._prepare_linear_wide(x, frozen.codes, [97, 1500], 5, False, frozen.shift_lo,
                                                   frozen.bias_int, list(act_bits), "nearest")
-                assert run is not None and (run(x) is None) == (act_bits == (16, 8) and scale == 1e6)
+                assert run is not None and (run.run(x)[0] is None) == (act_bits == (16, 8) and scale == 1e6)
             finally:
                 build.set_isa("auto")
 
@@ -372,9 +373,11 @@ def test_caches_let_go_of_a_deleted_model(native):
             net(torch.randn(1, 3, 8, 8))
             net(torch.randn(16, 3, 8, 8))
         assert len(cache._fused) + len(cache._cache) > 0  # the model did use the caches
+        assert native.remembered_count() == len(cache._fused)  # the op kernels find every prepared forward
         del net
         gc.collect()
         assert (len(cache._fused), len(cache._cache), cache._cache_bytes[0]) == (0, 0, 0)
+        assert native.remembered_count() == 0
 
 
 def test_frozen_ops_dispatch_to_native(native, monkeypatch):
@@ -391,9 +394,11 @@ def test_frozen_ops_dispatch_to_native(native, monkeypatch):
     conv = deepshift.freeze_(deepshift.convert_(nn.Sequential(nn.Conv2d(2, 3, 3)), deepshift.QConfig()))
     x = torch.randn(1, 2, 5, 5)
     conv(x)
-    # Eager frozen layers take the fused native forward; the op itself dispatches to the native conv.
-    small_batch = "gemv_lut" if build.current_isa() == "avx512" else "gemv"
-    assert small_batch in calls and "conv_fused" in calls and "conv" not in calls
+    # Eager frozen layers take the fused native forward (prepared once, run in C++: see
+    # test_frozen_op_kernels_run_remembered_forwards); the op itself dispatches to the native conv.
+    small_batch = "lut_layout" if build.current_isa() == "avx512" else "gemv_layout"
+    assert small_batch in calls and {"PreparedLinear", "PreparedConv", "conv_plan"} <= set(calls)
+    assert "conv" not in calls
     layer = conv[0]
     q = torch.ops.deepshift.quantize_input(x, list(layer.act_bits), layer.act_rounding, torch.int32)
     torch.ops.deepshift.shift_conv(q, layer.codes, list(layer.weight_shape), 5, False, layer.shift_lo,
@@ -609,11 +614,15 @@ def test_conv_half_width_rows_bit_exact(native, oh):
 _FUSED_ACT_BITS = [(4, 4), (1, 7), (3, 3), (2, 6), (8, 8), (6, 10), (12, 4), (1, 0)]
 
 
-def _op_path(monkeypatch):
+@contextlib.contextmanager
+def _op_path():
     """Frozen layers run as the reference composes them (quantize_input, shift op, scale_output: each
     the op's own CPU kernel), not as one fused native call."""
-    monkeypatch.setattr(conv, "fused_forward", lambda *a: None)
-    monkeypatch.setattr(linear, "fused_forward", lambda *a: None)
+    build.set_fused(False)
+    try:
+        yield
+    finally:
+        build.set_fused(True)
 
 
 def _fused_used(layer, x) -> bool:
@@ -678,20 +687,31 @@ def _fused_conv_case(rng: random.Random):
 def _op_path_output(monkeypatch, layer, x):
     """``layer(x)`` through the op path (no fused kernel), or None where these options have no output."""
     monkeypatch.undo()
-    _op_path(monkeypatch)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _op_path():
             return layer(x)
     except (ValueError, RuntimeError):
         return None
-    finally:
-        monkeypatch.undo()
+
+
+class _SpiedConv:
+    """A PreparedConv that records the arguments of each ``run`` in ``runs``."""
+
+    def __init__(self, prepared, runs: list):
+        self.prepared, self.runs, self.out_shape = prepared, runs, prepared.out_shape
+
+    def run(self, *args):
+        self.runs.append(args)
+        return self.prepared.run(*args)
+
+    def remember(self, *args):
+        self.prepared.remember(*args)
 
 
 def _on_every_isa(monkeypatch, layer, spy, module, *args):
     """{isa: module(*args)} for every instruction set the CPU has, each preparing ``layer``'s fused
-    forward anew, with ``spy`` in place of the extension's conv_fused."""
-    monkeypatch.setattr(build.load_extension(), "conv_fused", spy)
+    forward anew, with ``spy`` in place of the extension's PreparedConv."""
+    monkeypatch.setattr(build.load_extension(), "PreparedConv", spy)
     results = {}
     for isa in isa_paths():
         assert build.set_isa(isa) == isa
@@ -710,11 +730,10 @@ def test_fused_conv_forward_equals_the_op_path(native, monkeypatch, chunk):
     rng = random.Random(7000 + chunk)
     done = fused = 0
     lanes_used = []  # the table width of every fused call: both must stay covered
-    ext = build.load_extension()
-    real = ext.conv_fused
+    real = build.load_extension().PreparedConv
 
     def spy(*args):
-        lanes_used.append(args[12])
+        lanes_used.append(args[11])
         return real(*args)
 
     while done < 25:
@@ -735,7 +754,7 @@ def test_fused_conv_forward_equals_the_op_path(native, monkeypatch, chunk):
 
 @pytest.mark.parametrize("act_bits", [(4, 4), (8, 8)])
 @pytest.mark.parametrize("lead", [(), (1,), (3,), (4,), (5,), (2, 7)])
-def test_fused_linear_forward_equals_the_op_path(native, monkeypatch, act_bits, lead):
+def test_fused_linear_forward_equals_the_op_path(native, act_bits, lead):
     # Up to 4 rows: quantize + small-batch kernel + scale; more rows: the fused 1x1 convolution.
     rng = random.Random(len(lead) * 10 + sum(lead))
     lin = nn.Linear(37, 11)
@@ -746,14 +765,13 @@ def test_fused_linear_forward_equals_the_op_path(native, monkeypatch, act_bits, 
         with torch.no_grad():
             got = layer(x)
             assert _fused_used(layer, x)
-            _op_path(monkeypatch)
-            expected = layer(x)
-            monkeypatch.undo()
+            with _op_path():
+                expected = layer(x)
         assert got.shape == (*lead, 11) and got.dtype == dtype
         assert torch.equal(got, expected)
 
 
-def test_fused_forward_nan_error_and_weight_changes(native, monkeypatch):
+def test_fused_forward_nan_error_and_weight_changes(native):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 5))
     deepshift.convert_(net, deepshift.QConfig(weight_bits=5, act_bits=(4, 4)))
@@ -761,6 +779,7 @@ def test_fused_forward_nan_error_and_weight_changes(native, monkeypatch):
     x = torch.randn(2, 3, 6, 6)
     bad = x.clone()
     bad[1, 2, 3, 3] = float("nan")
+    frozen(x), frozen[3](torch.zeros(1, 4 * 36))  # prepared: the NaNs below reach the op's C++ kernels
     with pytest.raises(ValueError, match="NaN"):
         frozen(bad)
     with pytest.raises(ValueError, match="NaN"):
@@ -775,15 +794,42 @@ def test_fused_forward_nan_error_and_weight_changes(native, monkeypatch):
     # (shift_lo is part of the layer's spec, not its state: the loaded codes mean other weights
     # here than in `other`; what matters is that both paths agree on them.)
     assert not torch.equal(before, after)
-    _op_path(monkeypatch)
-    assert torch.equal(after, frozen(x))
-    monkeypatch.undo()
+    with _op_path():
+        assert torch.equal(after, frozen(x))
     # Pickled and copied modules compute the same.
     import copy
     import pickle
 
     for clone in (pickle.loads(pickle.dumps(frozen)), copy.deepcopy(frozen)):
         assert torch.equal(clone(x), after)
+
+
+def test_frozen_op_kernels_run_remembered_forwards(native, monkeypatch):
+    # The frozen ops' C++ kernels run the forward the Python kernel prepared for the same codes, bias,
+    # spec, input shape and dtype, and hand every other call to the Python kernel.
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 5))
+    deepshift.convert_(net, deepshift.QConfig(weight_bits=5, act_bits=(4, 4)))
+    frozen = deepshift.fuse_frozen(deepshift.freeze_(net.eval()))
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        expected = frozen(x)
+        python_calls = []
+
+        def spy(*args):
+            python_calls.append(args[0].shape)
+            return None  # no fused forward: the Python kernel takes the reference
+
+        monkeypatch.setattr(conv, "fused_forward", spy)
+        monkeypatch.setattr(linear, "fused_forward", spy)
+        assert torch.equal(frozen(x), expected) and python_calls == []  # both layers: C++ only
+        assert torch.equal(frozen(x[:1]), expected[:1]) and len(python_calls) == 2  # a new shape
+        python_calls.clear()
+        # In place: the version counter moves, the C++ kernel misses.
+        next(m for m in frozen.modules() if isinstance(m, deepshift.ShiftLinear)).bias_int.add_(1)
+        changed = frozen(x)
+        assert python_calls == [(2, 64)] and not torch.equal(changed, expected)
+        monkeypatch.undo()
+        assert torch.equal(frozen(x), changed)
 
 
 def test_fused_forward_is_not_traced(native):
@@ -827,13 +873,11 @@ def test_fused_conv_batchnorm_equals_the_two_modules(native, monkeypatch, chunk)
     # while in cache) against the op path and those operations in torch, for both table widths and
     # both ISAs.
     rng = random.Random(9100 + chunk)
-    ext = build.load_extension()
-    real = ext.conv_fused
-    affine_calls = []
+    real = build.load_extension().PreparedConv
+    runs = []
 
     def spy(*args):
-        affine_calls.append(args[-1] is not None)
-        return real(*args)
+        return _SpiedConv(real(*args), runs)
 
     done, kinds = 0, set()
     while done < 20:
@@ -864,7 +908,8 @@ def test_fused_conv_batchnorm_equals_the_two_modules(native, monkeypatch, chunk)
             assert torch.equal(got.isnan(), expected.isnan()), label
         done += 1
         kinds.add((residual is not None, bool(relu)))
-    assert affine_calls.count(True) == len(isa_paths()) * done  # every case went through the fused kernel
+    # Every case went through the fused kernel, with the BatchNorm's affine.
+    assert [args[1] is not None for args in runs] == [True] * (len(isa_paths()) * done)
     assert len(kinds) == 4, kinds  # with and without residual, with and without ReLU
 
 
@@ -873,13 +918,13 @@ def test_conv_fused_rejects_bad_affine(native):
     x = torch.randn(2, 3, 6, 6)
     conv_args = ShiftConvArgs(layer.codes, list(layer.weight_shape), layer.weight_bits, layer.has_zero,
                               layer.shift_lo, layer.bias_int, [1, 1], [0, 0], [1, 1], 1, False, [0, 0])
-    run, _ = conv._prepare_conv_fused(x, conv_args, list(layer.act_bits), layer.act_rounding,
-                                      layer.accumulator)
+    prepared = conv._prepare_conv_fused(x, conv_args, list(layer.act_bits), layer.act_rounding,
+                                        layer.accumulator)
     good = torch.ones(4)
     for scale in (torch.ones(5), torch.ones(4, dtype=torch.float64), torch.ones(8)[::2]):
         with pytest.raises(RuntimeError, match="affine scale / shift"):
-            run(x, [scale, good], None, False)
-    assert torch.equal(run(x, [good, torch.zeros(4)], None, False), layer(x))
+            prepared.run(x, [scale, good], None, False)
+    assert torch.equal(prepared.run(x, [good, torch.zeros(4)], None, False)[0], layer(x))
     # The op's CPU kernel never hands the native call such an affine: the reference computes it.
     strided = torch.arange(8.0)[::2]
     expected = torch.ops.deepshift.channel_affine(layer(x), strided.contiguous(), good)

@@ -13,11 +13,12 @@ from typing import Any
 
 import torch
 
+from deepshift.backends.cpu import cache
 from deepshift.backends.cpu.cache import clear_cache
 
 # The translation units (built in parallel, linked into one module) and the headers they share.
-_UNITS = ("bindings.cpp", "isa.cpp", "linear.cpp", "lut.cpp", "conv.cpp", "elementwise.cpp")
-_SOURCES = (*_UNITS, "common.h", "kernels.h", "ops.h")
+_UNITS = ("bindings.cpp", "isa.cpp", "linear.cpp", "lut.cpp", "conv.cpp", "elementwise.cpp", "frozen.cpp")
+_SOURCES = (*_UNITS, "common.h", "kernels.h", "ops.h", "frozen.h")
 
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
@@ -27,6 +28,17 @@ _lock = threading.RLock()
 
 
 _state: dict[str, Any] = {"tried": False, "ext": None, "error": None}
+
+
+_on_load: list = []
+
+
+def on_load(hook) -> None:
+    """Call ``hook(ext)`` once the extension is loaded (now, if it already is): the frozen ops'
+    C++ kernels are registered this way (see register.py)."""
+    _on_load.append(hook)
+    if _state["ext"] is not None:
+        hook(_state["ext"])
 
 
 def native_disabled() -> bool:
@@ -112,6 +124,8 @@ def load_extension():
         if not _state["tried"]:
             try:
                 _state["ext"] = _build()
+                for hook in _on_load:
+                    hook(_state["ext"])
             except Exception as exc:  # no compiler, build error, import error: use the reference
                 _state["ext"] = None
                 _state["error"] = exc
@@ -154,6 +168,16 @@ def current_isa() -> str:
     the native kernels."""
     ext = load_extension()
     return "reference" if ext is None else _ISA_NAMES[ext.current_isa()]
+
+
+def set_fused(enabled: bool) -> None:
+    """Switch the frozen layers' fused native forward on (the default) or off: off, each frozen op
+    composes the smaller ops (quantize_input, the shift op, scale_output), each on its own kernel.
+    Results are equal either way; benchmarks and tests compare the two."""
+    cache.set_fused(enabled)
+    ext = load_extension()
+    if ext is not None:
+        ext.set_fast_path(bool(enabled))
 
 
 def set_isa(isa: str) -> str:

@@ -80,15 +80,21 @@ def _cached(codes: Tensor, key: tuple, make):
 
 
 # Prepared fused forwards by (codes tensor, layer, input shape and dtype): looked up on every frozen
-# layer call, so kept apart from the LRU (whose generic key costs several microseconds a lookup).
+# layer call that reaches Python, so kept apart from the LRU (whose generic key costs several
+# microseconds a lookup). They are the extension's PreparedConv / PreparedLinear objects, owned here:
+# the frozen ops' C++ kernels find them through weak references (``remember``), so an entry dropped
+# here (its codes tensor freed, clear_cache) is gone for those kernels too.
 _fused: dict[tuple, tuple] = {}
 _FUSED_MAX = 4096
+_fused_on = [True]
 
 
 def fused_forward(x: Tensor, codes: Tensor, bias: Tensor | None, key: str, prepare):
     """A frozen layer's prepared native forward for inputs like ``x`` (``prepare()``'s result, None
-    where the fused path does not apply), kept while the codes and bias tensors are unchanged, so a
-    call costs little more than the kernel itself (what matters at batch 1)."""
+    where the fused path does not apply or is switched off), kept while the codes and bias tensors
+    are unchanged, so a call costs little more than the kernel itself (what matters at batch 1)."""
+    if not _fused_on[0]:
+        return None
     try:
         versions = (codes._version, None if bias is None else bias._version)
     except RuntimeError:  # inference tensors have no version counter: prepare every time
@@ -107,7 +113,14 @@ def fused_forward(x: Tensor, codes: Tensor, bias: Tensor | None, key: str, prepa
             # The entry goes with its codes tensor (the prepared forward never refers to it).
             codes_ref = weakref.ref(codes, lambda r, k=k: _drop(_fused, r, k))
             _fused[k] = (codes_ref, versions, None if bias is None else weakref.ref(bias), value)
+        value.remember(codes, bias, key, x)
     return value
+
+
+def set_fused(enabled: bool) -> None:
+    """Python's half of ``build.set_fused``: whether ``fused_forward`` prepares and returns forwards
+    (those prepared stay cached meanwhile)."""
+    _fused_on[0] = bool(enabled)
 
 
 @functools.lru_cache(maxsize=4096)

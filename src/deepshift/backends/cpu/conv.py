@@ -286,17 +286,17 @@ def _fused_setup(ext, x, act_bits, rounding, accumulator, shift_lo, bias, terms,
 
 def _prepare_conv_fused(x: Tensor, a: ref.ShiftConvArgs, act_bits: list[int], rounding: str,
                         accumulator: str):
-    """``(run, output shape)`` computing a frozen (non-transposed) conv layer's whole forward on float
-    CPU inputs shaped and typed like ``x`` in one native call; None where that does not apply (no
+    """The extension's ``PreparedConv``: a frozen (non-transposed) conv layer's whole forward on float
+    CPU inputs shaped and typed like ``x``, in one native call; None where that does not apply (no
     native kernels, an int64 accumulator, another dtype, shapes the native kernel does not take).
 
-    The call rounds the input to fixed point while building the kernel's table and scales each
-    image's integer output to x's dtype while it is still in cache: bit for bit the reference's
-    ``scale_output(shift_conv(quantize_input(x)))``, without the intermediate integer tensors or the
-    per-call range check (8-bit ``act_bits`` guarantee ``|q| <= 128``); ValueError on NaN.
-    ``run(x, affine=[scale, shift], residual, relu)`` also applies a per-channel affine (a frozen
-    BatchNorm), adds ``residual`` and applies ReLU to each output value while it is in cache, bit for
-    bit as torch computes those operations.
+    Its ``run(x, affine=[scale, shift], residual, relu)`` rounds the input to fixed point while
+    building the kernel's table and scales each image's integer output to x's dtype while it is
+    still in cache: bit for bit the reference's ``scale_output(shift_conv(quantize_input(x)))``,
+    without the intermediate integer tensors or the per-call range check (8-bit ``act_bits``
+    guarantee ``|q| <= 128``); it also applies a per-channel affine (a frozen BatchNorm), adds
+    ``residual`` and applies ReLU to each output value while it is in cache, bit for bit as torch
+    computes those operations. It returns ``(y, x has a NaN)``.
     """
     ext = load_extension()
     weight_shape = a.weight_shape
@@ -311,19 +311,11 @@ def _prepare_conv_fused(x: Tensor, a: ref.ShiftConvArgs, act_bits: list[int], ro
         return None
     x5_shape = [x.shape[0], x.shape[1], *([1] * call.pre), *x.shape[2:]]
     w5_shape, plan = call.prepared(ext, a.codes, lanes, x5_shape)
-    conv_fused, s3, p3, d3 = ext.conv_fused, call.s3, call.p3, call.d3
-    frac, floor, groups = act_bits[1], rounding == "floor", a.groups  # not `a`: it holds the codes tensor
-
-    def run(x: Tensor, affine: list[Tensor] | None, residual: Tensor | None, relu: bool) -> Tensor:
-        y, has_nan = conv_fused(x.contiguous(), w5_shape, plan, b, groups, s3, p3, d3, frac, lo, hi, floor,
-                                lanes, exponent, affine, residual, relu)
-        if has_nan:
-            raise ref._nan_error()
-        return y
-
     sizes = [ref.conv_output_size(x.shape[2 + d], weight_shape[2 + d], a.stride[d], a.padding[d],
                                   a.dilation[d], False, 0) for d in range(dims)]
-    return run, (x.shape[0], weight_shape[0], *sizes)
+    # Holds no reference to the codes tensor: the cache entry goes with it.
+    return ext.PreparedConv(w5_shape, plan, b, a.groups, call.s3, call.p3, call.d3, act_bits[1], lo, hi,
+                            rounding == "floor", lanes, exponent, [x.shape[0], weight_shape[0], *sizes])
 
 
 def _channel_vector_ok(t: Tensor, like: Tensor, channels: int) -> bool:
@@ -332,10 +324,11 @@ def _channel_vector_ok(t: Tensor, like: Tensor, channels: int) -> bool:
 
 def frozen_conv_cpu(x: Tensor, codes: Tensor, bias: Tensor | None, spec: str, bn_scale: Tensor | None,
                     bn_shift: Tensor | None, residual: Tensor | None, relu: bool) -> Tensor:
-    """CPU kernel of ``deepshift::frozen_conv``: one native call (convolution, BatchNorm affine, residual
-    and ReLU included) where it applies, else the reference's composition of the smaller ops."""
+    """``deepshift::frozen_conv`` on the CPU where the extension's C++ kernel has no prepared forward
+    for the call: prepares (and remembers) one where the fused native call applies and runs it, else
+    the reference's composition of the smaller ops."""
     s = parsed_spec(spec)
-    fused = None
+    prepared = None
     if not s.transposed and not s.pad_outside:
         def prepare():
             a = ref.ShiftConvArgs(codes, list(s.weight_shape), s.weight_bits, s.has_zero, s.shift_lo, bias,
@@ -343,13 +336,16 @@ def frozen_conv_cpu(x: Tensor, codes: Tensor, bias: Tensor | None, spec: str, bn
                                   list(s.output_padding))
             return _prepare_conv_fused(x, a, list(s.act_bits), s.act_rounding, s.accumulator)
 
-        fused = fused_forward(x, codes, bias, spec, prepare)
-    if fused is not None:
-        run, out_shape = fused
+        prepared = fused_forward(x, codes, bias, spec, prepare)
+    if prepared is not None:
+        out_shape = tuple(prepared.out_shape)
         channels = out_shape[1]
         if ((bn_scale is None or (_channel_vector_ok(bn_scale, x, channels)
                                   and _channel_vector_ok(bn_shift, x, channels)))
                 and (residual is None or (residual.dtype == x.dtype and residual.device.type == "cpu"
                                           and residual.is_contiguous() and residual.shape == out_shape))):
-            return run(x, None if bn_scale is None else [bn_scale, bn_shift], residual, relu)
+            y, has_nan = prepared.run(x, None if bn_scale is None else [bn_scale, bn_shift], residual, relu)
+            if has_nan:
+                raise ref._nan_error()
+            return y
     return ref.frozen_conv_reference(x, codes, bias, spec, bn_scale, bn_shift, residual, relu)

@@ -19,6 +19,10 @@ from deepshift.backends.cpu.conv import (
 )
 from deepshift.ops import reference as ref
 
+# PreparedLinear's modes (csrc/frozen.h): narrow / wide table lookup, small-batch kernel, 1x1 conv.
+_LUT, _WIDE, _GEMV, _CONV = 0, 1, 2, 3
+
+
 GEMV_MAX_ROWS = 4
 """Without the table-lookup kernel, Linear inputs with at most this many rows use the small-batch
 (per-weight shift) kernel, more rows the 1x1-convolution path."""
@@ -84,10 +88,10 @@ def _wide_layout(ext, codes, weight_shape, weight_bits, has_zero, shift_lo):
 
 def _prepare_linear_wide(x, codes, weight_shape, weight_bits, has_zero, shift_lo, bias, act_bits, rounding):
     """``_prepare_linear_fused`` for a layer with an int64 accumulator: inputs rounded to int32 fixed
-    point (act_bits of at most 32 bits), the wide table-lookup kernel, int64 scaling; the function
-    returns None for a call the wide kernel refuses (the caller runs the reference composition).
-    None where it does not apply. Like every prepared forward it holds no reference to the codes
-    (the cache entry goes with them)."""
+    point (act_bits of at most 32 bits), the wide table-lookup kernel, int64 scaling; its ``run``
+    returns no output for an input the wide kernel refuses (the caller runs the reference
+    composition). None where it does not apply. Like every prepared forward it holds no reference to
+    the codes (the cache entry goes with them)."""
     ext = load_extension()
     if ext is None or sum(act_bits) > 32:
         return None
@@ -98,19 +102,10 @@ def _prepare_linear_wide(x, codes, weight_shape, weight_bits, has_zero, shift_lo
     _, lo, hi, exponent, _ = setup
     b = _shifted_bias(None if bias is None else bias.to(torch.int64), min(shift_lo, 0))
     out_f, in_f = weight_shape
-    rows = x.numel() // in_f
-    out_shape = (*x.shape[:-1], out_f)
-    frac, floor, out64 = act_bits[1], rounding == "floor", x.dtype == torch.float64
     tiles, values, bits = lut
-
-    def run(x: Tensor) -> Tensor:
-        q, has_nan = ext.quantize(x.reshape(rows, in_f), frac, lo, hi, floor, False)
-        if has_nan:
-            raise ref._nan_error()
-        y = ext.gemv_lut(q, tiles, values, bits, out_f, b, True)
-        return None if y is None else ext.scale(y, exponent, out64).reshape(out_shape)
-
-    return run
+    return ext.PreparedLinear(_WIDE, tiles, values, bits, [], b, out_f, in_f, x.numel() // in_f, act_bits[1],
+                              lo, hi, rounding == "floor", 32, exponent, x.dtype == torch.float64,
+                              [*x.shape[:-1], out_f])
 
 
 def _linear_plan(ext, codes, weight_shape, weight_bits, has_zero, shift_lo, lanes, rows):
@@ -166,11 +161,11 @@ def shift_linear_cpu(x, codes, weight_shape, weight_bits, has_zero, shift_lo, bi
 
 def _prepare_linear_fused(x, codes, weight_shape, weight_bits, has_zero, shift_lo, bias, act_bits, rounding,
                           accumulator):
-    """What ``conv._prepare_conv_fused`` is for a frozen Linear layer: a function computing its forward
-    on float CPU inputs shaped and typed like ``x`` with native calls only (up to ``GEMV_MAX_ROWS``
-    rows: one rounding pass, the small-batch kernel and one scaling pass; more rows: the fused
-    1x1-convolution path). Bit for bit the op path's result; ValueError on NaN; None where it does
-    not apply."""
+    """What ``conv._prepare_conv_fused`` is for a frozen Linear layer: the extension's ``PreparedLinear``,
+    whose ``run(x)`` computes its forward on float CPU inputs shaped and typed like ``x`` with native
+    calls only (up to ``GEMV_MAX_ROWS`` rows: one rounding pass, the small-batch kernel and one
+    scaling pass; more rows: the fused 1x1-convolution path) and returns ``(y, x has a NaN)``. Bit
+    for bit the op path's result; None where it does not apply."""
     ext = load_extension()
     setup = None if ext is None else _fused_setup(ext, x, act_bits, rounding, accumulator, shift_lo, bias,
                                                   weight_shape[1], weight_bits)
@@ -179,44 +174,27 @@ def _prepare_linear_fused(x, codes, weight_shape, weight_bits, has_zero, shift_l
     lanes, lo, hi, exponent, b = setup
     out_f, in_f = weight_shape
     rows = x.numel() // in_f
-    out_shape = (*x.shape[:-1], out_f)
-    frac, floor, out64 = act_bits[1], rounding == "floor", x.dtype == torch.float64
     lut = _lut(ext, codes, weight_shape, weight_bits, has_zero, shift_lo)
-    if lut is not None or rows <= GEMV_MAX_ROWS:
-        if lut is not None:
-            tiles, values, bits = lut
-
-            def gemv(q):
-                return ext.gemv_lut(q, tiles, values, bits, out_f, b, False)
-        else:
-            tiles = _gemv_tiles(ext, codes, weight_shape, weight_bits, has_zero, shift_lo)
-
-            def gemv(q):
-                return ext.gemv(q, tiles, out_f, b)
-
-        def run(x: Tensor) -> Tensor:
-            q, has_nan = ext.quantize(x.reshape(rows, in_f), frac, lo, hi, floor, False)
-            if has_nan:
-                raise ref._nan_error()
-            return ext.scale(gemv(q), exponent, out64).reshape(out_shape)
-
-        return run
-    plan = _linear_plan(ext, codes, weight_shape, weight_bits, has_zero, shift_lo, lanes, rows)
-
-    def run(x: Tensor) -> Tensor:
-        xt = x.reshape(rows, in_f).t().contiguous().reshape(1, in_f, 1, 1, rows)
-        y, has_nan = ext.conv_fused(xt, [out_f, in_f, 1, 1, 1], plan, b, 1, [1, 1, 1], [0, 0, 0], [1, 1, 1],
-                                    frac, lo, hi, floor, lanes, exponent, None, None, False)
-        if has_nan:
-            raise ref._nan_error()
-        return y.reshape(out_f, rows).t().contiguous().reshape(out_shape)
-
-    return run
+    tiles = values = None
+    bits, plan = 0, []
+    if lut is not None:
+        mode = _LUT
+        tiles, values, bits = lut
+    elif rows <= GEMV_MAX_ROWS:
+        mode = _GEMV
+        tiles = _gemv_tiles(ext, codes, weight_shape, weight_bits, has_zero, shift_lo)
+    else:
+        mode = _CONV
+        plan = _linear_plan(ext, codes, weight_shape, weight_bits, has_zero, shift_lo, lanes, rows)
+    return ext.PreparedLinear(mode, tiles, values, bits, plan, b, out_f, in_f, rows, act_bits[1], lo, hi,
+                              rounding == "floor", lanes, exponent, x.dtype == torch.float64,
+                              [*x.shape[:-1], out_f])
 
 
 def frozen_linear_cpu(x: Tensor, codes: Tensor, bias: Tensor | None, spec: str) -> Tensor:
-    """CPU kernel of ``deepshift::frozen_linear``: native calls only where they apply, else the
-    reference's composition of the smaller ops."""
+    """``deepshift::frozen_linear`` on the CPU where the extension's C++ kernel has no prepared
+    forward for the call: prepares (and remembers) one where native calls apply and runs it, else
+    the reference's composition of the smaller ops."""
     s = parsed_spec(spec)
 
     def prepare():
@@ -226,6 +204,11 @@ def frozen_linear_cpu(x: Tensor, codes: Tensor, bias: Tensor | None, spec: str) 
             return _prepare_linear_wide(*args)
         return _prepare_linear_fused(*args, s.accumulator)
 
-    run = fused_forward(x, codes, bias, spec, prepare)
-    y = None if run is None else run(x)  # None also where the wide kernel refuses this input
-    return ref.frozen_linear_reference(x, codes, bias, spec) if y is None else y
+    prepared = fused_forward(x, codes, bias, spec, prepare)
+    if prepared is not None:
+        y, has_nan = prepared.run(x)
+        if has_nan:
+            raise ref._nan_error()
+        if y is not None:  # None: the wide kernel refuses this input
+            return y
+    return ref.frozen_linear_reference(x, codes, bias, spec)

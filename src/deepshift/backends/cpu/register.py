@@ -1,7 +1,16 @@
-"""Registers the CPU kernels as the ``deepshift::*`` ops' CPU implementations (at import)."""
+"""Registers the CPU kernels as the ``deepshift::*`` ops' CPU implementations.
+
+Every op but the frozen layers' gets its Python kernel at import (which builds or loads the
+extension on first use). ``frozen_conv`` / ``frozen_linear`` get a C++ kernel once the extension is
+loaded (by the first call of any deepshift op on the CPU; until then the ops' reference runs, whose
+smaller ops load it): at batch 1 a Python kernel's dispatch would cost as much as a small layer.
+The C++ kernel runs the prepared forward it finds, and hands every other call to the Python kernel
+here (``frozen_conv_cpu``, ``frozen_linear_cpu``), which prepares one or takes the reference.
+"""
 
 from __future__ import annotations
 
+from deepshift.backends.cpu.build import on_load
 from deepshift.backends.cpu.conv import frozen_conv_cpu, shift_conv_cpu
 from deepshift.backends.cpu.elementwise import (
     channel_affine_cpu,
@@ -18,8 +27,6 @@ from deepshift.ops.schemas import register_backend
 KERNELS = {
     "shift_linear": shift_linear_cpu,
     "shift_conv": shift_conv_cpu,
-    "frozen_linear": frozen_linear_cpu,
-    "frozen_conv": frozen_conv_cpu,
     "quantize_input": quantize_input_cpu,
     "scale_output": scale_output_cpu,
     "channel_affine": channel_affine_cpu,
@@ -31,3 +38,5 @@ KERNELS = {
 
 for _name, _kernel in KERNELS.items():
     register_backend(_name, "CPU", _kernel)
+
+on_load(lambda ext: ext.register_frozen_kernels(frozen_conv_cpu, frozen_linear_cpu))

@@ -1,7 +1,9 @@
 // The Python module of the CPU kernels: one binding per kernel, defined in conv.cpp, linear.cpp,
-// lut.cpp, elementwise.cpp and isa.cpp (declared in ops.h).
+// lut.cpp, elementwise.cpp and isa.cpp (declared in ops.h); the prepared frozen-layer forwards and the
+// registration of the frozen ops' C++ kernels (frozen.h).
 #include <torch/extension.h>
 
+#include "frozen.h"
 #include "ops.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -22,4 +24,39 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int_epilogue", &deepshift_cpu::int_epilogue);
   m.def("q_round", &deepshift_cpu::q_round);
   m.def("ps_round", &deepshift_cpu::ps_round);
+
+  using deepshift_cpu::PreparedConv;
+  using deepshift_cpu::PreparedLinear;
+  using OptTensor = c10::optional<torch::Tensor>;
+  using Ints = std::vector<int64_t>;
+  py::class_<PreparedConv, std::shared_ptr<PreparedConv>>(m, "PreparedConv")
+      .def(py::init([](Ints ws, std::vector<torch::Tensor> plan, OptTensor bias, int64_t groups, Ints stride,
+                       Ints pad, Ints dil, int64_t frac, int64_t lo, int64_t hi, bool floor_mode, int64_t lanes,
+                       int64_t exponent, Ints out_shape) {
+        auto p = std::make_shared<PreparedConv>();
+        p->ws = ws, p->plan = plan, p->bias = bias, p->groups = groups, p->stride = stride, p->pad = pad;
+        p->dil = dil, p->frac = frac, p->lo = lo, p->hi = hi, p->floor_mode = floor_mode, p->lanes = lanes;
+        p->exponent = exponent, p->out_shape = out_shape;
+        return p;
+      }))
+      .def_readonly("out_shape", &PreparedConv::out_shape)
+      .def("run", &PreparedConv::run)
+      .def("remember", &PreparedConv::remember);
+  py::class_<PreparedLinear, std::shared_ptr<PreparedLinear>>(m, "PreparedLinear")
+      .def(py::init([](int64_t mode, OptTensor tiles, OptTensor values, int64_t bits,
+                       std::vector<torch::Tensor> plan, OptTensor bias, int64_t out_f, int64_t in_f, int64_t rows,
+                       int64_t frac, int64_t lo, int64_t hi, bool floor_mode, int64_t lanes, int64_t exponent,
+                       bool out64, Ints out_shape) {
+        auto p = std::make_shared<PreparedLinear>();
+        p->mode = mode, p->tiles = tiles.value_or(torch::Tensor()), p->values = values.value_or(torch::Tensor());
+        p->bits = bits, p->plan = plan, p->bias = bias, p->out_f = out_f, p->in_f = in_f, p->rows = rows;
+        p->frac = frac, p->lo = lo, p->hi = hi, p->floor_mode = floor_mode, p->lanes = lanes;
+        p->exponent = exponent, p->out64 = out64, p->out_shape = out_shape;
+        return p;
+      }))
+      .def("run", &PreparedLinear::run)
+      .def("remember", &PreparedLinear::remember);
+  m.def("register_frozen_kernels", &deepshift_cpu::register_frozen_kernels);
+  m.def("set_fast_path", &deepshift_cpu::set_fast_path);
+  m.def("remembered_count", &deepshift_cpu::remembered_count);
 }
