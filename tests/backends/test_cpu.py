@@ -17,7 +17,7 @@ from conftest import isa_paths
 from torch import nn
 
 import deepshift
-from deepshift.backends.cpu import build, cache, conv, elementwise, linear
+from deepshift.backends.cpu import build, cache, conv, elementwise, linear, register
 from deepshift.ops import reference as ops
 from deepshift.ops.codes import pack_codes
 from deepshift.ops.reference import ShiftConvArgs, quantize_input_reference
@@ -487,6 +487,28 @@ def test_env_var_disables_native_without_warning():
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
+def test_frozen_ops_get_their_cpp_kernels_when_the_extension_loads(native):
+    # In a new process the frozen ops run their reference until some op loads the extension (here
+    # the model's first forward), and their C++ kernels from then on; the results are the same.
+    code = (
+        "import torch, deepshift\n"
+        "def cpu_kernel():\n"
+        "    table = torch._C._dispatch_dump_table('deepshift::frozen_conv').splitlines()\n"
+        "    return [line for line in table if line.startswith('CPU:')]\n"
+        "net = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.Flatten(), torch.nn.Linear(27, 4))\n"
+        "x = torch.randn(1, 2, 5, 5)\n"
+        "with torch.no_grad():\n"
+        "    before = cpu_kernel()\n"
+        "    net = deepshift.freeze_(deepshift.convert_(net, deepshift.QConfig(act_bits=(4, 4))))\n"
+        "    first, second, third = net(x), net(x), net(x)\n"
+        "assert 'schemas.py' in before[0] and 'csrc/frozen.cpp' in cpu_kernel()[0], (before, cpu_kernel())\n"
+        "assert torch.equal(first, second) and torch.equal(first, third)\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
 @pytest.mark.parametrize("act_bits", [(4, 4), (8, 8), (3, 5), (16, 16)])
 @pytest.mark.parametrize("rounding", ["nearest", "floor"])
 def test_fused_quantize_and_scale_equal_the_module_path(native, act_bits, rounding):
@@ -807,6 +829,10 @@ def test_fused_forward_nan_error_and_weight_changes(native):
 def test_frozen_op_kernels_run_remembered_forwards(native, monkeypatch):
     # The frozen ops' C++ kernels run the forward the Python kernel prepared for the same codes, bias,
     # spec, input shape and dtype, and hand every other call to the Python kernel.
+    for op in register.NATIVE_KERNELS:
+        cpu = [line for line in torch._C._dispatch_dump_table(f"deepshift::{op}").splitlines()
+               if line.startswith("CPU:")]
+        assert len(cpu) == 1 and "csrc/frozen.cpp" in cpu[0], (op, cpu)
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 5))
     deepshift.convert_(net, deepshift.QConfig(weight_bits=5, act_bits=(4, 4)))
     frozen = deepshift.fuse_frozen(deepshift.freeze_(net.eval()))

@@ -50,7 +50,9 @@ it takes the float input, rounds it to fixed point while building the kernel's t
 ``act_bits`` guarantee the int16 path, so no range check), runs the same kernel and scales each
 image's output to float while it is still in cache; bit for bit the reference's composition of
 ``quantize_input``, ``shift_conv`` and ``scale_output``, without the intermediate integer tensors or
-the per-call Python work of three ops (at batch 1 that work cost as much as the kernels).
+the per-call Python work of three ops (at batch 1 that work cost as much as the kernels). The call
+is prepared here once per layer and input signature (an extension ``PreparedConv``) and then run by
+the op's C++ kernel (``csrc/frozen.cpp``) without entering Python.
 
 """
 

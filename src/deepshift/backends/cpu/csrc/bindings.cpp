@@ -56,7 +56,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       }))
       .def("run", &PreparedLinear::run)
       .def("remember", &PreparedLinear::remember);
-  m.def("register_frozen_kernels", &deepshift_cpu::register_frozen_kernels);
+  m.def("register_kernels", &deepshift_cpu::register_kernels);
   m.def("set_fast_path", &deepshift_cpu::set_fast_path);
   m.def("remembered_count", &deepshift_cpu::remembered_count);
 }

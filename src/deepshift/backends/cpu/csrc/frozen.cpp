@@ -1,5 +1,5 @@
-// The prepared frozen-layer forwards and the C++ kernels of deepshift::frozen_conv / frozen_linear
-// (see frozen.h for why they are C++).
+// The prepared frozen-layer forwards and the C++ kernels of deepshift::frozen_conv / frozen_linear /
+// channel_affine (see frozen.h for why they are C++).
 #include "frozen.h"
 
 #include <atomic>
@@ -148,16 +148,18 @@ Table<PreparedLinear>& linear_table() {
 // as the interpreter may be gone when static destructors run.
 py::object* conv_fallback = nullptr;
 py::object* linear_fallback = nullptr;
+py::object* affine_fallback = nullptr;
 
 std::atomic<bool> fast_path_on{true};
 
 // set_fast_path(false), or DEEPSHIFT_NO_NATIVE (read per call like the Python side does): every call
 // goes to the Python kernel, which then takes the op path or the reference.
-bool fast_path_off() {
-  if (!fast_path_on.load(std::memory_order_relaxed)) return true;
+bool native_off() {
   const char* v = std::getenv("DEEPSHIFT_NO_NATIVE");
   return v != nullptr && v[0] != '\0' && !(v[0] == '0' && v[1] == '\0');
 }
+
+bool fast_path_off() { return !fast_path_on.load(std::memory_order_relaxed) || native_off(); }
 
 template <class... Args>
 torch::Tensor call_python(const py::object* f, Args&&... args) {
@@ -208,6 +210,16 @@ torch::Tensor frozen_linear_kernel(const torch::Tensor& x, const torch::Tensor& 
   return call_python(linear_fallback, x, codes, bias, std::string(s));
 }
 
+// FrozenBatchNorm's forward (the unfused frozen models run one after each conv).
+torch::Tensor channel_affine_kernel(const torch::Tensor& x, const torch::Tensor& scale, const torch::Tensor& shift) {
+  const auto dtype = x.scalar_type();
+  if (!native_off() && (dtype == torch::kFloat32 || dtype == torch::kFloat64) && x.dim() >= 2 &&
+      scale.scalar_type() == dtype && shift.scalar_type() == dtype && scale.device().is_cpu() &&
+      shift.device().is_cpu() && scale.numel() == x.size(1) && shift.numel() == x.size(1))
+    return channel_affine(x.contiguous(), scale.contiguous(), shift.contiguous());
+  return call_python(affine_fallback, x, scale, shift);  // the reference: its errors, other dtypes
+}
+
 }  // namespace
 
 void PreparedConv::remember(const torch::Tensor& codes, const c10::optional<torch::Tensor>& bias_arg,
@@ -220,16 +232,18 @@ void PreparedLinear::remember(const torch::Tensor& codes, const c10::optional<to
   linear_table().put(shared_from_this(), codes, bias_arg, spec, x);
 }
 
-void register_frozen_kernels(py::object conv_fb, py::object linear_fb) {
+void register_kernels(py::object conv_fb, py::object linear_fb, py::object affine_fb) {
   static std::once_flag once;
   std::call_once(once, [&] {
     conv_fallback = new py::object(std::move(conv_fb));
     linear_fallback = new py::object(std::move(linear_fb));
+    affine_fallback = new py::object(std::move(affine_fb));
     // Never destroyed: the registrations last as long as the process (the ops are defined in Python
     // at import, this library is loaded once).
     auto* lib = new torch::Library(torch::Library::IMPL, "deepshift", c10::DispatchKey::CPU, __FILE__, __LINE__);
     lib->impl("frozen_conv", TORCH_FN(frozen_conv_kernel));
     lib->impl("frozen_linear", TORCH_FN(frozen_linear_kernel));
+    lib->impl("channel_affine", TORCH_FN(channel_affine_kernel));
   });
 }
 
