@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
+import torch
 
+import deepshift
 from deepshift.cli import main
 from deepshift.training.config import TrainConfig
 from deepshift.training.loop import train
@@ -61,9 +64,20 @@ def test_export_integer_only_then_eval_and_report_it(capsys, runs, tmp_path):
     data = json.loads(out)
     assert code == 0 and data["float_mults_outside"] == 0 and data["float_adds_outside"] == 0
     assert data["shift_macs"] == 784 * 512 + 512 * 512 + 512 * 10
-    code, _, err = cli(capsys, "export", root / "ps", "--integer-only", "--format", "onnx", "-o",
-                       tmp_path / "m.onnx")
-    assert code == 2 and "integer-only" in err and "\n" not in err
+    code, _, err = cli(capsys, "export", root / "ps", "--integer-only", "--format", "onnx", "--onnx-mode",
+                       "weights", "-o", tmp_path / "m.onnx")
+    assert code == 2 and "--onnx-mode does not apply" in err and "\n" not in err
+    if importlib.util.find_spec("onnxruntime") is not None:  # the int64 graph gives the same logits
+        import onnxruntime
+
+        code, out, _ = cli(capsys, "export", root / "ps", "--integer-only", "--format", "onnx", "-o",
+                           tmp_path / "int.onnx")
+        assert code == 0 and "int.onnx" in out
+        x = torch.rand(5, 1, 28, 28)
+        session = onnxruntime.InferenceSession(str(tmp_path / "int.onnx"), providers=["CPUExecutionProvider"])
+        with torch.no_grad():
+            expected = deepshift.load_packed(int_file)(x)
+        assert torch.equal(torch.from_numpy(session.run(None, {"input": x.numpy()})[0]), expected)
     code, _, err = cli(capsys, "export", int_file, "-o", tmp_path / "again.dshift")
     assert code == 2 and "integer-only packed file already" in err
 

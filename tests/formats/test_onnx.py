@@ -94,3 +94,94 @@ def test_the_file_holds_codes_not_float_weights(tmp_path):
     assert uint8 == weights  # one byte per weight
     # a byte per 5-bit code: 1.6x the packed file, against 8 bytes per weight as float64 constants
     assert os.path.getsize(path) < 1.7 * packed < weights * 4
+
+
+# ---- Integer-only models -----------------------------------------------------------------------
+
+
+def _trained_bn(net: nn.Module, x: torch.Tensor) -> nn.Module:
+    """BatchNorm statistics that are not the identity (a few training-mode forwards)."""
+    net.train()
+    with torch.no_grad():
+        for _ in range(3):
+            net(x + 0.5 * torch.randn_like(x))
+    return net.eval()
+
+
+class _PoolNet(nn.Module):
+    """Max pooling as a module and functionally (with padding), padding modes, groups, a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 6, 3, padding=1, padding_mode="reflect")
+        self.bn1 = nn.BatchNorm2d(6)
+        self.pool = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1, groups=3)
+        self.fc = nn.Linear(6 * 3 * 3, 4)
+
+    def forward(self, x):
+        x = self.pool(torch.relu(self.bn1(self.conv1(x))))
+        x = F.max_pool2d(torch.relu(self.conv2(x)), 3, stride=2, padding=1)
+        return self.fc(x.flatten(1))
+
+
+@pytest.mark.parametrize("name, cfg", [
+    ("resnet20", deepshift.QConfig(weight_bits=5)),   # BatchNorm, residual adds, global pooling
+    ("resnet20", deepshift.PSConfig(weight_bits=3, act_bits=(4, 4))),
+    ("mnist-conv", deepshift.QConfig(weight_bits=4)),  # functional max pooling
+    ("pool-net", deepshift.PSConfig(weight_bits=5)),
+])
+def test_onnxruntime_runs_integer_only_models_bit_for_bit(tmp_path, name, cfg):
+    torch.manual_seed(0)
+    if name == "pool-net":
+        net, x = _PoolNet(), torch.randn(4, 2, 12, 12)
+    else:
+        net = build_model(name, in_channels=1 if name == "mnist-conv" else None)
+        x = torch.randn(4, 1, 28, 28) if name == "mnist-conv" else torch.randn(4, 3, 32, 32)
+    frozen = deepshift.freeze_(deepshift.convert_(_trained_bn(net, x), cfg))
+    model = deepshift.integer_only(frozen, x[:1])
+    path = deepshift.export_onnx(model, x[:1], tmp_path / "int.onnx")
+    graph = onnx.load(path).graph
+    # int64 from the input's rounding to the logits: no float op but the ends
+    float_ops = {"Conv", "Gemm", "MaxPool", "BatchNormalization"}
+    assert not float_ops & {n.op_type for n in graph.node}
+    for scale in (0.5, 1.0, 4.0, 1000.0):  # 1000: every input saturates
+        inputs = torch.randn(7, *x.shape[1:]) * scale
+        with torch.no_grad():
+            expected = model(inputs)
+        assert torch.equal(run_onnx(path, inputs), expected), (name, scale)
+
+
+def test_exported_rounding_shift_equals_the_reference_on_int64(tmp_path):
+    # Mod, Div and comparisons in onnxruntime: round half to even, negative values, left shifts
+    # (negative amounts), amounts 0 and 40, values near 2**62.
+    from deepshift.formats.onnx import _round_shift, _shift_pair
+    from deepshift.ops.reference import round_shift
+
+    amounts = torch.tensor([0, 1, 2, 3, 7, 40, -1, -3])
+
+    class Shift(nn.Module):
+        def forward(self, x):
+            left, div = _shift_pair(amounts)
+            return _round_shift(x, left, div)
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randint(-(2**20), 2**20, (500, 8), generator=g)
+    x[:40] = torch.arange(-20, 20).unsqueeze(1)  # every tie of the small amounts
+    x[40, :6] = 2**61 + 2**39  # a tie at 40 bits
+    x[41, :6] = -(2**61) - 2**39 - 1
+    expected = round_shift(x, amounts)
+    assert torch.equal(Shift()(x), expected)
+    path = tmp_path / "shift.onnx"
+    torch.onnx.export(Shift(), (x,), path, input_names=["input"], dynamo=False, opset_version=17)
+    assert torch.equal(run_onnx(path, x), expected)
+
+
+def test_integer_only_export_refuses_transposed_convolutions(tmp_path):
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.ConvTranspose2d(2, 1, 3))
+    frozen = deepshift.freeze_(deepshift.convert_(net, deepshift.QConfig()))
+    x = torch.randn(1, 1, 8, 8)
+    model = deepshift.integer_only(frozen, x)
+    with pytest.raises(ValueError, match="transposed"):
+        deepshift.export_onnx(model, x, tmp_path / "t.onnx")
+    assert not (tmp_path / "t.onnx").exists()

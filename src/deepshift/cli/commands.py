@@ -113,25 +113,22 @@ def export(source: str | os.PathLike, fmt: str, output: str | os.PathLike,
            input_shape: tuple[int, ...] | None = None, integer_only: bool = False,
            scale_terms: int = 3) -> dict[str, Any]:
     """Export ``source`` to a packed file (``fmt="packed"``) or ONNX (``fmt="onnx"``); returns a summary.
-    ``integer_only``: a packed file that loads as the integer-only model (``scale_terms`` signed
-    powers of two per BatchNorm scale)."""
+    ``integer_only``: the integer-only model (``scale_terms`` signed powers of two per BatchNorm
+    scale): a packed file that loads as it, or its int64 ONNX graph."""
     model, info = load_source(source)
     _require_shift_layers(model, source)
     if fmt not in ("packed", "onnx"):
         raise DeployError(f"format {fmt!r} is not allowed; choose packed or onnx")
-    if integer_only and fmt != "packed":
-        raise DeployError("--integer-only writes a packed file; ONNX export of integer-only models is not "
-                          "available yet")
     if getattr(model, "integer_recipe", None) is not None:
         raise DeployError(f"{source} is an integer-only packed file already: export its frozen source")
+    if integer_only and onnx_mode != "fixed_point":
+        raise DeployError("--integer-only exports the integer model itself: --onnx-mode does not apply")
     frozen = frozen_copy(model, act_bits)  # a packed file's model is frozen already
+    shape = input_shape or info["input_shape"]
+    if (integer_only or fmt == "onnx") and shape is None:
+        raise DeployError("cannot tell the model's input shape: pass --input-shape")
     if fmt == "packed":
-        recipe = None
-        if integer_only:
-            shape = input_shape or info["input_shape"]
-            if shape is None:
-                raise DeployError("cannot tell the model's input shape: pass --input-shape")
-            recipe = {"input_shape": list(shape), "scale_terms": scale_terms}
+        recipe = {"input_shape": list(shape), "scale_terms": scale_terms} if integer_only else None
         try:
             size = save_packed(frozen, output, integer_only=recipe)
         except ValueError as e:
@@ -140,12 +137,21 @@ def export(source: str | os.PathLike, fmt: str, output: str | os.PathLike,
 
         return {"path": str(output), "bytes": size, **compression_report(frozen)}
     if fmt == "onnx":
-        shape = input_shape or info["input_shape"]
-        if shape is None:
-            raise DeployError("cannot tell the model's input shape: pass --input-shape")
         from deepshift.formats.onnx import export_onnx
 
-        export_onnx(frozen, torch.zeros((1, *shape), dtype=_input_dtype(info)), output, mode=onnx_mode)
+        example = torch.zeros((1, *shape), dtype=_input_dtype(info))
+        graph = frozen
+        if integer_only:
+            from deepshift.frozen.integer import integer_only as to_integer
+
+            try:
+                graph = to_integer(frozen, example, scale_terms=scale_terms)
+            except ValueError as e:
+                raise DeployError(str(e)) from e
+        try:
+            export_onnx(graph, example, output, mode=onnx_mode)
+        except ValueError as e:
+            raise DeployError(str(e)) from e
         return {"path": str(output), "bytes": Path(output).stat().st_size, "input_shape": list(shape)}
 
 

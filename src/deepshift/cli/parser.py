@@ -201,6 +201,7 @@ def _add_deploy_commands(sub) -> None:
                  "SOURCE is a run folder (its best.pt), a checkpoint, or a packed file.",
                  ["deepshift export runs/ps --format packed -o model.dshift",
                   "deepshift export runs/ps --integer-only -o model-int.dshift",
+                  "deepshift export runs/ps --integer-only --format onnx -o model-int.onnx",
                   "deepshift export model.dshift --format onnx -o model.onnx"])
     x.add_argument("source", metavar="SOURCE")
     x.add_argument("--format", choices=("packed", "onnx"), default="packed")
@@ -211,8 +212,9 @@ def _add_deploy_commands(sub) -> None:
                    help="fixed_point: the frozen model exactly; weights: the float-simulated graph")
     x.add_argument("--input-shape", type=int, nargs="+", metavar="D", help=shape_help)
     x.add_argument("--integer-only", action="store_true",
-                   help="a packed file that runs as an integer-only model (deepshift.integer_only): "
-                        "integers from the input to the logits, BatchNorm as shifts and adds")
+                   help="the integer-only model (deepshift.integer_only): integers from the input to "
+                        "the logits, BatchNorm as shifts and adds; a packed file that runs as it, or "
+                        "its int64 ONNX graph")
     x.add_argument("--scale-terms", type=int, default=3,
                    help="signed powers of two per BatchNorm scale with --integer-only (default 3)")
     x.set_defaults(command="export")

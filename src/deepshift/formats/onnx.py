@@ -17,11 +17,20 @@ Everything outside shift layers is exported as torch exports it. In a frozen mod
 global average pooling are already in runtime-independent forms (:mod:`deepshift.frozen.float_layers`:
 a separate Mul and Add; a float64 ReduceSum), so onnxruntime reproduces the frozen model bit for
 bit, CIFAR ResNets included.
+
+Integer-only models (:func:`deepshift.integer_only`) are exported as they compute: int64 tensors from
+the input's rounding to the logits' one scaling, each shift layer a MatMul of the int64 input (convolutions
+as slices + MatMul) with its integer weights (decoded from the codes by a Gather), each BatchNorm /
+requantisation step an integer multiply by its sum of powers of two, plus bias, and a rounding
+division by a power of two (Mod, Div and comparisons: ties to even), max pooling as the maximum of
+strided slices; every step is exact in int64, so onnxruntime's logits equal the torch model's bit
+for bit.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import os
 import warnings
@@ -36,9 +45,10 @@ from deepshift.core.replace import replace_modules
 from deepshift.files import atomic_path
 from deepshift.frozen.float_layers import FrozenBatchNorm
 from deepshift.frozen.freeze import frozen_copy
+from deepshift.frozen.integer import ChannelScale, IntegerShiftLayer, QuantizeInput, Requantize
 from deepshift.frozen.layers import ShiftConvNd, ShiftLinear, _FrozenShift, is_frozen_layer
 from deepshift.ops.codes import decode_codes, pack_codes, unpack_codes
-from deepshift.ops.reference import _im2col, channel_affine_reference
+from deepshift.ops.reference import _im2col, channel_affine_reference, conv_pads
 
 MODES = ("fixed_point", "weights")
 
@@ -190,6 +200,197 @@ def exportable(model: nn.Module, mode: str = "fixed_point") -> nn.Module:
     return replace_modules(copy.deepcopy(frozen_copy(model)).eval(), standard_ops)
 
 
+# ---- Integer-only models --------------------------------------------------------------------------
+# Stand-ins built from operators that onnxruntime runs on int64 (it has no signed BitShift and no
+# integer Conv): shifts by constants become multiplications and divisions by powers of two.
+
+
+def _pow2(t: Tensor) -> Tensor:
+    return torch.bitwise_left_shift(torch.ones_like(t), t)
+
+
+def _round_shift(x: Tensor, left_mul: Tensor, divisor: Tensor) -> Tensor:
+    """``deepshift.ops.reference.round_shift``: ``x * left_mul`` divided by ``divisor`` (both powers of
+    two, broadcasting), rounded half to even; exact on int64 where the reference's result is."""
+    x = x * left_mul
+    r = torch.remainder(x, divisor)  # in [0, divisor)
+    q = torch.div(x - r, divisor, rounding_mode="trunc")  # an exact division: the floor
+    up = (2 * r > divisor) | ((2 * r == divisor) & (torch.remainder(q, 2) == 1))
+    return q + up.to(torch.int64)
+
+
+def _shift_pair(amount: Tensor) -> tuple[Tensor, Tensor]:
+    """(2**max(-amount, 0), 2**max(amount, 0)): round_shift's left multiplier and divisor."""
+    amount = amount.to(torch.int64)
+    return _pow2(torch.clamp_min(-amount, 0)), _pow2(torch.clamp_min(amount, 0))
+
+
+class OnnxIntegerEpilogue(nn.Module):
+    """Standard-op stand-in for :class:`~deepshift.frozen.integer.ChannelScale` and
+    :class:`~deepshift.frozen.integer.Requantize` (``deepshift::int_epilogue``): the sum of shifted
+    terms as one multiplication by its value (the same integer: the conversion proved no
+    intermediate passes int64), the bias, one rounding shift, the residual and the clamp."""
+
+    def __init__(self, step: ChannelScale | Requantize):
+        super().__init__()
+        if isinstance(step, Requantize):
+            gain, bias, rights, pre = torch.ones(1), None, torch.tensor([step.shift]), 0
+            self.residual_shift = 0
+        else:
+            gain = (step.signs * _pow2(step.lefts)).sum(0)
+            bias, rights, pre, self.residual_shift = step.bias, step.rights, step.pre, step.residual_shift
+        self.lo, self.hi = step.lo, step.hi
+        self.register_buffer("gain", gain.to(torch.int64))
+        self.register_buffer("bias", None if bias is None else bias.to(torch.int64).clone())
+        left, div = _shift_pair(rights)
+        self.register_buffer("left", left)
+        self.register_buffer("div", div)
+        self.pre = int(pre)
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        shape = [1] * x.dim()
+        if self.gain.numel() > 1:  # per channel (dimension 1)
+            shape[1] = -1
+        else:
+            shape = []
+        one = torch.ones((), dtype=torch.int64)
+        if self.pre:
+            x = _round_shift(x, one, one * 2**self.pre)
+        y = x * self.gain.reshape(shape)
+        if self.bias is not None:
+            y = y + self.bias.reshape(shape)
+        y = _round_shift(y, self.left.reshape(shape), self.div.reshape(shape))
+        if residual is not None:
+            y = y + residual * 2**self.residual_shift
+        return y if self.lo is None and self.hi is None else torch.clamp(y, self.lo, self.hi)
+
+
+class OnnxIntegerShift(nn.Module):
+    """Standard-op stand-in for an :class:`~deepshift.frozen.integer.IntegerShiftLayer`: its int64
+    weights (``table[codes]``, one uint8 code per weight in the file) in a MatMul with the int64
+    input (convolutions as slices + MatMul), plus the bias, in the op's output units."""
+
+    def __init__(self, layer: IntegerShiftLayer):
+        super().__init__()
+        s = layer.spec
+        if s.kind == "conv" and s.transposed:
+            raise ValueError("ONNX export of integer-only models does not cover transposed convolutions")
+        self.spec = s
+        numel = math.prod(s.weight_shape)
+        codes = unpack_codes(layer.codes, s.weight_bits, numel).reshape(tuple(s.weight_shape))
+        every = pack_codes(torch.arange(2**s.weight_bits, dtype=torch.uint8), s.weight_bits)
+        rel, sign = decode_codes(every, [2**s.weight_bits], s.weight_bits, s.has_zero)
+        u = min(s.shift_lo, 0)
+        self.register_buffer("codes", codes)
+        self.register_buffer("table", sign.to(torch.int64) * _pow2(rel.to(torch.int64) + (s.shift_lo - u)))
+        self.register_buffer("bias", None if layer.bias_int is None else
+                             layer.bias_int.to(torch.int64) * 2**-u)
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = self.spec
+        weight = self.table[self.codes.to(torch.int64)]
+        if s.kind == "linear":
+            y = torch.matmul(x, weight.t())
+            return y if self.bias is None else y + self.bias
+        unbatched = x.dim() == len(s.weight_shape) - 1
+        if unbatched:
+            x = x.unsqueeze(0)
+        padding = list(s.padding)
+        if s.pad_outside:
+            mode = "constant" if s.padding_mode == "zeros" else s.padding_mode
+            x = F.pad(x, conv_pads(s.padding, s.weight_shape[2:], s.dilation), mode=mode)
+            padding = [0] * len(padding)
+        y = _conv_as_matmul(x, weight, self.bias, {"padding": padding, "stride": list(s.stride),
+                                                   "dilation": list(s.dilation), "groups": s.groups})
+        return y.squeeze(0) if unbatched else y
+
+
+class OnnxQuantizeInput(nn.Module):
+    """Standard-op stand-in for :class:`~deepshift.frozen.integer.QuantizeInput`: ``Round`` (half to
+    even) or ``Floor`` of ``x * 2**F``, clipped, cast to int64 (exact in the input's dtype)."""
+
+    def __init__(self, step: QuantizeInput):
+        super().__init__()
+        self.act_bits, self.rounding = step.act_bits, step.rounding
+
+    def forward(self, x: Tensor) -> Tensor:
+        lo, hi = fixed_point_limits(self.act_bits)
+        scaled = x * 2.0 ** self.act_bits[1]
+        scaled = torch.round(scaled) if self.rounding == "nearest" else torch.floor(scaled)
+        return torch.clamp(scaled, float(lo), float(hi)).to(torch.int64)
+
+
+def _max_pool_int(x: Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool = False,
+                  return_indices: bool = False) -> Tensor:
+    """Max pooling as the maximum of strided slices (onnxruntime's MaxPool has no int64 kernel)."""
+    dims = x.dim() - 2
+
+    def per_dim(v) -> list[int]:
+        return [int(v)] * dims if isinstance(v, int) else [int(t) for t in v]
+
+    if ceil_mode or return_indices:
+        raise ValueError("ONNX export of integer-only models: max pooling with ceil_mode or indices is not "
+                         "covered")
+    k = per_dim(kernel_size)
+    st = per_dim(k if stride is None or (not isinstance(stride, int) and len(stride) == 0) else stride)
+    pd, dl = per_dim(padding), per_dim(dilation)
+    if any(pd):
+        pads: list[int] = []
+        for d in reversed(range(dims)):
+            pads += [pd[d], pd[d]]
+        x = F.pad(x, pads, value=torch.iinfo(torch.int64).min)
+    sizes = [(x.shape[2 + d] - dl[d] * (k[d] - 1) - 1) // st[d] + 1 for d in range(dims)]
+    y = None
+    for offsets in itertools.product(*(range(kk) for kk in k)):
+        index = [slice(None), slice(None)]
+        for d, o in enumerate(offsets):
+            start = o * dl[d]
+            index.append(slice(start, start + (sizes[d] - 1) * st[d] + 1, st[d]))
+        window = x[tuple(index)]
+        y = window if y is None else torch.maximum(y, window)
+    return y
+
+
+_MAX_POOLS = {torch.max_pool1d, torch.max_pool2d, torch.max_pool3d, F.max_pool1d, F.max_pool2d, F.max_pool3d}
+
+
+class _OnnxMaxPool(nn.Module):
+    def __init__(self, pool: nn.Module):
+        super().__init__()
+        self.args = (pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode,
+                     pool.return_indices)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _max_pool_int(x, *self.args)
+
+
+def _is_integer_only(model: nn.Module) -> bool:
+    return isinstance(model, torch.fx.GraphModule) and any(isinstance(m, QuantizeInput)
+                                                           for m in model.modules())
+
+
+def integer_exportable(model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of an integer-only model in standard operators on int64 (see the module docstring)."""
+    model = copy.deepcopy(model)
+    for node in model.graph.nodes:
+        if node.op == "call_function" and node.target in _MAX_POOLS:
+            node.target = _max_pool_int
+    model.recompile()
+
+    def standard_ops(module: nn.Module) -> nn.Module | None:
+        if isinstance(module, (ChannelScale, Requantize)):
+            return OnnxIntegerEpilogue(module)
+        if isinstance(module, IntegerShiftLayer):
+            return OnnxIntegerShift(module)
+        if isinstance(module, QuantizeInput):
+            return OnnxQuantizeInput(module)
+        if isinstance(module, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)):
+            return _OnnxMaxPool(module)
+        return None
+
+    return replace_modules(model, standard_ops)
+
+
 def export_onnx(
     model: nn.Module,
     example_input: Tensor,
@@ -233,8 +434,13 @@ def export_onnx(
     if example_input.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int64,
                                    torch.int32):
         raise TypeError(f"example_input must be a float tensor (or int64 tokens), got {example_input.dtype}")
-    graph_model = exportable(model, mode)
-    if example_input.is_floating_point():
+    if _is_integer_only(model):
+        if not example_input.is_floating_point():
+            raise TypeError(f"an integer-only model takes a float input, got {example_input.dtype}")
+        graph_model = integer_exportable(model)
+    else:
+        graph_model = exportable(model, mode)
+    if example_input.is_floating_point() and not _is_integer_only(model):
         graph_model = graph_model.to(example_input.dtype)
     path = os.fspath(path)
     dynamic_axes = {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
