@@ -1,5 +1,5 @@
 // The prepared frozen-layer forwards and the C++ kernels of deepshift::frozen_conv / frozen_linear /
-// channel_affine (see frozen.h for why they are C++).
+// channel_affine / int_epilogue (see frozen.h for why they are C++).
 #include "frozen.h"
 
 #include <atomic>
@@ -149,6 +149,7 @@ Table<PreparedLinear>& linear_table() {
 py::object* conv_fallback = nullptr;
 py::object* linear_fallback = nullptr;
 py::object* affine_fallback = nullptr;
+py::object* epilogue_fallback = nullptr;
 
 std::atomic<bool> fast_path_on{true};
 
@@ -220,6 +221,28 @@ torch::Tensor channel_affine_kernel(const torch::Tensor& x, const torch::Tensor&
   return call_python(affine_fallback, x, scale, shift);  // the reference: its errors, other dtypes
 }
 
+// The integer-only models' BatchNorm / requantisation step (two or three per shift layer).
+torch::Tensor int_epilogue_kernel(const torch::Tensor& x, const torch::Tensor& signs, const torch::Tensor& lefts,
+                                  const c10::optional<torch::Tensor>& bias, const torch::Tensor& rights, int64_t pre,
+                                  const c10::optional<torch::Tensor>& residual, int64_t residual_shift,
+                                  c10::optional<int64_t> lo, c10::optional<int64_t> hi) {
+  const auto i64 = torch::kInt64;
+  const bool ok = !native_off() && x.scalar_type() == i64 && signs.scalar_type() == i64 &&
+                  lefts.scalar_type() == i64 && rights.scalar_type() == i64 && signs.dim() == 2 &&
+                  lefts.sizes() == signs.sizes() && rights.numel() == signs.size(1) &&
+                  (!has(bias) || (bias->scalar_type() == i64 && bias->numel() == signs.size(1))) &&
+                  (!has(residual) || (residual->scalar_type() == i64 && residual->sizes() == x.sizes())) &&
+                  (signs.size(1) == 1 || (x.dim() >= 2 && x.size(1) == signs.size(1))) && pre >= 0 && pre < 63 &&
+                  residual_shift >= 0 && residual_shift < 63 && signs.device().is_cpu() && lefts.device().is_cpu() &&
+                  rights.device().is_cpu();
+  if (!ok) return call_python(epilogue_fallback, x, signs, lefts, bias, rights, pre, residual, residual_shift, lo, hi);
+  c10::optional<torch::Tensor> b, r;
+  if (has(bias)) b = bias->contiguous();
+  if (has(residual)) r = residual->contiguous();
+  return int_epilogue(x.contiguous(), signs.contiguous(), lefts.contiguous(), b, rights.contiguous(), pre, r,
+                      residual_shift, lo.value_or(INT64_MIN), hi.value_or(INT64_MAX));
+}
+
 }  // namespace
 
 void PreparedConv::remember(const torch::Tensor& codes, const c10::optional<torch::Tensor>& bias_arg,
@@ -232,18 +255,20 @@ void PreparedLinear::remember(const torch::Tensor& codes, const c10::optional<to
   linear_table().put(shared_from_this(), codes, bias_arg, spec, x);
 }
 
-void register_kernels(py::object conv_fb, py::object linear_fb, py::object affine_fb) {
+void register_kernels(py::object conv_fb, py::object linear_fb, py::object affine_fb, py::object epilogue_fb) {
   static std::once_flag once;
   std::call_once(once, [&] {
     conv_fallback = new py::object(std::move(conv_fb));
     linear_fallback = new py::object(std::move(linear_fb));
     affine_fallback = new py::object(std::move(affine_fb));
+    epilogue_fallback = new py::object(std::move(epilogue_fb));
     // Never destroyed: the registrations last as long as the process (the ops are defined in Python
     // at import, this library is loaded once).
     auto* lib = new torch::Library(torch::Library::IMPL, "deepshift", c10::DispatchKey::CPU, __FILE__, __LINE__);
     lib->impl("frozen_conv", TORCH_FN(frozen_conv_kernel));
     lib->impl("frozen_linear", TORCH_FN(frozen_linear_kernel));
     lib->impl("channel_affine", TORCH_FN(channel_affine_kernel));
+    lib->impl("int_epilogue", TORCH_FN(int_epilogue_kernel));
   });
 }
 

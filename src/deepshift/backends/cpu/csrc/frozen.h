@@ -1,7 +1,8 @@
 // A frozen layer's prepared forward (what deepshift/backends/cpu/conv.py and linear.py derive once per
 // layer and input signature: the kernel's plan or tiles, the shifted bias, the fixed-point format) and
-// the C++ kernels of the deepshift::frozen_conv / frozen_linear ops that run it, and of channel_affine,
-// which the unfused frozen models run after each conv (frozen.cpp).
+// the C++ kernels of the deepshift::frozen_conv / frozen_linear ops that run it, and of the element-wise
+// ops that frozen and integer-only models run after each layer, channel_affine and int_epilogue
+// (frozen.cpp).
 //
 // Why the op kernels are in C++: at batch 1 a layer's kernel takes tens of microseconds, and a
 // Python kernel behind torch.library costs ~8 us a call on top (boxing the arguments into Python,
@@ -62,11 +63,11 @@ struct PreparedLinear : std::enable_shared_from_this<PreparedLinear> {
                 const std::string& spec, const torch::Tensor& x);
 };
 
-// Registers the C++ kernels of deepshift::frozen_conv / frozen_linear / channel_affine for CPU (once
-// per process); the Python callables take the op's arguments and are called for whatever the C++
-// kernels do not take (not prepared, other dtypes, errors to raise).
+// Registers the C++ kernels of deepshift::frozen_conv / frozen_linear / channel_affine / int_epilogue
+// for CPU (once per process); the Python callables take the op's arguments and are called for
+// whatever the C++ kernels do not take (not prepared, other dtypes, errors to raise).
 void register_kernels(pybind11::object conv_fallback, pybind11::object linear_fallback,
-                      pybind11::object affine_fallback);
+                      pybind11::object affine_fallback, pybind11::object epilogue_fallback);
 
 // Whether the op kernels run the forwards they find (false: every call goes to the Python kernel).
 void set_fast_path(bool on);
