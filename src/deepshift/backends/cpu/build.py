@@ -14,7 +14,6 @@ from typing import Any
 import torch
 
 from deepshift.backends.cpu import cache
-from deepshift.backends.cpu.cache import clear_cache
 
 # The translation units (built in parallel, linked into one module) and the headers they share.
 _UNITS = ("bindings.cpp", "isa.cpp", "linear.cpp", "lut.cpp", "conv.cpp", "elementwise.cpp", "frozen.cpp")
@@ -149,7 +148,7 @@ def reset_state() -> None:
     """Forget the loaded extension, the build failure and the caches (tests)."""
     with _lock:
         _state.update(tried=False, ext=None, error=None)
-        clear_cache()
+        cache.clear_cache()
 
 
 ISAS = ("avx512", "avx2", "portable")
@@ -187,5 +186,5 @@ def set_isa(isa: str) -> str:
     if ext is None:
         return "reference"
     code = -1 if isa == "auto" else ISA_CODES[isa]
-    clear_cache()  # prepared forwards and layouts were chosen for the previous path
+    cache.clear_cache()  # prepared forwards and layouts were chosen for the previous path
     return _ISA_NAMES[ext.set_isa(code)]
