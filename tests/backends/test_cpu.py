@@ -1028,3 +1028,44 @@ def test_int_epilogue_bit_exact_random(native, chunk):
     # the calls above reached the extension, not the reference fallback
     direct = native.int_epilogue(ties, *args[1:3], None, args[4], 0, None, 0, -(2**63), 2**63 - 1)
     assert direct.flatten().tolist() == [2, 2, -2, -2, 0, 0, 4, -4]
+
+
+@pytest.mark.parametrize("chunk", range(2))
+def test_int_conv_bit_exact_random(native, monkeypatch, chunk):
+    """deepshift::int_conv (an integer-only conv layer: requantisation in the table build, the conv,
+    the integer epilogue per output run) against its reference composition, on every ISA path: int32
+    and int64 accumulators (the latter native only where the input proves int32 lanes exact), int16
+    and int32 tables, strides, groups, padding, bias, residual, clamps, left and right requantising
+    shifts."""
+    ext = build.load_extension()
+    real, native_calls = ext.conv_int_fused, []
+    monkeypatch.setattr(ext, "conv_int_fused", lambda *a: native_calls.append(1) or real(*a))
+    rng = random.Random(8100 + chunk)
+    for case in range(30):
+        cin, cout = rng.choice([1, 3, 4, 8]), rng.choice([2, 5, 8])
+        groups = rng.choice([1, 2]) if cin % 2 == 0 and cout % 2 == 0 else 1
+        layer = nn.Conv2d(cin, cout, rng.choice([1, 3]), stride=rng.choice([1, 2]),
+                          padding=rng.choice([0, 1]), groups=groups, bias=rng.random() < 0.5)
+        act = rng.choice([(4, 4), (8, 8), (3, 5)])
+        cfg = deepshift.QConfig(weight_bits=rng.choice([3, 4, 5]), act_bits=act)
+        frozen = deepshift.freeze_(deepshift.convert_(nn.Sequential(layer), cfg))[0]
+        small = frozen.accumulator == "int64" and rng.random() < 0.5
+        hw = rng.choice([5, 8, 11])
+        mag = 2 ** (14 if small else 20)
+        x = torch.randint(-mag, mag, (rng.choice([1, 2, 3]), cin, hw, hw),
+                          generator=torch.Generator().manual_seed(case))
+        total = sum(act)
+        head = (x, frozen.codes, frozen.bias_int, frozen._spec_json, rng.choice([0, 3, 9, -2, 12]),
+                -(2 ** (total - 1)), 2 ** (total - 1) - 1)
+        k = rng.choice([1, 2, 3])
+        signs = torch.tensor([[rng.choice((-1, 0, 1)) for _ in range(cout)] for _ in range(k)])
+        lefts = torch.tensor([[rng.randint(0, 8) for _ in range(cout)] for _ in range(k)])
+        ebias = torch.randint(-1000, 1000, (cout,)) if rng.random() < 0.5 else None
+        rights = torch.tensor([rng.randint(-2, 12) for _ in range(cout)])
+        out_shape = ops.frozen_conv_output_shape(frozen.spec(), x.shape)
+        residual = torch.randint(-1000, 1000, out_shape) if rng.random() < 0.5 else None
+        lo, hi = rng.choice([(None, None), (0, None), (0, 2**15 - 1)])
+        tail = ((signs, lefts, ebias, rights, rng.choice([0, 2]), residual, rng.randint(0, 3), lo, hi)
+                if rng.random() < 0.8 else (None, None, None, None, 0, None, 0, None, None))
+        _check(torch.ops.deepshift.int_conv, ops.int_conv_reference, head + tail, f"int_conv case {case}")
+    assert len(native_calls) >= 20 * len(isa_paths()), len(native_calls)  # most ran natively

@@ -211,6 +211,41 @@ class ChannelScale(nn.Module):
         return f"terms={self.signs.shape[0]}, channels={self.signs.shape[1]}{fused}{clamp}"
 
 
+class IntegerConv(nn.Module):
+    """A conv layer's integer steps as one op (``deepshift::int_conv``: one native call on the CPU):
+    its input's :class:`Requantize`, the :class:`IntegerShiftLayer` and the :class:`ChannelScale`
+    after it (with the residual add and clamp it took over), or the first two alone. The three stay
+    children (state dict, reports, exporters); they run one after another, with the same numbers,
+    where a child has hooks, runs its reference (:func:`set_reference_`) or was swapped for another
+    module (exporters)."""
+
+    def __init__(self, requant: Requantize, layer: IntegerShiftLayer, scale: ChannelScale | None):
+        super().__init__()
+        self.requant, self.layer = requant, layer
+        self.add_module("scale", scale)
+        self._spec_json = layer.spec.to_json()
+
+    def _fused(self) -> bool:
+        r, layer, c = self.requant, self.layer, self.scale
+        children = [m for m in (r, layer, c) if m is not None]
+        return (type(r) is Requantize and type(layer) is IntegerShiftLayer
+                and (c is None or type(c) is ChannelScale)
+                and not any(m.reference or m._forward_hooks or m._forward_pre_hooks for m in children))
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        layer, c = self.layer, self.scale
+        if not self._fused() or x.dim() != len(layer.spec.weight_shape):
+            y = layer(self.requant(x))
+            return y if c is None else c(y, residual)
+        r = self.requant
+        bias = None if layer.bias_int is None else layer.bias_int.to(ACCUMULATORS[layer.spec.accumulator])
+        head = (x, layer.codes, bias, self._spec_json, r.shift, r.lo, r.hi)
+        if c is None:
+            return torch.ops.deepshift.int_conv(*head, None, None, None, None, 0, None, 0, None, None)
+        return torch.ops.deepshift.int_conv(*head, c.signs, c.lefts, c.bias, c.rights, c.pre, residual,
+                                            c.residual_shift, c.lo, c.hi)
+
+
 class Clamp(nn.Module):
     """ReLU / ReLU6 / hardtanh on integers: ``clamp(x, lo, hi)`` (``None``: unbounded)."""
 
@@ -396,6 +431,7 @@ def integer_only(model: nn.Module, example_input: Tensor, scale_terms: int = DEF
                          "layers, BatchNorm, ReLU/ReLU6/hardtanh, residual additions, max and average "
                          "pooling, flatten/reshape/slicing and zero padding.")
     _fuse_epilogues(graph, new_modules)
+    _fuse_convs(graph, new_modules)
     root = nn.Module()
     for key, module in new_modules.items():
         root.add_module(key, module)
@@ -440,6 +476,33 @@ def _fuse_epilogues(graph: torch.fx.Graph, modules: dict[str, nn.Module]) -> Non
             step.lo, step.hi = clamp.lo, clamp.hi
             node = replace(node, user, tuple(node.args))
             modules.pop(user.target)
+
+
+def _fuse_convs(graph: torch.fx.Graph, modules: dict[str, nn.Module]) -> None:
+    """Each conv's requantisation, integer layer and BatchNorm step (with what that took over) become
+    one :class:`IntegerConv` where each feeds the next alone."""
+    for node in list(graph.nodes):
+        layer = modules.get(node.target) if node.op == "call_module" else None
+        if not isinstance(layer, IntegerShiftLayer) or layer.spec.kind != "conv" or len(node.args) != 1:
+            continue
+        prev = node.args[0]
+        is_module = isinstance(prev, torch.fx.Node) and prev.op == "call_module"
+        requant = modules.get(prev.target) if is_module else None
+        if not isinstance(requant, Requantize) or len(prev.users) != 1:
+            continue
+        user = next(iter(node.users)) if len(node.users) == 1 else None
+        scale = modules.get(user.target) if user is not None and user.op == "call_module" else None
+        if not isinstance(scale, ChannelScale) or user.args[0] is not node:
+            user, scale = None, None
+        last = user if user is not None else node
+        name = f"{node.target}_fused"
+        modules[name] = IntegerConv(requant, layer, scale)
+        with graph.inserting_before(last):
+            new = graph.call_module(name, (prev.args[0], *(user.args[1:] if user is not None else ())))
+        last.replace_all_uses_with(new)
+        for old in ([user] if user is not None else []) + [node, prev]:
+            graph.erase_node(old)
+            modules.pop(old.target)
 
 
 def _check_int64(bound: int, name: str) -> None:

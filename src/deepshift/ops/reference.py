@@ -339,6 +339,34 @@ def int_epilogue_reference(x: Tensor, signs: Tensor, lefts: Tensor, bias: Tensor
     return y if lo is None and hi is None else torch.clamp(y, lo, hi)
 
 
+def int_conv_reference(x: Tensor, codes: Tensor, bias: Tensor | None, spec: str, in_shift: int, in_lo: int,
+                       in_hi: int, signs: Tensor | None, lefts: Tensor | None, ebias: Tensor | None,
+                       rights: Tensor | None, pre: int, residual: Tensor | None, residual_shift: int,
+                       lo: int | None, hi: int | None) -> Tensor:
+    """An integer-only model's conv layer, int64 in and out::
+
+        q = clamp(round_shift(x, in_shift), in_lo, in_hi)       (the layer's input range)
+        y = shift_conv(q) in the layer's accumulator, as int64   (the frozen layer's integer op)
+        y = int_epilogue(y, signs, lefts, ebias, rights, pre, residual, residual_shift, lo, hi)
+
+    the last step only where ``signs`` is given: the composition of the ``int_epilogue`` and
+    ``shift_conv`` ops that :class:`deepshift.frozen.integer.IntegerConv` stands for."""
+    s = FrozenSpec.from_json(spec)
+    one = torch.ones(1, 1, dtype=torch.int64, device=x.device)
+    shift = torch.full((1,), in_shift, dtype=torch.int64, device=x.device)
+    q = torch.ops.deepshift.int_epilogue(x, one, torch.zeros_like(one), None, shift, 0, None, 0, in_lo, in_hi)
+    acc = ACCUMULATORS[s.accumulator]
+    q, padding = _padded(q.to(acc), s)
+    y = torch.ops.deepshift.shift_conv(q, codes, list(s.weight_shape), s.weight_bits, s.has_zero, s.shift_lo,
+                                       None if bias is None else bias.to(acc), list(s.stride), padding,
+                                       list(s.dilation), s.groups, s.transposed, list(s.output_padding))
+    y = y.to(torch.int64)
+    if signs is None:
+        return y
+    return torch.ops.deepshift.int_epilogue(y, signs, lefts, ebias, rights, pre, residual, residual_shift, lo,
+                                            hi)
+
+
 def fake_quantize_reference(x: Tensor, frac_bits: int, lo: float, hi: float, floor: bool, band_lo: float,
                             band_hi: float) -> tuple[Tensor, Tensor]:
     """``(clamp(round(x * 2**F), lo, hi) * 2**-F, outside)``: training-time fixed point.

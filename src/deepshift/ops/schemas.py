@@ -22,6 +22,8 @@ Ops (integer ops first; see :mod:`deepshift.ops.reference` for the exact semanti
 * ``channel_affine``: ``x * scale[c] + shift[c]``, two roundings (a frozen BatchNorm).
 * ``int_epilogue``: an integer-only model's BatchNorm (a sum of shifts per channel, rounded once),
   residual add and clamp, on int64.
+* ``int_conv``: an integer-only model's conv layer whole: input requantisation, the shift conv and
+  ``int_epilogue``, int64 in and out.
 * ``fake_quantize``: training-time fixed-point rounding, and whether any input saturated.
 * ``q_round`` / ``ps_round``: DeepShift-Q / -PS deterministic weight rounding.
 """
@@ -62,6 +64,12 @@ SCHEMAS: dict[str, tuple[str, Callable]] = {
         "int_epilogue(Tensor x, Tensor signs, Tensor lefts, Tensor? bias, Tensor rights, int pre, "
         "Tensor? residual, int residual_shift, int? lo, int? hi) -> Tensor",
         ref.int_epilogue_reference,
+    ),
+    "int_conv": (
+        "int_conv(Tensor x, Tensor codes, Tensor? bias, str spec, int in_shift, int in_lo, int in_hi, "
+        "Tensor? signs, Tensor? lefts, Tensor? ebias, Tensor? rights, int pre, Tensor? residual, "
+        "int residual_shift, int? lo, int? hi) -> Tensor",
+        ref.int_conv_reference,
     ),
     "fake_quantize": (
         "fake_quantize(Tensor x, int frac_bits, float lo, float hi, bool floor, float band_lo, "
@@ -134,6 +142,12 @@ def _frozen_linear_fake(x, codes, bias, spec):
 def _frozen_conv_fake(x, codes, bias, spec, bn_scale, bn_shift, residual, relu):
     _same_device(x, codes, bias, bn_scale, bn_shift, residual)
     return x.new_empty(ref.frozen_conv_output_shape(FrozenSpec.from_json(spec), x.shape), dtype=_float_out(x))
+
+
+@torch.library.register_fake("deepshift::int_conv")
+def _int_conv_fake(x, codes, bias, spec, *rest):
+    _same_device(x, codes, bias)
+    return x.new_empty(ref.frozen_conv_output_shape(FrozenSpec.from_json(spec), x.shape), dtype=torch.int64)
 
 
 @torch.library.register_fake("deepshift::quantize_input")

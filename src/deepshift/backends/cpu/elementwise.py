@@ -95,17 +95,24 @@ def channel_affine_cpu(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
+def int_epilogue_args_ok(shape, signs: Tensor, lefts: Tensor, bias: Tensor | None, rights: Tensor, pre: int,
+                         residual: Tensor | None, residual_shift: int) -> bool:
+    """Whether the native int_epilogue pass takes these parameters for an int64 input of ``shape``."""
+    int64 = torch.int64
+    return (signs.dtype == lefts.dtype == rights.dtype == int64 and signs.dim() == 2
+            and lefts.shape == signs.shape and rights.numel() == signs.shape[1]
+            and (bias is None or (bias.dtype == int64 and bias.numel() == signs.shape[1]))
+            and (residual is None or (residual.dtype == int64 and residual.shape == tuple(shape)))
+            and (signs.shape[1] == 1 or (len(shape) >= 2 and shape[1] == signs.shape[1]))
+            and 0 <= pre < 63 and 0 <= residual_shift < 63
+            and all(t.device.type == "cpu" for t in (signs, lefts, rights)))
+
+
 def int_epilogue_cpu(x: Tensor, signs: Tensor, lefts: Tensor, bias: Tensor | None, rights: Tensor, pre: int,
                      residual: Tensor | None, residual_shift: int, lo: int | None, hi: int | None) -> Tensor:
     """``deepshift::int_epilogue`` in one pass over memory (the reference takes about a dozen)."""
-    int64 = torch.int64
-    ok = (x.dtype == int64 and signs.dtype == lefts.dtype == rights.dtype == int64 and signs.dim() == 2
-          and lefts.shape == signs.shape and rights.numel() == signs.shape[1]
-          and (bias is None or (bias.dtype == int64 and bias.numel() == signs.shape[1]))
-          and (residual is None or (residual.dtype == int64 and residual.shape == x.shape))
-          and (signs.shape[1] == 1 or (x.dim() >= 2 and x.shape[1] == signs.shape[1]))
-          and 0 <= pre < 63 and 0 <= residual_shift < 63
-          and all(t.device.type == "cpu" for t in (x, signs, lefts, rights)))
+    ok = (x.dtype == torch.int64 and x.device.type == "cpu"
+          and int_epilogue_args_ok(x.shape, signs, lefts, bias, rights, pre, residual, residual_shift))
     ext = load_extension() if ok else None
     if ext is None:
         return ref.int_epilogue_reference(x, signs, lefts, bias, rights, pre, residual, residual_shift,

@@ -12,7 +12,7 @@ reference.
 from __future__ import annotations
 
 from deepshift.backends.cpu.build import on_load
-from deepshift.backends.cpu.conv import frozen_conv_cpu, shift_conv_cpu
+from deepshift.backends.cpu.conv import frozen_conv_cpu, int_conv_cpu, shift_conv_cpu
 from deepshift.backends.cpu.elementwise import (
     channel_affine_cpu,
     fake_quantize_cpu,
@@ -28,6 +28,7 @@ from deepshift.ops.schemas import register_backend
 KERNELS = {
     "shift_linear": shift_linear_cpu,
     "shift_conv": shift_conv_cpu,
+    "int_conv": int_conv_cpu,
     "quantize_input": quantize_input_cpu,
     "scale_output": scale_output_cpu,
     "fake_quantize": fake_quantize_cpu,

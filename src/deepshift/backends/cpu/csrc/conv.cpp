@@ -1,6 +1,7 @@
 // Decoding packed codes, and deepshift::shift_conv's kernels: plans of terms, the plain and the fused
 // (frozen layer: float in, float out) convolution.
 #include "common.h"
+#include "epilogue.h"
 
 namespace deepshift_cpu {
 
@@ -543,6 +544,88 @@ std::tuple<torch::Tensor, bool> conv_fused(const torch::Tensor& x, std::vector<i
   }
   (void)avx;
   return std::make_tuple(y, nan);
+}
+
+// An integer-only model's conv layer in one call (deepshift::int_conv's CPU kernel): int64 x, requantised
+// to the layer's input range while the table is built (RequantIn: round_shift by in_shift, clamp to
+// [in_lo, in_hi]), the conv on int32 lanes (lanes 16: int16 table, |q| <= 128), then each output
+// run sign-extended to int64 and, with epilogue (signs given), taken through int_epilogue (BatchNorm
+// as shifts, residual, clamp) while in cache. bias: int32 (Cout,) in output units, or None. Bit for
+// bit int_epilogue(shift_conv(int_epilogue(x, requantise)), ...) as the reference composes them.
+torch::Tensor conv_int_fused(const torch::Tensor& x, std::vector<int64_t> ws, const std::vector<torch::Tensor>& plan,
+                             const c10::optional<torch::Tensor>& bias, int64_t groups, std::vector<int64_t> stride,
+                             std::vector<int64_t> pad, std::vector<int64_t> dil, int64_t in_shift, int64_t in_lo,
+                             int64_t in_hi, int64_t lanes, const c10::optional<torch::Tensor>& signs,
+                             const c10::optional<torch::Tensor>& lefts, const c10::optional<torch::Tensor>& ebias,
+                             const c10::optional<torch::Tensor>& rights, int64_t pre,
+                             const c10::optional<torch::Tensor>& residual, int64_t residual_shift, int64_t lo,
+                             int64_t hi) {
+  TORCH_CHECK(x.dim() >= 3 && x.dim() <= 5 && x.is_contiguous() && x.dtype() == torch::kInt64 && ws.size() == 5 &&
+                  plan.size() == 6,
+              "bad x / plan");
+  TORCH_CHECK(lanes == 16 || lanes == 32, "lanes must be 16 or 32");
+  TORCH_CHECK(in_lo <= in_hi && in_lo >= INT32_MIN && in_hi <= INT32_MAX, "bad input range");
+  TORCH_CHECK(lanes == 32 || (in_lo >= -128 && in_hi <= 128), "the int16 table needs |q| <= 128");
+  const uint32_t* bp = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dtype() == torch::kInt32 && bias->is_contiguous() && bias->numel() == ws[0], "bad bias");
+    bp = reinterpret_cast<const uint32_t*>(bias->data_ptr<int32_t>());
+  }
+  std::vector<int64_t> xs(x.sizes().begin(), x.sizes().end());
+  const int64_t missing = 5 - x.dim();
+  xs.insert(xs.begin() + 2, missing, 1);
+  const int64_t NCB = plan[5].data_ptr<int64_t>()[1];
+  auto g = make_geom(xs, ws, stride, pad, dil, groups, NCB);
+  const int64_t N = xs[0];
+  std::vector<int64_t> ys{N, g.Cout, g.OD, g.OH, g.OW};
+  ys.erase(ys.begin() + 2, ys.begin() + 2 + missing);
+  auto y = torch::empty(ys, x.options());
+  std::unique_ptr<IntEpilogue> ep;
+  if (signs.has_value() && signs->defined()) {
+    TORCH_CHECK(lefts.has_value() && rights.has_value(), "the epilogue needs signs, lefts and rights");
+    ep = std::make_unique<IntEpilogue>(*signs, *lefts, ebias, *rights, pre, residual_shift, lo, hi);
+    TORCH_CHECK(ep->C == 1 || ep->C == g.Cout, "the epilogue's channels must be the output's");
+  }
+  const bool has_res = residual.has_value() && residual->defined();
+  TORCH_CHECK(!has_res || ep, "a residual needs the epilogue");
+  if (has_res)
+    TORCH_CHECK(residual->sizes() == y.sizes() && residual->dtype() == torch::kInt64 && residual->is_contiguous(),
+                "residual must be contiguous int64 of the output's shape");
+  const int64_t* rp = has_res ? residual->data_ptr<int64_t>() : nullptr;
+  const int64_t* xp = x.data_ptr<int64_t>();
+  int64_t* op = y.data_ptr<int64_t>();
+  const int64_t ximg_stride = g.C * g.D * g.H * g.W;
+  const int64_t yimg_stride = g.Cout * g.OD * g.OH * g.OW;
+  const int64_t plane = g.OD * g.OH * g.OW;
+  const bool avx = use_avx2();
+  auto go = [&](auto table_tag) {
+    using U = decltype(table_tag);
+    auto build = [&](int64_t n, U* tbl, int64_t c0, int64_t c1) {
+#ifdef DS_X86
+      if (avx) return ds_avx2::build_table(xp + n * ximg_stride, tbl, g, c0, c1, ds_avx2::RequantIn<U>{in_shift, in_lo, in_hi});
+#endif
+      return ds_portable::build_table(xp + n * ximg_stride, tbl, g, c0, c1,
+                                      ds_portable::RequantIn<U>{in_shift, in_lo, in_hi});
+    };
+    auto finish = [&](int64_t n, int64_t dst, const uint32_t* src, int64_t count) {
+      int64_t* out = op + n * yimg_stride + dst;
+      for (int64_t i = 0; i < count; ++i) out[i] = static_cast<int32_t>(src[i]);  // sign-extend
+      if (!ep) return;
+      // The run may span channels: one epilogue per channel segment, in place, still in cache.
+      const int64_t* r = rp ? rp + n * yimg_stride + dst : nullptr;
+      int64_t c = dst / plane, at = dst - c * plane;  // index arithmetic
+      for (int64_t i = 0; i < count; ++c, at = 0) {
+        const int64_t k = std::min(count - i, plane - at);
+        ep->apply(out + i, out + i, k, ep->C > 1 ? c : 0, r ? r + i : nullptr, avx);
+        i += k;
+      }
+    };
+    conv_drive<U, uint32_t>(g, N, plan_view(plan), plan[0].numel(), bp, nullptr, build, finish);
+  };
+  if (lanes == 16) go(uint16_t{});
+  else go(uint32_t{});
+  (void)avx;
+  return y;
 }
 
 }  // namespace deepshift_cpu

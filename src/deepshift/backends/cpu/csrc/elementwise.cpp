@@ -1,6 +1,7 @@
 // The element-wise kernels: fixed-point rounding and output scaling of frozen layers, BatchNorm's
 // affine, training-time fake quantization, DeepShift-Q / -PS weight rounding.
 #include "common.h"
+#include "epilogue.h"
 
 namespace deepshift_cpu {
 
@@ -113,71 +114,29 @@ torch::Tensor int_epilogue(const torch::Tensor& x, const torch::Tensor& signs, c
                            const c10::optional<torch::Tensor>& residual, int64_t residual_shift, int64_t lo,
                            int64_t hi) {
   TORCH_CHECK(x.dtype() == torch::kInt64 && x.is_contiguous(), "x must be contiguous int64");
-  TORCH_CHECK(signs.dim() == 2 && lefts.sizes() == signs.sizes() && signs.dtype() == torch::kInt64 &&
-                  lefts.dtype() == torch::kInt64 && signs.is_contiguous() && lefts.is_contiguous(),
-              "signs / lefts must be contiguous int64 (K, C)");
-  const int64_t K = signs.size(0), C = signs.size(1);
+  const IntEpilogue ep(signs, lefts, bias, rights, pre, residual_shift, lo, hi);
+  const int64_t C = ep.C;
   const bool per_channel = C > 1;
   TORCH_CHECK(!per_channel || (x.dim() >= 2 && x.size(1) == C), "x's dimension 1 must have C channels");
-  TORCH_CHECK(rights.dtype() == torch::kInt64 && rights.is_contiguous() && rights.numel() == C, "bad rights");
-  const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias)
-    TORCH_CHECK(bias->dtype() == torch::kInt64 && bias->is_contiguous() && bias->numel() == C, "bad bias");
   const bool has_res = residual.has_value() && residual->defined();
   if (has_res)
     TORCH_CHECK(residual->dtype() == torch::kInt64 && residual->is_contiguous() && residual->sizes() == x.sizes(),
                 "residual must be contiguous int64 of x's shape");
-  TORCH_CHECK(pre >= 0 && pre < 63 && residual_shift >= 0 && residual_shift < 63, "bad shift");
-  // Per channel: its active terms (sign != 0), their left shifts and negation masks.
-  std::vector<int64_t> left(K * C), neg(K * C), count(C, 0);
-  const int64_t* sp = signs.data_ptr<int64_t>();
-  const int64_t* lp = lefts.data_ptr<int64_t>();
-  for (int64_t c = 0; c < C; ++c)
-    for (int64_t k = 0; k < K; ++k) {
-      const int64_t sg = sp[k * C + c];
-      TORCH_CHECK(sg >= -1 && sg <= 1 && lp[k * C + c] >= 0 && lp[k * C + c] < 63, "bad sign / left shift");
-      if (sg == 0) continue;
-      left[c * K + count[c]] = lp[k * C + c];
-      neg[c * K + count[c]] = sg < 0 ? -1 : 0;
-      ++count[c];
-    }
   auto out = torch::empty_like(x);
   const int64_t n = x.numel();
   const int64_t planes = per_channel ? x.size(0) * C : std::max<int64_t>(1, (n + 4095) / 4096);
   const int64_t inner = per_channel ? (planes ? n / planes : 0) : 4096;
   const int64_t* xp = x.data_ptr<int64_t>();
   int64_t* op = out.data_ptr<int64_t>();
-  const int64_t* bp = has_bias ? bias->data_ptr<int64_t>() : nullptr;
-  const int64_t* rp = rights.data_ptr<int64_t>();
   const int64_t* resp = has_res ? residual->data_ptr<int64_t>() : nullptr;
   const bool avx = use_avx2();
   at::parallel_for(0, planes, std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, inner)), [&](int64_t b, int64_t e) {
     for (int64_t p = b; p < e; ++p) {
-      const int64_t c = per_channel ? p % C : 0;
       const int64_t start = p * inner, len = std::min(inner, n - start);
       if (len <= 0) continue;
-      const int kc = static_cast<int>(count[c]);
-      const int64_t* lc = left.data() + c * K;
-      const int64_t* nc = neg.data() + c * K;
-      const int64_t bias_c = bp ? bp[c] : 0;
-      const int64_t* r = resp ? resp + start : nullptr;
-      auto run = [&](auto ns) {
-        constexpr int N = decltype(ns)::value;
-#ifdef DS_X86
-        if (avx)
-          return ds_avx2::int_epilogue_run<N>(xp + start, op + start, len, kc, lc, nc, bias_c, rp[c], pre, r,
-                                              residual_shift, lo, hi);
-#endif
-        ds_portable::int_epilogue_run<N>(xp + start, op + start, len, kc, lc, nc, bias_c, rp[c], pre, r,
-                                         residual_shift, lo, hi);
-      };
-      if (kc == 1) run(std::integral_constant<int, 1>());
-      else if (kc == 2) run(std::integral_constant<int, 2>());
-      else if (kc == 3) run(std::integral_constant<int, 3>());
-      else run(std::integral_constant<int, 0>());
+      ep.apply(xp + start, op + start, len, per_channel ? p % C : 0, resp ? resp + start : nullptr, avx);
     }
   });
-  (void)avx;
   return out;
 }
 

@@ -588,6 +588,20 @@ inline int64_t round_shift_one(int64_t v, int64_t a) {
   return static_cast<int64_t>(static_cast<uint64_t>(v) + ((uint64_t(1) << (a - 1)) - 1) + uint64_t(odd)) >> a;
 }
 
+// build_table's converter for the integer-only models' int64 input: requantised on the way,
+// clamp(round_shift(x, shift), lo, hi) (deepshift::int_epilogue with one term), as the table's lanes.
+template <typename U>
+struct RequantIn {
+  int64_t shift, lo, hi;
+  bool run(const int64_t* src, U* dst, int64_t n) const {
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t t = round_shift_one(src[i], shift);
+      dst[i] = static_cast<U>(t < lo ? lo : (t > hi ? hi : t));
+    }
+    return false;
+  }
+};
+
 template <int K>
 void int_epilogue_run(const int64_t* x, int64_t* y, int64_t n, int k_dyn, const int64_t* left, const int64_t* neg,
                       int64_t bias, int64_t right, int64_t pre, const int64_t* r, int64_t rs, int64_t lo,

@@ -26,6 +26,14 @@ std::tuple<torch::Tensor, bool> conv_fused(const torch::Tensor& x, std::vector<i
                                            bool floor_mode, int64_t lanes, int64_t exponent,
                                            const c10::optional<std::vector<torch::Tensor>>& affine,
                                            const c10::optional<torch::Tensor>& residual, bool relu);
+torch::Tensor conv_int_fused(const torch::Tensor& x, std::vector<int64_t> ws, const std::vector<torch::Tensor>& plan,
+                             const c10::optional<torch::Tensor>& bias, int64_t groups, std::vector<int64_t> stride,
+                             std::vector<int64_t> pad, std::vector<int64_t> dil, int64_t in_shift, int64_t in_lo,
+                             int64_t in_hi, int64_t lanes, const c10::optional<torch::Tensor>& signs,
+                             const c10::optional<torch::Tensor>& lefts, const c10::optional<torch::Tensor>& ebias,
+                             const c10::optional<torch::Tensor>& rights, int64_t pre,
+                             const c10::optional<torch::Tensor>& residual, int64_t residual_shift, int64_t lo,
+                             int64_t hi);
 int64_t set_isa(int64_t isa);
 int64_t current_isa();
 std::tuple<torch::Tensor, torch::Tensor, int64_t> lut_layout(const torch::Tensor& scode);
