@@ -1038,8 +1038,8 @@ def test_int_conv_bit_exact_random(native, monkeypatch, chunk):
     and int32 tables, strides, groups, padding, bias, residual, clamps, left and right requantising
     shifts."""
     ext = build.load_extension()
-    real, native_calls = ext.conv_int_fused, []
-    monkeypatch.setattr(ext, "conv_int_fused", lambda *a: native_calls.append(1) or real(*a))
+    real, native_calls = ext.PreparedIntConv, []  # each ISA prepares its native call anew
+    monkeypatch.setattr(ext, "PreparedIntConv", lambda *a: native_calls.append(1) or real(*a))
     rng = random.Random(8100 + chunk)
     for case in range(30):
         cin, cout = rng.choice([1, 3, 4, 8]), rng.choice([2, 5, 8])
@@ -1068,4 +1068,9 @@ def test_int_conv_bit_exact_random(native, monkeypatch, chunk):
         tail = ((signs, lefts, ebias, rights, rng.choice([0, 2]), residual, rng.randint(0, 3), lo, hi)
                 if rng.random() < 0.8 else (None, None, None, None, 0, None, 0, None, None))
         _check(torch.ops.deepshift.int_conv, ops.int_conv_reference, head + tail, f"int_conv case {case}")
+        # Again: now from the C++ kernel's table (int32 layers); then another requantisation of the
+        # same layer, which that entry must not serve.
+        assert torch.equal(torch.ops.deepshift.int_conv(*head, *tail), ops.int_conv_reference(*head, *tail))
+        other = (*head[:4], head[4] + 1, *head[5:])
+        assert torch.equal(torch.ops.deepshift.int_conv(*other, *tail), ops.int_conv_reference(*other, *tail))
     assert len(native_calls) >= 20 * len(isa_paths()), len(native_calls)  # most ran natively

@@ -63,6 +63,7 @@ import math
 import torch
 from torch import Tensor
 
+from deepshift.backends.cpu import cache
 from deepshift.backends.cpu.build import load_extension
 from deepshift.backends.cpu.cache import _cached, fused_forward, parsed_spec
 from deepshift.backends.cpu.elementwise import _INT64_MAX, _INT64_MIN, int_epilogue_args_ok
@@ -354,52 +355,66 @@ def frozen_conv_cpu(x: Tensor, codes: Tensor, bias: Tensor | None, spec: str, bn
     return ref.frozen_conv_reference(x, codes, bias, spec, bn_scale, bn_shift, residual, relu)
 
 
-def int_conv_cpu(x: Tensor, codes: Tensor, bias: Tensor | None, spec: str, in_shift: int, in_lo: int,
-                 in_hi: int, signs: Tensor | None, lefts: Tensor | None, ebias: Tensor | None,
-                 rights: Tensor | None, pre: int, residual: Tensor | None, residual_shift: int,
-                 lo: int | None, hi: int | None) -> Tensor:
-    """CPU kernel of ``deepshift::int_conv``: one native call (the input requantised in the table
-    build, the epilogue applied to each output run while in cache) where it applies (int32
-    accumulator, non-transposed, zero padding), else the reference's composition of the ops."""
-    s = parsed_spec(spec)
-    ext = load_extension()
-    call = False
-    if (ext is not None and x.dtype == torch.int64 and x.device.type == "cpu" and not s.transposed
-            and not s.pad_outside and -(2**31) <= in_lo <= in_hi < 2**31 and 0 <= in_shift + 62 < 125
-            and (bias is None or bias.dtype in (torch.int32, torch.int64))):
-        a = ref.ShiftConvArgs(codes, list(s.weight_shape), s.weight_bits, s.has_zero, s.shift_lo, bias,
-                              list(s.stride), list(s.padding), list(s.dilation), s.groups, False,
-                              list(s.output_padding))
-        call = _conv_call(ext, x, a, torch.int32)
-    if call is not False:
-        out_shape = ref.frozen_conv_output_shape(s, x.shape)
-        if signs is not None and not (lefts is not None and rights is not None and int_epilogue_args_ok(
-                out_shape, signs, lefts, ebias, rights, pre, residual, residual_shift)):
-            call = False
-    if call is not False and s.accumulator == "int64":
-        # int32 lanes where this input proves them exact (as shift_conv decides for int64 inputs):
-        # the requantised |q| is at most round_shift(max|x|) + 1, and the bound of the sums follows.
-        u = min(s.shift_lo, 0)
+def _prepare_int_conv(ext, x: Tensor, codes: Tensor, bias: Tensor | None, s, in_shift: int, in_lo: int,
+                      in_hi: int):
+    """The extension's ``PreparedIntConv`` for int64 inputs shaped like ``x`` (``deepshift::int_conv``'s
+    native call on int32 lanes), or None where it does not apply. Layers with int64 accumulators get
+    one only where this input proves int32 lanes exact (as shift_conv decides for int64 inputs):
+    the requantised ``|q|`` is at most ``round_shift(max|x|) + 1``, and the bound of the sums follows."""
+    if (ext is None or x.dtype != torch.int64 or x.device.type != "cpu" or s.transposed or s.pad_outside
+            or not -(2**31) <= in_lo <= in_hi < 2**31 or not -62 <= in_shift <= 62
+            or (bias is not None and bias.dtype not in (torch.int32, torch.int64))):
+        return None
+    a = ref.ShiftConvArgs(codes, list(s.weight_shape), s.weight_bits, s.has_zero, s.shift_lo, bias,
+                          list(s.stride), list(s.padding), list(s.dilation), s.groups, False,
+                          list(s.output_padding))
+    call = _conv_call(ext, x, a, torch.int32)
+    if call is False:
+        return None
+    u = min(s.shift_lo, 0)
+    if s.accumulator == "int64":
         _, max_amount = _decoded(ext, codes, list(s.weight_shape), s.weight_bits, s.has_zero, s.shift_lo, 64)
         q_max = min(max(-in_lo, in_hi), (_max_abs(x) >> max(in_shift, 0) << max(-in_shift, 0)) + 1)
         b_max = 0 if bias is None else _max_abs(bias) << -u
         if max_amount >= 0 and call.fan_in * q_max * 2**max_amount + b_max >= 2**31:
-            call = False
-    if call is False or (residual is not None and signs is None):
-        return ref.int_conv_reference(x, codes, bias, spec, in_shift, in_lo, in_hi, signs, lefts, ebias,
-                                      rights, pre, residual, residual_shift, lo, hi)
+            return None
     # The int16 table where |q| <= 128 and outputs have enough terms (as for the float fused path).
     narrow = in_lo >= -INT16_MAX_ABS and in_hi <= INT16_MAX_ABS
     lanes = 16 if narrow and call.fan_in >= 2**s.weight_bits else 32
     x5_shape = [x.shape[0], x.shape[1], *([1] * call.pre), *x.shape[2:]]
     w5_shape, plan = call.prepared(ext, codes, lanes, x5_shape)
+    b = None if bias is None else _shifted_bias(bias, u).to(torch.int32)
+    return ext.PreparedIntConv(w5_shape, plan, b, s.groups, call.s3, call.p3, call.d3, in_shift, in_lo, in_hi,
+                               lanes, list(ref.frozen_conv_output_shape(s, x.shape)))
 
-    def contiguous(t):
-        return None if t is None else t.contiguous()
 
-    b = None if bias is None else _shifted_bias(bias, min(s.shift_lo, 0)).to(torch.int32)
-    return ext.conv_int_fused(x.contiguous(), w5_shape, plan, b,
-                              s.groups, call.s3, call.p3, call.d3, in_shift, in_lo, in_hi, lanes,
-                              contiguous(signs), contiguous(lefts), contiguous(ebias), contiguous(rights),
-                              pre, contiguous(residual), residual_shift, _INT64_MIN if lo is None else lo,
-                              _INT64_MAX if hi is None else hi)
+def int_conv_cpu(x: Tensor, codes: Tensor, bias: Tensor | None, spec: str, in_shift: int, in_lo: int,
+                 in_hi: int, signs: Tensor | None, lefts: Tensor | None, ebias: Tensor | None,
+                 rights: Tensor | None, pre: int, residual: Tensor | None, residual_shift: int,
+                 lo: int | None, hi: int | None) -> Tensor:
+    """``deepshift::int_conv`` on the CPU where the extension's C++ kernel has no prepared call for it:
+    one native call (the input requantised in the table build, the epilogue applied to each output
+    run while in cache) where it applies (non-transposed, zero padding, int32 lanes), prepared and
+    remembered for layers with int32 accumulators; else the reference's composition of the ops."""
+    s = parsed_spec(spec)
+    ext = load_extension()
+
+    def prepare():
+        return _prepare_int_conv(ext, x, codes, bias, s, in_shift, in_lo, in_hi)
+
+    if s.accumulator == "int32":
+        prepared = fused_forward(x, codes, bias, spec, prepare)
+        requant = (in_shift, in_lo, in_hi)
+        if prepared is not None and (prepared.in_shift, prepared.in_lo, prepared.in_hi) != requant:
+            prepared = prepare()  # the same layer requantised otherwise: not cached
+    else:  # the lanes depend on this input
+        prepared = prepare() if cache._fused_on[0] else None
+    out_shape = ref.frozen_conv_output_shape(s, x.shape)
+    epilogue_ok = (residual is None if signs is None else (
+        lefts is not None and rights is not None
+        and int_epilogue_args_ok(out_shape, signs, lefts, ebias, rights, pre, residual, residual_shift)))
+    if prepared is None or not epilogue_ok:
+        return ref.int_conv_reference(x, codes, bias, spec, in_shift, in_lo, in_hi, signs, lefts, ebias,
+                                      rights, pre, residual, residual_shift, lo, hi)
+    return prepared.run(x, signs, lefts, ebias, rights, pre, residual, residual_shift,
+                        _INT64_MIN if lo is None else lo, _INT64_MAX if hi is None else hi)

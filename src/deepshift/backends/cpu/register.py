@@ -4,9 +4,9 @@ Most ops get their Python kernel at import (which builds or loads the extension 
 frozen and integer-only models' ops (``NATIVE_KERNELS``) get a C++ kernel once the extension is
 loaded (by the first call of any deepshift op on the CPU; until then the ops' reference runs, whose
 smaller ops load it): at batch 1 a Python kernel's dispatch would cost as much as a small layer.
-The C++ kernel of ``frozen_conv`` / ``frozen_linear`` runs the prepared forward it finds; each hands
-every call it does not take to the Python kernel named here, which prepares a forward or takes the
-reference.
+The C++ kernel of ``frozen_conv`` / ``frozen_linear`` / ``int_conv`` runs the prepared call it finds;
+each hands every call it does not take to the Python kernel named here, which prepares one or takes
+the reference.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from deepshift.ops.schemas import register_backend
 KERNELS = {
     "shift_linear": shift_linear_cpu,
     "shift_conv": shift_conv_cpu,
-    "int_conv": int_conv_cpu,
     "quantize_input": quantize_input_cpu,
     "scale_output": scale_output_cpu,
     "fake_quantize": fake_quantize_cpu,
@@ -40,6 +39,7 @@ for _name, _kernel in KERNELS.items():
     register_backend(_name, "CPU", _kernel)
 
 NATIVE_KERNELS = {"frozen_conv": frozen_conv_cpu, "frozen_linear": frozen_linear_cpu,
-                  "channel_affine": channel_affine_cpu, "int_epilogue": int_epilogue_cpu}
+                  "channel_affine": channel_affine_cpu, "int_epilogue": int_epilogue_cpu,
+                  "int_conv": int_conv_cpu}
 
 on_load(lambda ext: ext.register_kernels(*NATIVE_KERNELS.values()))

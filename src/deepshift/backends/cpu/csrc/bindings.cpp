@@ -57,6 +57,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       }))
       .def("run", &PreparedLinear::run)
       .def("remember", &PreparedLinear::remember);
+  using deepshift_cpu::PreparedIntConv;
+  py::class_<PreparedIntConv, std::shared_ptr<PreparedIntConv>>(m, "PreparedIntConv")
+      .def(py::init([](Ints ws, std::vector<torch::Tensor> plan, OptTensor bias, int64_t groups, Ints stride,
+                       Ints pad, Ints dil, int64_t in_shift, int64_t in_lo, int64_t in_hi, int64_t lanes,
+                       Ints out_shape) {
+        auto p = std::make_shared<PreparedIntConv>();
+        p->ws = ws, p->plan = plan, p->bias = bias, p->groups = groups, p->stride = stride, p->pad = pad;
+        p->dil = dil, p->in_shift = in_shift, p->in_lo = in_lo, p->in_hi = in_hi, p->lanes = lanes;
+        p->out_shape = out_shape;
+        return p;
+      }))
+      .def_readonly("in_shift", &PreparedIntConv::in_shift)
+      .def_readonly("in_lo", &PreparedIntConv::in_lo)
+      .def_readonly("in_hi", &PreparedIntConv::in_hi)
+      .def("run", &PreparedIntConv::run)
+      .def("remember", &PreparedIntConv::remember);
   m.def("register_kernels", &deepshift_cpu::register_kernels);
   m.def("set_fast_path", &deepshift_cpu::set_fast_path);
   m.def("remembered_count", &deepshift_cpu::remembered_count);

@@ -1,5 +1,5 @@
 // The prepared frozen-layer forwards and the C++ kernels of deepshift::frozen_conv / frozen_linear /
-// channel_affine / int_epilogue (see frozen.h for why they are C++).
+// channel_affine / int_epilogue / int_conv (see frozen.h for why they are C++).
 #include "frozen.h"
 
 #include <atomic>
@@ -34,6 +34,20 @@ RunResult PreparedLinear::run(const torch::Tensor& x) const {
   auto y = mode == kGemv ? gemv(q, tiles, out_f, bias) : gemv_lut(q, tiles, values, bits, out_f, bias, mode == kWide);
   if (!y.defined()) return {torch::Tensor(), false};  // the wide kernel declines this input
   return {scale(y, exponent, out64).reshape(out_shape), false};
+}
+
+torch::Tensor PreparedIntConv::run(const torch::Tensor& x, const c10::optional<torch::Tensor>& signs,
+                                   const c10::optional<torch::Tensor>& lefts, const c10::optional<torch::Tensor>& ebias,
+                                   const c10::optional<torch::Tensor>& rights, int64_t pre,
+                                   const c10::optional<torch::Tensor>& residual, int64_t residual_shift, int64_t lo,
+                                   int64_t hi) const {
+  auto contiguous = [](const c10::optional<torch::Tensor>& t) -> c10::optional<torch::Tensor> {
+    if (t.has_value() && t->defined()) return t->contiguous();
+    return c10::nullopt;
+  };
+  return conv_int_fused(x.contiguous(), ws, plan, bias, groups, stride, pad, dil, in_shift, in_lo, in_hi, lanes,
+                        contiguous(signs), contiguous(lefts), contiguous(ebias), contiguous(rights), pre,
+                        contiguous(residual), residual_shift, lo, hi);
 }
 
 namespace {
@@ -139,6 +153,11 @@ Table<PreparedConv>& conv_table() {
   return *t;
 }
 
+Table<PreparedIntConv>& int_conv_table() {
+  static auto* t = new Table<PreparedIntConv>();
+  return *t;
+}
+
 Table<PreparedLinear>& linear_table() {
   static auto* t = new Table<PreparedLinear>();
   return *t;
@@ -150,6 +169,7 @@ py::object* conv_fallback = nullptr;
 py::object* linear_fallback = nullptr;
 py::object* affine_fallback = nullptr;
 py::object* epilogue_fallback = nullptr;
+py::object* int_conv_fallback = nullptr;
 
 std::atomic<bool> fast_path_on{true};
 
@@ -243,7 +263,50 @@ torch::Tensor int_epilogue_kernel(const torch::Tensor& x, const torch::Tensor& s
                       residual_shift, lo.value_or(INT64_MIN), hi.value_or(INT64_MAX));
 }
 
+// Whether int_conv's epilogue arguments are what the native pass takes for an output of out_shape
+// (int_epilogue_args_ok in elementwise.py); anything else goes to the Python kernel.
+bool int_epilogue_args_ok(const std::vector<int64_t>& out_shape, const torch::Tensor& signs, const torch::Tensor& lefts,
+                          const c10::optional<torch::Tensor>& bias, const torch::Tensor& rights, int64_t pre,
+                          const c10::optional<torch::Tensor>& residual, int64_t residual_shift) {
+  const auto i64 = torch::kInt64;
+  return signs.scalar_type() == i64 && lefts.scalar_type() == i64 && rights.scalar_type() == i64 &&
+         signs.dim() == 2 && lefts.sizes() == signs.sizes() && rights.numel() == signs.size(1) &&
+         (!has(bias) || (bias->scalar_type() == i64 && bias->numel() == signs.size(1))) &&
+         (!has(residual) || (residual->scalar_type() == i64 && residual->sizes() == c10::IntArrayRef(out_shape))) &&
+         (signs.size(1) == 1 || (out_shape.size() >= 2 && out_shape[1] == signs.size(1))) && pre >= 0 && pre < 63 &&
+         residual_shift >= 0 && residual_shift < 63 && signs.device().is_cpu() && lefts.device().is_cpu() &&
+         rights.device().is_cpu();
+}
+
+torch::Tensor int_conv_kernel(const torch::Tensor& x, const torch::Tensor& codes, const c10::optional<torch::Tensor>& bias,
+                              c10::string_view spec, int64_t in_shift, int64_t in_lo, int64_t in_hi,
+                              const c10::optional<torch::Tensor>& signs, const c10::optional<torch::Tensor>& lefts,
+                              const c10::optional<torch::Tensor>& ebias, const c10::optional<torch::Tensor>& rights,
+                              int64_t pre, const c10::optional<torch::Tensor>& residual, int64_t residual_shift,
+                              c10::optional<int64_t> lo, c10::optional<int64_t> hi) {
+  std::string_view s(spec.data(), spec.size());
+  if (!fast_path_off() && x.scalar_type() == torch::kInt64) {
+    if (auto p = int_conv_table().find(codes, bias, s, x)) {
+      const bool same = p->in_shift == in_shift && p->in_lo == in_lo && p->in_hi == in_hi;
+      const bool ok = has(signs) ? (has(lefts) && has(rights) &&
+                                    int_epilogue_args_ok(p->out_shape, *signs, *lefts, ebias, *rights, pre, residual,
+                                                         residual_shift))
+                                 : !has(residual);
+      if (same && ok)
+        return p->run(x, signs, lefts, ebias, rights, pre, residual, residual_shift, lo.value_or(INT64_MIN),
+                      hi.value_or(INT64_MAX));
+    }
+  }
+  return call_python(int_conv_fallback, x, codes, bias, std::string(s), in_shift, in_lo, in_hi, signs, lefts, ebias,
+                     rights, pre, residual, residual_shift, lo, hi);
+}
+
 }  // namespace
+
+void PreparedIntConv::remember(const torch::Tensor& codes, const c10::optional<torch::Tensor>& bias_arg,
+                               const std::string& spec, const torch::Tensor& x) {
+  int_conv_table().put(shared_from_this(), codes, bias_arg, spec, x);
+}
 
 void PreparedConv::remember(const torch::Tensor& codes, const c10::optional<torch::Tensor>& bias_arg,
                             const std::string& spec, const torch::Tensor& x) {
@@ -255,13 +318,15 @@ void PreparedLinear::remember(const torch::Tensor& codes, const c10::optional<to
   linear_table().put(shared_from_this(), codes, bias_arg, spec, x);
 }
 
-void register_kernels(py::object conv_fb, py::object linear_fb, py::object affine_fb, py::object epilogue_fb) {
+void register_kernels(py::object conv_fb, py::object linear_fb, py::object affine_fb, py::object epilogue_fb,
+                      py::object int_conv_fb) {
   static std::once_flag once;
   std::call_once(once, [&] {
     conv_fallback = new py::object(std::move(conv_fb));
     linear_fallback = new py::object(std::move(linear_fb));
     affine_fallback = new py::object(std::move(affine_fb));
     epilogue_fallback = new py::object(std::move(epilogue_fb));
+    int_conv_fallback = new py::object(std::move(int_conv_fb));
     // Never destroyed: the registrations last as long as the process (the ops are defined in Python
     // at import, this library is loaded once).
     auto* lib = new torch::Library(torch::Library::IMPL, "deepshift", c10::DispatchKey::CPU, __FILE__, __LINE__);
@@ -269,11 +334,12 @@ void register_kernels(py::object conv_fb, py::object linear_fb, py::object affin
     lib->impl("frozen_linear", TORCH_FN(frozen_linear_kernel));
     lib->impl("channel_affine", TORCH_FN(channel_affine_kernel));
     lib->impl("int_epilogue", TORCH_FN(int_epilogue_kernel));
+    lib->impl("int_conv", TORCH_FN(int_conv_kernel));
   });
 }
 
 void set_fast_path(bool on) { fast_path_on.store(on); }
 
-int64_t remembered_count() { return conv_table().alive() + linear_table().alive(); }
+int64_t remembered_count() { return conv_table().alive() + linear_table().alive() + int_conv_table().alive(); }
 
 }  // namespace deepshift_cpu

@@ -63,11 +63,32 @@ struct PreparedLinear : std::enable_shared_from_this<PreparedLinear> {
                 const std::string& spec, const torch::Tensor& x);
 };
 
-// Registers the C++ kernels of deepshift::frozen_conv / frozen_linear / channel_affine / int_epilogue
-// for CPU (once per process); the Python callables take the op's arguments and are called for
+// An integer-only conv layer's prepared call (deepshift::int_conv, int32 accumulators): conv_int_fused
+// with the plan, the int32 bias in output units and the requantisation it was prepared for.
+struct PreparedIntConv : std::enable_shared_from_this<PreparedIntConv> {
+  std::vector<int64_t> ws;
+  std::vector<torch::Tensor> plan;
+  c10::optional<torch::Tensor> bias;
+  int64_t groups;
+  std::vector<int64_t> stride, pad, dil;
+  int64_t in_shift, in_lo, in_hi, lanes;
+  std::vector<int64_t> out_shape;
+
+  torch::Tensor run(const torch::Tensor& x, const c10::optional<torch::Tensor>& signs,
+                    const c10::optional<torch::Tensor>& lefts, const c10::optional<torch::Tensor>& ebias,
+                    const c10::optional<torch::Tensor>& rights, int64_t pre,
+                    const c10::optional<torch::Tensor>& residual, int64_t residual_shift, int64_t lo,
+                    int64_t hi) const;
+  void remember(const torch::Tensor& codes, const c10::optional<torch::Tensor>& bias_arg,
+                const std::string& spec, const torch::Tensor& x);
+};
+
+// Registers the C++ kernels of deepshift::frozen_conv / frozen_linear / channel_affine / int_epilogue /
+// int_conv for CPU (once per process); the Python callables take the op's arguments and are called for
 // whatever the C++ kernels do not take (not prepared, other dtypes, errors to raise).
 void register_kernels(pybind11::object conv_fallback, pybind11::object linear_fallback,
-                      pybind11::object affine_fallback, pybind11::object epilogue_fallback);
+                      pybind11::object affine_fallback, pybind11::object epilogue_fallback,
+                      pybind11::object int_conv_fallback);
 
 // Whether the op kernels run the forwards they find (false: every call goes to the Python kernel).
 void set_fast_path(bool on);
