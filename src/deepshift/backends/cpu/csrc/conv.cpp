@@ -432,6 +432,39 @@ torch::Tensor conv(const torch::Tensor& x, std::vector<int64_t> ws, const std::v
   return conv_run<uint64_t, int64_t, uint64_t, int64_t>(x, ws, plan, bias, groups, stride, pad, dil);
 }
 
+// The fused paths' geometry: x may be (N, C, W), (N, C, H, W) or (N, C, D, H, W) (the missing dims
+// are size 1); y gets x's rank.
+struct FusedGeometry {
+  Geom g;
+  int64_t N;
+  std::vector<int64_t> ys;  // the output's shape
+};
+
+FusedGeometry fused_geometry(const torch::Tensor& x, const std::vector<int64_t>& ws,
+                             const std::vector<torch::Tensor>& plan, const std::vector<int64_t>& stride,
+                             const std::vector<int64_t>& pad, const std::vector<int64_t>& dil, int64_t groups) {
+  std::vector<int64_t> xs(x.sizes().begin(), x.sizes().end());
+  const int64_t missing = 5 - x.dim();
+  xs.insert(xs.begin() + 2, missing, 1);
+  const int64_t NCB = plan[5].data_ptr<int64_t>()[1];
+  auto g = make_geom(xs, ws, stride, pad, dil, groups, NCB);
+  std::vector<int64_t> ys{xs[0], g.Cout, g.OD, g.OH, g.OW};
+  ys.erase(ys.begin() + 2, ys.begin() + 2 + missing);
+  return {g, xs[0], ys};
+}
+
+// An output run [dst, dst + count) of one image may span channels: f(offset in the run, length,
+// channel) once per channel segment (plane: one channel's outputs).
+template <typename Fn>
+void for_channel_segments(int64_t dst, int64_t count, int64_t plane, Fn f) {
+  int64_t c = dst / plane, at = dst - c * plane;  // index arithmetic
+  for (int64_t i = 0; i < count; ++c, at = 0) {
+    const int64_t k = std::min(count - i, plane - at);
+    f(i, k, c);
+    i += k;
+  }
+}
+
 // A frozen conv layer's whole forward on float input, in one call: the table is built straight from
 // x (rounding to fixed point on the way: build_table with QuantizeIn), the integer conv runs as `conv` does on int16
 // (lanes 16; every |q| <= 128, which the caller guarantees through act_bits) or int32 (lanes 32)
@@ -470,15 +503,10 @@ std::tuple<torch::Tensor, bool> conv_fused(const torch::Tensor& x, std::vector<i
       TORCH_CHECK(t.dtype() == x.dtype() && t.is_contiguous() && t.numel() == ws[0] && t.device().is_cpu(),
                   "affine scale / shift must be contiguous (Cout,) CPU tensors of x's dtype");
   }
-  std::vector<int64_t> xs(x.sizes().begin(), x.sizes().end());
-  const int64_t missing = 5 - x.dim();
-  xs.insert(xs.begin() + 2, missing, 1);
-  const int64_t NCB = plan[5].data_ptr<int64_t>()[1];
-  auto g = make_geom(xs, ws, stride, pad, dil, groups, NCB);
-  const int64_t N = xs[0];
-  std::vector<int64_t> ys{N, g.Cout, g.OD, g.OH, g.OW};
-  ys.erase(ys.begin() + 2, ys.begin() + 2 + missing);
-  auto y = torch::empty(ys, x.options());
+  const auto fg = fused_geometry(x, ws, plan, stride, pad, dil, groups);
+  const Geom& g = fg.g;
+  const int64_t N = fg.N;
+  auto y = torch::empty(fg.ys, x.options());
   const bool has_res = residual.has_value() && residual->defined();
   TORCH_CHECK(affine.has_value() || (!has_res && !relu), "residual / relu need the affine");
   if (has_res)
@@ -525,12 +553,8 @@ std::tuple<torch::Tensor, bool> conv_fused(const torch::Tensor& x, std::vector<i
       if (!sp) return;
       // The run may span channels: one epilogue per channel segment, in place, still in cache.
       const FO* r = rp ? rp + n * yimg_stride + dst : nullptr;
-      int64_t c = dst / plane, at = dst - c * plane;  // index arithmetic
-      for (int64_t i = 0; i < count; ++c, at = 0) {
-        const int64_t k = std::min(count - i, plane - at);
-        epilogue(out + i, k, c, r ? r + i : nullptr);
-        i += k;
-      }
+      for_channel_segments(dst, count, plane,
+                           [&](int64_t i, int64_t k, int64_t c) { epilogue(out + i, k, c, r ? r + i : nullptr); });
     };
     return conv_drive<U, uint32_t>(g, N, plan_view(plan), plan[0].numel(), bp, nullptr, build, finish);
   };
@@ -571,15 +595,10 @@ torch::Tensor conv_int_fused(const torch::Tensor& x, std::vector<int64_t> ws, co
     TORCH_CHECK(bias->dtype() == torch::kInt32 && bias->is_contiguous() && bias->numel() == ws[0], "bad bias");
     bp = reinterpret_cast<const uint32_t*>(bias->data_ptr<int32_t>());
   }
-  std::vector<int64_t> xs(x.sizes().begin(), x.sizes().end());
-  const int64_t missing = 5 - x.dim();
-  xs.insert(xs.begin() + 2, missing, 1);
-  const int64_t NCB = plan[5].data_ptr<int64_t>()[1];
-  auto g = make_geom(xs, ws, stride, pad, dil, groups, NCB);
-  const int64_t N = xs[0];
-  std::vector<int64_t> ys{N, g.Cout, g.OD, g.OH, g.OW};
-  ys.erase(ys.begin() + 2, ys.begin() + 2 + missing);
-  auto y = torch::empty(ys, x.options());
+  const auto fg = fused_geometry(x, ws, plan, stride, pad, dil, groups);
+  const Geom& g = fg.g;
+  const int64_t N = fg.N;
+  auto y = torch::empty(fg.ys, x.options());
   std::unique_ptr<IntEpilogue> ep;
   if (signs.has_value() && signs->defined()) {
     TORCH_CHECK(lefts.has_value() && rights.has_value(), "the epilogue needs signs, lefts and rights");
@@ -613,12 +632,9 @@ torch::Tensor conv_int_fused(const torch::Tensor& x, std::vector<int64_t> ws, co
       if (!ep) return;
       // The run may span channels: one epilogue per channel segment, in place, still in cache.
       const int64_t* r = rp ? rp + n * yimg_stride + dst : nullptr;
-      int64_t c = dst / plane, at = dst - c * plane;  // index arithmetic
-      for (int64_t i = 0; i < count; ++c, at = 0) {
-        const int64_t k = std::min(count - i, plane - at);
+      for_channel_segments(dst, count, plane, [&](int64_t i, int64_t k, int64_t c) {
         ep->apply(out + i, out + i, k, ep->C > 1 ? c : 0, r ? r + i : nullptr, avx);
-        i += k;
-      }
+      });
     };
     conv_drive<U, uint32_t>(g, N, plan_view(plan), plan[0].numel(), bp, nullptr, build, finish);
   };
