@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from deepshift.frozen.attention import ShiftMultiheadAttention
 from deepshift.frozen.float_layers import ExactGlobalAvgPool, FrozenBatchNorm
 from deepshift.frozen.freeze import frozen_copy
-from deepshift.frozen.integer import IntegerShiftLayer
+from deepshift.frozen.integer import is_deployed_shift_layer
 from deepshift.frozen.layers import _FrozenShift, is_frozen_layer
 from deepshift.models.transformer import SelfAttention
 from deepshift.ops.codes import decode_codes
@@ -132,11 +132,6 @@ class Report:
         return "\n".join(lines)
 
 
-def _is_shift_layer(module: nn.Module) -> bool:
-    """A frozen shift layer, or the integer form of one in an integer-only model."""
-    return is_frozen_layer(module) or isinstance(module, IntegerShiftLayer)
-
-
 def _shift_sign(module: _FrozenShift) -> tuple[Tensor, Tensor, dict[str, Any]]:
     """(shift, sign, info) of a frozen shift layer."""
     rel, sign = decode_codes(module.codes, module.weight_shape, module.weight_bits, module.has_zero)
@@ -210,8 +205,8 @@ def savings_report(
     attention: list[tuple[nn.Module, tuple[int, int, int]]] = []
     hooks = []
     for name, module in model.named_modules():
-        if _is_shift_layer(module) or isinstance(module, (nn.Linear, nn.modules.conv._ConvNd, *_BATCHNORM,
-                                                    *_AVG_POOL)):
+        counted = (nn.Linear, nn.modules.conv._ConvNd, *_BATCHNORM, *_AVG_POOL)
+        if is_deployed_shift_layer(module) or isinstance(module, counted):
             def hook(mod, args, out, name=name):
                 shapes[name] = (tuple(args[0].shape), tuple(out.shape))
             hooks.append(module.register_forward_hook(hook))
@@ -238,7 +233,7 @@ def savings_report(
         if name not in shapes:
             continue
         in_shape, out_shape = shapes[name]
-        if _is_shift_layer(module):
+        if is_deployed_shift_layer(module):
             shift, sign, info = _shift_sign(module)
             weight_shape = list(shift.shape)
             # Elements that each sum fan_in terms: every output of Linear and conv; every input

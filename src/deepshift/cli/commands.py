@@ -26,7 +26,7 @@ from deepshift.cli.parser import EXIT_USAGE, build_parser
 from deepshift.core.convert import convert_, shift_layers
 from deepshift.formats.packed import _MAX_HEADER, PackedFormatError, load_packed, save_packed
 from deepshift.frozen.freeze import frozen_copy
-from deepshift.frozen.integer import IntegerShiftLayer
+from deepshift.frozen.integer import is_deployed_shift_layer
 from deepshift.frozen.layers import ShiftConvNd, is_frozen_layer
 from deepshift.models import LANGUAGE_MODELS, input_shape
 
@@ -103,8 +103,7 @@ def _input_dtype(info: dict[str, Any]) -> torch.dtype:
 
 
 def _require_shift_layers(model: nn.Module, source) -> None:
-    if not shift_layers(model) and not any(is_frozen_layer(m) or isinstance(m, IntegerShiftLayer)
-                                           for m in model.modules()):
+    if not shift_layers(model) and not any(is_deployed_shift_layer(m) for m in model.modules()):
         raise DeployError(f"{source} has no shift layers (a float run): train with --method q or ps")
 
 

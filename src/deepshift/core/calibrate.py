@@ -609,16 +609,24 @@ def _calibrate_layer(module, cfg, float_layer, inputs, targets, norm, steps: _St
             y = base(x, weight, None if b is None else b * scale)
             return y / _per_channel(scale, y, dims)
 
+    # Without channel scales, the weight-placed window's plain rounding is `plain`, evaluated above.
+    def is_plain(rng) -> bool:
+        return scale is None and tuple(rng) == tuple(start_range)
+
     if cfg.auto_range:  # the window with the least output error, near the weight-placed one
         top = start_range[1]
         scored = []
         for p_max in (top, top - 1, top + 1):
             rng = cfg.range_below(p_max)
-            scored.append((_error(fn, inputs, _nearest(w, rng), bias, targets), p_max))
+            error = plain_error if is_plain(rng) else _error(fn, inputs, _nearest(w, rng), bias, targets)
+            scored.append((error, p_max))
         param.set_max_shift_(min(scored)[1])
     shift_range = param.shift_range
-    chosen = _nearest(w, shift_range)
-    outputs, chosen_error = _outputs(fn, inputs, chosen, bias, targets)
+    if is_plain(shift_range):
+        chosen, outputs, chosen_error = plain, plain_outputs, plain_error
+    else:
+        chosen = _nearest(w, shift_range)
+        outputs, chosen_error = _outputs(fn, inputs, chosen, bias, targets)
     if steps.adaptive and steps.iters > 0:
         candidate = _adaptive_round(fn, inputs, targets, w, bias, shift_range, isinstance(cfg, PSConfig),
                                     steps.iters, steps.generator)

@@ -45,7 +45,13 @@ from deepshift.core.replace import replace_modules
 from deepshift.files import atomic_path
 from deepshift.frozen.float_layers import FrozenBatchNorm
 from deepshift.frozen.freeze import frozen_copy
-from deepshift.frozen.integer import ChannelScale, IntegerShiftLayer, QuantizeInput, Requantize
+from deepshift.frozen.integer import (
+    MAX_POOL_FUNCTIONS,
+    ChannelScale,
+    IntegerShiftLayer,
+    QuantizeInput,
+    Requantize,
+)
 from deepshift.frozen.layers import ShiftConvNd, ShiftLinear, _FrozenShift, is_frozen_layer
 from deepshift.ops.codes import decode_codes, pack_codes, unpack_codes
 from deepshift.ops.reference import _im2col, channel_affine_reference, conv_pads
@@ -53,7 +59,7 @@ from deepshift.ops.reference import _im2col, channel_affine_reference, conv_pads
 MODES = ("fixed_point", "weights")
 
 
-def _code_table(layer: _FrozenShift) -> tuple[Tensor, Tensor]:
+def _code_table(layer: _FrozenShift | IntegerShiftLayer) -> tuple[Tensor, Tensor]:
     """The layer's codes, one uint8 per weight (weight's shape), and the float64 weight value of
     every possible code (``2**weight_bits`` entries): ``table[codes]`` is the weight."""
     numel = math.prod(layer.weight_shape)
@@ -276,13 +282,10 @@ class OnnxIntegerShift(nn.Module):
         if s.kind == "conv" and s.transposed:
             raise ValueError("ONNX export of integer-only models does not cover transposed convolutions")
         self.spec = s
-        numel = math.prod(s.weight_shape)
-        codes = unpack_codes(layer.codes, s.weight_bits, numel).reshape(tuple(s.weight_shape))
-        every = pack_codes(torch.arange(2**s.weight_bits, dtype=torch.uint8), s.weight_bits)
-        rel, sign = decode_codes(every, [2**s.weight_bits], s.weight_bits, s.has_zero)
+        codes, table = _code_table(layer)  # float64 powers of two: in output units 2**u, integers
         u = min(s.shift_lo, 0)
         self.register_buffer("codes", codes)
-        self.register_buffer("table", sign.to(torch.int64) * _pow2(rel.to(torch.int64) + (s.shift_lo - u)))
+        self.register_buffer("table", (table * 2.0**-u).to(torch.int64))
         self.register_buffer("bias", None if layer.bias_int is None else
                              layer.bias_int.to(torch.int64) * 2**-u)
 
@@ -351,9 +354,6 @@ def _max_pool_int(x: Tensor, kernel_size, stride=None, padding=0, dilation=1, ce
     return y
 
 
-_MAX_POOLS = {torch.max_pool1d, torch.max_pool2d, torch.max_pool3d, F.max_pool1d, F.max_pool2d, F.max_pool3d}
-
-
 class _OnnxMaxPool(nn.Module):
     def __init__(self, pool: nn.Module):
         super().__init__()
@@ -373,7 +373,7 @@ def integer_exportable(model: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """A copy of an integer-only model in standard operators on int64 (see the module docstring)."""
     model = copy.deepcopy(model)
     for node in model.graph.nodes:
-        if node.op == "call_function" and node.target in _MAX_POOLS:
+        if node.op == "call_function" and node.target in MAX_POOL_FUNCTIONS:
             node.target = _max_pool_int
     model.recompile()
 
@@ -434,14 +434,14 @@ def export_onnx(
     if example_input.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int64,
                                    torch.int32):
         raise TypeError(f"example_input must be a float tensor (or int64 tokens), got {example_input.dtype}")
-    if _is_integer_only(model):
+    if _is_integer_only(model):  # int64 inside; its input and logits keep the example's dtype
         if not example_input.is_floating_point():
             raise TypeError(f"an integer-only model takes a float input, got {example_input.dtype}")
         graph_model = integer_exportable(model)
     else:
         graph_model = exportable(model, mode)
-    if example_input.is_floating_point() and not _is_integer_only(model):
-        graph_model = graph_model.to(example_input.dtype)
+        if example_input.is_floating_point():
+            graph_model = graph_model.to(example_input.dtype)
     path = os.fspath(path)
     dynamic_axes = {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
     with atomic_path(path) as tmp_path:

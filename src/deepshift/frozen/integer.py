@@ -9,7 +9,8 @@ conversion, and every step is a shift, an add, a compare or a copy:
 
 * a shift layer's input is requantised to the layer's ``act_bits`` by a shift with
   round-to-nearest (ties to even, as ``torch.round``) and saturation, then the layer's integer op
-  (``deepshift::shift_linear`` / ``shift_conv``) runs as in the frozen model;
+  runs as in the frozen model (``deepshift::shift_linear``; a convolution, its requantisation and
+  the BatchNorm step after it as one op, ``deepshift::int_conv``);
 * a BatchNorm ``y = s_c * (x - m_c) + b_c`` becomes, per channel ``c``, a sum of ``scale_terms``
   signed powers of two ``s~_c = sum_k +-2**e_kc ~ s_c`` (a signed-digit approximation: each term a
   shift of ``x``) and the bias ``b_c - s~_c * m_c``, summed exactly and rounded once;
@@ -159,6 +160,11 @@ class IntegerShiftLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.spec.kind}, weight_shape={self.spec.weight_shape}, act_bits={self.spec.act_bits}"
+
+
+def is_deployed_shift_layer(module: nn.Module) -> bool:
+    """A frozen shift layer, or its integer form in an integer-only model (what reports count)."""
+    return is_frozen_layer(module) or isinstance(module, IntegerShiftLayer)
 
 
 class ChannelScale(nn.Module):
@@ -315,9 +321,10 @@ class _Value:
         self.node, self.frac, self.bound = node, frac, bound
 
 
+MAX_POOL_FUNCTIONS = {torch.max_pool1d, torch.max_pool2d, torch.max_pool3d, F.max_pool1d, F.max_pool2d,
+                      F.max_pool3d}
 _PASS_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute,
-                   torch.transpose, operator.getitem, torch.max_pool1d, torch.max_pool2d, torch.max_pool3d,
-                   F.max_pool1d, F.max_pool2d, F.max_pool3d, torch.nn.functional.dropout}
+                   torch.transpose, operator.getitem, *MAX_POOL_FUNCTIONS, torch.nn.functional.dropout}
 _PASS_METHODS = {"flatten", "view", "reshape", "squeeze", "unsqueeze", "permute", "transpose", "contiguous",
                  "__getitem__", "clone"}
 _PASS_MODULES = (nn.Flatten, nn.Identity, nn.Dropout, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Unflatten)
@@ -342,10 +349,11 @@ def integer_only(model: nn.Module, example_input: Tensor, scale_terms: int = DEF
     shift and add per value).
 
     The result is a ``torch.fx.GraphModule`` of integer steps (:class:`Requantize`,
-    :class:`IntegerShiftLayer`, :class:`ChannelScale`, ...) that takes the float input and returns
-    float logits; ``print(result.code)`` shows them. Its shift layers call the same ops as the
-    frozen model's (the native kernels); :func:`set_reference_` switches them to the pure-torch
-    reference, which gives the same integers.
+    :class:`IntegerShiftLayer`, :class:`ChannelScale`, :class:`IntegerConv` for the three around a
+    convolution, ...) that takes the float input and returns float logits; ``print(result.code)``
+    shows them. Its shift layers run the frozen model's integer ops (the native kernels);
+    :func:`set_reference_` switches every step to the pure-torch reference, which gives the same
+    integers.
 
     Raises ValueError naming every operation that has no integer form, or a model without
     frozen shift layers.
@@ -417,7 +425,7 @@ def integer_only(model: nn.Module, example_input: Tensor, scale_terms: int = DEF
             unsupported.append(f"{node.target} (a parameter or buffer read in forward)")
             env[node] = _Value(graph.call_function(_no_integer_form, ()), 0, 0)
             continue
-        mod = modules.get(node.target) if node.op == "call_module" else None
+        mod = _module_of(node, modules)
         result = _convert_node(node, mod, env, value, add, graph, work_frac, scale_terms)
         if result is None:
             unsupported.append(_describe(node, modules))
@@ -442,13 +450,19 @@ def integer_only(model: nn.Module, example_input: Tensor, scale_terms: int = DEF
     return result
 
 
+def _only_user(node: torch.fx.Node) -> torch.fx.Node | None:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _module_of(node, modules: dict[str, nn.Module]) -> nn.Module | None:
+    """The module a ``call_module`` node calls, else None."""
+    return modules.get(node.target) if isinstance(node, torch.fx.Node) and node.op == "call_module" else None
+
+
 def _fuse_epilogues(graph: torch.fx.Graph, modules: dict[str, nn.Module]) -> None:
     """Each BatchNorm step (:class:`ChannelScale`) takes over the residual add (where its output is
     the operand not shifted) and then the clamp that use its result alone: one pass over memory
     (``deepshift::int_epilogue``) instead of three."""
-    def only_user(node: torch.fx.Node) -> torch.fx.Node | None:
-        return next(iter(node.users)) if len(node.users) == 1 else None
-
     def replace(old: torch.fx.Node, last: torch.fx.Node, args: tuple) -> torch.fx.Node:
         with graph.inserting_before(last):
             new = graph.call_module(old.target, args)
@@ -458,11 +472,11 @@ def _fuse_epilogues(graph: torch.fx.Graph, modules: dict[str, nn.Module]) -> Non
         return new
 
     for node in list(graph.nodes):
-        step = modules.get(node.target) if node.op == "call_module" else None
+        step = _module_of(node, modules)
         if not isinstance(step, ChannelScale) or len(node.args) != 1:
             continue
-        user = only_user(node)
-        add = modules.get(user.target) if user is not None and user.op == "call_module" else None
+        user = _only_user(node)
+        add = _module_of(user, modules)
         if isinstance(add, AlignedAdd) and user.args[0] is not user.args[1]:
             mine, theirs = (add.shift_a, add.shift_b) if user.args[0] is node else (add.shift_b, add.shift_a)
             if mine == 0:
@@ -470,8 +484,8 @@ def _fuse_epilogues(graph: torch.fx.Graph, modules: dict[str, nn.Module]) -> Non
                 step.residual_shift = theirs
                 node = replace(node, user, (node.args[0], other))
                 modules.pop(user.target)
-        user = only_user(node)
-        clamp = modules.get(user.target) if user is not None and user.op == "call_module" else None
+        user = _only_user(node)
+        clamp = _module_of(user, modules)
         if isinstance(clamp, Clamp):
             step.lo, step.hi = clamp.lo, clamp.hi
             node = replace(node, user, tuple(node.args))
@@ -482,16 +496,15 @@ def _fuse_convs(graph: torch.fx.Graph, modules: dict[str, nn.Module]) -> None:
     """Each conv's requantisation, integer layer and BatchNorm step (with what that took over) become
     one :class:`IntegerConv` where each feeds the next alone."""
     for node in list(graph.nodes):
-        layer = modules.get(node.target) if node.op == "call_module" else None
+        layer = _module_of(node, modules)
         if not isinstance(layer, IntegerShiftLayer) or layer.spec.kind != "conv" or len(node.args) != 1:
             continue
         prev = node.args[0]
-        is_module = isinstance(prev, torch.fx.Node) and prev.op == "call_module"
-        requant = modules.get(prev.target) if is_module else None
+        requant = _module_of(prev, modules)
         if not isinstance(requant, Requantize) or len(prev.users) != 1:
             continue
-        user = next(iter(node.users)) if len(node.users) == 1 else None
-        scale = modules.get(user.target) if user is not None and user.op == "call_module" else None
+        user = _only_user(node)
+        scale = _module_of(user, modules)
         if not isinstance(scale, ChannelScale) or user.args[0] is not node:
             user, scale = None, None
         last = user if user is not None else node

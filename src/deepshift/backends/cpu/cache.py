@@ -93,7 +93,7 @@ def fused_forward(x: Tensor, codes: Tensor, bias: Tensor | None, key: str, prepa
     """A frozen layer's prepared native forward for inputs like ``x`` (``prepare()``'s result, None
     where the fused path does not apply or is switched off), kept while the codes and bias tensors
     are unchanged, so a call costs little more than the kernel itself (what matters at batch 1)."""
-    if not _fused_on[0]:
+    if not fused_enabled():
         return None
     try:
         versions = (codes._version, None if bias is None else bias._version)
@@ -115,6 +115,11 @@ def fused_forward(x: Tensor, codes: Tensor, bias: Tensor | None, key: str, prepa
             _fused[k] = (codes_ref, versions, None if bias is None else weakref.ref(bias), value)
         value.remember(codes, bias, key, x)
     return value
+
+
+def fused_enabled() -> bool:
+    """Whether the fused native forwards are on (``build.set_fused``)."""
+    return _fused_on[0]
 
 
 def set_fused(enabled: bool) -> None:

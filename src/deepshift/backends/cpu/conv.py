@@ -66,7 +66,6 @@ from torch import Tensor
 from deepshift.backends.cpu import cache
 from deepshift.backends.cpu.build import load_extension
 from deepshift.backends.cpu.cache import _cached, fused_forward, parsed_spec
-from deepshift.backends.cpu.elementwise import _INT64_MAX, _INT64_MIN, int_epilogue_args_ok
 from deepshift.ops import reference as ref
 
 _FLOAT_DTYPES = (torch.float32, torch.float64)
@@ -355,6 +354,23 @@ def frozen_conv_cpu(x: Tensor, codes: Tensor, bias: Tensor | None, spec: str, bn
     return ref.frozen_conv_reference(x, codes, bias, spec, bn_scale, bn_shift, residual, relu)
 
 
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _int_epilogue_args_ok(shape, signs: Tensor, lefts: Tensor, bias: Tensor | None, rights: Tensor, pre: int,
+                          residual: Tensor | None, residual_shift: int) -> bool:
+    """Whether the native integer epilogue takes these parameters for an int64 output of ``shape``
+    (as the C++ kernel of ``deepshift::int_epilogue`` decides, ``csrc/frozen.cpp``)."""
+    int64 = torch.int64
+    return (signs.dtype == lefts.dtype == rights.dtype == int64 and signs.dim() == 2
+            and lefts.shape == signs.shape and rights.numel() == signs.shape[1]
+            and (bias is None or (bias.dtype == int64 and bias.numel() == signs.shape[1]))
+            and (residual is None or (residual.dtype == int64 and residual.shape == tuple(shape)))
+            and (signs.shape[1] == 1 or (len(shape) >= 2 and shape[1] == signs.shape[1]))
+            and 0 <= pre < 63 and 0 <= residual_shift < 63
+            and all(t.device.type == "cpu" for t in (signs, lefts, rights)))
+
+
 def _prepare_int_conv(ext, x: Tensor, codes: Tensor, bias: Tensor | None, s, in_shift: int, in_lo: int,
                       in_hi: int):
     """The extension's ``PreparedIntConv`` for int64 inputs shaped like ``x`` (``deepshift::int_conv``'s
@@ -408,13 +424,11 @@ def int_conv_cpu(x: Tensor, codes: Tensor, bias: Tensor | None, spec: str, in_sh
         if prepared is not None and (prepared.in_shift, prepared.in_lo, prepared.in_hi) != requant:
             prepared = prepare()  # the same layer requantised otherwise: not cached
     else:  # the lanes depend on this input
-        prepared = prepare() if cache._fused_on[0] else None
-    out_shape = ref.frozen_conv_output_shape(s, x.shape)
-    epilogue_ok = (residual is None if signs is None else (
-        lefts is not None and rights is not None
-        and int_epilogue_args_ok(out_shape, signs, lefts, ebias, rights, pre, residual, residual_shift)))
-    if prepared is None or not epilogue_ok:
-        return ref.int_conv_reference(x, codes, bias, spec, in_shift, in_lo, in_hi, signs, lefts, ebias,
-                                      rights, pre, residual, residual_shift, lo, hi)
-    return prepared.run(x, signs, lefts, ebias, rights, pre, residual, residual_shift,
-                        _INT64_MIN if lo is None else lo, _INT64_MAX if hi is None else hi)
+        prepared = prepare() if cache.fused_enabled() else None
+    if prepared is not None and (residual is None if signs is None else (
+            lefts is not None and rights is not None and _int_epilogue_args_ok(
+                prepared.out_shape, signs, lefts, ebias, rights, pre, residual, residual_shift))):
+        return prepared.run(x, signs, lefts, ebias, rights, pre, residual, residual_shift,
+                            _INT64_MIN if lo is None else lo, _INT64_MAX if hi is None else hi)
+    return ref.int_conv_reference(x, codes, bias, spec, in_shift, in_lo, in_hi, signs, lefts, ebias, rights,
+                                  pre, residual, residual_shift, lo, hi)

@@ -1,8 +1,9 @@
-"""CPU kernels of the element-wise ops: weight rounding, fixed-point rounding, output scaling, affine.
+"""CPU kernels of the element-wise ops: weight rounding, fixed-point rounding, output scaling.
 
 Each is one native pass where torch's path takes several, with the reference's bits; each takes the
 op's arguments and hands any call it does not cover (another dtype, no native kernels) to the
-op's reference implementation.
+op's reference implementation. (``channel_affine`` and ``int_epilogue`` have C++ op kernels:
+``csrc/frozen.cpp``.)
 """
 
 from __future__ import annotations
@@ -80,44 +81,3 @@ def scale_output_cpu(y: Tensor, exponent: int, dtype: torch.dtype) -> Tensor:
         return ref.scale_output_reference(y, exponent, dtype)
     return ext.scale(y, exponent, dtype == torch.float64)
 
-
-def channel_affine_cpu(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    """``deepshift::channel_affine`` in one pass over memory (a multiply, then an add, each rounded).
-    ``scale`` and ``shift`` of another length raise torch's RuntimeError, as in the reference."""
-    ok = (x.dtype in _FLOAT_DTYPES and x.dim() >= 2 and scale.dtype == x.dtype and shift.dtype == x.dtype
-          and scale.device.type == "cpu" and shift.device.type == "cpu")
-    ext = load_extension() if ok else None
-    if ext is None:
-        return ref.channel_affine_reference(x, scale, shift)
-    return ext.channel_affine(x.contiguous(), scale.contiguous(), shift.contiguous())
-
-
-_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
-
-
-def int_epilogue_args_ok(shape, signs: Tensor, lefts: Tensor, bias: Tensor | None, rights: Tensor, pre: int,
-                         residual: Tensor | None, residual_shift: int) -> bool:
-    """Whether the native int_epilogue pass takes these parameters for an int64 input of ``shape``."""
-    int64 = torch.int64
-    return (signs.dtype == lefts.dtype == rights.dtype == int64 and signs.dim() == 2
-            and lefts.shape == signs.shape and rights.numel() == signs.shape[1]
-            and (bias is None or (bias.dtype == int64 and bias.numel() == signs.shape[1]))
-            and (residual is None or (residual.dtype == int64 and residual.shape == tuple(shape)))
-            and (signs.shape[1] == 1 or (len(shape) >= 2 and shape[1] == signs.shape[1]))
-            and 0 <= pre < 63 and 0 <= residual_shift < 63
-            and all(t.device.type == "cpu" for t in (signs, lefts, rights)))
-
-
-def int_epilogue_cpu(x: Tensor, signs: Tensor, lefts: Tensor, bias: Tensor | None, rights: Tensor, pre: int,
-                     residual: Tensor | None, residual_shift: int, lo: int | None, hi: int | None) -> Tensor:
-    """``deepshift::int_epilogue`` in one pass over memory (the reference takes about a dozen)."""
-    ok = (x.dtype == torch.int64 and x.device.type == "cpu"
-          and int_epilogue_args_ok(x.shape, signs, lefts, bias, rights, pre, residual, residual_shift))
-    ext = load_extension() if ok else None
-    if ext is None:
-        return ref.int_epilogue_reference(x, signs, lefts, bias, rights, pre, residual, residual_shift,
-                                          lo, hi)
-    return ext.int_epilogue(x.contiguous(), signs.contiguous(), lefts.contiguous(),
-                            None if bias is None else bias.contiguous(), rights.contiguous(), pre,
-                            None if residual is None else residual.contiguous(), residual_shift,
-                            _INT64_MIN if lo is None else lo, _INT64_MAX if hi is None else hi)

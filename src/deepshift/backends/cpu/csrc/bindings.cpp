@@ -71,6 +71,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readonly("in_shift", &PreparedIntConv::in_shift)
       .def_readonly("in_lo", &PreparedIntConv::in_lo)
       .def_readonly("in_hi", &PreparedIntConv::in_hi)
+      .def_readonly("out_shape", &PreparedIntConv::out_shape)
       .def("run", &PreparedIntConv::run)
       .def("remember", &PreparedIntConv::remember);
   m.def("register_kernels", &deepshift_cpu::register_kernels);

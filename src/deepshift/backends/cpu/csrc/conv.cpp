@@ -453,6 +453,18 @@ FusedGeometry fused_geometry(const torch::Tensor& x, const std::vector<int64_t>&
   return {g, xs[0], ys};
 }
 
+// The fused paths' checks of the table's lanes against the input's range [lo, hi] and of the int32
+// bias (Cout,), in output units; returns the bias's data, or null.
+const uint32_t* fused_table_checks(int64_t lanes, int64_t lo, int64_t hi, const c10::optional<torch::Tensor>& bias,
+                                   int64_t cout) {
+  TORCH_CHECK(lanes == 16 || lanes == 32, "lanes must be 16 or 32");
+  TORCH_CHECK(lo <= hi && lo >= INT32_MIN && hi <= INT32_MAX, "bad fixed-point range");
+  TORCH_CHECK(lanes == 32 || (lo >= -128 && hi <= 128), "the int16 table needs |q| <= 128");
+  if (!bias.has_value() || !bias->defined()) return nullptr;
+  TORCH_CHECK(bias->dtype() == torch::kInt32 && bias->is_contiguous() && bias->numel() == cout, "bad bias");
+  return reinterpret_cast<const uint32_t*>(bias->data_ptr<int32_t>());
+}
+
 // An output run [dst, dst + count) of one image may span channels: f(offset in the run, length,
 // channel) once per channel segment (plane: one channel's outputs).
 template <typename Fn>
@@ -488,14 +500,7 @@ std::tuple<torch::Tensor, bool> conv_fused(const torch::Tensor& x, std::vector<i
   TORCH_CHECK(x.dim() >= 3 && x.dim() <= 5 && x.is_contiguous() && ws.size() == 5 && plan.size() == 6,
               "bad x / plan");
   TORCH_CHECK(x.dtype() == torch::kFloat32 || x.dtype() == torch::kFloat64, "x must be float32/float64");
-  TORCH_CHECK(lanes == 16 || lanes == 32, "lanes must be 16 or 32");
-  TORCH_CHECK(lo <= hi && lo >= INT32_MIN && hi <= INT32_MAX, "bad fixed-point range");
-  TORCH_CHECK(lanes == 32 || (lo >= -128 && hi <= 128), "the int16 table needs |q| <= 128");
-  const uint32_t* bp = nullptr;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->dtype() == torch::kInt32 && bias->is_contiguous() && bias->numel() == ws[0], "bad bias");
-    bp = reinterpret_cast<const uint32_t*>(bias->data_ptr<int32_t>());
-  }
+  const uint32_t* bp = fused_table_checks(lanes, lo, hi, bias, ws[0]);
   if (affine.has_value()) {
     const auto& a = *affine;
     TORCH_CHECK(a.size() == 2, "affine must be (scale, shift)");
@@ -587,14 +592,7 @@ torch::Tensor conv_int_fused(const torch::Tensor& x, std::vector<int64_t> ws, co
   TORCH_CHECK(x.dim() >= 3 && x.dim() <= 5 && x.is_contiguous() && x.dtype() == torch::kInt64 && ws.size() == 5 &&
                   plan.size() == 6,
               "bad x / plan");
-  TORCH_CHECK(lanes == 16 || lanes == 32, "lanes must be 16 or 32");
-  TORCH_CHECK(in_lo <= in_hi && in_lo >= INT32_MIN && in_hi <= INT32_MAX, "bad input range");
-  TORCH_CHECK(lanes == 32 || (in_lo >= -128 && in_hi <= 128), "the int16 table needs |q| <= 128");
-  const uint32_t* bp = nullptr;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->dtype() == torch::kInt32 && bias->is_contiguous() && bias->numel() == ws[0], "bad bias");
-    bp = reinterpret_cast<const uint32_t*>(bias->data_ptr<int32_t>());
-  }
+  const uint32_t* bp = fused_table_checks(lanes, in_lo, in_hi, bias, ws[0]);
   const auto fg = fused_geometry(x, ws, plan, stride, pad, dil, groups);
   const Geom& g = fg.g;
   const int64_t N = fg.N;

@@ -163,8 +163,9 @@ Table<PreparedLinear>& linear_table() {
   return *t;
 }
 
-// The Python kernels (conv.py's frozen_conv_cpu, linear.py's frozen_linear_cpu); leaked on purpose,
-// as the interpreter may be gone when static destructors run.
+// What the C++ kernels hand the calls they do not take to (register.py's NATIVE_KERNELS: the Python
+// kernels of the frozen and integer conv ops, the references of the element-wise ones); leaked on
+// purpose, as the interpreter may be gone when static destructors run.
 py::object* conv_fallback = nullptr;
 py::object* linear_fallback = nullptr;
 py::object* affine_fallback = nullptr;
@@ -238,7 +239,22 @@ torch::Tensor channel_affine_kernel(const torch::Tensor& x, const torch::Tensor&
       scale.scalar_type() == dtype && shift.scalar_type() == dtype && scale.device().is_cpu() &&
       shift.device().is_cpu() && scale.numel() == x.size(1) && shift.numel() == x.size(1))
     return channel_affine(x.contiguous(), scale.contiguous(), shift.contiguous());
-  return call_python(affine_fallback, x, scale, shift);  // the reference: its errors, other dtypes
+  return call_python(affine_fallback, x, scale, shift);  // the reference: other dtypes, its errors
+}
+
+// Whether the native int_epilogue pass takes these arguments for an int64 tensor of shape out_shape
+// (_int_epilogue_args_ok in conv.py); anything else goes to the reference.
+bool int_epilogue_args_ok(c10::IntArrayRef out_shape, const torch::Tensor& signs, const torch::Tensor& lefts,
+                          const c10::optional<torch::Tensor>& bias, const torch::Tensor& rights, int64_t pre,
+                          const c10::optional<torch::Tensor>& residual, int64_t residual_shift) {
+  const auto i64 = torch::kInt64;
+  return signs.scalar_type() == i64 && lefts.scalar_type() == i64 && rights.scalar_type() == i64 &&
+         signs.dim() == 2 && lefts.sizes() == signs.sizes() && rights.numel() == signs.size(1) &&
+         (!has(bias) || (bias->scalar_type() == i64 && bias->numel() == signs.size(1))) &&
+         (!has(residual) || (residual->scalar_type() == i64 && residual->sizes() == out_shape)) &&
+         (signs.size(1) == 1 || (out_shape.size() >= 2 && out_shape[1] == signs.size(1))) && pre >= 0 && pre < 63 &&
+         residual_shift >= 0 && residual_shift < 63 && signs.device().is_cpu() && lefts.device().is_cpu() &&
+         rights.device().is_cpu();
 }
 
 // The integer-only models' BatchNorm / requantisation step (two or three per shift layer).
@@ -246,36 +262,14 @@ torch::Tensor int_epilogue_kernel(const torch::Tensor& x, const torch::Tensor& s
                                   const c10::optional<torch::Tensor>& bias, const torch::Tensor& rights, int64_t pre,
                                   const c10::optional<torch::Tensor>& residual, int64_t residual_shift,
                                   c10::optional<int64_t> lo, c10::optional<int64_t> hi) {
-  const auto i64 = torch::kInt64;
-  const bool ok = !native_off() && x.scalar_type() == i64 && signs.scalar_type() == i64 &&
-                  lefts.scalar_type() == i64 && rights.scalar_type() == i64 && signs.dim() == 2 &&
-                  lefts.sizes() == signs.sizes() && rights.numel() == signs.size(1) &&
-                  (!has(bias) || (bias->scalar_type() == i64 && bias->numel() == signs.size(1))) &&
-                  (!has(residual) || (residual->scalar_type() == i64 && residual->sizes() == x.sizes())) &&
-                  (signs.size(1) == 1 || (x.dim() >= 2 && x.size(1) == signs.size(1))) && pre >= 0 && pre < 63 &&
-                  residual_shift >= 0 && residual_shift < 63 && signs.device().is_cpu() && lefts.device().is_cpu() &&
-                  rights.device().is_cpu();
-  if (!ok) return call_python(epilogue_fallback, x, signs, lefts, bias, rights, pre, residual, residual_shift, lo, hi);
+  if (native_off() || x.scalar_type() != torch::kInt64 ||
+      !int_epilogue_args_ok(x.sizes(), signs, lefts, bias, rights, pre, residual, residual_shift))
+    return call_python(epilogue_fallback, x, signs, lefts, bias, rights, pre, residual, residual_shift, lo, hi);
   c10::optional<torch::Tensor> b, r;
   if (has(bias)) b = bias->contiguous();
   if (has(residual)) r = residual->contiguous();
   return int_epilogue(x.contiguous(), signs.contiguous(), lefts.contiguous(), b, rights.contiguous(), pre, r,
                       residual_shift, lo.value_or(INT64_MIN), hi.value_or(INT64_MAX));
-}
-
-// Whether int_conv's epilogue arguments are what the native pass takes for an output of out_shape
-// (int_epilogue_args_ok in elementwise.py); anything else goes to the Python kernel.
-bool int_epilogue_args_ok(const std::vector<int64_t>& out_shape, const torch::Tensor& signs, const torch::Tensor& lefts,
-                          const c10::optional<torch::Tensor>& bias, const torch::Tensor& rights, int64_t pre,
-                          const c10::optional<torch::Tensor>& residual, int64_t residual_shift) {
-  const auto i64 = torch::kInt64;
-  return signs.scalar_type() == i64 && lefts.scalar_type() == i64 && rights.scalar_type() == i64 &&
-         signs.dim() == 2 && lefts.sizes() == signs.sizes() && rights.numel() == signs.size(1) &&
-         (!has(bias) || (bias->scalar_type() == i64 && bias->numel() == signs.size(1))) &&
-         (!has(residual) || (residual->scalar_type() == i64 && residual->sizes() == c10::IntArrayRef(out_shape))) &&
-         (signs.size(1) == 1 || (out_shape.size() >= 2 && out_shape[1] == signs.size(1))) && pre >= 0 && pre < 63 &&
-         residual_shift >= 0 && residual_shift < 63 && signs.device().is_cpu() && lefts.device().is_cpu() &&
-         rights.device().is_cpu();
 }
 
 torch::Tensor int_conv_kernel(const torch::Tensor& x, const torch::Tensor& codes, const c10::optional<torch::Tensor>& bias,
@@ -318,15 +312,15 @@ void PreparedLinear::remember(const torch::Tensor& codes, const c10::optional<to
   linear_table().put(shared_from_this(), codes, bias_arg, spec, x);
 }
 
-void register_kernels(py::object conv_fb, py::object linear_fb, py::object affine_fb, py::object epilogue_fb,
-                      py::object int_conv_fb) {
+void register_kernels(py::dict fallbacks) {
   static std::once_flag once;
   std::call_once(once, [&] {
-    conv_fallback = new py::object(std::move(conv_fb));
-    linear_fallback = new py::object(std::move(linear_fb));
-    affine_fallback = new py::object(std::move(affine_fb));
-    epilogue_fallback = new py::object(std::move(epilogue_fb));
-    int_conv_fallback = new py::object(std::move(int_conv_fb));
+    auto fallback = [&](const char* op) { return new py::object(fallbacks[op]); };  // KeyError if absent
+    conv_fallback = fallback("frozen_conv");
+    linear_fallback = fallback("frozen_linear");
+    affine_fallback = fallback("channel_affine");
+    epilogue_fallback = fallback("int_epilogue");
+    int_conv_fallback = fallback("int_conv");
     // Never destroyed: the registrations last as long as the process (the ops are defined in Python
     // at import, this library is loaded once).
     auto* lib = new torch::Library(torch::Library::IMPL, "deepshift", c10::DispatchKey::CPU, __FILE__, __LINE__);

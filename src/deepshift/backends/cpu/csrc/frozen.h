@@ -84,11 +84,10 @@ struct PreparedIntConv : std::enable_shared_from_this<PreparedIntConv> {
 };
 
 // Registers the C++ kernels of deepshift::frozen_conv / frozen_linear / channel_affine / int_epilogue /
-// int_conv for CPU (once per process); the Python callables take the op's arguments and are called for
-// whatever the C++ kernels do not take (not prepared, other dtypes, errors to raise).
-void register_kernels(pybind11::object conv_fallback, pybind11::object linear_fallback,
-                      pybind11::object affine_fallback, pybind11::object epilogue_fallback,
-                      pybind11::object int_conv_fallback);
+// int_conv for CPU (once per process); ``fallbacks`` maps each op's name to the Python callable
+// (taking the op's arguments) that gets whatever its C++ kernel does not take (not prepared, other
+// dtypes, errors to raise).
+void register_kernels(pybind11::dict fallbacks);
 
 // Whether the op kernels run the forwards they find (false: every call goes to the Python kernel).
 void set_fast_path(bool on);

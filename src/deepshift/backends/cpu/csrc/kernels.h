@@ -588,26 +588,34 @@ inline int64_t round_shift_one(int64_t v, int64_t a) {
   return static_cast<int64_t>(static_cast<uint64_t>(v) + ((uint64_t(1) << (a - 1)) - 1) + uint64_t(odd)) >> a;
 }
 
+// Four int64 values per step (GCC vector extensions: AVX2 in that build) for the loops below, with
+// round_shift_one's arithmetic: wrapping sums on the unsigned view, arithmetic shifts on the signed.
+typedef int64_t I64x4 __attribute__((vector_size(32), aligned(8), may_alias));
+typedef uint64_t U64x4 __attribute__((vector_size(32), aligned(8), may_alias));
+
+// round_shift_one(v, a) for a > 0, half = 2**(a-1) - 1.
+inline I64x4 round_shift4(U64x4 v, int64_t a, uint64_t half) {
+  const U64x4 odd = reinterpret_cast<U64x4>((reinterpret_cast<I64x4>(v) >> a) & 1);
+  return reinterpret_cast<I64x4>(v + half + odd) >> a;
+}
+
+inline I64x4 clamp4(I64x4 t, I64x4 lo, I64x4 hi) {
+  t = t < lo ? lo : t;
+  return t > hi ? hi : t;
+}
+
 // build_table's converter for the integer-only models' int64 input: requantised on the way,
 // clamp(round_shift(x, shift), lo, hi) (deepshift::int_epilogue with one term), as the table's lanes.
 template <typename U>
 struct RequantIn {
   int64_t shift, lo, hi;
   bool run(const int64_t* src, U* dst, int64_t n) const {
-    // Four values per step where the shift is to the right (GCC vector extensions: AVX2 in that
-    // build); the same arithmetic as round_shift_one, wrapping additions done unsigned.
-    typedef int64_t V __attribute__((vector_size(32), aligned(8), may_alias));
-    typedef uint64_t UV __attribute__((vector_size(32), aligned(8), may_alias));
     int64_t i = 0;
-    if (shift > 0) {
+    if (shift > 0) {  // four values per step
       const uint64_t half = (uint64_t(1) << (shift - 1)) - 1;
-      const V lov = {lo, lo, lo, lo}, hiv = {hi, hi, hi, hi};
+      const I64x4 lov = {lo, lo, lo, lo}, hiv = {hi, hi, hi, hi};
       for (; i + 4 <= n; i += 4) {
-        const V v = *reinterpret_cast<const V*>(src + i);
-        const UV odd = reinterpret_cast<UV>((v >> shift) & 1);
-        V t = reinterpret_cast<V>(reinterpret_cast<UV>(v) + half + odd) >> shift;
-        t = t < lov ? lov : t;
-        t = t > hiv ? hiv : t;
+        const I64x4 t = clamp4(round_shift4(*reinterpret_cast<const U64x4*>(src + i), shift, half), lov, hiv);
         for (int j = 0; j < 4; ++j) dst[i + j] = static_cast<U>(t[j]);
       }
     }
@@ -625,28 +633,20 @@ void int_epilogue_run(const int64_t* x, int64_t* y, int64_t n, int k_dyn, const 
                       int64_t hi) {
   const int kk = K > 0 ? K : k_dyn;
   int64_t i = 0;
-  // Four values per step (GCC vector extensions: AVX2 in that build), the loop below's arithmetic:
-  // unsigned (wrapping) sums and shifts, arithmetic right shifts on the signed view.
-  typedef int64_t V __attribute__((vector_size(32), aligned(8), may_alias));
-  typedef uint64_t UV __attribute__((vector_size(32), aligned(8), may_alias));
-  if (right > 0 && (pre == 0)) {
+  if (right > 0 && pre == 0) {  // four values per step
     const uint64_t half = (uint64_t(1) << (right - 1)) - 1;
-    const V lov = {lo, lo, lo, lo}, hiv = {hi, hi, hi, hi};
+    const I64x4 lov = {lo, lo, lo, lo}, hiv = {hi, hi, hi, hi};
     for (; i + 4 <= n; i += 4) {
-      const UV v = *reinterpret_cast<const UV*>(x + i);
-      UV sum = UV{} + static_cast<uint64_t>(bias);
+      const U64x4 v = *reinterpret_cast<const U64x4*>(x + i);
+      U64x4 sum = U64x4{} + static_cast<uint64_t>(bias);
       for (int k = 0; k < kk; ++k) {
-        const UV t = v << left[k];
+        const U64x4 t = v << left[k];
         const uint64_t m = static_cast<uint64_t>(neg[k]);
         sum += (t ^ m) - m;
       }
-      const V ss = reinterpret_cast<V>(sum);
-      const UV odd = reinterpret_cast<UV>((ss >> right) & 1);
-      V t = reinterpret_cast<V>(sum + half + odd) >> right;
-      if (r) t = reinterpret_cast<V>(reinterpret_cast<UV>(t) + (*reinterpret_cast<const UV*>(r + i) << rs));
-      t = t < lov ? lov : t;
-      t = t > hiv ? hiv : t;
-      *reinterpret_cast<V*>(y + i) = t;
+      I64x4 t = round_shift4(sum, right, half);
+      if (r) t = reinterpret_cast<I64x4>(reinterpret_cast<U64x4>(t) + (*reinterpret_cast<const U64x4*>(r + i) << rs));
+      *reinterpret_cast<I64x4*>(y + i) = clamp4(t, lov, hiv);
     }
   }
   for (; i < n; ++i) {
