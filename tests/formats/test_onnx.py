@@ -7,9 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import LAYER_NAMES, make_layer
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import deepshift
+from deepshift.formats.onnx import _F32_EXACT, MAX_PLANE_CALLS, OnnxShiftLayer, _plane_plan, exportable
 from deepshift.models import build_model
 
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime is an optional extra (deepshift[onnx])")
@@ -70,7 +73,7 @@ def test_weights_only_mode_is_the_float_simulation(tmp_path):
         for _, layer, _ in deepshift.shift_layers(simulated):
             layer.bias.copy_(torch.round(layer.bias * 2**frac) / 2**frac)
     torch.testing.assert_close(run_onnx(path, x), simulated(x).detach(), rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="fixed_point, weights"):
+    with pytest.raises(ValueError, match="fixed_point, fixed_point_float64, weights"):
         deepshift.export_onnx(model, x[:1], tmp_path / "bad.onnx", mode="int")
 
 
@@ -81,6 +84,95 @@ def test_every_layer_type_exports(tmp_path, name):
     frozen = deepshift.freeze_(layer.eval())
     path = deepshift.export_onnx(frozen, x[:1], tmp_path / "l.onnx")
     torch.testing.assert_close(run_onnx(path, x), frozen(x), rtol=0, atol=1e-5)
+
+
+EXACT_LAYERS = [n for n in LAYER_NAMES if not n.startswith("convT")]  # ConvTranspose: float32 by design
+
+
+@pytest.mark.parametrize("name", EXACT_LAYERS)
+@pytest.mark.parametrize("cfg", [deepshift.QConfig(weight_bits=5, act_bits=(8, 8)),
+                                 deepshift.PSConfig(weight_bits=3, act_bits=(4, 4)),
+                                 deepshift.QConfig(weight_bits=2, act_bits=(2, 6))], ids=["q5", "ps3", "q2"])
+def test_both_exact_modes_give_the_frozen_layer_bit_for_bit(tmp_path, name, cfg):
+    """The default mode's float32 calls (byte planes x weight groups) and the float64 form compute
+    the frozen layer exactly under onnxruntime, inputs that saturate the fixed point included."""
+    layer, x = make_layer(name)
+    frozen = deepshift.freeze_(deepshift.convert_(layer, cfg).eval())
+    x = torch.cat([x, 40 * x, x / 50])  # saturating, ordinary and tiny inputs
+    expected = frozen(x)
+    for mode in ("fixed_point", "fixed_point_float64"):
+        path = deepshift.export_onnx(frozen, x[:1], tmp_path / f"{mode}.onnx", mode=mode)
+        assert torch.equal(run_onnx(path, x), expected), mode
+        kinds = {n.op_type for n in onnx.load(str(path)).graph.node}
+        stand_in = next(m for m in exportable(frozen, mode).modules() if isinstance(m, OnnxShiftLayer))
+        if mode == "fixed_point":
+            assert stand_in.group_shifts, "these layers fit the float32 calls"
+            assert "Conv" in kinds or name.startswith("linear")
+        else:
+            assert not stand_in.group_shifts and "Conv" not in kinds
+
+
+def test_resnet20_exports_exactly_in_both_modes(tmp_path):
+    """A whole frozen network (5-bit weights, the default (8, 8) activations: several weight groups
+    per layer) under onnxruntime: the frozen model's logits bit for bit in both exact modes."""
+    model = build_model("resnet20")
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_var.uniform_(0.5, 2.0)
+    frozen = deepshift.freeze_(deepshift.convert_(model, deepshift.QConfig(weight_bits=5)).eval())
+    x = digits_images(32, 3, 16)
+    for mode in ("fixed_point", "fixed_point_float64"):
+        path = deepshift.export_onnx(frozen, x[:1], tmp_path / f"{mode}.onnx", mode=mode)
+        assert torch.equal(run_onnx(path, x), frozen(x)), mode
+    plans = [len(m.group_shifts) for m in exportable(frozen).modules() if isinstance(m, OnnxShiftLayer)]
+    assert all(plans) and max(plans) > 1  # every layer as float32 calls, some in several groups
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 300), st.integers(1, 4), st.integers(0, 6), st.integers(1, 9), st.integers(0, 9),
+       st.integers(0, 2**31 - 1))
+def test_plane_plan_keeps_every_sum_exact(fan_in, outputs, low_exp, span, frac, seed):
+    """For random power-of-two weights and activation widths, every group of the plan keeps its
+    largest possible sum within float32's exact integers, the groups cover each exponent once, and
+    the worst-case input (every q at its extreme, signed like the weights) gives the float64 sum."""
+    gen = torch.Generator().manual_seed(seed)
+    exps = torch.randint(low_exp, low_exp + span, (outputs, fan_in), generator=gen)
+    signs = torch.randint(0, 3, (outputs, fan_in), generator=gen) - 1  # zeros too
+    weight = signs * torch.exp2(exps.double() - 20)
+    act = (max(1, 16 - frac), frac)
+    plan = _plane_plan(weight, act)
+    if plan is None:
+        return
+    split, groups = plan
+    used = sorted({int(e) for e in torch.log2(weight.abs()[weight != 0]).tolist()})
+    covered = [e for lo, hi in groups for e in used if lo <= e <= hi]
+    assert covered == used and all(lo <= hi for lo, hi in groups)
+    assert len(groups) * (2 if split else 1) <= MAX_PLANE_CALLS
+    lo_q, hi_q = deepshift.core.quantize.fixed_point_limits(act)
+    for glo, ghi in groups:
+        inside = (weight.abs() >= 2.0**glo) & (weight.abs() <= 2.0**ghi)
+        w = torch.where(inside, weight * 2.0**-glo, torch.zeros_like(weight))
+        q = torch.where(w > 0, float(hi_q), float(lo_q)).float()  # the largest sums of this group
+        planes = [torch.floor(q / 256), q - 256 * torch.floor(q / 256)] if split else [q]
+        for plane in planes:
+            assert float((plane.abs() * w.abs()).sum(1).max()) <= _F32_EXACT
+            assert torch.equal((plane * w.float()).sum(1).double(), (plane.double() * w).sum(1))
+
+
+def test_a_layer_beyond_float32_takes_the_float64_form(tmp_path):
+    """A fan-in so wide that even one power of two's sum can leave float32's exact integers:
+    the default mode exports that layer in float64, still exact."""
+    layer = nn.Linear(70_000, 2)
+    with torch.no_grad():
+        layer.weight.fill_(2.0**-4)
+    cfg = deepshift.QConfig(act_bits=(8, 8))
+    frozen = deepshift.freeze_(deepshift.convert_(nn.Sequential(layer), cfg).eval())
+    stand_in = next(m for m in exportable(frozen).modules() if isinstance(m, OnnxShiftLayer))
+    assert not stand_in.group_shifts
+    x = torch.full((2, 70_000), 127.0)
+    x[1] = -128.0
+    path = deepshift.export_onnx(frozen, x[:1], tmp_path / "wide.onnx")
+    assert torch.equal(run_onnx(path, x), frozen(x))
 
 
 def test_the_file_holds_codes_not_float_weights(tmp_path):

@@ -208,8 +208,11 @@ def _add_deploy_commands(sub) -> None:
     x.add_argument("-o", "--output", required=True, help="file to write (atomically)")
     x.add_argument("--act-bits", type=int, nargs=2, metavar=("I", "F"),
                    help="fixed point for layers trained without act_bits (default 8 8)")
-    x.add_argument("--onnx-mode", choices=("fixed_point", "weights"), default="fixed_point",
-                   help="fixed_point: the frozen model exactly; weights: the float-simulated graph")
+    x.add_argument("--onnx-mode", choices=("fixed_point", "fixed_point_float64", "weights"),
+                   default="fixed_point",
+                   help="fixed_point: the frozen model exactly, as float32 calls proved exact; "
+                        "fixed_point_float64: the same as float64 MatMuls (slower); weights: the "
+                        "float-simulated graph")
     x.add_argument("--input-shape", type=int, nargs="+", metavar="D", help=shape_help)
     x.add_argument("--integer-only", action="store_true",
                    help="the integer-only model (deepshift.integer_only): integers from the input to "

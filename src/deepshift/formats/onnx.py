@@ -3,13 +3,20 @@
 The frozen integer ops (``deepshift::shift_linear`` / ``shift_conv``) are not ONNX operators, so
 each shift layer is exported as the float computation it is exactly equivalent to:
 
-* ``mode="fixed_point"`` (default): ``x -> Clip(Round(x * 2^F), lo, hi) * 2^-F`` (``Floor`` for
-  floor rounding; ONNX ``Round`` is half to even, like ours), then a standard ``Conv`` /
-  ``ConvTranspose`` / ``Gemm``/``MatMul`` whose weight is the exact power-of-two float tensor and
-  whose bias is the fixed-point bias, evaluated in float64 (convolutions as slices + MatMul,
-  since onnxruntime has no float64 Conv) so that the result is exactly the frozen model's.
-  Transposed convolutions are the exception: a float32 ``ConvTranspose`` (no float64 kernel
-  exists), equal to the frozen layer up to float32 rounding.
+* ``mode="fixed_point"`` (default): ``q = Clip(Round(x * 2^F), lo, hi)`` (``Floor`` for floor
+  rounding; ONNX ``Round`` is half to even, like ours), then the layer as float32 ``Conv`` /
+  ``Gemm`` calls that are exact: ``q`` is split into byte planes where its range needs it
+  (``q = 256 * Floor(q / 256) + rest``) and the weights into groups of neighbouring powers of two,
+  so that every sum each call makes is an integer below ``2**24`` in magnitude (proved per layer from
+  its weights), which float32 adds exactly in any order; the calls' results are scaled by their
+  powers of two and added in float64 (exact), plus the fixed-point bias, then rounded once to float32:
+  exactly the frozen layer's result. A layer that would need more than :data:`MAX_PLANE_CALLS` calls
+  takes the float64 form below.
+* ``mode="fixed_point_float64"``: the same values with each layer one float64 ``MatMul`` (convolutions
+  as slices + MatMul, since onnxruntime has no float64 Conv): exact too, and several times slower
+  under onnxruntime (``benchmarks/onnx_bound.py``).
+* Transposed convolutions, in both modes: a float32 ``ConvTranspose`` of the fixed-point input (no
+  float64 kernel exists), equal to the frozen layer up to float32 rounding.
 * ``mode="weights"``: the float-simulated graph for runtimes that only want the power-of-two
   weights: no activation rounding, the frozen layer's fixed-point bias.
 
@@ -56,7 +63,13 @@ from deepshift.frozen.layers import ShiftConvNd, ShiftLinear, _FrozenShift, is_f
 from deepshift.ops.codes import decode_codes, pack_codes, unpack_codes
 from deepshift.ops.reference import _im2col, channel_affine_reference, conv_pads
 
-MODES = ("fixed_point", "weights")
+MODES = ("fixed_point", "fixed_point_float64", "weights")
+
+# The most float32 calls (byte planes x weight groups) a layer takes in the default mode; beyond it the
+# float64 form is as fast (benchmarks/onnx_bound.py: two calls cost ~3x the float layer, the float64
+# form ~6-10x).
+MAX_PLANE_CALLS = 6
+_F32_EXACT = 2**24  # every integer of at most this magnitude is a float32
 
 
 def _code_table(layer: _FrozenShift | IntegerShiftLayer) -> tuple[Tensor, Tensor]:
@@ -75,7 +88,7 @@ class OnnxShiftLayer(nn.Module):
     it with one ``Gather`` (so the file holds a byte per weight, not a float)."""
 
     def __init__(self, kind: str, codes: Tensor, table: Tensor, bias: Tensor | None, act_bits,
-                 act_rounding: str, conv: dict[str, Any] | None):
+                 act_rounding: str, conv: dict[str, Any] | None, float32_planes: bool = True):
         super().__init__()
         self.kind = kind
         self.register_buffer("codes", codes.detach().to(torch.uint8).clone())
@@ -85,6 +98,19 @@ class OnnxShiftLayer(nn.Module):
         self.act_rounding = act_rounding
         self.conv = conv or {}
         self.exact = self.act_bits is not None
+        # The float32 plan (mode "fixed_point"): byte planes of q, weight groups as code tables.
+        self.plane_split = False
+        self.group_shifts: list[int] = []
+        if self.exact and float32_planes and not self.conv.get("transposed", False):
+            plan = _plane_plan(self.weight(), self.act_bits)
+            if plan is not None:
+                self.plane_split, groups = plan
+                self.group_shifts = [lo for lo, _ in groups]
+                exps = torch.log2(self.table.abs().clamp_min(1e-300)).round()
+                for i, (lo, hi) in enumerate(groups):  # table of group i: its weights / 2**lo, else 0
+                    inside = (self.table != 0) & (exps >= lo) & (exps <= hi)
+                    self.register_buffer(f"group_table{i}", torch.where(inside, self.table * 2.0**-lo,
+                                                                        torch.zeros_like(self.table)).float())
 
     def _quantize(self, x: Tensor) -> Tensor:
         if self.act_bits is None:
@@ -103,6 +129,8 @@ class OnnxShiftLayer(nn.Module):
         dtype = x.dtype
         weight = self.weight().to(dtype)
         bias = None if self.bias is None else self.bias.to(dtype)
+        if self.group_shifts:
+            return self._planes(x, bias).to(dtype)
         if self.exact and not (self.kind == "conv" and c["transposed"]):
             # Fixed-point inputs times power-of-two weights: every product and partial sum is
             # an integer multiple of one power of two below 2**53, so float64 accumulates them
@@ -119,6 +147,27 @@ class OnnxShiftLayer(nn.Module):
         """The exact power-of-two weights (float64), decoded from the codes."""
         return self.table[self.codes.to(torch.int64)]
 
+    def _planes(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        """The exact layer as float32 calls (see the module docstring): x is already quantised,
+        ``q * 2**-F``. Returns float64."""
+        frac = self.act_bits[1]
+        q = (x * 2.0**frac).float()  # the integers q, exact (|q| < 2**24)
+        planes = [(q, 0)]
+        if self.plane_split:
+            high = torch.floor(q * 2.0**-8)
+            planes = [(high, 8), (q - high * 256.0, 0)]
+        codes = self.codes.to(torch.int64)
+        y = None
+        for i, shift in enumerate(self.group_shifts):
+            weight = getattr(self, f"group_table{i}")[codes].float()  # integers (float32 in any graph)
+            for plane, plane_shift in planes:
+                part = self._layer(plane, weight, None).double() * 2.0 ** (shift + plane_shift - frac)
+                y = part if y is None else y + part
+        if bias is None:
+            return y
+        bias = bias.double()
+        return y + (bias if self.kind == "linear" else bias.reshape(-1, *[1] * (y.dim() - 2)))
+
     def _layer(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         c = self.conv
         if self.kind == "linear":
@@ -130,6 +179,41 @@ class OnnxShiftLayer(nn.Module):
                       c["groups"], c["dilation"])
         fn = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
         return fn(x, weight, bias, c["stride"], c["padding"], c["dilation"], c["groups"])
+
+
+def _plane_plan(weight: Tensor, act_bits: tuple[int, int]) -> tuple[bool, list[tuple[int, int]]] | None:
+    """How to compute ``q @ weight`` exactly in float32 calls: (split q into two byte planes?,
+    weight groups as inclusive exponent ranges ``(lo, hi)``), or None where more than
+    :data:`MAX_PLANE_CALLS` calls would be needed. A group's call sums, for each output, integers
+    ``|q_plane| * |w| / 2**lo``; its bound ``max|q_plane| * max_out sum |w| / 2**lo`` must stay within
+    float32's exact integers, whatever the order of the additions."""
+    lo_q, hi_q = fixed_point_limits(act_bits)
+    w = weight.reshape(weight.shape[0], -1).abs()  # (outputs, fan-in): every output's weights
+    exps = sorted({int(e) for e in torch.log2(w[w > 0]).round().tolist()})
+    if not exps:
+        return None
+    best = None
+    for split in (False, True):
+        plane_max = max(255, -math.floor(lo_q / 256), math.floor(hi_q / 256)) if split else max(-lo_q, hi_q)
+        groups: list[tuple[int, int]] = []
+        start = 0
+        while start < len(exps):
+            end = start
+            while end + 1 < len(exps):
+                inside = (w >= 2.0 ** exps[start]) & (w <= 2.0 ** exps[end + 1])
+                if plane_max * float((w * inside).sum(1).max()) * 2.0 ** -exps[start] > _F32_EXACT:
+                    break
+                end += 1
+            single = (w == 2.0 ** exps[start])
+            if plane_max * float((w * single).sum(1).max()) * 2.0 ** -exps[start] > _F32_EXACT:
+                groups = []  # one power of two alone is too much: no plan with this split
+                break
+            groups.append((exps[start], exps[end]))
+            start = end + 1
+        calls = len(groups) * (2 if split else 1)
+        if groups and calls <= MAX_PLANE_CALLS and (best is None or calls < best[0]):
+            best = (calls, split, groups)
+    return None if best is None else (best[1], best[2])
 
 
 def _conv_as_matmul(x: Tensor, weight: Tensor, bias: Tensor | None, c: dict[str, Any]) -> Tensor:
@@ -195,13 +279,14 @@ def exportable(model: nn.Module, mode: str = "fixed_point") -> nn.Module:
             return OnnxBatchNorm(module)
         if not is_frozen_layer(module):
             return None
-        act = module.act_bits if mode == "fixed_point" else None
+        act = module.act_bits if mode != "weights" else None
         bias = None
         if module.bias_int is not None:
             bias = module.bias_int.to(torch.float64) * 2.0 ** -module.act_bits[1]
         conv = _conv_options_frozen(module) if isinstance(module, ShiftConvNd) else None
         kind = "linear" if isinstance(module, ShiftLinear) else "conv"
-        return OnnxShiftLayer(kind, *_code_table(module), bias, act, module.act_rounding, conv)
+        return OnnxShiftLayer(kind, *_code_table(module), bias, act, module.act_rounding, conv,
+                              float32_planes=mode == "fixed_point")
 
     return replace_modules(copy.deepcopy(frozen_copy(model)).eval(), standard_ops)
 
