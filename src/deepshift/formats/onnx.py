@@ -7,11 +7,12 @@ each shift layer is exported as the float computation it is exactly equivalent t
   rounding; ONNX ``Round`` is half to even, like ours), then the layer as float32 ``Conv`` /
   ``Gemm`` calls that are exact: ``q`` is split into byte planes where its range needs it
   (``q = 256 * Floor(q / 256) + rest``) and the weights into groups of neighbouring powers of two,
-  so that every sum each call makes is an integer below ``2**24`` in magnitude (proved per layer from
-  its weights), which float32 adds exactly in any order; the calls' results are scaled by their
-  powers of two and added in float64 (exact), plus the fixed-point bias, then rounded once to float32:
-  exactly the frozen layer's result. A layer that would need more than :data:`MAX_PLANE_CALLS` calls
-  takes the float64 form below.
+  so that every sum each call makes is an integer multiple of its smallest term below ``2**24`` of
+  it in magnitude (proved per layer from its weights), which float32 adds exactly in any order: each
+  call's result is exact. Their sum with the fixed-point bias is rounded once to float32, as the
+  frozen layer rounds it: two terms with one float32 Add (correctly rounded), more in float64 (exact)
+  and one cast. A layer that would need more than :data:`MAX_PLANE_CALLS` calls takes the float64
+  form below.
 * ``mode="fixed_point_float64"``: the same values with each layer one float64 ``MatMul`` (convolutions
   as slices + MatMul, since onnxruntime has no float64 Conv): exact too, and several times slower
   under onnxruntime (``benchmarks/onnx_bound.py``).
@@ -100,17 +101,15 @@ class OnnxShiftLayer(nn.Module):
         self.exact = self.act_bits is not None
         # The float32 plan (mode "fixed_point"): byte planes of q, weight groups as code tables.
         self.plane_split = False
-        self.group_shifts: list[int] = []
+        self.groups: list[tuple[int, int]] = []
         if self.exact and float32_planes and not self.conv.get("transposed", False):
             plan = _plane_plan(self.weight(), self.act_bits)
             if plan is not None:
-                self.plane_split, groups = plan
-                self.group_shifts = [lo for lo, _ in groups]
+                self.plane_split, self.groups = plan
                 exps = torch.log2(self.table.abs().clamp_min(1e-300)).round()
-                for i, (lo, hi) in enumerate(groups):  # table of group i: its weights / 2**lo, else 0
+                for i, (lo, hi) in enumerate(self.groups):  # table of group i: its weights, else 0
                     inside = (self.table != 0) & (exps >= lo) & (exps <= hi)
-                    self.register_buffer(f"group_table{i}", torch.where(inside, self.table * 2.0**-lo,
-                                                                        torch.zeros_like(self.table)).float())
+                    self.register_buffer(f"group_table{i}", torch.where(inside, self.table, 0.0).float())
 
     def _quantize(self, x: Tensor) -> Tensor:
         if self.act_bits is None:
@@ -129,8 +128,8 @@ class OnnxShiftLayer(nn.Module):
         dtype = x.dtype
         weight = self.weight().to(dtype)
         bias = None if self.bias is None else self.bias.to(dtype)
-        if self.group_shifts:
-            return self._planes(x, bias).to(dtype)
+        if self.groups:
+            return self._planes(x, bias)
         if self.exact and not (self.kind == "conv" and c["transposed"]):
             # Fixed-point inputs times power-of-two weights: every product and partial sum is
             # an integer multiple of one power of two below 2**53, so float64 accumulates them
@@ -148,25 +147,31 @@ class OnnxShiftLayer(nn.Module):
         return self.table[self.codes.to(torch.int64)]
 
     def _planes(self, x: Tensor, bias: Tensor | None) -> Tensor:
-        """The exact layer as float32 calls (see the module docstring): x is already quantised,
-        ``q * 2**-F``. Returns float64."""
-        frac = self.act_bits[1]
-        q = (x * 2.0**frac).float()  # the integers q, exact (|q| < 2**24)
-        planes = [(q, 0)]
-        if self.plane_split:
-            high = torch.floor(q * 2.0**-8)
-            planes = [(high, 8), (q - high * 256.0, 0)]
+        """The exact layer as float32 calls (see the module docstring) on the quantised x,
+        ``q * 2**-F``; the weights and planes carry their powers of two, so each call's result is
+        the exact value of its part. Returns the layer's result rounded once to x's dtype."""
+        dtype, x = x.dtype, x.float()
+        planes = [x]
+        if self.plane_split:  # q = 256 * floor(q / 256) + rest, both parts exact in float32
+            high = torch.floor(x * 2.0 ** (self.act_bits[1] - 8)) * 2.0 ** (8 - self.act_bits[1])
+            planes = [high, x - high]
         codes = self.codes.to(torch.int64)
-        y = None
-        for i, shift in enumerate(self.group_shifts):
-            weight = getattr(self, f"group_table{i}")[codes].float()  # integers (float32 in any graph)
-            for plane, plane_shift in planes:
-                part = self._layer(plane, weight, None).double() * 2.0 ** (shift + plane_shift - frac)
-                y = part if y is None else y + part
-        if bias is None:
-            return y
-        bias = bias.double()
-        return y + (bias if self.kind == "linear" else bias.reshape(-1, *[1] * (y.dim() - 2)))
+        # Each call's result goes through a Max with -inf, a no-op that keeps onnxruntime from
+        # fusing what follows into the call (a BatchNorm Mul into its weights, an Add into its
+        # accumulator): either would round inside the sums.
+        fence = torch.tensor(-math.inf)
+        tables = [getattr(self, f"group_table{i}") for i in range(len(self.groups))]
+        parts = [torch.maximum(self._layer(plane, table[codes].float(), None), fence)
+                 for table in tables for plane in planes]
+        if bias is not None:
+            shape = [-1] if self.kind == "linear" else [-1, *[1] * (parts[0].dim() - 2)]
+            parts.append(bias.float().reshape(shape))  # added last, as the float64 form adds it
+        if len(parts) <= 2 and dtype == torch.float32:  # one correctly rounded addition: one rounding
+            return parts[0] if len(parts) == 1 else parts[0] + parts[1]
+        y = parts[0].double()
+        for part in parts[1:]:
+            y = y + part.double()  # exact up to the bias: every part a multiple of the smallest
+        return y.to(dtype)
 
     def _layer(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         c = self.conv
