@@ -28,6 +28,7 @@ import torch
 
 import deepshift
 from deepshift.backends.cpu.machine import describe
+from deepshift.formats.onnx import OnnxShiftLayer, exportable
 from deepshift.training.data.datasets import load_dataset
 from deepshift.training.data.loader import BatchLoader
 
@@ -76,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| run | batch | float model's ONNX (ms) | ours, default (float32 calls) | "
           "ours, fixed_point_float64 | integer-only (int64) |")
     print("|---|---:|---:|---:|---:|---:|")
+    calls_rows = []
     float_model, info = load_source(args.float_run)
     cfg = info["config"]
     splits = load_dataset(cfg.data, cfg.data_dir, cfg.val_fraction, cfg.limit_train, cfg.image_size)
@@ -87,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
             model, _ = load_source(run)
             frozen = deepshift.freeze_(copy.deepcopy(model).eval())
             integer = deepshift.integer_only(frozen, x_all[:8])
+            # float32 calls per shift layer in the default mode (0: the layer takes the float64 form)
+            calls = [len(m.groups) * (1 + m.plane_split) for m in exportable(frozen).modules()
+                     if isinstance(m, OnnxShiftLayer)]
+            calls_rows.append(f"| {run.name} | {len(calls)} | "
+                              + ", ".join(f"{k}: {calls.count(k)}" for k in sorted(set(calls))) + " |")
             paths = {"float": tmp / "float.onnx"}
             for mode in ("fixed_point", "fixed_point_float64"):
                 path = tmp / f"{run.name}-{mode}.onnx"
@@ -106,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
                 f = t["float"]
                 print(f"| {run.name} | {batch} | {1e3 * f:.2f} | {t['fixed_point'] / f:.2f}x | "
                       f"{t['fixed_point_float64'] / f:.2f}x | {t['integer'] / f:.2f}x |", flush=True)
+    print("\n| run | shift layers | float32 calls per layer in the default mode (calls: layers) |")
+    print("|---|---:|---|")
+    print("\n".join(calls_rows))
     return 0
 
 
