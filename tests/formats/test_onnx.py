@@ -179,6 +179,9 @@ def test_a_layer_beyond_float32_takes_the_float64_form(tmp_path):
     x[1] = -128.0
     path = deepshift.export_onnx(frozen, x[:1], tmp_path / "wide.onnx")
     assert torch.equal(run_onnx(path, x), frozen(x))
+    # an input wider than float32's exact integers, even on a small layer
+    assert _plane_plan(torch.ones(2, 3), (13, 13)) is None
+    assert _plane_plan(torch.ones(2, 3), (12, 12)) is not None
 
 
 def test_the_file_holds_codes_not_float_weights(tmp_path):

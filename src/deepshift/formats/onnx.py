@@ -193,6 +193,8 @@ def _plane_plan(weight: Tensor, act_bits: tuple[int, int]) -> tuple[bool, list[t
     ``|q_plane| * |w| / 2**lo``; its bound ``max|q_plane| * max_out sum |w| / 2**lo`` must stay within
     float32's exact integers, whatever the order of the additions."""
     lo_q, hi_q = fixed_point_limits(act_bits)
+    if max(-lo_q, hi_q) > _F32_EXACT:  # q itself must be a float32 before it is split
+        return None
     w = weight.reshape(weight.shape[0], -1).abs()  # (outputs, fan-in): every output's weights
     exps = sorted({int(e) for e in torch.log2(w[w > 0]).round().tolist()})
     if not exps:
