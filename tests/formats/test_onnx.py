@@ -1,6 +1,7 @@
 """ONNX export: standard ops only, exact against the frozen model."""
 
 import copy
+import math
 import os
 
 import pytest
@@ -163,6 +164,29 @@ def test_plane_plan_keeps_every_sum_exact(fan_in, outputs, low_exp, span, frac, 
         for plane in planes:
             assert float((plane.abs() * w.abs()).sum(1).max()) <= _F32_EXACT
             assert torch.equal((plane * w.float()).sum(1).double(), (plane.double() * w).sum(1))
+
+
+@pytest.mark.parametrize("act", [(8, 0), (4, 4), (8, 8), (12, 9), (13, 10)])
+def test_the_exported_rounding_is_half_to_even_with_saturation(tmp_path, act):
+    """The float32 graph rounds x * 2**F by adding and subtracting 1.5 * 2**23 (or by Round where
+    the range is too wide for that): ties to even, both signs, values at and far beyond the range's
+    ends and infinities, exactly as the frozen layer rounds them."""
+    layer = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.fill_(1.0)
+    cfg = deepshift.QConfig(act_bits=act)
+    frozen = deepshift.freeze_(deepshift.convert_(nn.Sequential(layer), cfg).eval())
+    lo, hi = deepshift.core.quantize.fixed_point_limits(act)
+    ties = torch.arange(-6, 7) + 0.5
+    ends = torch.tensor([lo - 0.5, lo - 0.6, hi + 0.5, hi + 0.4, 2.0**22 + 1, -(2.0**22) - 3, 2.0**23 + 5,
+                         1e30, -1e30, 0.0, -0.3])
+    values = torch.cat([ties, ties + 1e-3, ties - 1e-3, ends])
+    x = torch.cat([values * 2.0 ** -act[1], torch.tensor([math.inf, -math.inf])]).float().unsqueeze(1)
+    path = deepshift.export_onnx(frozen, x[:1], tmp_path / "r.onnx")
+    expected = frozen(x)
+    assert torch.equal(run_onnx(path, x), expected)
+    want = torch.clamp(torch.round(x.double() * 2.0 ** act[1]), lo, hi) * 2.0 ** -act[1]
+    assert torch.equal(expected.double(), want)
 
 
 def test_a_layer_beyond_float32_takes_the_float64_form(tmp_path):

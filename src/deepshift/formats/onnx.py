@@ -71,6 +71,8 @@ MODES = ("fixed_point", "fixed_point_float64", "weights")
 # form ~6-10x).
 MAX_PLANE_CALLS = 6
 _F32_EXACT = 2**24  # every integer of at most this magnitude is a float32
+_ROUND_MAGIC = 1.5 * 2.0**23  # x + this - this rounds a float32 x, |x| <= 2**22, half to even
+_ROUND_LIMIT = 2**21  # fixed-point ranges the addition rounds for (values beyond come out beyond)
 
 
 def _code_table(layer: _FrozenShift | IntegerShiftLayer) -> tuple[Tensor, Tensor]:
@@ -107,9 +109,10 @@ class OnnxShiftLayer(nn.Module):
             if plan is not None:
                 self.plane_split, self.groups = plan
                 exps = torch.log2(self.table.abs().clamp_min(1e-300)).round()
-                for i, (lo, hi) in enumerate(self.groups):  # table of group i: its weights, else 0
+                for i, (lo, hi) in enumerate(self.groups):  # group i's weights times 2**-F, else 0
                     inside = (self.table != 0) & (exps >= lo) & (exps <= hi)
-                    self.register_buffer(f"group_table{i}", torch.where(inside, self.table, 0.0).float())
+                    scaled = torch.where(inside, self.table * 2.0 ** -self.act_bits[1], 0.0)
+                    self.register_buffer(f"group_table{i}", scaled.float())
 
     def _quantize(self, x: Tensor) -> Tensor:
         if self.act_bits is None:
@@ -124,12 +127,12 @@ class OnnxShiftLayer(nn.Module):
         if c.get("pads") is not None:
             mode = "constant" if c["padding_mode"] == "zeros" else c["padding_mode"]
             x = F.pad(x, c["pads"], mode=mode)
+        if self.groups:
+            return self._planes(x)
         x = self._quantize(x)
         dtype = x.dtype
         weight = self.weight().to(dtype)
         bias = None if self.bias is None else self.bias.to(dtype)
-        if self.groups:
-            return self._planes(x, bias)
         if self.exact and not (self.kind == "conv" and c["transposed"]):
             # Fixed-point inputs times power-of-two weights: every product and partial sum is
             # an integer multiple of one power of two below 2**53, so float64 accumulates them
@@ -146,15 +149,35 @@ class OnnxShiftLayer(nn.Module):
         """The exact power-of-two weights (float64), decoded from the codes."""
         return self.table[self.codes.to(torch.int64)]
 
-    def _planes(self, x: Tensor, bias: Tensor | None) -> Tensor:
-        """The exact layer as float32 calls (see the module docstring) on the quantised x,
-        ``q * 2**-F``; the weights and planes carry their powers of two, so each call's result is
-        the exact value of its part. Returns the layer's result rounded once to x's dtype."""
-        dtype, x = x.dtype, x.float()
-        planes = [x]
+    def _fixed_point_q(self, x: Tensor) -> Tensor:
+        """The fixed-point integers ``q = clamp(round(x * 2**F), lo, hi)`` of a float32 x, as float32."""
+        lo, hi = fixed_point_limits(self.act_bits)
+        scaled = x * 2.0 ** self.act_bits[1]  # exact (or +-inf, which the clamp takes to lo / hi)
+        if self.act_rounding != "nearest":
+            rounded = torch.floor(scaled)
+        elif max(-lo, hi) <= _ROUND_LIMIT:
+            # Half to even by adding and subtracting 1.5 * 2**23 (where float32's spacing is 1):
+            # onnxruntime runs two adds several times faster than its Round. Values beyond 2**22
+            # come out beyond 2**21 either way, so the clamp gives lo / hi as after Round; NaN
+            # stays NaN. Only a zero's sign can differ (-0.3 gives +0, Round gives -0).
+            rounded = (scaled + _ROUND_MAGIC) - _ROUND_MAGIC
+        else:
+            rounded = torch.round(scaled)
+        return torch.clamp(rounded, float(lo), float(hi))
+
+    def _planes(self, x: Tensor) -> Tensor:
+        """The exact layer as float32 calls (see the module docstring) on the (padded) input; the
+        weights carry their powers of two and ``2**-F``, so each call's result is the exact value of
+        its part. Returns the layer's result rounded once to x's dtype."""
+        dtype = x.dtype
+        if dtype == torch.float32:
+            q = self._fixed_point_q(x)
+        else:  # rounded in x's dtype, as the float64 form does
+            q = (self._quantize(x) * 2.0 ** self.act_bits[1]).float()
+        planes = [q]
         if self.plane_split:  # q = 256 * floor(q / 256) + rest, both parts exact in float32
-            high = torch.floor(x * 2.0 ** (self.act_bits[1] - 8)) * 2.0 ** (8 - self.act_bits[1])
-            planes = [high, x - high]
+            high = torch.floor(q * 2.0**-8) * 256.0
+            planes = [high, q - high]
         codes = self.codes.to(torch.int64)
         # Each call's result goes through a Max with -inf, a no-op that keeps onnxruntime from
         # fusing what follows into the call (a BatchNorm Mul into its weights, an Add into its
@@ -163,9 +186,9 @@ class OnnxShiftLayer(nn.Module):
         tables = [getattr(self, f"group_table{i}") for i in range(len(self.groups))]
         parts = [torch.maximum(self._layer(plane, table[codes].float(), None), fence)
                  for table in tables for plane in planes]
-        if bias is not None:
+        if self.bias is not None:
             shape = [-1] if self.kind == "linear" else [-1, *[1] * (parts[0].dim() - 2)]
-            parts.append(bias.float().reshape(shape))  # added last, as the float64 form adds it
+            parts.append(self.bias.float().reshape(shape))  # added last, as the float64 form adds it
         if len(parts) <= 2 and dtype == torch.float32:  # one correctly rounded addition: one rounding
             return parts[0] if len(parts) == 1 else parts[0] + parts[1]
         y = parts[0].double()
