@@ -219,25 +219,29 @@ def _plane_plan(weight: Tensor, act_bits: tuple[int, int]) -> tuple[bool, list[t
     if max(-lo_q, hi_q) > _F32_EXACT:  # q itself must be a float32 before it is split
         return None
     w = weight.reshape(weight.shape[0], -1).abs()  # (outputs, fan-in): every output's weights
-    exps = sorted({int(e) for e in torch.log2(w[w > 0]).round().tolist()})
+    e = torch.log2(w.clamp_min(2.0**-1000)).round().to(torch.int64)
+    present = w > 0
+    exps = sorted({int(v) for v in e[present].unique().tolist()})
     if not exps:
         return None
+    # counts[i, o]: output o's weights equal to 2**exps[i]; a group's sum of |w| / 2**lo is then
+    # sum_i counts[i] * 2**(exps[i] - lo) (exact in float64: a count times a power of two).
+    counts = torch.stack([((e == v) & present).sum(1) for v in exps]).double()
     best = None
     for split in (False, True):
         plane_max = max(255, -math.floor(lo_q / 256), math.floor(hi_q / 256)) if split else max(-lo_q, hi_q)
         groups: list[tuple[int, int]] = []
         start = 0
         while start < len(exps):
-            end = start
-            while end + 1 < len(exps):
-                inside = (w >= 2.0 ** exps[start]) & (w <= 2.0 ** exps[end + 1])
-                if plane_max * float((w * inside).sum(1).max()) * 2.0 ** -exps[start] > _F32_EXACT:
-                    break
-                end += 1
-            single = (w == 2.0 ** exps[start])
-            if plane_max * float((w * single).sum(1).max()) * 2.0 ** -exps[start] > _F32_EXACT:
+            if plane_max * float(counts[start].max()) > _F32_EXACT:
                 groups = []  # one power of two alone is too much: no plan with this split
                 break
+            end, total = start, counts[start].clone()
+            while end + 1 < len(exps):
+                grown = total + counts[end + 1] * 2.0 ** (exps[end + 1] - exps[start])
+                if plane_max * float(grown.max()) > _F32_EXACT:
+                    break
+                end, total = end + 1, grown
             groups.append((exps[start], exps[end]))
             start = end + 1
         calls = len(groups) * (2 if split else 1)
