@@ -204,8 +204,8 @@ def savings_report(
     shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
     attention: list[tuple[nn.Module, tuple[int, int, int]]] = []
     hooks = []
+    counted = (nn.Linear, nn.modules.conv._ConvNd, *_BATCHNORM, *_AVG_POOL)
     for name, module in model.named_modules():
-        counted = (nn.Linear, nn.modules.conv._ConvNd, *_BATCHNORM, *_AVG_POOL)
         if is_deployed_shift_layer(module) or isinstance(module, counted):
             def hook(mod, args, out, name=name):
                 shapes[name] = (tuple(args[0].shape), tuple(out.shape))

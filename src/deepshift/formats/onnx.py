@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deepshift.core.quantize import fixed_point_limits
+from deepshift.core.quantize import fixed_point_limits, to_fixed_point_int
 from deepshift.core.replace import replace_modules
 from deepshift.files import atomic_path
 from deepshift.frozen.float_layers import FrozenBatchNorm
@@ -117,10 +117,7 @@ class OnnxShiftLayer(nn.Module):
     def _quantize(self, x: Tensor) -> Tensor:
         if self.act_bits is None:
             return x
-        lo, hi = fixed_point_limits(self.act_bits)
-        scaled = x * 2.0 ** self.act_bits[1]
-        scaled = torch.round(scaled) if self.act_rounding == "nearest" else torch.floor(scaled)
-        return torch.clamp(scaled, float(lo), float(hi)) * 2.0 ** -self.act_bits[1]
+        return to_fixed_point_int(x, self.act_bits, self.act_rounding) * 2.0 ** -self.act_bits[1]
 
     def forward(self, x: Tensor) -> Tensor:
         c = self.conv
@@ -150,30 +147,24 @@ class OnnxShiftLayer(nn.Module):
         return self.table[self.codes.to(torch.int64)]
 
     def _fixed_point_q(self, x: Tensor) -> Tensor:
-        """The fixed-point integers ``q = clamp(round(x * 2**F), lo, hi)`` of a float32 x, as float32."""
+        """The fixed-point integers ``q = clamp(round(x * 2**F), lo, hi)``, computed in x's dtype
+        (as the float64 form does), as float32."""
         lo, hi = fixed_point_limits(self.act_bits)
+        if x.dtype != torch.float32 or self.act_rounding != "nearest" or max(-lo, hi) > _ROUND_LIMIT:
+            return to_fixed_point_int(x, self.act_bits, self.act_rounding).float()
+        # Half to even by adding and subtracting 1.5 * 2**23 (where float32's spacing is 1):
+        # onnxruntime runs two adds several times faster than its Round. Values beyond 2**22 come
+        # out beyond 2**21 either way, so the clamp gives lo / hi as after Round; NaN stays NaN.
+        # Only a zero's sign can differ (-0.3 gives +0, Round gives -0).
         scaled = x * 2.0 ** self.act_bits[1]  # exact (or +-inf, which the clamp takes to lo / hi)
-        if self.act_rounding != "nearest":
-            rounded = torch.floor(scaled)
-        elif max(-lo, hi) <= _ROUND_LIMIT:
-            # Half to even by adding and subtracting 1.5 * 2**23 (where float32's spacing is 1):
-            # onnxruntime runs two adds several times faster than its Round. Values beyond 2**22
-            # come out beyond 2**21 either way, so the clamp gives lo / hi as after Round; NaN
-            # stays NaN. Only a zero's sign can differ (-0.3 gives +0, Round gives -0).
-            rounded = (scaled + _ROUND_MAGIC) - _ROUND_MAGIC
-        else:
-            rounded = torch.round(scaled)
-        return torch.clamp(rounded, float(lo), float(hi))
+        return torch.clamp((scaled + _ROUND_MAGIC) - _ROUND_MAGIC, float(lo), float(hi))
 
     def _planes(self, x: Tensor) -> Tensor:
         """The exact layer as float32 calls (see the module docstring) on the (padded) input; the
         weights carry their powers of two and ``2**-F``, so each call's result is the exact value of
         its part. Returns the layer's result rounded once to x's dtype."""
         dtype = x.dtype
-        if dtype == torch.float32:
-            q = self._fixed_point_q(x)
-        else:  # rounded in x's dtype, as the float64 form does
-            q = (self._quantize(x) * 2.0 ** self.act_bits[1]).float()
+        q = self._fixed_point_q(x)
         planes = [q]
         if self.plane_split:  # q = 256 * floor(q / 256) + rest, both parts exact in float32
             high = torch.floor(q * 2.0**-8) * 256.0
@@ -436,10 +427,7 @@ class OnnxQuantizeInput(nn.Module):
         self.act_bits, self.rounding = step.act_bits, step.rounding
 
     def forward(self, x: Tensor) -> Tensor:
-        lo, hi = fixed_point_limits(self.act_bits)
-        scaled = x * 2.0 ** self.act_bits[1]
-        scaled = torch.round(scaled) if self.rounding == "nearest" else torch.floor(scaled)
-        return torch.clamp(scaled, float(lo), float(hi)).to(torch.int64)
+        return to_fixed_point_int(x, self.act_bits, self.rounding).to(torch.int64)
 
 
 def _max_pool_int(x: Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool = False,

@@ -148,18 +148,10 @@ class Table {
   size_t count_ = 0, sweep_at_ = 256;
 };
 
-Table<PreparedConv>& conv_table() {
-  static auto* t = new Table<PreparedConv>();  // never destroyed: kernels may run during exit
-  return *t;
-}
-
-Table<PreparedIntConv>& int_conv_table() {
-  static auto* t = new Table<PreparedIntConv>();
-  return *t;
-}
-
-Table<PreparedLinear>& linear_table() {
-  static auto* t = new Table<PreparedLinear>();
+// One table per kind of prepared call.
+template <class P>
+Table<P>& table_of() {
+  static auto* t = new Table<P>();  // never destroyed: kernels may run during exit
   return *t;
 }
 
@@ -202,7 +194,7 @@ torch::Tensor frozen_conv_kernel(const torch::Tensor& x, const torch::Tensor& co
                                  const c10::optional<torch::Tensor>& residual, bool relu) {
   std::string_view s(spec.data(), spec.size());
   if (!fast_path_off()) {
-    if (auto p = conv_table().find(codes, bias, s, x)) {
+    if (auto p = table_of<PreparedConv>().find(codes, bias, s, x)) {
       const int64_t channels = p->out_shape[1];
       const bool affine_ok = !has(bn_scale) || (channel_vector_ok(bn_scale, x, channels) &&
                                                  channel_vector_ok(bn_shift, x, channels));
@@ -224,7 +216,7 @@ torch::Tensor frozen_linear_kernel(const torch::Tensor& x, const torch::Tensor& 
                                    const c10::optional<torch::Tensor>& bias, c10::string_view spec) {
   std::string_view s(spec.data(), spec.size());
   if (!fast_path_off()) {
-    if (auto p = linear_table().find(codes, bias, s, x)) {
+    if (auto p = table_of<PreparedLinear>().find(codes, bias, s, x)) {
       auto [y, has_nan] = p->run(x);
       if (y.defined()) return y;
     }
@@ -280,7 +272,7 @@ torch::Tensor int_conv_kernel(const torch::Tensor& x, const torch::Tensor& codes
                               c10::optional<int64_t> lo, c10::optional<int64_t> hi) {
   std::string_view s(spec.data(), spec.size());
   if (!fast_path_off() && x.scalar_type() == torch::kInt64) {
-    if (auto p = int_conv_table().find(codes, bias, s, x)) {
+    if (auto p = table_of<PreparedIntConv>().find(codes, bias, s, x)) {
       const bool same = p->in_shift == in_shift && p->in_lo == in_lo && p->in_hi == in_hi;
       const bool ok = has(signs) ? (has(lefts) && has(rights) &&
                                     int_epilogue_args_ok(p->out_shape, *signs, *lefts, ebias, *rights, pre, residual,
@@ -299,17 +291,17 @@ torch::Tensor int_conv_kernel(const torch::Tensor& x, const torch::Tensor& codes
 
 void PreparedIntConv::remember(const torch::Tensor& codes, const c10::optional<torch::Tensor>& bias_arg,
                                const std::string& spec, const torch::Tensor& x) {
-  int_conv_table().put(shared_from_this(), codes, bias_arg, spec, x);
+  table_of<PreparedIntConv>().put(shared_from_this(), codes, bias_arg, spec, x);
 }
 
 void PreparedConv::remember(const torch::Tensor& codes, const c10::optional<torch::Tensor>& bias_arg,
                             const std::string& spec, const torch::Tensor& x) {
-  conv_table().put(shared_from_this(), codes, bias_arg, spec, x);
+  table_of<PreparedConv>().put(shared_from_this(), codes, bias_arg, spec, x);
 }
 
 void PreparedLinear::remember(const torch::Tensor& codes, const c10::optional<torch::Tensor>& bias_arg,
                               const std::string& spec, const torch::Tensor& x) {
-  linear_table().put(shared_from_this(), codes, bias_arg, spec, x);
+  table_of<PreparedLinear>().put(shared_from_this(), codes, bias_arg, spec, x);
 }
 
 void register_kernels(py::dict fallbacks) {
@@ -334,6 +326,8 @@ void register_kernels(py::dict fallbacks) {
 
 void set_fast_path(bool on) { fast_path_on.store(on); }
 
-int64_t remembered_count() { return conv_table().alive() + linear_table().alive() + int_conv_table().alive(); }
+int64_t remembered_count() {
+  return table_of<PreparedConv>().alive() + table_of<PreparedLinear>().alive() + table_of<PreparedIntConv>().alive();
+}
 
 }  // namespace deepshift_cpu
