@@ -993,11 +993,13 @@ def test_a_build_lock_left_by_a_killed_builder_does_not_hang(tmp_path):
     assert not (tmp_path / name / "lock").exists()
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
 @pytest.mark.parametrize("chunk", range(3))
-def test_int_epilogue_bit_exact_random(native, chunk):
+def test_int_epilogue_bit_exact_random(native, chunk, dtype):
     """deepshift::int_epilogue (integer-only BatchNorm as shifts, residual, clamp) against its
-    reference: per channel and per tensor, 1-4 terms with zero signs, every rounding direction,
-    ties, residuals and clamps, wrapping values near int64's ends."""
+    reference, on int64 and int32 tensors (int32: computed in int64, the result's low 32 bits): per
+    channel and per tensor, 1-4 terms with zero signs, every rounding direction, ties, residuals and
+    clamps, wrapping values near int64's ends, runs of every length modulo the vector width."""
     rng = random.Random(7000 + chunk)
     for case in range(40):
         per_channel = rng.random() < 0.75
@@ -1005,20 +1007,20 @@ def test_int_epilogue_bit_exact_random(native, chunk):
         c = shape[1] if per_channel else 1
         k = rng.randint(1, 4)
         big = case % 10 == 0  # values whose shifts wrap: the native pass must wrap as torch does
-        mag = 2**62 if big else 2 ** rng.randint(1, 40)
-        x = torch.randint(-mag, mag, shape, generator=torch.Generator().manual_seed(case), dtype=torch.int64)
+        mag = min(2**62 if big else 2 ** rng.randint(1, 40), torch.iinfo(dtype).max)
+        x = torch.randint(-mag, mag, shape, generator=torch.Generator().manual_seed(case), dtype=dtype)
         signs = torch.tensor([[rng.choice((-1, 0, 1)) for _ in range(c)] for _ in range(k)])
         lefts = torch.tensor([[rng.randint(0, 12) for _ in range(c)] for _ in range(k)], dtype=torch.int64)
         bias = torch.tensor([rng.randint(-(2**30), 2**30) for _ in range(c)]) if rng.random() < 0.7 else None
         rights = torch.tensor([rng.randint(-3, 20) for _ in range(c)], dtype=torch.int64)
         pre = rng.choice((0, 0, 1, 5))
-        residual = (torch.randint(-(2**20), 2**20, shape, dtype=torch.int64) if rng.random() < 0.5 else None)
+        residual = (torch.randint(-(2**20), 2**20, shape, dtype=dtype) if rng.random() < 0.5 else None)
         rshift = rng.randint(0, 6)
-        lo = rng.choice((None, 0, -(2**15)))
-        hi = rng.choice((None, 2**15 - 1, 6 << 8))
+        lo = rng.choice((None, 0, -(2**15), -(2**31 - 1)))
+        hi = rng.choice((None, 2**15 - 1, 6 << 8, 2**31 - 1))
         args = (x, signs, lefts, bias, rights, pre, residual, rshift, lo, hi)
         _check(torch.ops.deepshift.int_epilogue, ops.int_epilogue_reference, args, f"case {case}")
-    ties = torch.tensor([[[[3, 5, -3, -5, -1, 1, 7, -7]]]], dtype=torch.int64)
+    ties = torch.tensor([[[[3, 5, -3, -5, -1, 1, 7, -7]]]], dtype=dtype)
     args = (ties, torch.ones(1, 1, dtype=torch.int64), torch.zeros(1, 1, dtype=torch.int64), None,
             torch.ones(1, dtype=torch.int64), 0, None, 0, None, None)
     _check(torch.ops.deepshift.int_epilogue, ops.int_epilogue_reference, args, "ties")
@@ -1028,13 +1030,15 @@ def test_int_epilogue_bit_exact_random(native, chunk):
     assert direct.flatten().tolist() == [2, 2, -2, -2, 0, 0, 4, -4]
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
 @pytest.mark.parametrize("chunk", range(2))
-def test_int_conv_bit_exact_random(native, monkeypatch, chunk):
+def test_int_conv_bit_exact_random(native, monkeypatch, chunk, dtype):
     """deepshift::int_conv (an integer-only conv layer: requantisation in the table build, the conv,
-    the integer epilogue per output run) against its reference composition, on every ISA path: int32
-    and int64 accumulators (the latter native only where the input proves int32 lanes exact), int16
-    and int32 tables, strides, groups, padding, bias, residual, clamps, left and right requantising
-    shifts."""
+    the integer epilogue per output run, or per channel's rows in the flat mode) against its
+    reference composition, on every ISA path, for int64 and int32 inputs (and residuals, and
+    results): int32 and int64 accumulators (the latter native only where the input proves int32
+    lanes exact), int16 and int32 tables, strides, groups, padding, bias, residual, clamps (int32's
+    saturation among them), left and right requantising shifts."""
     ext = build.load_extension()
     real, native_calls = ext.PreparedIntConv, []  # each ISA prepares its native call anew
     monkeypatch.setattr(ext, "PreparedIntConv", lambda *a: native_calls.append(1) or real(*a))
@@ -1048,10 +1052,10 @@ def test_int_conv_bit_exact_random(native, monkeypatch, chunk):
         cfg = deepshift.QConfig(weight_bits=rng.choice([3, 4, 5]), act_bits=act)
         frozen = deepshift.freeze_(deepshift.convert_(nn.Sequential(layer), cfg))[0]
         small = frozen.accumulator == "int64" and rng.random() < 0.5
-        hw = rng.choice([5, 8, 11])
+        hw = rng.choice([5, 8, 11, 13, 28])
         mag = 2 ** (14 if small else 20)
         x = torch.randint(-mag, mag, (rng.choice([1, 2, 3]), cin, hw, hw),
-                          generator=torch.Generator().manual_seed(case))
+                          generator=torch.Generator().manual_seed(case)).to(dtype)
         total = sum(act)
         head = (x, frozen.codes, frozen.bias_int, frozen._spec_json, rng.choice([0, 3, 9, -2, 12]),
                 -(2 ** (total - 1)), 2 ** (total - 1) - 1)
@@ -1061,8 +1065,8 @@ def test_int_conv_bit_exact_random(native, monkeypatch, chunk):
         ebias = torch.randint(-1000, 1000, (cout,)) if rng.random() < 0.5 else None
         rights = torch.tensor([rng.randint(-2, 12) for _ in range(cout)])
         out_shape = ops.frozen_conv_output_shape(frozen.spec(), x.shape)
-        residual = torch.randint(-1000, 1000, out_shape) if rng.random() < 0.5 else None
-        lo, hi = rng.choice([(None, None), (0, None), (0, 2**15 - 1)])
+        residual = torch.randint(-1000, 1000, out_shape, dtype=dtype) if rng.random() < 0.5 else None
+        lo, hi = rng.choice([(None, None), (0, None), (0, 2**15 - 1), (-(2**31 - 1), 2**31 - 1)])
         tail = ((signs, lefts, ebias, rights, rng.choice([0, 2]), residual, rng.randint(0, 3), lo, hi)
                 if rng.random() < 0.8 else (None, None, None, None, 0, None, 0, None, None))
         _check(torch.ops.deepshift.int_conv, ops.int_conv_reference, head + tail, f"int_conv case {case}")

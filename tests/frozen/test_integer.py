@@ -94,7 +94,7 @@ def test_no_op_between_the_input_quantisation_and_the_logits_makes_a_float_tenso
     ops = log.ops
     start = next(i for i, (op, _) in enumerate(ops) if "quantize_input" in op)
     assert all(not dt.is_floating_point for dt in ops[start][1])
-    # the logits: int64 -> float64, times 2**-frac, -> float32: the only float ops after the input's
+    # the logits: int32 / int64 -> float64, times 2**-frac, -> float32: the only float ops after the input's
     first_float = next(i for i in range(start + 1, len(ops)) if any(dt.is_floating_point for dt in ops[i][1]))
     assert len(ops) - first_float <= 3, ops[first_float:]
     between = ops[start + 1:first_float]
@@ -143,6 +143,51 @@ def test_the_integer_reference_equals_the_native_path_bit_for_bit(cfg):
             native = model(x)
             reference = set_reference_(copy.deepcopy(model))(x)
         assert torch.equal(native, reference)
+
+
+def _conv_outputs(model, x) -> list[torch.Tensor]:
+    outs = []
+    hooks = [m.register_forward_hook(lambda mod, args, out: outs.append(out)) for m in model.modules()
+             if isinstance(m, integer_module.IntegerConv)]
+    with torch.no_grad():
+        logits = model(x)
+    for h in hooks:
+        h.remove()
+    return [logits, *outs]
+
+
+def test_values_are_int32_where_the_formats_leave_room_and_int64_else(monkeypatch):
+    # (8, 8) activations, 8 guard bits: every input range at 2**23, 2**8 below int32's
+    frozen, x = _frozen("resnet20", deepshift.QConfig(weight_bits=5), (3, 1, 28, 28), 1)
+    narrow = _conv_outputs(integer_only(frozen, x), x)
+    assert all(t.dtype == torch.int32 for t in narrow[1:]) and len(narrow) == 20
+    monkeypatch.setattr(integer_module, "INT32_HEADROOM_BITS", 9)  # now not enough room: int64
+    wide = _conv_outputs(integer_only(frozen, x), x)
+    assert all(t.dtype == torch.int64 for t in wide[1:])
+    for a, b in zip(narrow, wide, strict=True):  # the same integers, the same logits
+        assert torch.equal(a.to(b.dtype), b)
+    # a format with more than 23 bits at the finest fraction bits keeps int64
+    monkeypatch.undo()
+    frozen, x = _frozen("resnet20", deepshift.QConfig(weight_bits=5, act_bits=(10, 10)), (3, 1, 28, 28), 1)
+    assert all(t.dtype == torch.int64 for t in _conv_outputs(integer_only(frozen, x), x)[1:])
+
+
+def test_int32_storage_saturates_batchnorm_results_where_the_next_layer_saturates_anyway(monkeypatch):
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Conv2d(1, 2, 1, bias=False), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(2 * 4 * 4, 3)).eval()
+    with torch.no_grad():
+        net[0].weight.fill_(0.5)
+        net[1].weight.fill_(2.0**20)  # results far beyond 2**15, the int32 limit at 16 fraction bits
+    frozen = deepshift.freeze_(deepshift.convert_(net, deepshift.QConfig(weight_bits=5)))
+    x = torch.rand(2, 1, 4, 4) + 0.5
+    narrow = _conv_outputs(integer_only(frozen, x), x)
+    monkeypatch.setattr(integer_module, "INT32_HEADROOM_BITS", 9)
+    wide = _conv_outputs(integer_only(frozen, x), x)
+    assert narrow[1].dtype == torch.int32 and int(narrow[1].max()) == 2**31 - 1
+    assert wide[1].dtype == torch.int64 and int(wide[1].max()) > 2**31
+    assert torch.equal(narrow[1], wide[1].clamp(max=2**31 - 1).to(torch.int32))
+    assert torch.equal(narrow[0], wide[0])  # the Linear's input range (+-128) saturates both alike
 
 
 class _WithSoftmax(nn.Module):

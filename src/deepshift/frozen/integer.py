@@ -4,7 +4,7 @@ A model frozen by :func:`deepshift.freeze_` is multiplication-free inside its sh
 between them it computes in float (each layer's input rounded to fixed point, its output scaled
 back, BatchNorm as a float multiply and add, pooling as a float mean). :func:`integer_only` turns
 a frozen model into one that stays in integers: every value between the input and the logits is
-an ``int64`` tensor ``v`` standing for ``v * 2**-f``, its fraction bits ``f`` fixed per value at
+an integer tensor ``v`` standing for ``v * 2**-f``, its fraction bits ``f`` fixed per value at
 conversion, and every step is a shift, an add, a compare or a copy:
 
 * a shift layer's input is requantised to the layer's ``act_bits`` by a shift with
@@ -19,6 +19,14 @@ conversion, and every step is a shift, an add, a compare or a copy:
 * average pooling sums; its divisor is a shift where it is a power of two, else a sum of powers of
   two accurate to ``2**-16`` (relative);
 * the logits are the one conversion back to float (a power-of-two scale, exact).
+
+Storage: values are ``int32`` tensors where the model's activation formats leave room (every shift
+layer's input range, at the finest fraction bits, at least ``2**INT32_HEADROOM_BITS`` times below
+``2**31``; true of the default ``(8, 8)`` and narrower): each BatchNorm step then saturates its
+result to ``+-(2**31 - 1)`` (256 times past the largest input any shift layer takes, which the next
+layer's requantisation saturates far below) and every value whose bound fits is stored as int32,
+half the memory traffic of int64. The arithmetic inside each step stays int64 where its bound needs
+it. Models with wider formats keep int64 values.
 
 Anything else (a softmax, a LayerNorm, attention, a float parameter used in forward) is named in a
 ValueError: such a model is not integer-only.
@@ -47,12 +55,16 @@ GUARD_BITS = 8
 # Relative accuracy of a pooling divisor that is not a power of two (a sum of powers of two).
 _DIVISOR_ACCURACY = 2.0**-16
 _INT64_SAFE = 2**62
+_INT32_LIMIT = 2**31 - 1
+# int32 storage where every shift layer's input range is this many bits below int32's (above).
+INT32_HEADROOM_BITS = 8
 # Signed powers of two per BatchNorm scale: on the validation split of two Fashion-MNIST ResNet-20s
 # (5- and 3-bit, results/integer.md) against the float-BatchNorm frozen model, 1 term lost 17 and 50
 # points, 2 terms -0.6 and +0.1, 3 terms +0.07 and -0.15.
 DEFAULT_SCALE_TERMS = 3
 # Terms of a power-of-two sum more than this many bits below its leading term are dropped.
 _TERM_SPAN = 26
+_INT_CONV = torch.ops.deepshift.int_conv.default
 
 
 def power_terms(values: Tensor, terms: int) -> tuple[Tensor, Tensor]:
@@ -86,16 +98,17 @@ def terms_value(signs: Tensor, exps: Tensor) -> Tensor:
 
 
 class QuantizeInput(nn.Module):
-    """The model's one float step at the input: ``clamp(round(x * 2**F))`` as int64."""
+    """The model's one float step at the input: ``clamp(round(x * 2**F))`` as ``out_dtype``."""
 
     def __init__(self, act_bits: tuple[int, int], rounding: str):
         super().__init__()
         self.act_bits, self.rounding = act_bits, rounding
+        self.out_dtype = torch.int64
 
     def forward(self, x: Tensor) -> Tensor:
         if not x.is_floating_point():
             raise TypeError(f"an integer-only model takes a float input, got {x.dtype}")
-        return torch.ops.deepshift.quantize_input(x, list(self.act_bits), self.rounding, torch.int64)
+        return torch.ops.deepshift.quantize_input(x, list(self.act_bits), self.rounding, self.out_dtype)
 
     def extra_repr(self) -> str:
         return f"act_bits={self.act_bits}"
@@ -113,10 +126,12 @@ class Requantize(nn.Module):
         self.register_buffer("_zero", torch.zeros(1, 1, dtype=torch.int64))
         self.register_buffer("_rights", torch.tensor([self.shift], dtype=torch.int64))
         self.reference = False
+        self.out_dtype = torch.int64
 
     def forward(self, x: Tensor) -> Tensor:
         fn = ref.int_epilogue_reference if self.reference else torch.ops.deepshift.int_epilogue
-        return fn(x, self._one, self._zero, None, self._rights, 0, None, 0, self.lo, self.hi)
+        y = fn(x, self._one, self._zero, None, self._rights, 0, None, 0, self.lo, self.hi)
+        return _as(y, self.out_dtype)
 
     def extra_repr(self) -> str:
         return f"shift={self.shift}, range=[{self.lo}, {self.hi}]"
@@ -124,7 +139,7 @@ class Requantize(nn.Module):
 
 class IntegerShiftLayer(nn.Module):
     """A frozen shift layer on integers: its codes and its integer op, without the float steps
-    around it (its input comes requantised, its accumulator leaves as int64)."""
+    around it (its input comes requantised, its accumulator leaves as ``out_dtype``)."""
 
     def __init__(self, layer: _FrozenShift):
         super().__init__()
@@ -137,6 +152,7 @@ class IntegerShiftLayer(nn.Module):
         self.register_buffer("codes", layer.codes.clone())
         self.register_buffer("bias_int", None if layer.bias_int is None else layer.bias_int.clone())
         self.reference = False  # run the pure-torch reference op instead of the dispatched one
+        self.out_dtype = torch.int64
 
     def forward(self, x: Tensor) -> Tensor:
         s = self.spec
@@ -156,7 +172,7 @@ class IntegerShiftLayer(nn.Module):
                    list(s.stride), padding, list(s.dilation), s.groups, s.transposed, list(s.output_padding))
             if unbatched:
                 y = y.squeeze(0)
-        return y.to(torch.int64)
+        return _as(y, self.out_dtype)
 
     def extra_repr(self) -> str:
         return f"{self.spec.kind}, weight_shape={self.spec.weight_shape}, act_bits={self.spec.act_bits}"
@@ -205,11 +221,20 @@ class ChannelScale(nn.Module):
         # Set when fused with the residual add and the clamp after it (_fuse_epilogues).
         self.residual_shift, self.lo, self.hi = 0, None, None
         self.reference = False
+        self.out_dtype = torch.int64
+
+    def saturate_int32(self) -> None:
+        """Clamp the result to ``+-(2**31 - 1)`` (int32 storage, see the module docstring)."""
+        self.lo = -_INT32_LIMIT if self.lo is None else max(self.lo, -_INT32_LIMIT)
+        self.hi = _INT32_LIMIT if self.hi is None else min(self.hi, _INT32_LIMIT)
+        self.out_bound = min(self.out_bound, _INT32_LIMIT)
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         fn = ref.int_epilogue_reference if self.reference else torch.ops.deepshift.int_epilogue
-        return fn(x, self.signs, self.lefts, self.bias, self.rights, self.pre, residual, self.residual_shift,
-                  self.lo, self.hi)
+        x, residual = _common(x, residual, self.out_dtype)
+        y = fn(x, self.signs, self.lefts, self.bias, self.rights, self.pre, residual, self.residual_shift,
+               self.lo, self.hi)
+        return _as(y, self.out_dtype)
 
     def extra_repr(self) -> str:
         fused = f", residual << {self.residual_shift}" if self.residual_shift else ""
@@ -230,26 +255,37 @@ class IntegerConv(nn.Module):
         self.requant, self.layer = requant, layer
         self.add_module("scale", scale)
         self._spec_json = layer.spec.to_json()
-
-    def _fused(self) -> bool:
-        r, layer, c = self.requant, self.layer, self.scale
-        children = [m for m in (r, layer, c) if m is not None]
-        return (type(r) is Requantize and type(layer) is IntegerShiftLayer
-                and (c is None or type(c) is ChannelScale)
-                and not any(m.reference or m._forward_hooks or m._forward_pre_hooks for m in children))
+        self._dims = len(layer.spec.weight_shape)
+        self._acc = ACCUMULATORS[layer.spec.accumulator]
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
-        layer, c = self.layer, self.scale
-        if not self._fused() or x.dim() != len(layer.spec.weight_shape):
-            y = layer(self.requant(x))
+        # Called once per conv layer per batch: the children and their buffers are read from the
+        # module dictionaries directly (nn.Module.__getattr__ is a measurable share at batch 1).
+        mods = self._modules
+        r, layer, c = mods["requant"], mods["layer"], mods["scale"]
+        if (type(r) is not Requantize or type(layer) is not IntegerShiftLayer
+                or (c is not None and type(c) is not ChannelScale) or _unfusable(r) or _unfusable(layer)
+                or (c is not None and _unfusable(c)) or x.dim() != self._dims):
+            y = layer(r(x))
             return y if c is None else c(y, residual)
-        r = self.requant
-        bias = None if layer.bias_int is None else layer.bias_int.to(ACCUMULATORS[layer.spec.accumulator])
-        head = (x, layer.codes, bias, self._spec_json, r.shift, r.lo, r.hi)
+        bias = layer._buffers["bias_int"]
+        if bias is not None and bias.dtype != self._acc:
+            bias = bias.to(self._acc)
+        out_dtype = layer.out_dtype if c is None else c.out_dtype
+        x, residual = _common(x, residual, out_dtype)  # the op's result has its input's dtype
+        head = (x, layer._buffers["codes"], bias, self._spec_json, r.shift, r.lo, r.hi)
         if c is None:
-            return torch.ops.deepshift.int_conv(*head, None, None, None, None, 0, None, 0, None, None)
-        return torch.ops.deepshift.int_conv(*head, c.signs, c.lefts, c.bias, c.rights, c.pre, residual,
-                                            c.residual_shift, c.lo, c.hi)
+            y = _INT_CONV(*head, None, None, None, None, 0, None, 0, None, None)
+        else:
+            cb = c._buffers
+            y = _INT_CONV(*head, cb["signs"], cb["lefts"], cb["bias"], cb["rights"], c.pre, residual,
+                          c.residual_shift, c.lo, c.hi)
+        return y if y.dtype == out_dtype else y.to(out_dtype)
+
+
+def _unfusable(step: nn.Module) -> bool:
+    """A child that must run as its own module: hooked, or set to run its reference."""
+    return bool(step.reference or step._forward_hooks or step._forward_pre_hooks)
 
 
 class Clamp(nn.Module):
@@ -269,8 +305,10 @@ class AlignedAdd(nn.Module):
     def __init__(self, shift_a: int, shift_b: int):
         super().__init__()
         self.shift_a, self.shift_b = shift_a, shift_b
+        self.out_dtype = torch.int64
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        a, b = _as(a, self.out_dtype), _as(b, self.out_dtype)
         return torch.bitwise_left_shift(a, self.shift_a) + torch.bitwise_left_shift(b, self.shift_b)
 
 
@@ -281,6 +319,7 @@ class SumPool(nn.Module):
     def __init__(self, kernel: tuple[int, ...] | None, stride: tuple[int, ...] | None, count: int):
         super().__init__()
         self.kernel, self.stride, self.count = kernel, stride, count
+        self.out_dtype = torch.int64  # torch sums integers in int64
 
     def forward(self, x: Tensor) -> Tensor:
         dims = tuple(range(2, x.dim())) if x.dim() > 2 else (1,)
@@ -291,11 +330,24 @@ class SumPool(nn.Module):
                 raise ValueError(f"this integer-only model averages over {self.count} positions, as its "
                                  f"example input gave; got an input with {got}: convert it again with an "
                                  "example of this size")
-            return x.sum(dims, keepdim=True)
+            return _as(x.sum(dims, keepdim=True), self.out_dtype)
         # each unfold appends its window dimension last; the spatial dimensions stay at 2, 3, ...
         for d, (k, s) in enumerate(zip(self.kernel, self.stride, strict=True)):
             x = x.unfold(2 + d, k, s)
-        return x.sum(tuple(range(x.dim() - len(self.kernel), x.dim())))
+        return _as(x.sum(tuple(range(x.dim() - len(self.kernel), x.dim()))), self.out_dtype)
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _common(x: Tensor, residual: Tensor | None, out_dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    """``x`` and ``residual`` in one dtype for an epilogue op, whose result has its input's dtype:
+    int64 where any of them (or the result) is int64, so that nothing narrower than its bound is
+    ever computed in; else int32."""
+    wide = torch.int64 in (x.dtype, out_dtype) or (residual is not None and residual.dtype == torch.int64)
+    dtype = torch.int64 if wide else torch.int32
+    return _as(x, dtype), None if residual is None else _as(residual, dtype)
 
 
 class Dequantize(nn.Module):
@@ -389,6 +441,9 @@ def integer_only(model: nn.Module, example_input: Tensor, scale_terms: int = DEF
               and is_frozen_layer(modules[n.target])]
     work_frac = max(layer.act_bits[1] for layer in layers) + GUARD_BITS
     first = layers[0]
+    # int32 storage where every shift layer's input range, at work_frac, leaves the headroom
+    store32 = all(max(-lo, hi) << (work_frac - layer.act_bits[1]) <= 2**31 >> INT32_HEADROOM_BITS
+                  for layer in layers for lo, hi in [fixed_point_limits(layer.act_bits)])
 
     graph = torch.fx.Graph()
     new_modules: dict[str, nn.Module] = {}
@@ -410,8 +465,9 @@ def integer_only(model: nn.Module, example_input: Tensor, scale_terms: int = DEF
                 continue
             x = graph.placeholder(node.name)
             lo, hi = fixed_point_limits(first.act_bits)
-            env[node] = _Value(add("input", QuantizeInput(first.act_bits, first.act_rounding), (x,)),
-                               first.act_bits[1], max(-lo, hi))
+            quantize = QuantizeInput(first.act_bits, first.act_rounding)
+            quantize.out_dtype = _storage(max(-lo, hi), store32)
+            env[node] = _Value(add("input", quantize, (x,)), first.act_bits[1], max(-lo, hi))
             continue
         if node.op == "output":
             out = node.args[0]
@@ -426,7 +482,7 @@ def integer_only(model: nn.Module, example_input: Tensor, scale_terms: int = DEF
             env[node] = _Value(graph.call_function(_no_integer_form, ()), 0, 0)
             continue
         mod = _module_of(node, modules)
-        result = _convert_node(node, mod, env, value, add, graph, work_frac, scale_terms)
+        result = _convert_node(node, mod, env, value, add, graph, work_frac, scale_terms, store32)
         if result is None:
             unsupported.append(_describe(node, modules))
             # a stand-in, so that the steps after it are checked too (the graph is not kept)
@@ -486,8 +542,9 @@ def _fuse_epilogues(graph: torch.fx.Graph, modules: dict[str, nn.Module]) -> Non
                 modules.pop(user.target)
         user = _only_user(node)
         clamp = _module_of(user, modules)
-        if isinstance(clamp, Clamp):
-            step.lo, step.hi = clamp.lo, clamp.hi
+        if isinstance(clamp, Clamp):  # within the step's own saturation, if any
+            step.lo = clamp.lo if step.lo is None else step.lo if clamp.lo is None else max(step.lo, clamp.lo)
+            step.hi = clamp.hi if step.hi is None else step.hi if clamp.hi is None else min(step.hi, clamp.hi)
             node = replace(node, user, tuple(node.args))
             modules.pop(user.target)
 
@@ -533,8 +590,22 @@ def _shape(node: torch.fx.Node) -> tuple[int, ...] | None:
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
-def _convert_node(node, mod, env, value, add, graph, work_frac: int, scale_terms: int) -> _Value | None:
-    """The integer step(s) for one traced node, or None if it has none."""
+def _storage(bound: int, store32: bool) -> torch.dtype:
+    """The dtype that stores a value of this bound (see the module docstring)."""
+    return torch.int32 if store32 and bound <= _INT32_LIMIT else torch.int64
+
+
+def _convert_node(node, mod, env, value, add, graph, work_frac: int, scale_terms: int,
+                  store32: bool) -> _Value | None:
+    """The integer step(s) for one traced node, or None if it has none (``store32``: int32 storage)."""
+
+    def typed(module: nn.Module, bound: int) -> nn.Module:
+        if isinstance(module, ChannelScale) and store32:
+            module.saturate_int32()
+            bound = module.out_bound
+        module.out_dtype = _storage(bound, store32)
+        return module
+
     args = [value(a) for a in node.args]
     first = args[0] if args and isinstance(args[0], _Value) else None
     name = str(node.target) if node.op == "call_module" else node.name
@@ -542,11 +613,12 @@ def _convert_node(node, mod, env, value, add, graph, work_frac: int, scale_terms
     # shift layers
     if isinstance(mod, (ShiftLinear, ShiftConvNd)) and first is not None and len(args) == 1:
         lo, hi = fixed_point_limits(mod.act_bits)
-        q = add(name + "_in", Requantize(first.frac, mod.act_bits[1], lo, hi), (first.node,))
+        q = add(name + "_in", typed(Requantize(first.frac, mod.act_bits[1], lo, hi), max(-lo, hi)),
+                (first.node,))
         u = min(mod.shift_lo, 0)
         bound = accumulator_bound(mod.fan_in(), max(-lo, hi), mod.shift_hi - u,
                                   max(-lo, hi) if mod.bias_int is not None else 0, u)
-        return _Value(add(name, IntegerShiftLayer(mod), (q,)), mod.act_bits[1] - u, bound)
+        return _Value(add(name, typed(IntegerShiftLayer(mod), bound), (q,)), mod.act_bits[1] - u, bound)
 
     # BatchNorm (eval): per-channel scale and shift
     if isinstance(mod, (FrozenBatchNorm, nn.modules.batchnorm._BatchNorm)) and first is not None:
@@ -561,7 +633,7 @@ def _convert_node(node, mod, env, value, add, graph, work_frac: int, scale_terms
         shift = b - mod.running_mean.double() * terms_value(signs, exps)
         step = ChannelScale(signs, exps, shift, first.frac, work_frac, first.bound)
         _check_int64(step.bound, name)
-        return _Value(add(name, step, (first.node,)), work_frac, step.out_bound)
+        return _Value(add(name, typed(step, step.out_bound), (first.node,)), work_frac, step.out_bound)
 
     # clamps
     relu = ((node.op == "call_module" and isinstance(mod, (nn.ReLU, nn.ReLU6, nn.Hardtanh)))
@@ -595,7 +667,7 @@ def _convert_node(node, mod, env, value, add, graph, work_frac: int, scale_terms
         frac = max(a.frac, b.frac)
         step = AlignedAdd(frac - a.frac, frac - b.frac)
         bound = (a.bound << (frac - a.frac)) + (b.bound << (frac - b.frac))
-        return _Value(add("add", step, (a.node, b.node)), frac, bound)
+        return _Value(add("add", typed(step, bound), (a.node, b.node)), frac, bound)
 
     # average pooling
     shape_in = _shape(node.args[0]) if node.args and isinstance(node.args[0], torch.fx.Node) else None
@@ -618,8 +690,8 @@ def _convert_node(node, mod, env, value, add, graph, work_frac: int, scale_terms
     if pool is not None and first is not None and shape_in is not None:
         kernel, stride = pool
         count = math.prod(shape_in[2:]) if kernel is None else math.prod(kernel)
-        summed = add(name + "_sum", SumPool(kernel, stride, count), (first.node,))
         bound = first.bound * count
+        summed = add(name + "_sum", typed(SumPool(kernel, stride, count), bound), (first.node,))
         if count & (count - 1) == 0:  # a power of two: the divisor is a change of fraction bits
             return _Value(summed, first.frac + count.bit_length() - 1, bound)
         terms = 1
@@ -630,7 +702,7 @@ def _convert_node(node, mod, env, value, add, graph, work_frac: int, scale_terms
             terms += 1
         step = ChannelScale(signs, exps, None, first.frac, work_frac, bound)
         _check_int64(step.bound, name)
-        return _Value(add(name, step, (summed,)), work_frac, step.out_bound)
+        return _Value(add(name, typed(step, step.out_bound), (summed,)), work_frac, step.out_bound)
 
     # value-preserving steps (copies, views, max pooling, zero padding)
     if first is not None:

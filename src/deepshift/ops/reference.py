@@ -305,16 +305,20 @@ def round_shift(x: Tensor, amount: Tensor | int) -> Tensor:
 def int_epilogue_reference(x: Tensor, signs: Tensor, lefts: Tensor, bias: Tensor | None, rights: Tensor,
                            pre: int, residual: Tensor | None, residual_shift: int, lo: int | None,
                            hi: int | None) -> Tensor:
-    """An integer-only model's step after a shift layer, on int64 ``x`` (channels on dimension 1
-    when the parameters have more than one column; else one set for the whole tensor)::
+    """An integer-only model's step after a shift layer, on int32 or int64 ``x`` (channels on
+    dimension 1 when the parameters have more than one column; else one set for the whole tensor)::
 
         v = round_shift(x, pre)
         s = sum_k signs[k, c] * (v << lefts[k, c]) + bias[c]       (signs in {-1, 0, 1}: selected)
         y = clamp(round_shift(s, rights[c]) + (residual << residual_shift), lo, hi)
 
     i.e. a BatchNorm as a sum of powers of two, exact, rounded once (ties to even), then an
-    optional residual (exactly aligned) and clamp (ReLU: ``lo = 0``). int64 throughout; the caller
-    proves no intermediate overflows (:class:`deepshift.frozen.integer.ChannelScale`)."""
+    optional residual (exactly aligned) and clamp (ReLU: ``lo = 0``). Computed in int64 (the caller
+    proves no intermediate overflows: :class:`deepshift.frozen.integer.ChannelScale`); the result
+    has ``x``'s dtype (an int32 result keeps the low 32 bits: the caller's clamp keeps it in range)."""
+    out_dtype = x.dtype
+    x = x.to(torch.int64)
+    residual = None if residual is None else residual.to(torch.int64)
     per_channel = signs.shape[1] > 1
 
     def view(t: Tensor) -> Tensor:
@@ -336,21 +340,22 @@ def int_epilogue_reference(x: Tensor, signs: Tensor, lefts: Tensor, bias: Tensor
     y = round_shift(y, view(rights))
     if residual is not None:
         y = y + torch.bitwise_left_shift(residual, residual_shift)
-    return y if lo is None and hi is None else torch.clamp(y, lo, hi)
+    return (y if lo is None and hi is None else torch.clamp(y, lo, hi)).to(out_dtype)
 
 
 def int_conv_reference(x: Tensor, codes: Tensor, bias: Tensor | None, spec: str, in_shift: int, in_lo: int,
                        in_hi: int, signs: Tensor | None, lefts: Tensor | None, ebias: Tensor | None,
                        rights: Tensor | None, pre: int, residual: Tensor | None, residual_shift: int,
                        lo: int | None, hi: int | None) -> Tensor:
-    """An integer-only model's conv layer, int64 in and out::
+    """An integer-only model's conv layer, int32 or int64 in and the same dtype out::
 
         q = clamp(round_shift(x, in_shift), in_lo, in_hi)       (the layer's input range)
-        y = shift_conv(q) in the layer's accumulator, as int64   (the frozen layer's integer op)
+        y = shift_conv(q) in the layer's accumulator, as x's dtype (the frozen layer's integer op)
         y = int_epilogue(y, signs, lefts, ebias, rights, pre, residual, residual_shift, lo, hi)
 
     the last step only where ``signs`` is given: the composition of the ``int_epilogue`` and
-    ``shift_conv`` ops that :class:`deepshift.frozen.integer.IntegerConv` stands for."""
+    ``shift_conv`` ops that :class:`deepshift.frozen.integer.IntegerConv` stands for (the epilogue
+    takes the accumulator in int64, its result has x's dtype)."""
     s = FrozenSpec.from_json(spec)
     one = torch.ones(1, 1, dtype=torch.int64, device=x.device)
     shift = torch.full((1,), in_shift, dtype=torch.int64, device=x.device)
@@ -360,11 +365,12 @@ def int_conv_reference(x: Tensor, codes: Tensor, bias: Tensor | None, spec: str,
     y = torch.ops.deepshift.shift_conv(q, codes, list(s.weight_shape), s.weight_bits, s.has_zero, s.shift_lo,
                                        None if bias is None else bias.to(acc), list(s.stride), padding,
                                        list(s.dilation), s.groups, s.transposed, list(s.output_padding))
-    y = y.to(torch.int64)
     if signs is None:
-        return y
-    return torch.ops.deepshift.int_epilogue(y, signs, lefts, ebias, rights, pre, residual, residual_shift, lo,
-                                            hi)
+        return y.to(x.dtype)
+    y = torch.ops.deepshift.int_epilogue(y.to(torch.int64), signs, lefts, ebias, rights, pre,
+                                         None if residual is None else residual.to(torch.int64),
+                                         residual_shift, lo, hi)
+    return y.to(x.dtype)
 
 
 def fake_quantize_reference(x: Tensor, frac_bits: int, lo: float, hi: float, floor: bool, band_lo: float,

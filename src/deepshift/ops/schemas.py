@@ -21,9 +21,9 @@ Ops (integer ops first; see :mod:`deepshift.ops.reference` for the exact semanti
 * ``quantize_input`` / ``scale_output``: those two element-wise steps alone.
 * ``channel_affine``: ``x * scale[c] + shift[c]``, two roundings (a frozen BatchNorm).
 * ``int_epilogue``: an integer-only model's BatchNorm (a sum of shifts per channel, rounded once),
-  residual add and clamp, on int64.
+  residual add and clamp, on int32 or int64 (computed in int64; the result in the input's dtype).
 * ``int_conv``: an integer-only model's conv layer whole: input requantisation, the shift conv and
-  ``int_epilogue``, int64 in and out.
+  ``int_epilogue``, int32 or int64 in and the same dtype out.
 * ``fake_quantize``: training-time fixed-point rounding, and whether any input saturated.
 * ``q_round`` / ``ps_round``: DeepShift-Q / -PS deterministic weight rounding.
 """
@@ -147,7 +147,7 @@ def _frozen_conv_fake(x, codes, bias, spec, bn_scale, bn_shift, residual, relu):
 @torch.library.register_fake("deepshift::int_conv")
 def _int_conv_fake(x, codes, bias, spec, *rest):
     _same_device(x, codes, bias)
-    return x.new_empty(ref.frozen_conv_output_shape(FrozenSpec.from_json(spec), x.shape), dtype=torch.int64)
+    return x.new_empty(ref.frozen_conv_output_shape(FrozenSpec.from_json(spec), x.shape))
 
 
 @torch.library.register_fake("deepshift::quantize_input")

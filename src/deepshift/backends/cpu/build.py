@@ -16,7 +16,8 @@ import torch
 from deepshift.backends.cpu import cache
 
 # The translation units (built in parallel, linked into one module) and the headers they share.
-_UNITS = ("bindings.cpp", "isa.cpp", "linear.cpp", "lut.cpp", "conv.cpp", "elementwise.cpp", "frozen.cpp")
+_UNITS = ("bindings.cpp", "isa.cpp", "linear.cpp", "lut.cpp", "conv.cpp", "elementwise.cpp",
+          "epilogue512.cpp", "frozen.cpp")
 _SOURCES = (*_UNITS, "common.h", "kernels.h", "ops.h", "frozen.h", "epilogue.h")
 
 

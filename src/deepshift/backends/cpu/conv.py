@@ -357,15 +357,16 @@ def frozen_conv_cpu(x: Tensor, codes: Tensor, bias: Tensor | None, spec: str, bn
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
-def _int_epilogue_args_ok(shape, signs: Tensor, lefts: Tensor, bias: Tensor | None, rights: Tensor, pre: int,
-                          residual: Tensor | None, residual_shift: int) -> bool:
-    """Whether the native integer epilogue takes these parameters for an int64 output of ``shape``
-    (as the C++ kernel of ``deepshift::int_epilogue`` decides, ``csrc/frozen.cpp``)."""
+def _int_epilogue_args_ok(shape, dtype: torch.dtype, signs: Tensor, lefts: Tensor, bias: Tensor | None,
+                          rights: Tensor, pre: int, residual: Tensor | None, residual_shift: int) -> bool:
+    """Whether the native integer epilogue takes these parameters for an int32 / int64 (``dtype``)
+    output of ``shape`` (as the C++ kernel of ``deepshift::int_epilogue`` decides, ``csrc/frozen.cpp``)."""
     int64 = torch.int64
-    return (signs.dtype == lefts.dtype == rights.dtype == int64 and signs.dim() == 2
+    return (dtype in (torch.int32, int64) and signs.dtype == lefts.dtype == rights.dtype == int64
+            and signs.dim() == 2
             and lefts.shape == signs.shape and rights.numel() == signs.shape[1]
             and (bias is None or (bias.dtype == int64 and bias.numel() == signs.shape[1]))
-            and (residual is None or (residual.dtype == int64 and residual.shape == tuple(shape)))
+            and (residual is None or (residual.dtype == dtype and residual.shape == tuple(shape)))
             and (signs.shape[1] == 1 or (len(shape) >= 2 and shape[1] == signs.shape[1]))
             and 0 <= pre < 63 and 0 <= residual_shift < 63
             and all(t.device.type == "cpu" for t in (signs, lefts, rights)))
@@ -373,11 +374,13 @@ def _int_epilogue_args_ok(shape, signs: Tensor, lefts: Tensor, bias: Tensor | No
 
 def _prepare_int_conv(ext, x: Tensor, codes: Tensor, bias: Tensor | None, s, in_shift: int, in_lo: int,
                       in_hi: int):
-    """The extension's ``PreparedIntConv`` for int64 inputs shaped like ``x`` (``deepshift::int_conv``'s
-    native call on int32 lanes), or None where it does not apply. Layers with int64 accumulators get
-    one only where this input proves int32 lanes exact (as shift_conv decides for int64 inputs):
+    """The extension's ``PreparedIntConv`` for int32 / int64 inputs shaped like ``x``
+    (``deepshift::int_conv``'s native call on int32 lanes), or None where it does not apply. Layers
+    with int64 accumulators get one only where this input proves int32 lanes exact (as shift_conv
+    decides for int64 inputs):
     the requantised ``|q|`` is at most ``round_shift(max|x|) + 1``, and the bound of the sums follows."""
-    if (ext is None or x.dtype != torch.int64 or x.device.type != "cpu" or s.transposed or s.pad_outside
+    if (ext is None or x.dtype not in (torch.int32, torch.int64) or x.device.type != "cpu" or s.transposed
+            or s.pad_outside
             or not -(2**31) <= in_lo <= in_hi < 2**31 or not -62 <= in_shift <= 62
             or (bias is not None and bias.dtype not in (torch.int32, torch.int64))):
         return None
@@ -427,7 +430,7 @@ def int_conv_cpu(x: Tensor, codes: Tensor, bias: Tensor | None, spec: str, in_sh
         prepared = prepare() if cache.fused_enabled() else None
     if prepared is not None and (residual is None if signs is None else (
             lefts is not None and rights is not None and _int_epilogue_args_ok(
-                prepared.out_shape, signs, lefts, ebias, rights, pre, residual, residual_shift))):
+                prepared.out_shape, x.dtype, signs, lefts, ebias, rights, pre, residual, residual_shift))):
         return prepared.run(x, signs, lefts, ebias, rights, pre, residual, residual_shift,
                             _INT64_MIN if lo is None else lo, _INT64_MAX if hi is None else hi)
     return ref.int_conv_reference(x, codes, bias, spec, in_shift, in_lo, in_hi, signs, lefts, ebias, rights,

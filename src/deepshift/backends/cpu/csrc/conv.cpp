@@ -324,10 +324,19 @@ bool conv_drive(const Geom& g0, int64_t N, const PlanView& pv, int64_t nterms, c
       finish(n, r0, yimg + r0, r1 - r0);
       return;
     }
-    for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t r = r0; r < r1;) {
       const int64_t c = r / (g0.OD * g0.OH), dh = r - c * (g0.OD * g0.OH);  // index arithmetic
       const int64_t od = dh / g0.OH, oh = dh - od * g0.OH;
-      finish(n, r * g0.OW, yimg + c * flat_len + (od * g0.Hp + oh) * g0.RW, g0.OW);
+      const UY* src = yimg + c * flat_len + (od * g0.Hp + oh) * g0.RW;
+      if constexpr (std::is_invocable_v<FinishFn&, int64_t, int64_t, const UY*, int64_t, int64_t, int64_t>) {
+        // The rows of one (c, od) at once: at stride RW in the flat output, consecutive in the result.
+        const int64_t k = std::min(r1 - r, g0.OH - oh);
+        finish(n, r * g0.OW, src, g0.OW, k, g0.RW);
+        r += k;
+      } else {
+        finish(n, r * g0.OW, src, g0.OW);
+        ++r;
+      }
     }
   };
   std::atomic<bool> flag(false);
@@ -575,12 +584,13 @@ std::tuple<torch::Tensor, bool> conv_fused(const torch::Tensor& x, std::vector<i
   return std::make_tuple(y, nan);
 }
 
-// An integer-only model's conv layer in one call (deepshift::int_conv's CPU kernel): int64 x, requantised
-// to the layer's input range while the table is built (RequantIn: round_shift by in_shift, clamp to
-// [in_lo, in_hi]), the conv on int32 lanes (lanes 16: int16 table, |q| <= 128), then each output
-// run sign-extended to int64 and, with epilogue (signs given), taken through int_epilogue (BatchNorm
-// as shifts, residual, clamp) while in cache. bias: int32 (Cout,) in output units, or None. Bit for
-// bit int_epilogue(shift_conv(int_epilogue(x, requantise)), ...) as the reference composes them.
+// An integer-only model's conv layer in one call (deepshift::int_conv's CPU kernel): int32 or int64 x,
+// requantised to the layer's input range while the table is built (RequantIn: round_shift by in_shift,
+// clamp to [in_lo, in_hi]), the conv on int32 lanes (lanes 16: int16 table, |q| <= 128), then each
+// output run, with epilogue (signs given), taken from the int32 sums through int_epilogue (BatchNorm
+// as shifts, residual, clamp: in int64) while in cache, else converted. The result and the residual
+// have x's dtype. bias: int32 (Cout,) in output units, or None. Bit for bit
+// int_epilogue(shift_conv(int_epilogue(x, requantise)), ...) as the reference composes them.
 torch::Tensor conv_int_fused(const torch::Tensor& x, std::vector<int64_t> ws, const std::vector<torch::Tensor>& plan,
                              const c10::optional<torch::Tensor>& bias, int64_t groups, std::vector<int64_t> stride,
                              std::vector<int64_t> pad, std::vector<int64_t> dil, int64_t in_shift, int64_t in_lo,
@@ -589,8 +599,8 @@ torch::Tensor conv_int_fused(const torch::Tensor& x, std::vector<int64_t> ws, co
                              const c10::optional<torch::Tensor>& rights, int64_t pre,
                              const c10::optional<torch::Tensor>& residual, int64_t residual_shift, int64_t lo,
                              int64_t hi) {
-  TORCH_CHECK(x.dim() >= 3 && x.dim() <= 5 && x.is_contiguous() && x.dtype() == torch::kInt64 && ws.size() == 5 &&
-                  plan.size() == 6,
+  TORCH_CHECK(x.dim() >= 3 && x.dim() <= 5 && x.is_contiguous() &&
+                  (x.dtype() == torch::kInt64 || x.dtype() == torch::kInt32) && ws.size() == 5 && plan.size() == 6,
               "bad x / plan");
   const uint32_t* bp = fused_table_checks(lanes, in_lo, in_hi, bias, ws[0]);
   const auto fg = fused_geometry(x, ws, plan, stride, pad, dil, groups);
@@ -606,38 +616,52 @@ torch::Tensor conv_int_fused(const torch::Tensor& x, std::vector<int64_t> ws, co
   const bool has_res = residual.has_value() && residual->defined();
   TORCH_CHECK(!has_res || ep, "a residual needs the epilogue");
   if (has_res)
-    TORCH_CHECK(residual->sizes() == y.sizes() && residual->dtype() == torch::kInt64 && residual->is_contiguous(),
-                "residual must be contiguous int64 of the output's shape");
-  const int64_t* rp = has_res ? residual->data_ptr<int64_t>() : nullptr;
-  const int64_t* xp = x.data_ptr<int64_t>();
-  int64_t* op = y.data_ptr<int64_t>();
+    TORCH_CHECK(residual->sizes() == y.sizes() && residual->dtype() == x.dtype() && residual->is_contiguous(),
+                "residual must be contiguous, of the output's shape and x's dtype");
   const int64_t ximg_stride = g.C * g.D * g.H * g.W;
   const int64_t yimg_stride = g.Cout * g.OD * g.OH * g.OW;
   const int64_t plane = g.OD * g.OH * g.OW;
   const bool avx = use_avx2();
-  auto go = [&](auto table_tag) {
+  auto go = [&](auto table_tag, auto x_tag) {
     using U = decltype(table_tag);
+    using X = decltype(x_tag);
+    const X* xp = x.data_ptr<X>();
+    X* op = y.data_ptr<X>();
+    const X* rp = has_res ? residual->data_ptr<X>() : nullptr;
     auto build = [&](int64_t n, U* tbl, int64_t c0, int64_t c1) {
 #ifdef DS_X86
-      if (avx) return ds_avx2::build_table(xp + n * ximg_stride, tbl, g, c0, c1, ds_avx2::RequantIn<U>{in_shift, in_lo, in_hi});
+      if (avx)
+        return ds_avx2::build_table(xp + n * ximg_stride, tbl, g, c0, c1, ds_avx2::RequantIn<U, X>{in_shift, in_lo, in_hi});
 #endif
       return ds_portable::build_table(xp + n * ximg_stride, tbl, g, c0, c1,
-                                      ds_portable::RequantIn<U>{in_shift, in_lo, in_hi});
+                                      ds_portable::RequantIn<U, X>{in_shift, in_lo, in_hi});
     };
-    auto finish = [&](int64_t n, int64_t dst, const uint32_t* src, int64_t count) {
-      int64_t* out = op + n * yimg_stride + dst;
-      for (int64_t i = 0; i < count; ++i) out[i] = static_cast<int32_t>(src[i]);  // sign-extend
-      if (!ep) return;
-      // The run may span channels: one epilogue per channel segment, in place, still in cache.
-      const int64_t* r = rp ? rp + n * yimg_stride + dst : nullptr;
+    // `rows` runs of `count` values (at stride src_stride in src), consecutive in the output from dst.
+    auto finish = [&](int64_t n, int64_t dst, const uint32_t* src, int64_t count, int64_t rows = 1,
+                      int64_t src_stride = 0) {
+      X* out = op + n * yimg_stride + dst;
+      const int32_t* sums = reinterpret_cast<const int32_t*>(src);  // the int32 accumulators
+      if (!ep) {
+        for (int64_t j = 0; j < rows; ++j)
+          for (int64_t i = 0; i < count; ++i) out[j * count + i] = sums[j * src_stride + i];  // sign-extended
+        return;
+      }
+      const X* r = rp ? rp + n * yimg_stride + dst : nullptr;
+      if (rows > 1) {  // rows of one channel (conv_drive's flat mode)
+        const int64_t c = ep->C > 1 ? dst / plane : 0;
+        ep->apply_rows(sums, src_stride, out, count, rows, count, c, r, avx);
+        return;
+      }
+      // The run may span channels: one epilogue per channel segment, still in cache.
       for_channel_segments(dst, count, plane, [&](int64_t i, int64_t k, int64_t c) {
-        ep->apply(out + i, out + i, k, ep->C > 1 ? c : 0, r ? r + i : nullptr, avx);
+        ep->apply(sums + i, out + i, k, ep->C > 1 ? c : 0, r ? r + i : nullptr, avx);
       });
     };
     conv_drive<U, uint32_t>(g, N, plan_view(plan), plan[0].numel(), bp, nullptr, build, finish);
   };
-  if (lanes == 16) go(uint16_t{});
-  else go(uint32_t{});
+  const bool wide = x.dtype() == torch::kInt64;
+  if (lanes == 16) wide ? go(uint16_t{}, int64_t{}) : go(uint16_t{}, int32_t{});
+  else wide ? go(uint32_t{}, int64_t{}) : go(uint32_t{}, int32_t{});
   (void)avx;
   return y;
 }

@@ -105,38 +105,45 @@ torch::Tensor channel_affine(const torch::Tensor& x, const torch::Tensor& scale,
   return out;
 }
 
-// deepshift::int_epilogue on contiguous int64 x: per channel (dimension 1) when signs has more than
-// one column, else one set of parameters for the whole tensor; signs / lefts (K, C), bias and rights
-// (C), all int64 contiguous; residual (x's shape, int64 contiguous) or None; lo / hi the clamp.
-// Bit for bit int_epilogue_reference (deepshift/ops/reference.py).
+// deepshift::int_epilogue on contiguous int32 or int64 x (the result in x's dtype, computed in int64):
+// per channel (dimension 1) when signs has more than one column, else one set of parameters for the
+// whole tensor; signs / lefts (K, C), bias and rights (C), all int64 contiguous; residual (x's shape
+// and dtype, contiguous) or None; lo / hi the clamp. Bit for bit int_epilogue_reference
+// (deepshift/ops/reference.py).
 torch::Tensor int_epilogue(const torch::Tensor& x, const torch::Tensor& signs, const torch::Tensor& lefts,
                            const c10::optional<torch::Tensor>& bias, const torch::Tensor& rights, int64_t pre,
                            const c10::optional<torch::Tensor>& residual, int64_t residual_shift, int64_t lo,
                            int64_t hi) {
-  TORCH_CHECK(x.dtype() == torch::kInt64 && x.is_contiguous(), "x must be contiguous int64");
+  TORCH_CHECK((x.dtype() == torch::kInt64 || x.dtype() == torch::kInt32) && x.is_contiguous(),
+              "x must be contiguous int32 / int64");
   const IntEpilogue ep(signs, lefts, bias, rights, pre, residual_shift, lo, hi);
   const int64_t C = ep.C;
   const bool per_channel = C > 1;
   TORCH_CHECK(!per_channel || (x.dim() >= 2 && x.size(1) == C), "x's dimension 1 must have C channels");
   const bool has_res = residual.has_value() && residual->defined();
   if (has_res)
-    TORCH_CHECK(residual->dtype() == torch::kInt64 && residual->is_contiguous() && residual->sizes() == x.sizes(),
-                "residual must be contiguous int64 of x's shape");
+    TORCH_CHECK(residual->dtype() == x.dtype() && residual->is_contiguous() && residual->sizes() == x.sizes(),
+                "residual must be contiguous, of x's shape and dtype");
   auto out = torch::empty_like(x);
   const int64_t n = x.numel();
   const int64_t planes = per_channel ? x.size(0) * C : std::max<int64_t>(1, (n + 4095) / 4096);
   const int64_t inner = per_channel ? (planes ? n / planes : 0) : 4096;
-  const int64_t* xp = x.data_ptr<int64_t>();
-  int64_t* op = out.data_ptr<int64_t>();
-  const int64_t* resp = has_res ? residual->data_ptr<int64_t>() : nullptr;
   const bool avx = use_avx2();
-  at::parallel_for(0, planes, std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, inner)), [&](int64_t b, int64_t e) {
-    for (int64_t p = b; p < e; ++p) {
-      const int64_t start = p * inner, len = std::min(inner, n - start);
-      if (len <= 0) continue;
-      ep.apply(xp + start, op + start, len, per_channel ? p % C : 0, resp ? resp + start : nullptr, avx);
-    }
-  });
+  auto go = [&](auto tag) {
+    using X = decltype(tag);
+    const X* xp = x.data_ptr<X>();
+    X* op = out.data_ptr<X>();
+    const X* resp = has_res ? residual->data_ptr<X>() : nullptr;
+    at::parallel_for(0, planes, std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, inner)), [&](int64_t b, int64_t e) {
+      for (int64_t p = b; p < e; ++p) {
+        const int64_t start = p * inner, len = std::min(inner, n - start);
+        if (len <= 0) continue;
+        ep.apply(xp + start, op + start, len, per_channel ? p % C : 0, resp ? resp + start : nullptr, avx);
+      }
+    });
+  };
+  if (x.dtype() == torch::kInt64) go(int64_t{});
+  else go(int32_t{});
   return out;
 }
 

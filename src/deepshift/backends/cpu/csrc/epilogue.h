@@ -1,4 +1,4 @@
-// The integer-only models' epilogue (deepshift::int_epilogue) prepared once per call: per channel,
+// The integer-only models' epilogue (deepshift::int_epilogue, on int32 or int64 tensors) prepared once per call: per channel,
 // its active terms' left shifts and negation masks, bias, right shift; shared by the element-wise op
 // (elementwise.cpp) and the integer conv's finish step (conv.cpp).
 #pragma once
@@ -6,6 +6,15 @@
 #include "common.h"
 
 namespace deepshift_cpu {
+
+#ifdef DS_X86
+// epilogue512.cpp: the AVX-512 build of int_epilogue_run (instantiated for the (XI, XO, XR) below).
+// Takes `rows` runs of n values: x's at stride xs, y's and r's at stride ys.
+template <typename XI, typename XO, typename XR>
+void int_epilogue_avx512(const XI* x, int64_t xs, XO* y, int64_t ys, int64_t rows, int64_t n, int k,
+                         const int64_t* left, const int64_t* neg, int64_t bias, int64_t right, int64_t pre,
+                         const XR* r, int64_t rs, int64_t lo, int64_t hi);
+#endif
 
 struct IntEpilogue {
   int64_t K = 0, C = 0, pre = 0, rs = 0, lo = INT64_MIN, hi = INT64_MAX;
@@ -47,17 +56,38 @@ struct IntEpilogue {
   }
 
   // y[0, n) = the epilogue of x[0, n), all in channel c (0 when per tensor); r: the residual or null.
-  void apply(const int64_t* x, int64_t* y, int64_t n, int64_t c, const int64_t* r, bool avx) const {
+  // XI, XO, XR: int32_t or int64_t (computed in int64; see int_epilogue_run).
+  template <typename XI, typename XO, typename XR>
+  void apply(const XI* x, XO* y, int64_t n, int64_t c, const XR* r, bool avx) const {
+    apply_rows(x, n, y, n, 1, n, c, r, avx);
+  }
+
+  // apply on `rows` runs of n values of channel c: x's at stride xs, y's and r's at stride ys.
+  template <typename XI, typename XO, typename XR>
+  void apply_rows(const XI* x, int64_t xs, XO* y, int64_t ys, int64_t rows, int64_t n, int64_t c, const XR* r,
+                  bool avx) const {
     const int kc = static_cast<int>(count[c]);
     const int64_t* lc = left.data() + c * K;
     const int64_t* nc = neg.data() + c * K;
     const int64_t bias_c = bias ? bias[c] : 0;
+#ifdef DS_X86
+    if (avx && use_avx512() && (sizeof(XI) == 4 || sizeof(XO) == 8) && sizeof(XO) == sizeof(XR))
+      return int_epilogue_avx512(x, xs, y, ys, rows, n, kc, lc, nc, bias_c, rights[c], pre, r, rs, lo, hi);
+#endif
     auto run = [&](auto ns) {
       constexpr int N = decltype(ns)::value;
+      for (int64_t row = 0; row < rows; ++row) {
+        const XR* rr = r ? r + row * ys : nullptr;
 #ifdef DS_X86
-      if (avx) return ds_avx2::int_epilogue_run<N>(x, y, n, kc, lc, nc, bias_c, rights[c], pre, r, rs, lo, hi);
+        if (avx) {
+          ds_avx2::int_epilogue_run<N>(x + row * xs, y + row * ys, n, kc, lc, nc, bias_c, rights[c], pre, rr, rs,
+                                       lo, hi);
+          continue;
+        }
 #endif
-      ds_portable::int_epilogue_run<N>(x, y, n, kc, lc, nc, bias_c, rights[c], pre, r, rs, lo, hi);
+        ds_portable::int_epilogue_run<N>(x + row * xs, y + row * ys, n, kc, lc, nc, bias_c, rights[c], pre, rr, rs,
+                                         lo, hi);
+      }
     };
     if (kc == 1) run(std::integral_constant<int, 1>());
     else if (kc == 2) run(std::integral_constant<int, 2>());

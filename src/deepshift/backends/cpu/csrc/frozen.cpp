@@ -234,16 +234,18 @@ torch::Tensor channel_affine_kernel(const torch::Tensor& x, const torch::Tensor&
   return call_python(affine_fallback, x, scale, shift);  // the reference: other dtypes, its errors
 }
 
-// Whether the native int_epilogue pass takes these arguments for an int64 tensor of shape out_shape
-// (_int_epilogue_args_ok in conv.py); anything else goes to the reference.
-bool int_epilogue_args_ok(c10::IntArrayRef out_shape, const torch::Tensor& signs, const torch::Tensor& lefts,
-                          const c10::optional<torch::Tensor>& bias, const torch::Tensor& rights, int64_t pre,
-                          const c10::optional<torch::Tensor>& residual, int64_t residual_shift) {
+// Whether the native int_epilogue pass takes these arguments for an int32 / int64 tensor (dtype) of
+// shape out_shape (_int_epilogue_args_ok in conv.py); anything else goes to the reference.
+bool int_epilogue_args_ok(c10::IntArrayRef out_shape, c10::ScalarType dtype, const torch::Tensor& signs,
+                          const torch::Tensor& lefts, const c10::optional<torch::Tensor>& bias,
+                          const torch::Tensor& rights, int64_t pre, const c10::optional<torch::Tensor>& residual,
+                          int64_t residual_shift) {
   const auto i64 = torch::kInt64;
   return signs.scalar_type() == i64 && lefts.scalar_type() == i64 && rights.scalar_type() == i64 &&
          signs.dim() == 2 && lefts.sizes() == signs.sizes() && rights.numel() == signs.size(1) &&
          (!has(bias) || (bias->scalar_type() == i64 && bias->numel() == signs.size(1))) &&
-         (!has(residual) || (residual->scalar_type() == i64 && residual->sizes() == out_shape)) &&
+         (dtype == i64 || dtype == torch::kInt32) &&
+         (!has(residual) || (residual->scalar_type() == dtype && residual->sizes() == out_shape)) &&
          (signs.size(1) == 1 || (out_shape.size() >= 2 && out_shape[1] == signs.size(1))) && pre >= 0 && pre < 63 &&
          residual_shift >= 0 && residual_shift < 63 && signs.device().is_cpu() && lefts.device().is_cpu() &&
          rights.device().is_cpu();
@@ -254,8 +256,8 @@ torch::Tensor int_epilogue_kernel(const torch::Tensor& x, const torch::Tensor& s
                                   const c10::optional<torch::Tensor>& bias, const torch::Tensor& rights, int64_t pre,
                                   const c10::optional<torch::Tensor>& residual, int64_t residual_shift,
                                   c10::optional<int64_t> lo, c10::optional<int64_t> hi) {
-  if (native_off() || x.scalar_type() != torch::kInt64 ||
-      !int_epilogue_args_ok(x.sizes(), signs, lefts, bias, rights, pre, residual, residual_shift))
+  if (native_off() ||
+      !int_epilogue_args_ok(x.sizes(), x.scalar_type(), signs, lefts, bias, rights, pre, residual, residual_shift))
     return call_python(epilogue_fallback, x, signs, lefts, bias, rights, pre, residual, residual_shift, lo, hi);
   c10::optional<torch::Tensor> b, r;
   if (has(bias)) b = bias->contiguous();
@@ -271,12 +273,12 @@ torch::Tensor int_conv_kernel(const torch::Tensor& x, const torch::Tensor& codes
                               int64_t pre, const c10::optional<torch::Tensor>& residual, int64_t residual_shift,
                               c10::optional<int64_t> lo, c10::optional<int64_t> hi) {
   std::string_view s(spec.data(), spec.size());
-  if (!fast_path_off() && x.scalar_type() == torch::kInt64) {
+  if (!fast_path_off() && (x.scalar_type() == torch::kInt64 || x.scalar_type() == torch::kInt32)) {
     if (auto p = table_of<PreparedIntConv>().find(codes, bias, s, x)) {
       const bool same = p->in_shift == in_shift && p->in_lo == in_lo && p->in_hi == in_hi;
       const bool ok = has(signs) ? (has(lefts) && has(rights) &&
-                                    int_epilogue_args_ok(p->out_shape, *signs, *lefts, ebias, *rights, pre, residual,
-                                                         residual_shift))
+                                    int_epilogue_args_ok(p->out_shape, x.scalar_type(), *signs, *lefts, ebias, *rights, pre,
+                                                         residual, residual_shift))
                                  : !has(residual);
       if (same && ok)
         return p->run(x, signs, lefts, ebias, rights, pre, residual, residual_shift, lo.value_or(INT64_MIN),

@@ -604,53 +604,77 @@ inline I64x4 clamp4(I64x4 t, I64x4 lo, I64x4 hi) {
   return t > hi ? hi : t;
 }
 
-// build_table's converter for the integer-only models' int64 input: requantised on the way,
-// clamp(round_shift(x, shift), lo, hi) (deepshift::int_epilogue with one term), as the table's lanes.
-template <typename U>
+// Four int32 / int64 values of an integer-only model's tensors, loaded as (or stored from) int64
+// lanes: int32 values sign-extended, int64 ones as they are; a store to int32 keeps the low 32 bits
+// (wrapping, as torch's int64 -> int32 conversion).
+typedef int32_t I32x4 __attribute__((vector_size(16), aligned(4), may_alias));
+
+template <typename S>
+inline I64x4 load4(const S* p) {
+  if constexpr (sizeof(S) == 8) return *reinterpret_cast<const I64x4*>(p);
+  else return __builtin_convertvector(*reinterpret_cast<const I32x4*>(p), I64x4);
+}
+
+template <typename S>
+inline void store4(S* p, I64x4 v) {
+  if constexpr (sizeof(S) == 8) *reinterpret_cast<I64x4*>(p) = v;
+  else *reinterpret_cast<I32x4*>(p) = __builtin_convertvector(v, I32x4);
+}
+
+// build_table's converter for the integer-only models' int32 / int64 input (S): requantised on the
+// way, clamp(round_shift(x, shift), lo, hi) (deepshift::int_epilogue with one term), as the table's lanes.
+template <typename U, typename S = int64_t>
 struct RequantIn {
   int64_t shift, lo, hi;
-  bool run(const int64_t* src, U* dst, int64_t n) const {
+  bool run(const S* src, U* dst, int64_t n) const {
     int64_t i = 0;
     if (shift > 0) {  // four values per step
       const uint64_t half = (uint64_t(1) << (shift - 1)) - 1;
       const I64x4 lov = {lo, lo, lo, lo}, hiv = {hi, hi, hi, hi};
       for (; i + 4 <= n; i += 4) {
-        const I64x4 t = clamp4(round_shift4(*reinterpret_cast<const U64x4*>(src + i), shift, half), lov, hiv);
+        const I64x4 t = clamp4(round_shift4(reinterpret_cast<U64x4>(load4(src + i)), shift, half), lov, hiv);
         for (int j = 0; j < 4; ++j) dst[i + j] = static_cast<U>(t[j]);
       }
     }
     for (; i < n; ++i) {
-      const int64_t t = round_shift_one(src[i], shift);
+      const int64_t t = round_shift_one(static_cast<int64_t>(src[i]), shift);
       dst[i] = static_cast<U>(t < lo ? lo : (t > hi ? hi : t));
     }
     return false;
   }
 };
 
-template <int K>
-void int_epilogue_run(const int64_t* x, int64_t* y, int64_t n, int k_dyn, const int64_t* left, const int64_t* neg,
-                      int64_t bias, int64_t right, int64_t pre, const int64_t* r, int64_t rs, int64_t lo,
+// The epilogue of x[0, n) into y (XI, XO, XR: int32_t or int64_t; r the residual or null), computed in
+// int64 and stored as XO (the caller's clamp keeps it in XO's range, else it wraps like the reference).
+template <int K, typename XI, typename XO, typename XR>
+void int_epilogue_run(const XI* x, XO* y, int64_t n, int k_dyn, const int64_t* left, const int64_t* neg,
+                      int64_t bias, int64_t right, int64_t pre, const XR* r, int64_t rs, int64_t lo,
                       int64_t hi) {
   const int kk = K > 0 ? K : k_dyn;
   int64_t i = 0;
   if (right > 0 && pre == 0) {  // four values per step
     const uint64_t half = (uint64_t(1) << (right - 1)) - 1;
     const I64x4 lov = {lo, lo, lo, lo}, hiv = {hi, hi, hi, hi};
+    // The parameters in locals (stores through the may_alias vectors would reload them each step).
+    int64_t ls[4] = {};
+    bool ns[4] = {};
+    for (int k = 0; k < K; ++k) ls[k] = left[k], ns[k] = neg[k] != 0;
     for (; i + 4 <= n; i += 4) {
-      const U64x4 v = *reinterpret_cast<const U64x4*>(x + i);
+      const U64x4 v = reinterpret_cast<U64x4>(load4(x + i));
       U64x4 sum = U64x4{} + static_cast<uint64_t>(bias);
-      for (int k = 0; k < kk; ++k) {
-        const U64x4 t = v << left[k];
-        const uint64_t m = static_cast<uint64_t>(neg[k]);
-        sum += (t ^ m) - m;
+      for (int k = 0; k < kk; ++k) {  // the channel's signs are fixed: add or subtract (same bits)
+        const U64x4 t = v << (K > 0 ? ls[k] : left[k]);
+        if (K > 0 ? ns[k] : neg[k] != 0) sum -= t;
+        else sum += t;
       }
       I64x4 t = round_shift4(sum, right, half);
-      if (r) t = reinterpret_cast<I64x4>(reinterpret_cast<U64x4>(t) + (*reinterpret_cast<const U64x4*>(r + i) << rs));
-      *reinterpret_cast<I64x4*>(y + i) = clamp4(t, lov, hiv);
+      if (r) t = reinterpret_cast<I64x4>(reinterpret_cast<U64x4>(t) + (reinterpret_cast<U64x4>(load4(r + i)) << rs));
+      store4(y + i, clamp4(t, lov, hiv));
     }
   }
   for (; i < n; ++i) {
-    const int64_t v = pre ? round_shift_one(x[i], pre) : x[i];
+    const int64_t xi = static_cast<int64_t>(x[i]);
+    const int64_t v = pre ? round_shift_one(xi, pre) : xi;
     uint64_t s = static_cast<uint64_t>(bias);
     for (int k = 0; k < kk; ++k) {
       const uint64_t t = static_cast<uint64_t>(v) << left[k];
@@ -658,8 +682,8 @@ void int_epilogue_run(const int64_t* x, int64_t* y, int64_t n, int k_dyn, const 
       s += (t ^ m) - m;
     }
     int64_t t = round_shift_one(static_cast<int64_t>(s), right);
-    if (r) t = static_cast<int64_t>(static_cast<uint64_t>(t) + (static_cast<uint64_t>(r[i]) << rs));
-    y[i] = t < lo ? lo : (t > hi ? hi : t);
+    if (r) t = static_cast<int64_t>(static_cast<uint64_t>(t) + (static_cast<uint64_t>(static_cast<int64_t>(r[i])) << rs));
+    y[i] = static_cast<XO>(t < lo ? lo : (t > hi ? hi : t));
   }
 }
 
