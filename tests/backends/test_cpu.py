@@ -223,6 +223,37 @@ def test_table_lookup_linear_bit_exact(native, chunk):
     assert torch.equal(got, ops.shift_linear_reference(x, codes, [20, 64], 5, False, -20, None))
 
 
+def test_prepared_int32_linear_follows_its_weights_bias_shape_and_isa(native):
+    """int32 shift_linear calls keep their prepared table-lookup call per (codes, bias, arguments,
+    input shape): changing the codes or bias in place, another batch or another ISA path must not
+    reuse a stale one."""
+    if "avx512" not in isa_paths():
+        pytest.skip("this CPU lacks AVX-512 F/BW/VL: the table-lookup kernel is not run here")
+    rng = random.Random(77)
+    codes = _random_codes(rng, 37 * 53, 5, None)
+    bias = _rand_int(rng, (37,), 2**20, torch.int32)
+    x = _rand_int(rng, (2, 53), 2**15, torch.int32)
+
+    def check(inp):
+        args = (inp, codes, [37, 53], 5, False, -6, bias)
+        assert torch.equal(torch.ops.deepshift.shift_linear(*args), ops.shift_linear_reference(*args))
+
+    build.set_isa("avx512")
+    try:
+        check(x)
+        check(x)  # the prepared call
+        codes[3] ^= 0x5A
+        check(x)
+        bias.add_(12345)
+        check(x)
+        check(_rand_int(rng, (5, 53), 2**15, torch.int32))
+        check(_rand_int(rng, (53,), 2**15, torch.int32))
+        build.set_isa("avx2")
+        check(x)
+    finally:
+        build.set_isa("auto")
+
+
 @pytest.mark.parametrize("chunk", range(2))
 def test_wide_table_lookup_linear_bit_exact(native, chunk):
     """int64 accumulators through the table-lookup kernel's wide form (int32 tables and lane sums

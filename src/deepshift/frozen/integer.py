@@ -65,6 +65,7 @@ DEFAULT_SCALE_TERMS = 3
 # Terms of a power-of-two sum more than this many bits below its leading term are dropped.
 _TERM_SPAN = 26
 _INT_CONV = torch.ops.deepshift.int_conv.default
+_SHIFT_LINEAR = torch.ops.deepshift.shift_linear.default
 
 
 def power_terms(values: Tensor, terms: int) -> tuple[Tensor, Tensor]:
@@ -157,11 +158,14 @@ class IntegerShiftLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         s = self.spec
         acc = ACCUMULATORS[s.accumulator]
-        q = x.to(acc)
-        bias = None if self.bias_int is None else self.bias_int.to(acc)
+        q = x if x.dtype == acc else x.to(acc)
+        bias = self._buffers["bias_int"]
+        if bias is not None and bias.dtype != acc:
+            bias = bias.to(acc)
         if s.kind == "linear":
-            fn = ref.shift_linear_reference if self.reference else torch.ops.deepshift.shift_linear
-            y = fn(q, self.codes, list(s.weight_shape), s.weight_bits, s.has_zero, s.shift_lo, bias)
+            fn = ref.shift_linear_reference if self.reference else _SHIFT_LINEAR
+            codes = self._buffers["codes"]
+            y = fn(q, codes, list(s.weight_shape), s.weight_bits, s.has_zero, s.shift_lo, bias)
         else:
             unbatched = q.dim() == len(s.weight_shape) - 1
             if unbatched:

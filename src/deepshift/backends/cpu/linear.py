@@ -124,9 +124,48 @@ def _linear_plan(ext, codes, weight_shape, weight_bits, has_zero, shift_lo, lane
                    make_plan)
 
 
+class _PreparedLut:
+    """A ``shift_linear`` call on int32 inputs of one shape, prepared (the table-lookup layout and the
+    shifted int32 bias): what integer-only models call once per Linear layer and batch, where the
+    checks and layout lookups of the general path cost several times the kernel at batch 1."""
+
+    def __init__(self, ext, lut, bias, out_f: int, in_f: int, shape):
+        self.ext, self.lut, self.bias = ext, lut, bias
+        self.out_f, self.in_f, self.shape = out_f, in_f, [*shape[:-1], out_f]
+
+    def __call__(self, x: Tensor) -> Tensor:
+        x2 = x.reshape(-1, self.in_f)
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        return self.ext.gemv_lut(x2, *self.lut, self.out_f, self.bias, False).reshape(self.shape)
+
+    def remember(self, *args) -> None:  # fused_forward's interface: no C++ kernel looks these up
+        pass
+
+
+def _prepare_lut_call(ext, x, codes, weight_shape, weight_bits, has_zero, shift_lo, bias):
+    """A :class:`_PreparedLut` where the general path would take the table lookup on int32 lanes
+    (int32 x, AVX-512, at most 32 distinct weights), else None."""
+    if x.dtype != torch.int32 or not _linear_native_ok(x, codes, weight_shape, weight_bits, bias):
+        return None
+    lut = _lut(ext, codes, weight_shape, weight_bits, has_zero, shift_lo)
+    if lut is None:
+        return None
+    b = _shifted_bias(bias, min(shift_lo, 0))
+    return _PreparedLut(ext, lut, None if b is None else b.to(torch.int32), weight_shape[0], weight_shape[1],
+                        x.shape)
+
+
 def shift_linear_cpu(x, codes, weight_shape, weight_bits, has_zero, shift_lo, bias):
     """CPU kernel of ``deepshift::shift_linear`` (native when available, else the reference)."""
     ext = load_extension()
+    if ext is not None and x.dtype == torch.int32 and x.device.type == "cpu":
+        # kept per (codes, bias, arguments, x's shape): a hit had these exact arguments checked
+        key = f"shift_linear {weight_shape} {weight_bits} {has_zero} {shift_lo} isa {ext.current_isa()}"
+        prepared = fused_forward(x, codes, bias, key, lambda: _prepare_lut_call(
+            ext, x, codes, weight_shape, weight_bits, has_zero, shift_lo, bias))
+        if prepared is not None:
+            return prepared(x)
     if ext is None or not _linear_native_ok(x, codes, weight_shape, weight_bits, bias):
         return ref.shift_linear_reference(x, codes, weight_shape, weight_bits, has_zero, shift_lo, bias)
     out_f, in_f = weight_shape
