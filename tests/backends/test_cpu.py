@@ -873,7 +873,8 @@ def test_frozen_op_kernels_run_remembered_forwards(native, monkeypatch):
         python_calls = []
 
         def spy(*args):
-            python_calls.append(args[0].shape)
+            if args[0].is_floating_point():  # the frozen layers' calls (not shift_linear's on int32)
+                python_calls.append(args[0].shape)
             return None  # no fused forward: the Python kernel takes the reference
 
         monkeypatch.setattr(conv, "fused_forward", spy)
