@@ -145,6 +145,35 @@ def test_the_integer_reference_equals_the_native_path_bit_for_bit(cfg):
         assert torch.equal(native, reference)
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(-(2**30), 2**30), min_size=1, max_size=16), st.integers(-6, 12),
+       st.one_of(st.none(), st.integers(-(2**20), 2**20)), st.one_of(st.none(), st.integers(-(2**20), 2**20)),
+       st.integers(-(2**15), 0), st.integers(0, 2**15))
+def test_a_clamp_before_a_requantisation_merges_into_its_range(values, shift, clamp_lo, clamp_hi, lo, hi):
+    # what _fuse_clamps relies on: the rounding shift is monotone
+    x = torch.tensor(values, dtype=torch.int64)
+    if clamp_lo is not None and clamp_hi is not None and clamp_lo > clamp_hi:
+        clamp_lo, clamp_hi = clamp_hi, clamp_lo
+    amount = torch.tensor(shift)
+    clamped = x if clamp_lo is None and clamp_hi is None else torch.clamp(x, clamp_lo, clamp_hi)
+    expected = torch.clamp(round_shift(clamped, amount), lo, hi)
+    new_lo = lo if clamp_lo is None else max(lo, integer_module._round_shift_int(clamp_lo, shift))
+    new_hi = hi if clamp_hi is None else min(hi, integer_module._round_shift_int(clamp_hi, shift))
+    if new_lo <= new_hi:  # (else _fuse_clamps leaves the clamp alone)
+        assert torch.equal(torch.clamp(round_shift(x, amount), new_lo, new_hi), expected)
+
+
+def test_relus_after_convs_without_batchnorm_and_before_linear_layers_leave_no_pass_of_their_own():
+    frozen, x = _frozen("mnist-conv", deepshift.QConfig(weight_bits=5), (4, 1, 28, 28))
+    model = integer_only(frozen, x)
+    kinds = [type(m).__name__ for m in model.children()]
+    assert "Clamp" not in kinds, kinds  # into the convs' epilogues and the Linear's requantisation
+    assert kinds.count("IntegerConv") == 2
+    with torch.no_grad():
+        assert torch.equal(model(x.double()), frozen(x.double()))
+        assert torch.equal(model(x), set_reference_(copy.deepcopy(model))(x))
+
+
 def _conv_outputs(model, x) -> list[torch.Tensor]:
     outs = []
     hooks = [m.register_forward_hook(lambda mod, args, out: outs.append(out)) for m in model.modules()

@@ -498,6 +498,7 @@ def integer_only(model: nn.Module, example_input: Tensor, scale_terms: int = DEF
         raise ValueError(f"integer_only: no integer form for {listed}. Integer-only models take shift "
                          "layers, BatchNorm, ReLU/ReLU6/hardtanh, residual additions, max and average "
                          "pooling, flatten/reshape/slicing and zero padding.")
+    _fuse_clamps(graph, new_modules)
     _fuse_epilogues(graph, new_modules)
     _fuse_convs(graph, new_modules)
     root = nn.Module()
@@ -517,6 +518,44 @@ def _only_user(node: torch.fx.Node) -> torch.fx.Node | None:
 def _module_of(node, modules: dict[str, nn.Module]) -> nn.Module | None:
     """The module a ``call_module`` node calls, else None."""
     return modules.get(node.target) if isinstance(node, torch.fx.Node) and node.op == "call_module" else None
+
+
+def _round_shift_int(v: int, a: int) -> int:
+    """round_shift (reference.py) on one Python int: to nearest, ties to even; a <= 0 shifts left."""
+    if a <= 0:
+        return v << -a
+    return (v + (1 << (a - 1)) - 1 + ((v >> a) & 1)) >> a
+
+
+def _fuse_clamps(graph: torch.fx.Graph, modules: dict[str, nn.Module]) -> None:
+    """A clamp (ReLU) that a requantisation alone reads becomes that requantisation's range (the
+    rounding shift is monotone: ``clamp(round_shift(clamp(x, L, H)), lo, hi)`` is ``clamp(round_shift(x),
+    max(lo, round_shift(L)), min(hi, round_shift(H)))``); one right after a conv without BatchNorm
+    becomes an identity epilogue step (one term ``x << 0``, no rounding), which the conv's op then
+    takes over. Either way one pass over memory less, the same integers."""
+    for node in list(graph.nodes):
+        clamp = _module_of(node, modules)
+        if not isinstance(clamp, Clamp) or len(node.args) != 1:
+            continue
+        prev = node.args[0]
+        src = _module_of(prev, modules)
+        if isinstance(src, IntegerShiftLayer) and src.spec.kind == "conv" and len(prev.users) == 1:
+            one = torch.ones(1, 1, dtype=torch.int64)
+            step = ChannelScale(one, torch.zeros_like(one), None, 0, 0, 0)
+            step.lo, step.hi, step.out_dtype = clamp.lo, clamp.hi, src.out_dtype
+            modules[node.target] = step
+            continue
+        user = _only_user(node)
+        requant = _module_of(user, modules)
+        if isinstance(requant, Requantize) and user.args[0] is node:
+            a = requant.shift
+            lo = requant.lo if clamp.lo is None else max(requant.lo, _round_shift_int(clamp.lo, a))
+            hi = requant.hi if clamp.hi is None else min(requant.hi, _round_shift_int(clamp.hi, a))
+            if lo <= hi:
+                requant.lo, requant.hi = lo, hi
+                node.replace_all_uses_with(prev)
+                graph.erase_node(node)
+                modules.pop(node.target)
 
 
 def _fuse_epilogues(graph: torch.fx.Graph, modules: dict[str, nn.Module]) -> None:
