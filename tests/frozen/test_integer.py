@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -172,6 +173,33 @@ def test_relus_after_convs_without_batchnorm_and_before_linear_layers_leave_no_p
     with torch.no_grad():
         assert torch.equal(model(x.double()), frozen(x.double()))
         assert torch.equal(model(x), set_reference_(copy.deepcopy(model))(x))
+
+
+class _ReluThenAdd(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 2, 3, padding=1, bias=False)
+        self.c2 = nn.Conv2d(2, 2, 3, padding=1, bias=False)
+        self.fc = nn.Linear(2 * 5 * 5, 3)
+
+    def forward(self, x):
+        y = torch.relu(self.c1(x)) + x  # a residual after the ReLU of a conv without BatchNorm
+        y = torch.relu(F.relu6(self.c2(y)))  # two clamps in a row
+        return self.fc(y.flatten(1))
+
+
+def test_clamp_fusions_keep_a_relu_before_a_residual_add_and_merge_clamps_in_a_row(monkeypatch):
+    torch.manual_seed(0)
+    frozen = deepshift.freeze_(deepshift.convert_(_ReluThenAdd().eval(), deepshift.QConfig(weight_bits=5)))
+    x = torch.randn(4, 2, 5, 5)
+    model = integer_only(frozen, x)
+    monkeypatch.setattr(integer_module, "_fuse_clamps", lambda graph, modules: None)
+    plain = integer_only(frozen, x)
+    with torch.no_grad():
+        assert torch.equal(model(x), plain(x))
+        assert torch.equal(model(x), set_reference_(copy.deepcopy(model))(x))
+    kinds = [type(m).__name__ for m in model.children()]
+    assert "AlignedAdd" in kinds and "Clamp" not in kinds, kinds
 
 
 def _conv_outputs(model, x) -> list[torch.Tensor]:

@@ -224,6 +224,7 @@ class ChannelScale(nn.Module):
                              torch.round(bias.double() * torch.exp2(inner.double())).to(torch.int64))
         # Set when fused with the residual add and the clamp after it (_fuse_epilogues).
         self.residual_shift, self.lo, self.hi = 0, None, None
+        self.clamped = False  # lo / hi came from a clamp after the step (beyond int32's saturation)
         self.reference = False
         self.out_dtype = torch.int64
 
@@ -543,6 +544,7 @@ def _fuse_clamps(graph: torch.fx.Graph, modules: dict[str, nn.Module]) -> None:
             one = torch.ones(1, 1, dtype=torch.int64)
             step = ChannelScale(one, torch.zeros_like(one), None, 0, 0, 0)
             step.lo, step.hi, step.out_dtype = clamp.lo, clamp.hi, src.out_dtype
+            step.clamped = True
             modules[node.target] = step
             continue
         user = _only_user(node)
@@ -576,7 +578,8 @@ def _fuse_epilogues(graph: torch.fx.Graph, modules: dict[str, nn.Module]) -> Non
             continue
         user = _only_user(node)
         add = _module_of(user, modules)
-        if isinstance(add, AlignedAdd) and user.args[0] is not user.args[1]:
+        # (a step that already clamps cannot take an add after it: the clamp would move past the add)
+        if isinstance(add, AlignedAdd) and not step.clamped and user.args[0] is not user.args[1]:
             mine, theirs = (add.shift_a, add.shift_b) if user.args[0] is node else (add.shift_b, add.shift_a)
             if mine == 0:
                 other = user.args[1] if user.args[0] is node else user.args[0]
@@ -585,11 +588,13 @@ def _fuse_epilogues(graph: torch.fx.Graph, modules: dict[str, nn.Module]) -> Non
                 modules.pop(user.target)
         user = _only_user(node)
         clamp = _module_of(user, modules)
-        if isinstance(clamp, Clamp):  # within the step's own saturation, if any
-            step.lo = clamp.lo if step.lo is None else step.lo if clamp.lo is None else max(step.lo, clamp.lo)
-            step.hi = clamp.hi if step.hi is None else step.hi if clamp.hi is None else min(step.hi, clamp.hi)
-            node = replace(node, user, tuple(node.args))
-            modules.pop(user.target)
+        if isinstance(clamp, Clamp):  # within the step's own clamp, if any (where the ranges meet)
+            lo = clamp.lo if step.lo is None else step.lo if clamp.lo is None else max(step.lo, clamp.lo)
+            hi = clamp.hi if step.hi is None else step.hi if clamp.hi is None else min(step.hi, clamp.hi)
+            if lo is None or hi is None or lo <= hi:
+                step.lo, step.hi, step.clamped = lo, hi, True
+                node = replace(node, user, tuple(node.args))
+                modules.pop(user.target)
 
 
 def _fuse_convs(graph: torch.fx.Graph, modules: dict[str, nn.Module]) -> None:

@@ -1,6 +1,6 @@
-// The integer-only models' epilogue (deepshift::int_epilogue, on int32 or int64 tensors) prepared once per call: per channel,
-// its active terms' left shifts and negation masks, bias, right shift; shared by the element-wise op
-// (elementwise.cpp) and the integer conv's finish step (conv.cpp).
+// The integer-only models' epilogue (deepshift::int_epilogue, on int32 or int64 tensors) prepared once
+// per call: per channel, its active terms' left shifts and negation masks, bias, right shift; shared by
+// the element-wise op (elementwise.cpp) and the integer conv's finish step (conv.cpp).
 #pragma once
 
 #include "common.h"
