@@ -557,13 +557,18 @@ std::tuple<torch::Tensor, bool> conv_fused(const torch::Tensor& x, std::vector<i
       if (relu) return ds_portable::epilogue_run<true>(out, out, k, sp[c], hp[c], r);
       return ds_portable::epilogue_run<false>(out, out, k, sp[c], hp[c], r);
     };
-    auto finish = [&](int64_t n, int64_t dst, const uint32_t* src, int64_t count) {
+    // `rows` runs of `count` values (at stride src_stride in src), consecutive in the output from dst.
+    auto finish = [&](int64_t n, int64_t dst, const uint32_t* src, int64_t count, int64_t rows = 1,
+                      int64_t src_stride = 0) {
       FO* out = op + n * yimg_stride + dst;
+      for (int64_t j = 0; j < rows; ++j) {
 #ifdef DS_X86
-      if (avx) ds_avx2::scale_run<FO>(src, out, count, e);
-      else
+        if (avx) ds_avx2::scale_run<FO>(src + j * src_stride, out + j * count, count, e);
+        else
 #endif
-        ds_portable::scale_run<FO>(src, out, count, e);
+          ds_portable::scale_run<FO>(src + j * src_stride, out + j * count, count, e);
+      }
+      count *= rows;  // rows > 1: one channel's (conv_drive's flat mode), one epilogue call for them
       if (!sp) return;
       // The run may span channels: one epilogue per channel segment, in place, still in cache.
       const FO* r = rp ? rp + n * yimg_stride + dst : nullptr;
