@@ -65,6 +65,7 @@ struct QuantSpec {
 };
 
 namespace ds_portable {
+#include "epilogue_lanes.h"
 #include "kernels.h"
 }  // namespace ds_portable
 
@@ -73,6 +74,7 @@ namespace ds_portable {
 #pragma GCC target("avx2,fma,bmi2")
 #define DS_AVX2_TU 1
 namespace ds_avx2 {
+#include "epilogue_lanes.h"
 #include "kernels.h"
 }  // namespace ds_avx2
 #undef DS_AVX2_TU

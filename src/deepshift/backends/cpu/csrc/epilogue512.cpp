@@ -1,7 +1,7 @@
 // The integer-only models' epilogue (int_epilogue_run in kernels.h) built for AVX-512 (F, VL): eight
 // int64 lanes per step, with the 64-bit arithmetic shift, min / max and int64 -> int32 narrowing that
 // AVX2 lacks (there each is several instructions). The same arithmetic, bit for bit; run only where
-// use_avx512() says the CPU has it (IntEpilogue::apply).
+// use_avx512() says the CPU has it (IntEpilogue::apply). The arithmetic is epilogue_lanes.h's.
 #include "epilogue.h"
 
 #ifdef DS_X86
@@ -10,6 +10,8 @@
 
 namespace deepshift_cpu {
 namespace {
+
+#include "epilogue_lanes.h"  // this copy compiled for AVX-512
 
 typedef int64_t I64x8 __attribute__((vector_size(64), aligned(8), may_alias));
 typedef uint64_t U64x8 __attribute__((vector_size(64), aligned(8), may_alias));
@@ -33,32 +35,13 @@ inline void store8(S* p, I64x8 v, __mmask8 m) {
 template <int K, bool R, typename XI, typename XO, typename XR>
 void run8(const XI* x, int64_t xs, XO* y, int64_t ys, int64_t rows, int64_t n, int k_dyn, const int64_t* left,
           const int64_t* neg, int64_t bias, int64_t right, const XR* r, int64_t rs, int64_t lo, int64_t hi) {
-  const int kk = K > 0 ? K : k_dyn;
-  // The parameters in locals (the stores through the may_alias vectors would otherwise reload them
-  // every step). The channel's signs are fixed: each term is added or subtracted (a predictable
-  // branch, not a negation per lane; the wrapping adds commute, so the sum is the same bits).
-  int64_t ls[8];
-  bool ns[8];
-  for (int k = 0; k < kk && k < 8; ++k) ls[k] = left[k], ns[k] = neg[k] != 0;
+  const EpilogueTerms terms(K > 0 ? K : k_dyn, left, neg);
   const uint64_t half = right > 0 ? (uint64_t(1) << (right - 1)) - 1 : 0;
-  const uint64_t b0 = static_cast<uint64_t>(bias);
   const I64x8 lov = I64x8{} + lo, hiv = I64x8{} + hi;
   auto step = [&](const XI* src, const XR* rsrc, XO* dst, __mmask8 mask) {
     const U64x8 v = reinterpret_cast<U64x8>(load8(src, mask));
-    U64x8 sum = U64x8{} + b0;
-    for (int k = 0; k < kk; ++k) {
-      const U64x8 t = v << (K > 0 ? ls[k] : left[k]);
-      if (K > 0 ? ns[k] : neg[k] != 0) sum -= t;
-      else sum += t;
-    }
-    // round_shift(sum, right): ties to even, as round_shift4; right <= 0 shifts left
-    I64x8 t;
-    if (right > 0) {
-      const U64x8 odd = (sum >> right) & 1;
-      t = reinterpret_cast<I64x8>(sum + (odd + half)) >> right;
-    } else {
-      t = reinterpret_cast<I64x8>(sum << -right);
-    }
+    I64x8 t = epilogue_lanes<U64x8, I64x8>(v, K > 0 ? K : terms.kk, terms.ls, terms.ns, static_cast<uint64_t>(bias),
+                                           right, half);
     if constexpr (R)
       t = reinterpret_cast<I64x8>(reinterpret_cast<U64x8>(t) + (reinterpret_cast<U64x8>(load8(rsrc, mask)) << rs));
     t = t < lov ? lov : t;
@@ -78,7 +61,7 @@ template <int K, typename XI, typename XO, typename XR>
 void run(const XI* x, int64_t xs, XO* y, int64_t ys, int64_t rows, int64_t n, int k_dyn, const int64_t* left,
          const int64_t* neg, int64_t bias, int64_t right, int64_t pre, const XR* r, int64_t rs, int64_t lo,
          int64_t hi) {
-  if (pre != 0 || right < -63 || right > 63) {  // the general case: the AVX2 build's loops
+  if (pre != 0 || k_dyn > 8 || right < -63 || right > 63) {  // the general case: the AVX2 build's loops
     for (int64_t row = 0; row < rows; ++row)
       ds_avx2::int_epilogue_run<K>(x + row * xs, y + row * ys, n, k_dyn, left, neg, bias, right, pre,
                                    r ? r + row * ys : nullptr, rs, lo, hi);

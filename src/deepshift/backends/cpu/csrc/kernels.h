@@ -652,22 +652,13 @@ void int_epilogue_run(const XI* x, XO* y, int64_t n, int k_dyn, const int64_t* l
                       int64_t hi) {
   const int kk = K > 0 ? K : k_dyn;
   int64_t i = 0;
-  if (right > 0 && pre == 0) {  // four values per step
-    const uint64_t half = (uint64_t(1) << (right - 1)) - 1;
+  if (pre == 0 && kk <= 8 && right >= -63 && right <= 63) {  // four values per step
+    const EpilogueTerms terms(kk, left, neg);
+    const uint64_t half = right > 0 ? (uint64_t(1) << (right - 1)) - 1 : 0;
     const I64x4 lov = {lo, lo, lo, lo}, hiv = {hi, hi, hi, hi};
-    // The parameters in locals (stores through the may_alias vectors would reload them each step).
-    int64_t ls[4] = {};
-    bool ns[4] = {};
-    for (int k = 0; k < K; ++k) ls[k] = left[k], ns[k] = neg[k] != 0;
     for (; i + 4 <= n; i += 4) {
-      const U64x4 v = reinterpret_cast<U64x4>(load4(x + i));
-      U64x4 sum = U64x4{} + static_cast<uint64_t>(bias);
-      for (int k = 0; k < kk; ++k) {  // the channel's signs are fixed: add or subtract (same bits)
-        const U64x4 t = v << (K > 0 ? ls[k] : left[k]);
-        if (K > 0 ? ns[k] : neg[k] != 0) sum -= t;
-        else sum += t;
-      }
-      I64x4 t = round_shift4(sum, right, half);
+      I64x4 t = epilogue_lanes<U64x4, I64x4>(reinterpret_cast<U64x4>(load4(x + i)), kk, terms.ls, terms.ns,
+                                             static_cast<uint64_t>(bias), right, half);
       if (r) t = reinterpret_cast<I64x4>(reinterpret_cast<U64x4>(t) + (reinterpret_cast<U64x4>(load4(r + i)) << rs));
       store4(y + i, clamp4(t, lov, hiv));
     }
