@@ -7,9 +7,13 @@ prints the test top-1 of each on the run's whole test split, and the float multi
 image outside the shift layers (deepshift.savings_report). With ``--seconds`` it also times, side
 by side in one run (medians after warm-up), the integer-only model against the float-BN frozen
 model as deployed (fused: BatchNorm, residual and ReLU inside the conv's native call), batch 1 and
-128.
+128. With ``--finetune-steps N`` it also fine-tunes a copy of each run with BatchNorm for each
+number of terms (:func:`deepshift.finetune_batchnorm_`, as ``deepshift finetune-bn`` does: N steps
+on the run's training split, Adam at ``--finetune-lr``) and adds the fine-tuned integer-only
+models' top-1.
 
-    .venv/bin/python benchmarks/integer.py runs/r20-q5 runs/r20-q3 [--seconds 2] [--out results/integer.md]
+    .venv/bin/python benchmarks/integer.py runs/r20-q5 runs/r20-q3 [--finetune-steps 1000] [--seconds 2]
+        [--out results/integer.md]
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import deepshift
 import deepshift.frozen.integer
 from deepshift.backends.cpu.machine import describe
 from deepshift.training.data.datasets import load_dataset
-from deepshift.training.data.loader import BatchLoader
+from deepshift.training.data.loader import BatchLoader, Epochs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernels import measure  # noqa: E402  (the side-by-side timer of the kernel benchmarks)
@@ -51,15 +55,20 @@ def main(argv: list[str] | None = None) -> int:
                    help="evaluate on the run's validation split (to choose settings) or its test split")
     p.add_argument("--terms", type=int, nargs="+", default=list(TERMS),
                    help="signed powers of two per BatchNorm scale to compare (default 1 2 3)")
+    p.add_argument("--finetune-steps", type=int, default=0,
+                   help="also the integer-only models after a BatchNorm-aware fine-tune of this many steps")
+    p.add_argument("--finetune-lr", type=float, default=1e-4, help="its learning rate (default 0.0001)")
     p.add_argument("--seconds", type=float, default=0.0, help="time each model this long per batch size")
     p.add_argument("--out", type=Path, help="also write the tables to this markdown file")
     args = p.parse_args(argv)
     terms = args.terms
     default = deepshift.frozen.integer.DEFAULT_SCALE_TERMS
+    tuned = terms if args.finetune_steps > 0 else []
     acc_rows = [f"| run | model | method | bits | {args.split} top-1: frozen, float BN | "
                 + " | ".join(f"integer-only, {k} term{'s' * (k > 1)}" for k in terms)
+                + "".join(f" | fine-tuned, integer-only, {k} term{'s' * (k > 1)}" for k in tuned)
                 + " | float mults / adds per image outside shift layers (frozen -> integer-only) |",
-                "|---|---|---|---:|---:|" + "---:|" * len(terms) + "---|"]
+                "|---|---|---|---:|---:|" + "---:|" * (len(terms) + len(tuned)) + "---|"]
     time_rows = ["| run | batch | fused frozen, float BN (ms) | integer-only, default terms (ms) | "
                  "integer-only / frozen |",
                  "|---|---:|---:|---:|---:|"]
@@ -74,10 +83,22 @@ def main(argv: list[str] | None = None) -> int:
         shape = tuple(example.shape[1:])
         before = deepshift.savings_report(frozen, shape)
         after = deepshift.savings_report(integer[default], shape)
-        scores = [top1(frozen, loader)] + [top1(integer[k], loader) for k in terms]
+        scores = [f"{top1(m, loader):.2f}" for m in [frozen, *(integer[k] for k in terms)]]
+        has_norm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        for k in tuned:
+            if not has_norm:
+                scores.append("no BatchNorm")
+                continue
+            torch.manual_seed(cfg.seed)
+            tuned_model = copy.deepcopy(model)
+            batches = Epochs(BatchLoader(splits.train, cfg.batch_size or 64, train=True, seed=cfg.seed))
+            deepshift.finetune_batchnorm_(tuned_model, batches, k, steps=args.finetune_steps,
+                                          lr=args.finetune_lr)
+            tuned_frozen = deepshift.freeze_(tuned_model.eval())
+            scores.append(f"{top1(deepshift.integer_only(tuned_frozen, example, scale_terms=k), loader):.2f}")
         acc_rows.append(
             f"| {run.name} | {cfg.model} | {cfg.method} | {cfg.weight_bits} | "
-            + " | ".join(f"{s:.2f}" for s in scores)
+            + " | ".join(scores)
             + f" | {before.float_mults_outside:,} / {before.float_adds_outside:,} -> "
               f"{after.float_mults_outside:,} / {after.float_adds_outside:,} |")
         print(acc_rows[-1], flush=True)

@@ -21,6 +21,7 @@ import deepshift.ops.schemas  # noqa: F401,I001  declares every deepshift::* op
 import deepshift.backends.cpu.register  # noqa: F401  the C++ CPU kernels (built on first use)
 from deepshift.backends.triton.register import register_cuda_kernels as _register_cuda_kernels
 from deepshift._version import __version__
+from deepshift.core.batchnorm import finetune_batchnorm_
 from deepshift.core.calibrate import calibrate_
 from deepshift.core.config import PSConfig, QConfig, config_from_dict
 from deepshift.core.convert import (
@@ -86,6 +87,7 @@ __all__ = [
     "effective_weight",
     "float_weights",
     "export_onnx",
+    "finetune_batchnorm_",
     "fixed_point",
     "freeze_",
     "fuse_frozen",

@@ -156,3 +156,38 @@ def test_calibrate_errors_are_one_line_exit_2(capsys, runs, tmp_path, case):
     assert code == 2 and len(err.splitlines()) == 1 and needle in err, err
     if case == "not_empty":
         assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+def test_finetune_bn_writes_a_run_whose_integer_only_form_has_nothing_left_to_round(capsys, tmp_path):
+    run, out = tmp_path / "r20", tmp_path / "r20-bn1"
+    train(TrainConfig(**{**TINY, "model": "resnet20", "limit_train": 64}, method="q", out=str(run)))
+    code, _, err = cli(capsys, "finetune-bn", run, "--scale-terms", "1", "--steps", "6", "--out", out,
+                       "--quiet")
+    assert code == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 6 and metrics["scale_terms"] == 1
+    assert all(0 <= metrics[k] <= 100 for k in ("val_top1_before", "val_top1_rounded", "val_top1"))
+    code, stdout, _ = cli(capsys, "eval", "--from", out / "best.pt", "--split", "val", "--json", "--quiet")
+    assert code == 0 and abs(json.loads(stdout)["top1"] - metrics["val_top1"]) < 1e-9  # the same model
+    files = {k: tmp_path / f"int{k}.dshift" for k in (1, 3)}
+    for k, path in files.items():
+        assert cli(capsys, "export", out, "--integer-only", "--scale-terms", k, "-o", path)[0] == 0
+    x = torch.rand(3, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(deepshift.load_packed(files[1])(x), deepshift.load_packed(files[3])(x))
+
+
+@pytest.mark.parametrize("case", ["float_run", "no_batchnorm", "bad_steps", "bad_terms"])
+def test_finetune_bn_errors_are_one_line_exit_2(capsys, runs, tmp_path, case):
+    root, _ = runs
+    argv = ["finetune-bn", root / "ps", "--out", tmp_path / "out", "--quiet"]
+    needle = "no BatchNorm"
+    if case == "float_run":
+        argv[1], needle = root / "float", "not a converted training run"
+    elif case == "bad_steps":
+        argv, needle = argv + ["--steps", "0"], "--steps"
+    elif case == "bad_terms":
+        argv, needle = argv + ["--scale-terms", "9"], "--scale-terms"
+    code, _, err = cli(capsys, *argv)
+    assert code == 2 and len(err.splitlines()) == 1 and needle in err, err
+    assert not (tmp_path / "out").exists()

@@ -326,6 +326,74 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_finetune_bn(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from deepshift.core.batchnorm import finetune_batchnorm_, round_batchnorm_scales_
+    from deepshift.training.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, save_checkpoint
+    from deepshift.training.config import ConfigError
+    from deepshift.training.data.datasets import load_dataset
+    from deepshift.training.data.loader import BatchLoader, Epochs
+    from deepshift.training.evaluate import evaluate, flat_predictions
+    from deepshift.training.run_dir import _write_json, check_output_dir
+
+    for name, value, low in (("--steps", args.steps, 1), ("--scale-terms", args.scale_terms, 1),
+                             ("--batch-size", args.batch_size or 1, 1)):
+        if value < low:
+            raise ConfigError(f"{name} must be >= {low}, got {value}")
+    if args.scale_terms > 8:
+        raise ConfigError(f"--scale-terms must be <= 8, got {args.scale_terms}")
+    if not 0 < args.lr < float("inf"):
+        raise ConfigError(f"--lr must be a positive number, got {args.lr}")
+    path = Path(args.source)
+    path = path / "best.pt" if path.is_dir() else path
+    model, info = load_source(path)
+    if info["kind"] != "checkpoint" or not shift_layers(model):
+        raise DeployError(f"{args.source} is not a converted training run (deepshift train --method q/ps "
+                          "or deepshift calibrate): nothing to make integer-only")
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise DeployError(f"{args.source}: the model has no BatchNorm; its integer-only form has no "
+                          "scales to round, so there is nothing to fine-tune")
+    cfg = replace(info["config"], out=str(args.out), data_dir=args.data_dir or info["config"].data_dir)
+    out = Path(args.out)
+    check_output_dir(out, args.overwrite)
+    splits = load_dataset(cfg.data, cfg.data_dir, cfg.val_fraction, cfg.limit_train, cfg.image_size,
+                          cfg.workers)
+    batch = args.batch_size or cfg.batch_size or 64
+    val = BatchLoader(splits.val, max(batch, 256), train=False)
+    metrics: dict[str, Any] = {"source": str(path), "scale_terms": args.scale_terms, "steps": args.steps,
+                               "lr": args.lr, "batch_size": batch,
+                               "val_top1_before": evaluate(model, val)["top1"],
+                               "val_top1_rounded": evaluate(round_batchnorm_scales_(copy.deepcopy(model),
+                                                                                    args.scale_terms),
+                                                            val)["top1"]}
+    torch.manual_seed(cfg.seed)
+
+    def loss(logits, y):
+        return torch.nn.functional.cross_entropy(*flat_predictions(logits, y))
+
+    try:
+        batches = Epochs(BatchLoader(splits.train, batch, train=True, seed=cfg.seed))
+        result = finetune_batchnorm_(model, batches, args.scale_terms, steps=args.steps, lr=args.lr,
+                                     loss_fn=loss, progress=not args.quiet)
+    except FloatingPointError as exc:
+        raise ConfigError(f"{exc} (--lr)") from None
+    metrics.update(seconds=result["seconds"], first_loss=result["first_loss"], last_loss=result["last_loss"],
+                   val_top1=evaluate(model.eval(), val)["top1"])
+    out.mkdir(parents=True, exist_ok=True)
+    save_checkpoint({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+                     "deepshift_version": __version__, "config": cfg.to_dict(),
+                     "shift_config": cfg.shift_config().to_dict(), "zoo_spec": info["zoo_spec"],
+                     "model": model.state_dict(), "bn_finetune": metrics}, out / "best.pt")
+    _write_json(out / "config.json", cfg.to_dict())
+    _write_json(out / "metrics.json", metrics)
+    if not args.quiet:
+        print(f"val top-1: before {metrics['val_top1_before']:.2f}, BatchNorm scales rounded to "
+              f"{args.scale_terms} term(s) {metrics['val_top1_rounded']:.2f}, fine-tuned "
+              f"{metrics['val_top1']:.2f} ({result['seconds']:.1f} s); wrote {out}")
+    return 0
+
+
 def _int_option(name: str, value: str) -> int:
     from deepshift.training.config import ConfigError
 
@@ -408,7 +476,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     handler = {"train": _cmd_train, "eval": _cmd_eval, "compare": _cmd_compare, "export": _cmd_export,
-               "report": _cmd_report, "calibrate": _cmd_calibrate, "generate": _cmd_generate}[args.command]
+               "report": _cmd_report, "calibrate": _cmd_calibrate, "generate": _cmd_generate,
+               "finetune-bn": _cmd_finetune_bn}[args.command]
     try:
         return handler(args)
     except (TrainError, DataError, UnknownModelError, DeployError, PackedFormatError) as exc:

@@ -179,6 +179,28 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--quiet", action="store_true")
     k.set_defaults(command="calibrate")
 
+    f = _command(sub, "finetune-bn", "BatchNorm-aware fine-tune of a shift run for its integer-only form",
+                 "SOURCE is a converted run folder (deepshift train --method q/ps, or deepshift "
+                 "calibrate) or its checkpoint. Trains it --steps steps on its training split with every "
+                 "BatchNorm scale rounded to --scale-terms signed powers of two "
+                 "(deepshift.finetune_batchnorm_; the running statistics stay fixed), so that "
+                 "`export --integer-only --scale-terms K` loses nothing to the rounding. Writes --out: "
+                 "best.pt, config.json, metrics.json (validation top-1 before, with the scales rounded, "
+                 "and after).",
+                 ["deepshift finetune-bn runs/q3 --scale-terms 1 --out runs/q3-bn1",
+                  "deepshift export runs/q3-bn1 --integer-only --scale-terms 1 -o q3-int.dshift"])
+    f.add_argument("source", metavar="SOURCE")
+    f.add_argument("--scale-terms", type=int, default=3,
+                   help="signed powers of two per BatchNorm scale, 1..8 (default 3, as export's)")
+    f.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
+    f.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 0.0001)")
+    f.add_argument("--batch-size", type=int, help="default: the run's batch size")
+    f.add_argument("--data-dir", help="override the data folder stored in the checkpoint")
+    f.add_argument("--out", required=True, help="output run folder")
+    f.add_argument("--overwrite", action="store_true", help="replace the run in a non-empty --out")
+    f.add_argument("--quiet", action="store_true")
+    f.set_defaults(command="finetune-bn")
+
     c = sub.add_parser("compare", help="train float, Q and PS with one recipe and print a table",
                        description="Runs `train` three times (--method none, q, ps) with the same options "
                        "into OUT/float, OUT/q, OUT/ps, then prints test top-1, top-5 (language models: "

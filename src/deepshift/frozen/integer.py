@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from deepshift.core.batchnorm import batchnorm_scale, power_terms, terms_value
 from deepshift.core.quantize import fixed_point_limits
 from deepshift.frozen.float_layers import ExactGlobalAvgPool, FrozenBatchNorm
 from deepshift.frozen.fuse import _ADDS, _RELUS, ShiftConvBatchNorm, _Tracer
@@ -62,40 +63,8 @@ INT32_HEADROOM_BITS = 8
 # (5- and 3-bit, results/integer.md) against the float-BatchNorm frozen model, 1 term lost 17 and 50
 # points, 2 terms -0.6 and +0.1, 3 terms +0.07 and -0.15.
 DEFAULT_SCALE_TERMS = 3
-# Terms of a power-of-two sum more than this many bits below its leading term are dropped.
-_TERM_SPAN = 26
 _INT_CONV = torch.ops.deepshift.int_conv.default
 _SHIFT_LINEAR = torch.ops.deepshift.shift_linear.default
-
-
-def power_terms(values: Tensor, terms: int) -> tuple[Tensor, Tensor]:
-    """Each of ``values`` as a sum of up to ``terms`` signed powers of two, greedily (the largest
-    first, each the power of two nearest to what remains): ``(signs, exponents)``, both
-    ``(terms, len(values))`` int64, ``signs`` in {-1, 0, 1}. Zero gets no terms."""
-    rest = values.detach().double().reshape(-1).clone()
-    signs = torch.zeros(terms, rest.numel(), dtype=torch.int64)
-    exps = torch.zeros(terms, rest.numel(), dtype=torch.int64)
-    lead = None
-    for k in range(terms):
-        mag = rest.abs()
-        live = mag > 0
-        if lead is not None:  # below float32's precision of the value: no use, and wide shifts
-            live &= mag >= lead * 2.0**-_TERM_SPAN
-        lo = torch.floor(torch.log2(torch.where(live, mag, 1.0)))
-        # The nearer of 2**lo and 2**(lo + 1) (in value, not in log: what is left is subtracted).
-        e = torch.where(mag - torch.exp2(lo) > torch.exp2(lo + 1) - mag, lo + 1, lo)
-        s = torch.where(live, torch.sign(rest), 0.0)
-        signs[k] = s.to(torch.int64)
-        exps[k] = torch.where(live, e, 0.0).to(torch.int64)
-        rest = rest - s * torch.exp2(e)
-        if lead is None:
-            lead = mag
-    return signs, exps
-
-
-def terms_value(signs: Tensor, exps: Tensor) -> Tensor:
-    """The float64 values that :func:`power_terms` represents."""
-    return (signs.double() * torch.exp2(exps.double())).sum(0)
 
 
 class QuantizeInput(nn.Module):
@@ -672,9 +641,8 @@ def _convert_node(node, mod, env, value, add, graph, work_frac: int, scale_terms
     if isinstance(mod, (FrozenBatchNorm, nn.modules.batchnorm._BatchNorm)) and first is not None:
         if isinstance(mod, nn.modules.batchnorm._BatchNorm) and (mod.training or mod.running_var is None):
             return None
-        w = mod.weight.double() if mod.weight is not None else torch.ones_like(mod.running_var.double())
-        b = mod.bias.double() if mod.bias is not None else torch.zeros_like(w)
-        scale = w / torch.sqrt(mod.running_var.double() + mod.eps)
+        scale = batchnorm_scale(mod)
+        b = mod.bias.double() if mod.bias is not None else torch.zeros_like(scale)
         signs, exps = power_terms(scale, scale_terms)
         # y = s~ * (x - mean) + bias: the rounded scale times the centred input, so its error
         # grows with the spread of x around the mean, not with x itself

@@ -50,3 +50,16 @@ class BatchLoader:
 
     def __iter__(self):
         return self.epoch(0)
+
+
+class Epochs:
+    """A loader's epochs one after another: each ``iter()`` is the next epoch (its own shuffle), so
+    a consumer that reads an iterable again until it has enough batches (e.g.
+    :func:`deepshift.finetune_batchnorm_`) walks through epochs 0, 1, 2, ..."""
+
+    def __init__(self, loader: BatchLoader):
+        self.loader, self.next = loader, 0
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        self.next += 1
+        return self.loader.epoch(self.next - 1)
