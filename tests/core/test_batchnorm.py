@@ -147,6 +147,14 @@ def test_finetune_rejects_bad_options_before_touching_the_model(kwargs, needle):
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
 
 
+def test_finetune_refuses_frozen_models_and_models_without_batchnorm():
+    net = deepshift.convert_(_net(), deepshift.QConfig(weight_bits=4), init="weights").eval()
+    with pytest.raises(ValueError, match="before freeze_"):
+        finetune_batchnorm_(deepshift.freeze_(net), _data(1), scale_terms=1)
+    with pytest.raises(ValueError, match="no BatchNorm"):
+        finetune_batchnorm_(nn.Sequential(nn.Flatten(), nn.Linear(64, 3)), _data(1), scale_terms=1)
+
+
 def test_finetune_errors_on_batchnorm_without_statistics_and_on_no_batches():
     net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2, track_running_stats=False))
     with pytest.raises(ValueError, match="running statistics"):

@@ -157,8 +157,15 @@ def finetune_batchnorm_(
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     from deepshift.core.optim import clamp_parameters_, param_groups
+    from deepshift.frozen.layers import is_frozen_layer
 
+    if any(is_frozen_layer(m) for m in model.modules()):
+        raise ValueError("finetune_batchnorm_ needs a trainable (converted, not frozen) model: fine-tune "
+                         "before freeze_")
     norms = _norms(model)
+    if not norms:
+        raise ValueError("the model has no BatchNorm (nn.BatchNorm1d/2d/3d): its integer-only form has "
+                         "no scales to round, so there is nothing to fine-tune")
     modes = {m: m.training for m in model.modules()}
     opt = torch.optim.Adam(param_groups(model, lr=lr))
     losses: list[float] = []
