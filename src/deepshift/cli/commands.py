@@ -1,5 +1,6 @@
 """What the ``deepshift`` commands do, thinly over the library: train / resume, eval, compare,
-calibrate (post-training conversion of a float run), and from a finished run to deployment
+calibrate (post-training conversion of a float run), finetune-bn (the BatchNorm-aware fine-tune
+for integer-only models), and from a finished run to deployment
 artefacts (load a run folder, checkpoint or packed file; export
 it packed or as ONNX; report its savings).
 
