@@ -183,10 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
                  "SOURCE is a converted run folder (deepshift train --method q/ps, or deepshift "
                  "calibrate) or its checkpoint. Trains it --steps steps on its training split with every "
                  "BatchNorm scale rounded to --scale-terms signed powers of two "
-                 "(deepshift.finetune_batchnorm_; the running statistics stay fixed), so that "
-                 "`export --integer-only --scale-terms K` loses nothing to the rounding. Writes --out: "
-                 "best.pt, config.json, metrics.json (validation top-1 before, with the scales rounded, "
-                 "and after).",
+                 "(deepshift.finetune_batchnorm_; the running statistics stay fixed) and keeps the "
+                 "rounded scales, which `export --integer-only --scale-terms K` then uses as they are. "
+                 "Writes --out: best.pt, config.json, metrics.json (validation top-1 before, with the "
+                 "scales rounded, and after).",
                  ["deepshift finetune-bn runs/q3 --scale-terms 1 --out runs/q3-bn1",
                   "deepshift export runs/q3-bn1 --integer-only --scale-terms 1 -o q3-int.dshift"])
     f.add_argument("source", metavar="SOURCE")
