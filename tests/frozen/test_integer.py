@@ -158,8 +158,8 @@ def test_a_clamp_before_a_requantisation_merges_into_its_range(values, shift, cl
     amount = torch.tensor(shift)
     clamped = x if clamp_lo is None and clamp_hi is None else torch.clamp(x, clamp_lo, clamp_hi)
     expected = torch.clamp(round_shift(clamped, amount), lo, hi)
-    new_lo = lo if clamp_lo is None else max(lo, integer_module._round_shift_int(clamp_lo, shift))
-    new_hi = hi if clamp_hi is None else min(hi, integer_module._round_shift_int(clamp_hi, shift))
+    new_lo = lo if clamp_lo is None else max(lo, int(round_shift(torch.tensor(clamp_lo), amount)))
+    new_hi = hi if clamp_hi is None else min(hi, int(round_shift(torch.tensor(clamp_hi), amount)))
     if new_lo <= new_hi:  # (else _fuse_clamps leaves the clamp alone)
         assert torch.equal(torch.clamp(round_shift(x, amount), new_lo, new_hi), expected)
 

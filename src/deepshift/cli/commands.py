@@ -267,16 +267,30 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_run_folder(out: Path, cfg, zoo_spec: dict, model: nn.Module, key: str, metrics: dict) -> None:
+    """A run folder made without the training loop (calibrate, finetune-bn): best.pt (the checkpoint
+    `eval`, `export` and `report` read, with ``metrics`` under ``key``), config.json, metrics.json."""
+    from deepshift.training.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, save_checkpoint
+    from deepshift.training.run_dir import _write_json
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_checkpoint({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+                     "deepshift_version": __version__, "config": cfg.to_dict(),
+                     "shift_config": cfg.shift_config().to_dict(), "zoo_spec": zoo_spec,
+                     "model": model.state_dict(), key: metrics}, out / "best.pt")
+    _write_json(out / "config.json", cfg.to_dict())
+    _write_json(out / "metrics.json", metrics)
+
+
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from deepshift.core.calibrate import calibrate_
-    from deepshift.training.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, save_checkpoint
     from deepshift.training.config import ConfigError
     from deepshift.training.data.datasets import load_dataset
     from deepshift.training.data.loader import BatchLoader
     from deepshift.training.evaluate import evaluate
-    from deepshift.training.run_dir import _write_json, check_output_dir
+    from deepshift.training.run_dir import check_output_dir
 
     path = Path(args.source)
     path = path / "best.pt" if path.is_dir() else path
@@ -312,14 +326,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
                "val_top1_float": evaluate(float_model, val)["top1"],
                "val_top1_converted": evaluate(plain, val)["top1"],
                "val_top1": evaluate(model.eval(), val)["top1"]}
-    out.mkdir(parents=True, exist_ok=True)
-    save_checkpoint({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
-                     "deepshift_version": __version__, "config": cfg.to_dict(),
-                     "shift_config": shift_cfg.to_dict(),
-                     "zoo_spec": info["zoo_spec"],
-                     "model": model.state_dict(), "calibration": metrics}, out / "best.pt")
-    _write_json(out / "config.json", cfg.to_dict())
-    _write_json(out / "metrics.json", metrics)
+    _write_run_folder(out, cfg, info["zoo_spec"], model, "calibration", metrics)
     if not args.quiet:
         print(f"val top-1: float {metrics['val_top1_float']:.2f}, converted "
               f"{metrics['val_top1_converted']:.2f}, calibrated {metrics['val_top1']:.2f} "
@@ -331,12 +338,11 @@ def _cmd_finetune_bn(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from deepshift.core.batchnorm import finetune_batchnorm_, round_batchnorm_scales_
-    from deepshift.training.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, save_checkpoint
     from deepshift.training.config import ConfigError
     from deepshift.training.data.datasets import load_dataset
     from deepshift.training.data.loader import BatchLoader, Epochs
     from deepshift.training.evaluate import evaluate, flat_predictions
-    from deepshift.training.run_dir import _write_json, check_output_dir
+    from deepshift.training.run_dir import check_output_dir
 
     for name, value, low in (("--steps", args.steps, 1), ("--scale-terms", args.scale_terms, 1),
                              ("--batch-size", args.batch_size or 1, 1)):
@@ -381,13 +387,7 @@ def _cmd_finetune_bn(args: argparse.Namespace) -> int:
         raise ConfigError(f"{exc} (--lr)") from None
     metrics.update(seconds=result["seconds"], first_loss=result["first_loss"], last_loss=result["last_loss"],
                    val_top1=evaluate(model.eval(), val)["top1"])
-    out.mkdir(parents=True, exist_ok=True)
-    save_checkpoint({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
-                     "deepshift_version": __version__, "config": cfg.to_dict(),
-                     "shift_config": cfg.shift_config().to_dict(), "zoo_spec": info["zoo_spec"],
-                     "model": model.state_dict(), "bn_finetune": metrics}, out / "best.pt")
-    _write_json(out / "config.json", cfg.to_dict())
-    _write_json(out / "metrics.json", metrics)
+    _write_run_folder(out, cfg, info["zoo_spec"], model, "bn_finetune", metrics)
     if not args.quiet:
         print(f"val top-1: before {metrics['val_top1_before']:.2f}, BatchNorm scales rounded to "
               f"{args.scale_terms} term(s) {metrics['val_top1_rounded']:.2f}, fine-tuned "

@@ -65,12 +65,15 @@ def terms_value(signs: Tensor, exps: Tensor) -> Tensor:
     return (signs.double() * torch.exp2(exps.double())).sum(0)
 
 
+def _std(norm: nn.Module) -> Tensor:
+    return torch.sqrt(norm.running_var.double() + norm.eps)
+
+
 def batchnorm_scale(norm: nn.Module) -> Tensor:
     """The eval-mode per-channel scale ``weight / sqrt(running_var + eps)`` of a BatchNorm (or a
     :class:`~deepshift.FrozenBatchNorm`), float64, as the integer-only conversion computes it."""
-    var = norm.running_var.double()
-    w = norm.weight.double() if norm.weight is not None else torch.ones_like(var)
-    return w / torch.sqrt(var + norm.eps)
+    std = _std(norm)
+    return (norm.weight.double() if norm.weight is not None else torch.ones_like(std)) / std
 
 
 def _check_terms(scale_terms) -> None:
@@ -89,9 +92,9 @@ def _norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 
 def _rounded_weight(norm: nn.modules.batchnorm._BatchNorm, scale_terms: int) -> Tensor:
     """The BatchNorm weight whose scale is the ``scale_terms``-term rounding of the current one."""
-    signs, exps = power_terms(batchnorm_scale(norm), scale_terms)
-    std = torch.sqrt(norm.running_var.double() + norm.eps)
-    return (terms_value(signs, exps).to(std.device) * std).to(norm.running_var.dtype)
+    std = _std(norm)
+    target = terms_value(*power_terms(batchnorm_scale(norm), scale_terms)).to(std.device)
+    return (target * std).to(norm.running_var.dtype)
 
 
 def _rounded_forward(norm: nn.modules.batchnorm._BatchNorm, scale_terms: int, x: Tensor) -> Tensor:

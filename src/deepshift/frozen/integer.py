@@ -490,13 +490,6 @@ def _module_of(node, modules: dict[str, nn.Module]) -> nn.Module | None:
     return modules.get(node.target) if isinstance(node, torch.fx.Node) and node.op == "call_module" else None
 
 
-def _round_shift_int(v: int, a: int) -> int:
-    """round_shift (reference.py) on one Python int: to nearest, ties to even; a <= 0 shifts left."""
-    if a <= 0:
-        return v << -a
-    return (v + (1 << (a - 1)) - 1 + ((v >> a) & 1)) >> a
-
-
 def _fuse_clamps(graph: torch.fx.Graph, modules: dict[str, nn.Module]) -> None:
     """A clamp (ReLU) that a requantisation alone reads becomes that requantisation's range (the
     rounding shift is monotone: ``clamp(round_shift(clamp(x, L, H)), lo, hi)`` is ``clamp(round_shift(x),
@@ -519,9 +512,11 @@ def _fuse_clamps(graph: torch.fx.Graph, modules: dict[str, nn.Module]) -> None:
         user = _only_user(node)
         requant = _module_of(user, modules)
         if isinstance(requant, Requantize) and user.args[0] is node:
-            a = requant.shift
-            lo = requant.lo if clamp.lo is None else max(requant.lo, _round_shift_int(clamp.lo, a))
-            hi = requant.hi if clamp.hi is None else min(requant.hi, _round_shift_int(clamp.hi, a))
+            # the requantisation's own rounding, applied to the clamp's bounds
+            bounds = [v for v in (clamp.lo, clamp.hi) if v is not None]
+            rounded = ref.round_shift(torch.tensor(bounds, dtype=torch.int64), requant.shift).tolist()
+            lo = requant.lo if clamp.lo is None else max(requant.lo, rounded[0])
+            hi = requant.hi if clamp.hi is None else min(requant.hi, rounded[-1])
             if lo <= hi:
                 requant.lo, requant.hi = lo, hi
                 node.replace_all_uses_with(prev)
