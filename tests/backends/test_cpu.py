@@ -645,6 +645,54 @@ def test_conv_flat_rows_bit_exact(native, mag, shape):
     _check(torch.ops.deepshift.shift_conv, ops.shift_conv_reference, args, "flat 3-d")
 
 
+@pytest.mark.parametrize("mag", [128, 2**15, 2**20])  # int16 / int32 tables with int64 sums; int64 lanes
+@pytest.mark.parametrize("chunk", range(3))
+def test_conv_int64_accumulators_on_narrow_tables_bit_exact(native, monkeypatch, mag, chunk):
+    """int64 inputs whose worst case needs int64 (large shifts) but whose values fit an int16 or int32
+    table: each shift group summed in the table's lanes in chunks (255 / 65535 terms), Horner's rule
+    in int64 (conv_wide); bit for bit the reference, on every ISA path. Shapes: channel counts that
+    make several chunks per group (70 x 3 x 3 = 630 terms) and channel blocks, strides (half rows),
+    flat planes, groups, dilation, 1-d and 3-d, sums near the int64 range (wrapping like torch)."""
+    ext = native
+    wide, calls = ext.conv_wide, []
+
+    def counted(x, *rest):
+        calls.append(x.dtype)
+        return wide(x, *rest)
+
+    monkeypatch.setattr(ext, "conv_wide", counted)
+    rng = random.Random(7000 + 10 * chunk + (mag % 97))
+    cases = 0
+    for _ in range(12):
+        dims = rng.choice([1, 2, 2, 2, 3])
+        groups = rng.choice([1, 1, 2, 5])
+        cin_g, cout_g = rng.choice([(70, 3), (1, 2), (4, 5), (33, 2)])
+        kernel = [rng.choice([1, 3]) for _ in range(dims)]
+        stride = [rng.choice([1, 1, 2]) for _ in range(dims)]
+        dilation = [rng.choice([1, 2]) for _ in range(dims)]
+        padding = [rng.randint(0, 2) for _ in range(dims)]
+        sizes = {1: [rng.choice([9, 40])], 2: [rng.randint(3, 9), rng.choice([5, 8, 17, 30])],
+                 3: [3, 4, rng.choice([5, 9])]}[dims]
+        bits = rng.choice([4, 5, 6, 8])
+        shift_lo = rng.choice([20, 33, 45])  # shifts up to 2**(shift_lo + 2**(bits-1)): int64 needed
+        x = _rand_int(rng, (rng.choice([1, 2]), cin_g * groups, *sizes), mag, torch.int64)
+        codes = _random_codes(rng, cout_g * groups * cin_g * math.prod(kernel), bits)
+        bias = _rand_int(rng, (cout_g * groups,), 2**50, torch.int64) if rng.random() < 0.5 else None
+        args = (x, codes, [cout_g * groups, cin_g, *kernel], bits, rng.random() < 0.5, shift_lo, bias, stride,
+                padding, dilation, groups, False, [0] * dims)
+        try:
+            ops.shift_conv_reference(*args)
+        except (ValueError, RuntimeError):
+            continue
+        _check(torch.ops.deepshift.shift_conv, ops.shift_conv_reference, args,
+               f"wide {mag} {args[2:]} x {tuple(x.shape)}")
+        cases += 1
+    assert cases >= 8
+    # The narrow tables took the calls their inputs fit (some inputs may prove int32 enough).
+    expected = {128: torch.int16, 2**15: torch.int32}.get(mag)
+    assert set(calls) == ({expected} if expected else set()), calls
+
+
 @pytest.mark.parametrize("oh", [1, 2, 3, 5, 7, 8, 9, 13, 15])  # row blocks of 8, 6, 4, 3, 2, 1 and remainders
 def test_conv_half_width_rows_bit_exact(native, oh):
     # Rows of at most 8 outputs on int16 tables, with stride 2 (never flat) and stride 1 (flat or

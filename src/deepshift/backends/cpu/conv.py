@@ -36,7 +36,9 @@ index arithmetic: row / plane offsets, computed per row or per weight, never per
   build) the latter is preferred; stride-2 rows always use it.
 * int64 inputs run in int32 lanes (then widen) when :func:`deepshift.ops.reference.accumulator_bound`, with
   the actual ``max|x|``, ``max|bias|`` and the largest used shift, proves every intermediate value is
-  below ``2**31``; otherwise in int64 lanes.
+  below ``2**31``; otherwise convolutions sum each shift group's terms on an int16 (every
+  ``|x| <= 128``) or int32 (``|x| <= 2**15``) table, in chunks whose sums are exact there, and run
+  Horner's rule in int64 lanes (once per chunk, not per term); other inputs run in int64 lanes.
 
 Caches: decoded weights (an int8 signed shift code per weight), the Linear tiles, the term lists and
 each call signature's prepared arguments are kept in a small LRU (``CACHE_MAX_BYTES`` in total)
@@ -77,6 +79,12 @@ terms sum exactly in int16, and the plan chunks its shift groups to at most 255 
 
 
 INT16_MAX_GROUP = 255
+# Lanes of int64-accumulator calls whose inputs fit a narrow table: int16 (every |x| <= 128) or int32
+# (every |x| <= 2**15, chunks of at most WIDE32_MAX_GROUP terms: |sum| < 2**31), summed in the
+# table's lanes per shift group and widened once per group (the extension's conv_wide).
+WIDE16, WIDE32 = -16, -32
+WIDE32_MAX_ABS = 2**15
+WIDE32_MAX_GROUP = 2**16 - 1
 
 
 _LANE_DTYPES = {16: torch.int16, 32: torch.int32, 64: torch.int64}
@@ -114,13 +122,15 @@ def _max_abs(t: Tensor) -> int:
 
 
 def _lanes_for(ext, x, codes, weight_shape, weight_bits, has_zero, shift_lo, bias_s, fan_in,
-               int16: bool) -> int:
-    """The lanes a call computes in: 64 (int64), 32 (int32), or 16 (int16 tables, int32 arithmetic).
+               int16: bool, wide: bool = False) -> int:
+    """The lanes a call computes in: 64 (int64), 32 (int32), or 16 (int16 tables, int32 arithmetic);
+    with ``wide`` (the conv kernel), WIDE16 / WIDE32 (int16 / int32 tables, int64 arithmetic).
 
     int32 x computes in int32; int64 x in int32 when the accumulator bound proves that exact, else
-    int64. Where int32 is used and ``int16`` (the kernel has the 8-bit path), inputs with every
-    ``|x| <= INT16_MAX_ABS`` take 16. ``max|x|`` is computed at most once, and not at all for int32
-    x without the 8-bit path (the small-batch Linear kernel).
+    int64, on a narrow table where ``wide`` and every ``|x|`` fits one. Where int32 is used and
+    ``int16`` (the kernel has the 8-bit path), inputs with every ``|x| <= INT16_MAX_ABS`` take 16.
+    ``max|x|`` is computed at most once, and not at all for int32 x without the 8-bit path (the
+    small-batch Linear kernel).
     """
     if x.dtype == torch.int32 and not int16:
         return 32
@@ -130,6 +140,8 @@ def _lanes_for(ext, x, codes, weight_shape, weight_bits, has_zero, shift_lo, bia
         weights = 0 if max_amount < 0 else fan_in * x_max * 2**max_amount
         bias_max = 0 if bias_s is None else _max_abs(bias_s)
         if weights + bias_max >= 2**31:
+            if wide and x_max <= WIDE32_MAX_ABS:
+                return WIDE16 if x_max <= INT16_MAX_ABS else WIDE32
             return 64
     return 16 if int16 and x_max <= INT16_MAX_ABS else 32
 
@@ -213,17 +225,19 @@ class _ConvCall:
         signature), made once."""
         prepared = self.by_lanes.get(lanes)
         if prepared is None:
-            w5 = self.weights(codes, max(lanes, 32))
+            w5 = self.weights(codes, 64 if lanes < 0 else max(lanes, 32))
+            max_group = {16: INT16_MAX_GROUP, WIDE16: INT16_MAX_GROUP, WIDE32: WIDE32_MAX_GROUP}.get(lanes, 0)
             plan = ext.conv_plan(
-                w5, list(x5_shape), self.groups, self.s3, self.p3, self.d3, lanes // 8, TABLE_BLOCK_BYTES,
-                INT16_MAX_GROUP if lanes == 16 else 0,
+                w5, list(x5_shape), self.groups, self.s3, self.p3, self.d3, abs(lanes) // 8,
+                TABLE_BLOCK_BYTES, max_group,
             )
             prepared = self.by_lanes[lanes] = (list(w5.shape), plan)
         return prepared
 
     def run(self, ext, codes, x, bias_s, lanes):
-        """``lanes``: 64 / 32 (int64 / int32 arithmetic), or 16 (int16 table, int32 arithmetic)."""
-        dtype = _LANE_DTYPES[lanes]
+        """``lanes``: 64 / 32 (int64 / int32 arithmetic), 16 (int16 table, int32 arithmetic), or
+        WIDE16 / WIDE32 (int16 / int32 table, int64 arithmetic)."""
+        dtype = _LANE_DTYPES[abs(lanes)]
         xi = x if x.dtype == dtype else x.to(dtype)
         if self.transposed:
             xi = ref._dilate_and_pad_for_transpose(
@@ -231,8 +245,10 @@ class _ConvCall:
             )
         x5 = xi.reshape(xi.shape[0], xi.shape[1], *([1] * self.pre), *xi.shape[2:]).contiguous()
         w5_shape, plan = self.prepared(ext, codes, lanes, x5.shape)
-        b = None if bias_s is None else bias_s.to(torch.int64 if lanes == 64 else torch.int32)
-        y = ext.conv(x5, w5_shape, plan, b, self.groups, self.s3, self.p3, self.d3)
+        wide = lanes < 0
+        b = None if bias_s is None else bias_s.to(torch.int64 if lanes == 64 or wide else torch.int32)
+        kernel = ext.conv_wide if wide else ext.conv
+        y = kernel(x5, w5_shape, plan, b, self.groups, self.s3, self.p3, self.d3)
         y = y.reshape(y.shape[0], y.shape[1], *y.shape[2 + self.pre :])
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
@@ -260,7 +276,7 @@ def shift_conv_cpu(x: Tensor, *args) -> Tensor:
         return ref.shift_conv_reference(x, *a)
     bias_s = _shifted_bias(a.bias, min(a.shift_lo, 0))
     lanes = _lanes_for(ext, x, a.codes, a.weight_shape, a.weight_bits, a.has_zero, a.shift_lo, bias_s,
-                       call.fan_in, int16=True)
+                       call.fan_in, int16=True, wide=True)
     return call.run(ext, a.codes, x, bias_s, lanes)
 
 

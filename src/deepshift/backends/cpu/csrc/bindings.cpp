@@ -15,6 +15,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_lut", &deepshift_cpu::gemv_lut);
   m.def("conv_plan", &deepshift_cpu::conv_plan);
   m.def("conv", &deepshift_cpu::conv);
+  m.def("conv_wide", &deepshift_cpu::conv_wide);
   m.def("set_isa", &deepshift_cpu::set_isa);
   m.def("current_isa", &deepshift_cpu::current_isa);
   m.def("quantize", &deepshift_cpu::quantize);

@@ -238,7 +238,7 @@ std::vector<torch::Tensor> conv_plan(const torch::Tensor& scode, std::vector<int
 // whole vectors; the positions between rows are computed and dropped. Used where that needs
 // at least 1/16 fewer vectors than row by row (below that, the dropped positions cost about what
 // the fuller vectors save). Half mode: int16 tables with rows of at most 8 outputs (not flat: stride > 1, or
-// where 256-bit operations are split anyway) use 8-lane vectors, one per row (conv_item16, W = 8).
+// where 256-bit operations are split anyway) use 8-lane vectors, one per row (conv_item_n, W = 8).
 // Returns whether some build call returned true.
 template <typename U, typename UY, typename BuildFn, typename FinishFn>
 bool conv_drive(const Geom& g0, int64_t N, const PlanView& pv, int64_t nterms, const UY* bp, UY* yp,
@@ -288,13 +288,20 @@ bool conv_drive(const Geom& g0, int64_t N, const PlanView& pv, int64_t nterms, c
     for (int64_t i = b; i < e; ++i) {
       const Item& it = items[i];
       if constexpr (sizeof(U) == 2) {
-        ds_portable::ConvItem16Fn fn;
+        ds_portable::ConvItemNFn<uint16_t, UY> fn;
 #ifdef DS_X86
         if (avx)
-          fn = half ? ds_avx2::conv_item16h_fn(it.rows) : ds_avx2::conv_item16_fn(it.rows, it.v);
+          fn = half ? ds_avx2::conv_item16h_fn<UY>(it.rows) : ds_avx2::conv_item16_fn<UY>(it.rows, it.v);
         else
 #endif
-          fn = half ? ds_portable::conv_item16h_fn(it.rows) : ds_portable::conv_item16_fn(it.rows, it.v);
+          fn = half ? ds_portable::conv_item16h_fn<UY>(it.rows) : ds_portable::conv_item16_fn<UY>(it.rows, it.v);
+        fn(tbl, yimg, g, pv, it.row0, it.ow0, it.o0, it.o1, bp);
+      } else if constexpr (sizeof(U) < sizeof(UY)) {  // int32 table, int64 accumulators
+        auto fn =
+#ifdef DS_X86
+            avx ? ds_avx2::conv_item32w_fn(it.rows, it.v) :
+#endif
+                ds_portable::conv_item32w_fn(it.rows, it.v);
         fn(tbl, yimg, g, pv, it.row0, it.ow0, it.o0, it.o1, bp);
       } else {
         auto fn =
@@ -439,6 +446,22 @@ torch::Tensor conv(const torch::Tensor& x, std::vector<int64_t> ws, const std::v
     return conv_run<uint32_t, int32_t, uint32_t, int32_t>(x, ws, plan, bias, groups, stride, pad, dil);
   TORCH_CHECK(x.dtype() == torch::kInt64, "x must be int16, int32 or int64");
   return conv_run<uint64_t, int64_t, uint64_t, int64_t>(x, ws, plan, bias, groups, stride, pad, dil);
+}
+
+// `conv` with int64 accumulators on a narrow table: x int16 (every |x| <= 128, a plan with
+// max_group <= 255) or int32 (every |x| <= 2**15, max_group <= 65535), the caller checks; bias
+// (Cout,) int64 or None; the output is int64, bit for bit `conv` of x as int64.
+torch::Tensor conv_wide(const torch::Tensor& x, std::vector<int64_t> ws, const std::vector<torch::Tensor>& plan,
+                        const c10::optional<torch::Tensor>& bias, int64_t groups, std::vector<int64_t> stride,
+                        std::vector<int64_t> pad, std::vector<int64_t> dil) {
+  TORCH_CHECK(x.dim() == 5 && x.is_contiguous() && ws.size() == 5, "bad x");
+  TORCH_CHECK(plan.size() == 6, "bad plan");
+  if (bias.has_value() && bias->defined())
+    TORCH_CHECK(bias->dtype() == torch::kInt64 && bias->is_contiguous() && bias->numel() == ws[0], "bad bias");
+  if (x.dtype() == torch::kInt16)
+    return conv_run<uint16_t, int16_t, uint64_t, int64_t>(x, ws, plan, bias, groups, stride, pad, dil);
+  TORCH_CHECK(x.dtype() == torch::kInt32, "x must be int16 or int32");
+  return conv_run<uint32_t, int32_t, uint64_t, int64_t>(x, ws, plan, bias, groups, stride, pad, dil);
 }
 
 // The fused paths' geometry: x may be (N, C, W), (N, C, H, W) or (N, C, D, H, W) (the missing dims

@@ -216,24 +216,31 @@ ConvItemFn<U> conv_item_fn(int R, int V) {
   }
 }
 
-// The 8-bit-activation fast path: the table holds int16 copies of inputs with |x| <= 128 (16 lanes per
-// vector, half the loads of int32), and the plan splits every shift group into chunks of at most 255
-// terms, so a chunk's +/- sum is exact in int16 (|sum| <= 255 * 128 < 2**15). Horner's rule then runs
-// on int32 lanes with the chunk sums sign-extended: acc = (acc << d) + sum, mod 2**32, which is the
-// int32 path's result bit for bit. Accumulators: R * V int16 sums + 2 * R * V int32 (R * V <= 4).
-// W = 8 ("half" items, conv_drive): 8-lane (128-bit) sums, one int32 accumulator each, for rows of
+// Narrow tables, wider accumulators. The 8-bit-activation fast path: the table holds int16 copies of
+// inputs with |x| <= 128 (16 lanes per vector, half the loads of int32), and the plan splits every
+// shift group into chunks of at most 255 terms, so a chunk's +/- sum is exact in int16 (|sum| <=
+// 255 * 128 < 2**15). Horner's rule then runs on UA lanes (int32, or int64 where the layer needs
+// 64-bit accumulators) with the chunk sums sign-extended: acc = (acc << d) + sum, mod 2**bits, which
+// is the UA-lane path's result bit for bit. The same with int32 tables and int64 accumulators (T =
+// uint32_t: inputs with |x| <= 2**15, chunks of at most 65535 terms): 64-bit arithmetic only once per
+// shift group instead of per term. Registers: R * V sums in T lanes + the accumulators (R * V <= 4
+// for int16 tables; more accumulators than registers stay on the stack: they are touched only
+// between chunks). W = 8 ("half" items, conv_drive; int16 tables): 8-lane (128-bit) sums for rows of
 // at most 8 outputs, so that no lane is idle.
 inline int rows_for16(int V) { return V >= 3 ? 1 : (V == 2 ? 2 : 4); }
 inline bool has_rows16(int V, int R) { return R >= 1 && R <= rows_for16(V); }
 
-template <int R, int V, int W = 16>
-void conv_item16(const uint16_t* tbl, uint32_t* yimg, const Geom& g, const PlanView& pv, int64_t row0,
-                 int64_t ow0, int64_t o0, int64_t o1, const uint32_t* bias) {
-  typedef int16_t VS __attribute__((vector_size(2 * W), aligned(2), may_alias));
-  typedef int16_t H16 __attribute__((vector_size(16)));
-  typedef int32_t S32 __attribute__((vector_size(32)));
-  typedef uint32_t V32 __attribute__((vector_size(32), aligned(4), may_alias));
-  constexpr int A = W / 8;  // int32 accumulators (8 lanes) per vector
+template <typename T, typename UA, int R, int V, int W = 32 / sizeof(T)>
+void conv_item_n(const T* tbl, UA* yimg, const Geom& g, const PlanView& pv, int64_t row0, int64_t ow0,
+                 int64_t o0, int64_t o1, const UA* bias) {
+  typedef std::make_signed_t<T> ST;
+  typedef std::make_signed_t<UA> SA;
+  typedef ST VS __attribute__((vector_size(sizeof(T) * W), aligned(sizeof(T)), may_alias));
+  constexpr int K = 32 / sizeof(UA);  // accumulator lanes per vector
+  typedef ST PT __attribute__((vector_size(sizeof(T) * K)));  // the sum lanes of one accumulator
+  typedef SA SV __attribute__((vector_size(32)));
+  typedef UA VA __attribute__((vector_size(32), aligned(sizeof(UA)), may_alias));
+  constexpr int A = W / K;  // accumulators per sum vector
   int64_t tb[R], yoff[R];
   row_offsets(g, R, row0, ow0, tb, yoff);
   const int64_t nvalid = (g.OW - ow0) < V * W ? (g.OW - ow0) : V * W;
@@ -242,10 +249,10 @@ void conv_item16(const uint16_t* tbl, uint32_t* yimg, const Geom& g, const PlanV
     for (int64_t o = o0; o < o1; ++o) {
       const int64_t gi = o / g.Cout_g;
       const int64_t e = (gi * g.NCB + cb) * g.Cout_g + (o - gi * g.Cout_g);
-      uint32_t* yo = yimg + o * plane;
-      V32 acc[R][A * V];
+      UA* yo = yimg + o * plane;
+      VA acc[R][A * V];
       for (int r = 0; r < R; ++r)
-        for (int v = 0; v < A * V; ++v) acc[r][v] = V32{};
+        for (int v = 0; v < A * V; ++v) acc[r][v] = VA{};
       const int32_t* t = pv.terms + pv.tstart[e];
       for (int64_t j = pv.gstart[e]; j < pv.gstart[e + 1]; ++j) {
         const int32_t* gr = pv.groups + 3 * j;
@@ -257,14 +264,14 @@ void conv_item16(const uint16_t* tbl, uint32_t* yimg, const Geom& g, const PlanV
         for (int r = 0; r < R; ++r)
           for (int v = 0; v < V; ++v) sum[r][v] = VS{};
         for (const int32_t* te = t + gr[1]; t < te; ++t) {
-          const uint16_t* p = tbl + *t;
+          const T* p = tbl + *t;
           for (int r = 0; r < R; ++r) {
             const VS* q = reinterpret_cast<const VS*>(p + tb[r]);
             for (int v = 0; v < V; ++v) sum[r][v] += q[v];
           }
         }
         for (const int32_t* te = t + gr[2]; t < te; ++t) {
-          const uint16_t* p = tbl + *t;
+          const T* p = tbl + *t;
           for (int r = 0; r < R; ++r) {
             const VS* q = reinterpret_cast<const VS*>(p + tb[r]);
             for (int v = 0; v < V; ++v) sum[r][v] -= q[v];
@@ -273,21 +280,21 @@ void conv_item16(const uint16_t* tbl, uint32_t* yimg, const Geom& g, const PlanV
         for (int r = 0; r < R; ++r)
           for (int v = 0; v < V; ++v)
             for (int a = 0; a < A; ++a) {
-              H16 part;
-              __builtin_memcpy(&part, reinterpret_cast<const char*>(&sum[r][v]) + 16 * a, 16);
-              acc[r][A * v + a] += reinterpret_cast<V32>(__builtin_convertvector(part, S32));
+              PT part;
+              __builtin_memcpy(&part, reinterpret_cast<const char*>(&sum[r][v]) + sizeof(PT) * a, sizeof(PT));
+              acc[r][A * v + a] += reinterpret_cast<VA>(__builtin_convertvector(part, SV));
             }
       }
       const unsigned f = static_cast<unsigned>(pv.fshift[e]);
       if (f)
         for (int r = 0; r < R; ++r)
           for (int v = 0; v < A * V; ++v) acc[r][v] <<= f;
-      uint32_t tmp[A * V * 8];
+      UA tmp[A * V * K];
       for (int r = 0; r < R; ++r) {
-        for (int v = 0; v < A * V; ++v) __builtin_memcpy(tmp + v * 8, &acc[r][v], 32);
-        uint32_t* dst = yo + yoff[r];
+        for (int v = 0; v < A * V; ++v) __builtin_memcpy(tmp + v * K, &acc[r][v], 32);
+        UA* dst = yo + yoff[r];
         if (cb == 0) {
-          const uint32_t b = bias ? bias[o] : 0u;
+          const UA b = bias ? bias[o] : UA(0);
           for (int64_t i = 0; i < nvalid; ++i) dst[i] = tmp[i] + b;
         } else {
           for (int64_t i = 0; i < nvalid; ++i) dst[i] += tmp[i];
@@ -297,42 +304,83 @@ void conv_item16(const uint16_t* tbl, uint32_t* yimg, const Geom& g, const PlanV
   }
 }
 
-template <int V>
-void (*pick_r16(int R))(const uint16_t*, uint32_t*, const Geom&, const PlanView&, int64_t, int64_t, int64_t,
-                        int64_t, const uint32_t*) {
+template <typename T, typename UA>
+using ConvItemNFn = void (*)(const T*, UA*, const Geom&, const PlanView&, int64_t, int64_t, int64_t, int64_t,
+                             const UA*);
+
+template <typename UA, int V>
+ConvItemNFn<uint16_t, UA> pick_r16(int R) {
   if constexpr (V == 1) {
-    if (R == 4) return &conv_item16<4, 1>;
-    if (R == 3) return &conv_item16<3, 1>;
+    if (R == 4) return &conv_item_n<uint16_t, UA, 4, 1>;
+    if (R == 3) return &conv_item_n<uint16_t, UA, 3, 1>;
   }
   if constexpr (V <= 2) {
-    if (R == 2) return &conv_item16<2, V>;
+    if (R == 2) return &conv_item_n<uint16_t, UA, 2, V>;
   }
-  return &conv_item16<1, V>;
+  return &conv_item_n<uint16_t, UA, 1, V>;
 }
 
-typedef void (*ConvItem16Fn)(const uint16_t*, uint32_t*, const Geom&, const PlanView&, int64_t, int64_t, int64_t,
-                             int64_t, const uint32_t*);
-
 // Function for an int16-table item of R rows (has_rows16(V, R)) x V vectors of 16 columns (V <= 5).
-inline ConvItem16Fn conv_item16_fn(int R, int V) {
+template <typename UA>
+ConvItemNFn<uint16_t, UA> conv_item16_fn(int R, int V) {
   switch (V) {
-    case 1: return pick_r16<1>(R);
-    case 2: return pick_r16<2>(R);
-    case 3: return pick_r16<3>(R);
-    case 4: return pick_r16<4>(R);
-    default: return pick_r16<5>(R);
+    case 1: return pick_r16<UA, 1>(R);
+    case 2: return pick_r16<UA, 2>(R);
+    case 3: return pick_r16<UA, 3>(R);
+    case 4: return pick_r16<UA, 4>(R);
+    default: return pick_r16<UA, 5>(R);
   }
 }
 
 // Function for a half item (8 columns) of R rows, R in {1, 2, 3, 4, 6, 8}.
-inline ConvItem16Fn conv_item16h_fn(int R) {
+template <typename UA>
+ConvItemNFn<uint16_t, UA> conv_item16h_fn(int R) {
   switch (R) {
-    case 8: return &conv_item16<8, 1, 8>;
-    case 6: return &conv_item16<6, 1, 8>;
-    case 4: return &conv_item16<4, 1, 8>;
-    case 3: return &conv_item16<3, 1, 8>;
-    case 2: return &conv_item16<2, 1, 8>;
-    default: return &conv_item16<1, 1, 8>;
+    case 8: return &conv_item_n<uint16_t, UA, 8, 1, 8>;
+    case 6: return &conv_item_n<uint16_t, UA, 6, 1, 8>;
+    case 4: return &conv_item_n<uint16_t, UA, 4, 1, 8>;
+    case 3: return &conv_item_n<uint16_t, UA, 3, 1, 8>;
+    case 2: return &conv_item_n<uint16_t, UA, 2, 1, 8>;
+    default: return &conv_item_n<uint16_t, UA, 1, 1, 8>;
+  }
+}
+
+// int32 tables, int64 accumulators: the int32 path's row blocks (has_rows(V, R)).
+template <int V>
+ConvItemNFn<uint32_t, uint64_t> pick_r32w(int R) {
+  if constexpr (V == 1) {
+    switch (R) {
+      case 12: return &conv_item_n<uint32_t, uint64_t, 12, 1>;
+      case 8: return &conv_item_n<uint32_t, uint64_t, 8, 1>;
+      case 6: return &conv_item_n<uint32_t, uint64_t, 6, 1>;
+      default: break;
+    }
+  }
+  if constexpr (V <= 2) {
+    if (R == 6) return &conv_item_n<uint32_t, uint64_t, 6, V>;
+  }
+  if constexpr (V <= 3) {
+    if (R == 4) return &conv_item_n<uint32_t, uint64_t, 4, V>;
+  }
+  if constexpr (V <= 4) {
+    if (R == 3) return &conv_item_n<uint32_t, uint64_t, 3, V>;
+  }
+  if constexpr (V <= 6) {
+    if (R == 2) return &conv_item_n<uint32_t, uint64_t, 2, V>;
+  }
+  return &conv_item_n<uint32_t, uint64_t, 1, V>;
+}
+
+inline ConvItemNFn<uint32_t, uint64_t> conv_item32w_fn(int R, int V) {
+  switch (V) {
+    case 1: return pick_r32w<1>(R);
+    case 2: return pick_r32w<2>(R);
+    case 3: return pick_r32w<3>(R);
+    case 4: return pick_r32w<4>(R);
+    case 5: return pick_r32w<5>(R);
+    case 6: return pick_r32w<6>(R);
+    case 7: return pick_r32w<7>(R);
+    default: return pick_r32w<8>(R);
   }
 }
 

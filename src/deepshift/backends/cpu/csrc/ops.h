@@ -18,6 +18,9 @@ std::vector<torch::Tensor> conv_plan(const torch::Tensor& scode, std::vector<int
 torch::Tensor conv(const torch::Tensor& x, std::vector<int64_t> ws, const std::vector<torch::Tensor>& plan,
                    const c10::optional<torch::Tensor>& bias, int64_t groups, std::vector<int64_t> stride,
                    std::vector<int64_t> pad, std::vector<int64_t> dil);
+torch::Tensor conv_wide(const torch::Tensor& x, std::vector<int64_t> ws, const std::vector<torch::Tensor>& plan,
+                        const c10::optional<torch::Tensor>& bias, int64_t groups, std::vector<int64_t> stride,
+                        std::vector<int64_t> pad, std::vector<int64_t> dil);
 std::tuple<torch::Tensor, bool> conv_fused(const torch::Tensor& x, std::vector<int64_t> ws,
                                            const std::vector<torch::Tensor>& plan,
                                            const c10::optional<torch::Tensor>& bias, int64_t groups,
