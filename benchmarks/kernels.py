@@ -16,13 +16,18 @@ ours / baseline (< 1 means we are faster).
 * "op": the raw ``torch.ops.deepshift.*`` calls on pre-quantized integer inputs (for a whole model,
   every shift layer's op on its input captured from one forward).
 
-ResNet-20's "fused" rows time, as "frozen", the frozen model's ``deepshift.fuse_frozen`` copy (each
-BatchNorm, and the residual add and ReLU after it, applied inside the conv before them while its
-output is in cache; same numbers, asserted), against the float model as is and with its
-BatchNorms folded into the conv weights (``torch.fx.experimental.optimization.fuse``, which shift
-weights cannot do: they must stay powers of two).
+Whole models (CIFAR ResNet-20 at batch 128 and 1, ImageNet ResNet-50 at batch 1 and 32; random
+weights: the time does not depend on them): the "fused" rows time, as "frozen", the frozen model's
+``deepshift.fuse_frozen`` copy (each BatchNorm, and the residual add and ReLU after it, applied
+inside the conv before them while its output is in cache; same numbers, asserted), against the
+float model as is, with its BatchNorms folded into the conv weights
+(``torch.fx.experimental.optimization.fuse``, which shift weights cannot do: they must stay powers
+of two), and against onnxruntime running the float model's ONNX export with as many threads
+("ort fp32", where onnxruntime is installed; timed after the others, not interleaved: its threads
+spin after each run). Each twice: with 8-bit activations and with
+``freeze_``'s default (8, 8) fixed point (what a model trained without ``--act-bits`` gets).
 
-Weights: 5-bit DeepShift-Q; activations: 8-bit fixed point (act_bits = (4, 4)).
+Weights: 5-bit DeepShift-Q; activations: 8-bit fixed point (act_bits = (4, 4)) unless a row says.
 """
 
 from __future__ import annotations
@@ -65,9 +70,15 @@ def measure(fns: dict, seconds: float, min_reps: int = 5, warmup: int = 2) -> di
     return {name: (statistics.median(v), min(v)) for name, v in times.items()}
 
 
-def frozen_copy(model: nn.Module, weight_bits: int = WEIGHT_BITS) -> nn.Module:
+def ratios(t: dict, base: float, which: int) -> str:
+    """"frozen / via op / op" over ``base`` (``which``: 0 medians, 1 fastest runs); "-" where not timed."""
+    return " / ".join(f"{t[k][which] / base:.3f}" if k in t else "-" for k in ("frozen", "via op", "op"))
+
+
+def frozen_copy(model: nn.Module, weight_bits: int = WEIGHT_BITS, act_bits: tuple | None = ACT_BITS
+                ) -> nn.Module:
     m = copy.deepcopy(model)
-    deepshift.convert_(m, deepshift.QConfig(weight_bits=weight_bits, act_bits=ACT_BITS))
+    deepshift.convert_(m, deepshift.QConfig(weight_bits=weight_bits, act_bits=act_bits))
     return deepshift.freeze_(m).eval()
 
 
@@ -160,35 +171,76 @@ def bench_conv(add, sec: float) -> None:
     add("Conv2d 3x3 64->64 56x56 batch 1", t, "fp32", f"acc {accumulators(fconv)}")
 
 
-def bench_resnet(add, sec: float) -> None:
-    """CIFAR ResNet-20, whole model, batch 128 and 1: frozen, and frozen with BatchNorm, residual add
-    and ReLU fused into the conv before them (deepshift.fuse_frozen), against the float model as is
-    and with its BatchNorms folded into the conv weights (torch.fx.experimental.optimization.fuse)."""
+def ort_session(model: nn.Module, example: torch.Tensor, threads: int):
+    """onnxruntime (``threads`` intra-op threads) running the float model's ONNX export, as a
+    function of a torch input; None where onnx / onnxruntime are not installed."""
     try:
-        from deepshift.models import build_model
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    import tempfile
 
-        net = build_model("resnet20").eval()
-    except Exception as exc:  # the model zoo is optional here
-        print(f"  ResNet-20 skipped: {type(exc).__name__}: {exc}")
-        return
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = f"{tmp}/float.onnx"
+        torch.onnx.export(model.eval(), (example,), path, input_names=["input"], output_names=["output"],
+                          opset_version=17, dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+                          dynamo=False)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+        sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    return lambda x: sess.run(None, {"input": x.numpy()})
+
+
+def bench_model(add, sec: float, label: str, net: nn.Module, shape: tuple, batches: tuple, threads: int,
+                act_bits: tuple | None = ACT_BITS, parts: bool = True) -> None:
+    """A whole model: frozen, and frozen with BatchNorm, residual add and ReLU fused into the conv
+    before them (deepshift.fuse_frozen), against the float model as is, with its BatchNorms folded
+    into the conv weights (torch.fx.experimental.optimization.fuse) and under onnxruntime.
+    ``act_bits=None``: freeze_'s default activations, (8, 8). ``parts``: also the "via op" and "op"
+    columns."""
     from torch.fx.experimental.optimization import fuse as fold_batchnorm
 
     folded = fold_batchnorm(copy.deepcopy(net))
-    fnet = frozen_copy(net)
-    unet = via_op(fnet)
+    fnet = frozen_copy(net, act_bits=act_bits)
     hnet = deepshift.fuse_frozen(fnet)
-    for batch in (128, 1):
-        x = torch.randn(batch, 3, 32, 32)
-        assert torch.equal(fnet(x), unet(x)) and torch.equal(hnet(x), fnet(x))
-        t = measure({"frozen": lambda x=x: fnet(x), "fused": lambda x=x: hnet(x),
-                     "via op": lambda x=x: unet(x), "op": op_callable(fnet, x), "fp32": lambda x=x: net(x),
-                     "fp32 BN-folded": lambda x=x: folded(x)}, sec)
-        note = f"acc {accumulators(fnet)}"
-        add(f"ResNet-20 CIFAR batch {batch}", t, "fp32", note)
+    unet = via_op(fnet)
+    ort_run = ort_session(net, torch.randn(1, *shape), threads)
+    acts = f"act_bits {act_bits}" if act_bits is not None else "default act_bits (8, 8)"
+    for batch in batches:
+        x = torch.randn(batch, *shape)
+        assert torch.equal(hnet(x), fnet(x))
+        fns = {"frozen": lambda x=x: fnet(x), "fused": lambda x=x: hnet(x)}
+        if parts:
+            assert torch.equal(fnet(x), unet(x))
+            fns.update({"via op": lambda x=x: unet(x), "op": op_callable(fnet, x)})
+        fns.update({"fp32": lambda x=x: net(x), "fp32 BN-folded": lambda x=x: folded(x)})
+        t = measure(fns, sec)
+        if ort_run is not None:
+            # On its own: onnxruntime's threads spin for a while after each run (its default, kept
+            # so as not to slow it), which took the cores from the candidates timed after it
+            # (torch's fp32 ResNet-20 at batch 1 measured 4x slower interleaved with it).
+            t.update(measure({"ort fp32": lambda x=x: ort_run(x)}, sec))
+        note = f"{acts}, acc {accumulators(fnet)}"
+        add(f"{label} batch {batch}", t, "fp32", note)
         # The deployment form: "frozen" is the model's fuse_frozen copy.
         fused = {**t, "frozen": t["fused"]}
-        add(f"ResNet-20 CIFAR batch {batch} fused", fused, "fp32", note)
-        add(f"ResNet-20 CIFAR batch {batch} fused", fused, "fp32 BN-folded", note)
+        for base in ("fp32", "fp32 BN-folded", "ort fp32"):
+            if base in t:
+                add(f"{label} batch {batch} fused", fused, base, note)
+
+
+def bench_resnets(add, sec: float, threads: int, quick: bool) -> None:
+    """CIFAR ResNet-20 at batch 128 and 1 and ImageNet ResNet-50 at batch 1 and 32, with 8-bit
+    (4.4) activations and with freeze_'s default (8, 8)."""
+    from deepshift.models import build_model
+
+    r20 = build_model("resnet20").eval()
+    r50 = build_model("imagenet-resnet50").eval()
+    for act_bits in (ACT_BITS, None):
+        bench_model(add, sec, "ResNet-20 CIFAR", r20, (3, 32, 32), (128, 1), threads, act_bits)
+        bench_model(add, sec, "ResNet-50 ImageNet", r50, (3, 224, 224), (1,) if quick else (1, 32), threads,
+                    act_bits, parts=False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,27 +260,25 @@ def main(argv: list[str] | None = None) -> int:
 
     def add(name, t, base_name, note=""):
         rows.append((name, t, base_name, note))
-        (fr, frb), (fu, fub), (op, opb), (base, baseb) = t["frozen"], t["via op"], t["op"], t[base_name]
-        print(f"  {name:<32} vs {base_name:<8} median ms: frozen {fr * 1e3:8.3f} via-op {fu * 1e3:8.3f} "
-              f"op {op * 1e3:8.3f} base {base * 1e3:8.3f} | ratios (median) {fr / base:.3f} / "
-              f"{fu / base:.3f} / {op / base:.3f}  (best) {frb / baseb:.3f} / {fub / baseb:.3f} / "
-              f"{opb / baseb:.3f}  {note}",
-              flush=True)
+        base, baseb = t[base_name]
+        ms = " ".join(f"{k} {t[k][0] * 1e3:8.3f}" if k in t else f"{k} -" for k in ("frozen", "via op", "op"))
+        print(f"  {name:<32} vs {base_name:<14} median ms: {ms} base {base * 1e3:8.3f} | ratios (median) "
+              f"{ratios(t, base, 0)}  (best) {ratios(t, baseb, 1)}  {note}", flush=True)
 
     with torch.no_grad():
         bench_linear(add, sec)
         bench_conv(add, sec)
-        bench_resnet(add, sec)
+        bench_resnets(add, sec, args.threads, args.quick)
     print(f"\nload average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print("\nRatios are ours / baseline; 'median' from the medians, 'best' from the fastest run of each.")
     print("| case | baseline | baseline ms | frozen ms | via-op ms | op ms | frozen/base | via-op/base "
           "| op/base | best: frozen / via-op / op | note |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|")
     for name, t, bname, note in rows:
-        (fr, frb), (fu, fub), (op, opb), (base, baseb) = t["frozen"], t["via op"], t["op"], t[bname]
-        print(f"| {name} | {bname} | {base * 1e3:.3f} | {fr * 1e3:.3f} | {fu * 1e3:.3f} | {op * 1e3:.3f} "
-              f"| {fr / base:.3f} | {fu / base:.3f} | {op / base:.3f} "
-              f"| {frb / baseb:.3f} / {fub / baseb:.3f} / {opb / baseb:.3f} | {note} |")
+        base, baseb = t[bname]
+        ms = " | ".join(f"{t[k][0] * 1e3:.3f}" if k in t else "-" for k in ("frozen", "via op", "op"))
+        each = " | ".join(ratios(t, base, 0).split(" / "))
+        print(f"| {name} | {bname} | {base * 1e3:.3f} | {ms} | {each} | {ratios(t, baseb, 1)} | {note} |")
     return 0
 
 
