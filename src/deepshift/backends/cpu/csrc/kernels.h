@@ -176,44 +176,59 @@ template <typename U>
 using ConvItemFn = void (*)(const U*, U*, const Geom&, const PlanView&, int64_t, int64_t, int64_t, int64_t,
                             const U*);
 
-template <typename U, int V>
-ConvItemFn<U> pick_r(int R) {
+// The row-block choice for V vectors per row (has_rows(V, R)) over an item family: Fam::Fn is its
+// function type, Fam::template fn<R, V> its item for R rows x V vectors.
+template <typename Fam, int V>
+typename Fam::Fn pick_r(int R) {
   if constexpr (V == 1) {
     switch (R) {
-      case 12: return &conv_item<U, 12, 1>;
-      case 8: return &conv_item<U, 8, 1>;
-      case 6: return &conv_item<U, 6, 1>;
+      case 12: return Fam::template fn<12, 1>;
+      case 8: return Fam::template fn<8, 1>;
+      case 6: return Fam::template fn<6, 1>;
       default: break;
     }
   }
   if constexpr (V <= 2) {
-    if (R == 6) return &conv_item<U, 6, V>;
+    if (R == 6) return Fam::template fn<6, V>;
   }
   if constexpr (V <= 3) {
-    if (R == 4) return &conv_item<U, 4, V>;
+    if (R == 4) return Fam::template fn<4, V>;
   }
   if constexpr (V <= 4) {
-    if (R == 3) return &conv_item<U, 3, V>;
+    if (R == 3) return Fam::template fn<3, V>;
   }
   if constexpr (V <= 6) {
-    if (R == 2) return &conv_item<U, 2, V>;
+    if (R == 2) return Fam::template fn<2, V>;
   }
-  return &conv_item<U, 1, V>;
+  return Fam::template fn<1, V>;
 }
+
+// Function of family Fam for an item of R rows (has_rows(V, R)) x V vectors.
+template <typename Fam>
+typename Fam::Fn pick_item(int R, int V) {
+  switch (V) {
+    case 1: return pick_r<Fam, 1>(R);
+    case 2: return pick_r<Fam, 2>(R);
+    case 3: return pick_r<Fam, 3>(R);
+    case 4: return pick_r<Fam, 4>(R);
+    case 5: return pick_r<Fam, 5>(R);
+    case 6: return pick_r<Fam, 6>(R);
+    case 7: return pick_r<Fam, 7>(R);
+    default: return pick_r<Fam, 8>(R);
+  }
+}
+
+template <typename U>
+struct PlainItems {
+  using Fn = ConvItemFn<U>;
+  template <int R, int V>
+  static constexpr Fn fn = &conv_item<U, R, V>;
+};
 
 // Function for an item of R rows (has_rows(V, R)) x V vectors.
 template <typename U>
 ConvItemFn<U> conv_item_fn(int R, int V) {
-  switch (V) {
-    case 1: return pick_r<U, 1>(R);
-    case 2: return pick_r<U, 2>(R);
-    case 3: return pick_r<U, 3>(R);
-    case 4: return pick_r<U, 4>(R);
-    case 5: return pick_r<U, 5>(R);
-    case 6: return pick_r<U, 6>(R);
-    case 7: return pick_r<U, 7>(R);
-    default: return pick_r<U, 8>(R);
-  }
+  return pick_item<PlainItems<U>>(R, V);
 }
 
 // Narrow tables, wider accumulators. The 8-bit-activation fast path: the table holds int16 copies of
@@ -346,43 +361,13 @@ ConvItemNFn<uint16_t, UA> conv_item16h_fn(int R) {
 }
 
 // int32 tables, int64 accumulators: the int32 path's row blocks (has_rows(V, R)).
-template <int V>
-ConvItemNFn<uint32_t, uint64_t> pick_r32w(int R) {
-  if constexpr (V == 1) {
-    switch (R) {
-      case 12: return &conv_item_n<uint32_t, uint64_t, 12, 1>;
-      case 8: return &conv_item_n<uint32_t, uint64_t, 8, 1>;
-      case 6: return &conv_item_n<uint32_t, uint64_t, 6, 1>;
-      default: break;
-    }
-  }
-  if constexpr (V <= 2) {
-    if (R == 6) return &conv_item_n<uint32_t, uint64_t, 6, V>;
-  }
-  if constexpr (V <= 3) {
-    if (R == 4) return &conv_item_n<uint32_t, uint64_t, 4, V>;
-  }
-  if constexpr (V <= 4) {
-    if (R == 3) return &conv_item_n<uint32_t, uint64_t, 3, V>;
-  }
-  if constexpr (V <= 6) {
-    if (R == 2) return &conv_item_n<uint32_t, uint64_t, 2, V>;
-  }
-  return &conv_item_n<uint32_t, uint64_t, 1, V>;
-}
+struct WideItems {
+  using Fn = ConvItemNFn<uint32_t, uint64_t>;
+  template <int R, int V>
+  static constexpr Fn fn = &conv_item_n<uint32_t, uint64_t, R, V>;
+};
 
-inline ConvItemNFn<uint32_t, uint64_t> conv_item32w_fn(int R, int V) {
-  switch (V) {
-    case 1: return pick_r32w<1>(R);
-    case 2: return pick_r32w<2>(R);
-    case 3: return pick_r32w<3>(R);
-    case 4: return pick_r32w<4>(R);
-    case 5: return pick_r32w<5>(R);
-    case 6: return pick_r32w<6>(R);
-    case 7: return pick_r32w<7>(R);
-    default: return pick_r32w<8>(R);
-  }
-}
+inline ConvItemNFn<uint32_t, uint64_t> conv_item32w_fn(int R, int V) { return pick_item<WideItems>(R, V); }
 
 // Small-batch Linear (int32 lanes): tiles[t][k][j] is the byte code of weight (8 t + j, k):
 // 0 = no contribution, else bit 7 = sign (1 = negative), bits 0-4 = the left-shift amount, bit 5 set
