@@ -172,23 +172,20 @@ def bench_conv(add, sec: float) -> None:
 
 
 def ort_session(model: nn.Module, example: torch.Tensor, threads: int):
-    """onnxruntime (``threads`` intra-op threads) running the float model's ONNX export, as a
-    function of a torch input; None where onnx / onnxruntime are not installed."""
+    """onnxruntime (``threads`` intra-op threads) running the float model's ONNX export
+    (``onnx_models.py``'s export and session), as a function of a torch input; None where onnx /
+    onnxruntime are not installed."""
     try:
-        import onnxruntime as ort
+        from onnx_models import export_float, session  # this directory: the script's own
     except ImportError:
         return None
     import tempfile
+    from pathlib import Path
 
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        path = f"{tmp}/float.onnx"
-        torch.onnx.export(model.eval(), (example,), path, input_names=["input"], output_names=["output"],
-                          opset_version=17, dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
-                          dynamo=False)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-        sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "float.onnx"
+        export_float(model, example, path)
+        sess = session(path, threads)
     return lambda x: sess.run(None, {"input": x.numpy()})
 
 

@@ -35,9 +35,9 @@ from deepshift.training.data.loader import BatchLoader
 BATCHES = (1, 128)
 
 
-def session(path: Path) -> ort.InferenceSession:
+def session(path: Path, threads: int = 2) -> ort.InferenceSession:
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = 2, 1
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
