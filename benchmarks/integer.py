@@ -29,7 +29,7 @@ import deepshift
 import deepshift.frozen.integer
 from deepshift.backends.cpu.machine import describe
 from deepshift.training.data.datasets import load_dataset
-from deepshift.training.data.loader import BatchLoader, Epochs
+from deepshift.training.data.loader import BatchLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernels import measure  # noqa: E402  (the side-by-side timer of the kernel benchmarks)
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             torch.manual_seed(cfg.seed)
             tuned_model = copy.deepcopy(model)
-            batches = Epochs(BatchLoader(splits.train, cfg.batch_size or 64, train=True, seed=cfg.seed))
+            batches = BatchLoader(splits.train, cfg.batch_size or 64, train=True, seed=cfg.seed)
             deepshift.finetune_batchnorm_(tuned_model, batches, k, steps=args.finetune_steps,
                                           lr=args.finetune_lr)
             tuned_frozen = deepshift.freeze_(tuned_model.eval())

@@ -185,9 +185,9 @@ def test_finetune_bn_errors_are_one_line_exit_2(capsys, runs, tmp_path, case):
     if case == "float_run":
         argv[1], needle = root / "float", "not a converted training run"
     elif case == "bad_steps":
-        argv, needle = argv + ["--steps", "0"], "--steps"
+        argv, needle = argv + ["--steps", "0"], "--steps: steps must be"
     elif case == "bad_terms":
-        argv, needle = argv + ["--scale-terms", "9"], "--scale-terms"
+        argv, needle = argv + ["--scale-terms", "9"], "--scale-terms: scale_terms must be"
     code, _, err = cli(capsys, *argv)
     assert code == 2 and len(err.splitlines()) == 1 and needle in err, err
     assert not (tmp_path / "out").exists()

@@ -205,6 +205,11 @@ def test_batch_loader_order_is_pure_function_of_seed_epoch():
     assert not torch.equal(loader.order(2), loader.order(3))
     seen = torch.cat([y for _, y in full]).sort().values
     assert torch.equal(seen, splits.train.labels.sort().values)
+    # Iterating the loader itself walks epochs 0, 1, ...: each pass reshuffles.
+    fresh = D.BatchLoader(splits.train, 16, train=True, seed=7)
+    for e in range(2):
+        for (xa, ya), (xb, yb) in zip(fresh, loader.epoch(e), strict=True):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
 @pytest.mark.parametrize("kind", ["mnist", "cifar10", "imagefolder", "digits"])

@@ -293,7 +293,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     from deepshift.training.run_dir import check_output_dir
 
     path = Path(args.source)
-    path = path / "best.pt" if path.is_dir() else path
+    path = path / "best.pt" if path.is_dir() else path  # the checkpoint, as from_checkpoint records it
     float_model, info = load_source(path)
     if info["kind"] != "checkpoint" or shift_layers(float_model):
         raise DeployError(f"{args.source} is not a float training run: calibrate the float model it "
@@ -337,24 +337,21 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 def _cmd_finetune_bn(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from deepshift.core.batchnorm import finetune_batchnorm_, round_batchnorm_scales_
+    from deepshift.core.batchnorm import check_finetune_args, finetune_batchnorm_, round_batchnorm_scales_
     from deepshift.training.config import ConfigError
     from deepshift.training.data.datasets import load_dataset
-    from deepshift.training.data.loader import BatchLoader, Epochs
+    from deepshift.training.data.loader import BatchLoader
     from deepshift.training.evaluate import evaluate, flat_predictions
     from deepshift.training.run_dir import check_output_dir
 
-    for name, value, low in (("--steps", args.steps, 1), ("--scale-terms", args.scale_terms, 1),
-                             ("--batch-size", args.batch_size or 1, 1)):
-        if value < low:
-            raise ConfigError(f"{name} must be >= {low}, got {value}")
-    if args.scale_terms > 8:
-        raise ConfigError(f"--scale-terms must be <= 8, got {args.scale_terms}")
-    if not 0 < args.lr < float("inf"):
-        raise ConfigError(f"--lr must be a positive number, got {args.lr}")
-    path = Path(args.source)
-    path = path / "best.pt" if path.is_dir() else path
-    model, info = load_source(path)
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    try:  # before the data loads: the library's own checks, as option errors
+        check_finetune_args(args.scale_terms, args.steps, args.lr)
+    except ValueError as exc:  # "scale_terms must be ...": named as the option
+        option = "--" + str(exc).split()[0].replace("_", "-")
+        raise ConfigError(f"{option}: {exc}") from None
+    model, info = load_source(args.source)
     if info["kind"] != "checkpoint" or not shift_layers(model):
         raise DeployError(f"{args.source} is not a converted training run (deepshift train --method q/ps "
                           "or deepshift calibrate): nothing to make integer-only")
@@ -368,8 +365,8 @@ def _cmd_finetune_bn(args: argparse.Namespace) -> int:
                           cfg.workers)
     batch = args.batch_size or cfg.batch_size or 64
     val = BatchLoader(splits.val, max(batch, 256), train=False)
-    metrics: dict[str, Any] = {"source": str(path), "scale_terms": args.scale_terms, "steps": args.steps,
-                               "lr": args.lr, "batch_size": batch,
+    metrics: dict[str, Any] = {"source": str(args.source), "scale_terms": args.scale_terms,
+                               "steps": args.steps, "lr": args.lr, "batch_size": batch,
                                "val_top1_before": evaluate(model, val)["top1"],
                                "val_top1_rounded": evaluate(round_batchnorm_scales_(copy.deepcopy(model),
                                                                                     args.scale_terms),
@@ -380,7 +377,7 @@ def _cmd_finetune_bn(args: argparse.Namespace) -> int:
         return torch.nn.functional.cross_entropy(*flat_predictions(logits, y))
 
     try:
-        batches = Epochs(BatchLoader(splits.train, batch, train=True, seed=cfg.seed))
+        batches = BatchLoader(splits.train, batch, train=True, seed=cfg.seed)
         result = finetune_batchnorm_(model, batches, args.scale_terms, steps=args.steps, lr=args.lr,
                                      loss_fn=loss, progress=not args.quiet)
     except FloatingPointError as exc:

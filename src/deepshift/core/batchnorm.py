@@ -81,6 +81,16 @@ def _check_terms(scale_terms) -> None:
         raise ValueError(f"scale_terms must be an int in [1, 8], got {scale_terms!r}")
 
 
+def check_finetune_args(scale_terms, steps, lr) -> None:
+    """:func:`finetune_batchnorm_`'s checks of its settings (ValueError), for callers that want them
+    before loading data (``deepshift finetune-bn``)."""
+    _check_terms(scale_terms)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+
+
 def _norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     for m in norms:
@@ -156,11 +166,7 @@ def finetune_batchnorm_(
         >>> bool(torch.allclose(s.abs(), torch.exp2(torch.round(s.abs().log2()))))   # one power of two
         True
     """
-    _check_terms(scale_terms)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    check_finetune_args(scale_terms, steps, lr)
     from deepshift.core.optim import clamp_parameters_, param_groups
     from deepshift.frozen.layers import is_frozen_layer
 

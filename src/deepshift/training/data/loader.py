@@ -24,6 +24,9 @@ class BatchLoader:
 
     Iterating ``loader.epoch(e, start=k)`` yields batches ``k, k+1, ...`` of epoch ``e``, exactly the
     batches an uninterrupted epoch would have produced there; this is what makes mid-epoch resume exact.
+    Iterating the loader itself walks its epochs one after another (0, 1, 2, ... : each ``iter()``
+    is the next, with its own shuffle, as a torch ``DataLoader`` reshuffles), so a consumer that reads
+    it again until it has enough batches (e.g. :func:`deepshift.finetune_batchnorm_`) sees new ones.
     The last partial batch is kept.
     """
 
@@ -31,6 +34,7 @@ class BatchLoader:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.dataset, self.batch_size, self.train, self.seed = dataset, batch_size, train, seed
+        self._iterations = 0  # the epoch the next iter() walks
 
     def __len__(self) -> int:
         return math.ceil(len(self.dataset) / self.batch_size)
@@ -48,18 +52,6 @@ class BatchLoader:
             g = torch.Generator().manual_seed(_mix(self.seed, epoch, b, 1)) if self.train else None
             yield self.dataset.get_batch(idx, self.train, g)
 
-    def __iter__(self):
-        return self.epoch(0)
-
-
-class Epochs:
-    """A loader's epochs one after another: each ``iter()`` is the next epoch (its own shuffle), so
-    a consumer that reads an iterable again until it has enough batches (e.g.
-    :func:`deepshift.finetune_batchnorm_`) walks through epochs 0, 1, 2, ..."""
-
-    def __init__(self, loader: BatchLoader):
-        self.loader, self.next = loader, 0
-
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        self.next += 1
-        return self.loader.epoch(self.next - 1)
+        self._iterations += 1
+        return self.epoch(self._iterations - 1)
