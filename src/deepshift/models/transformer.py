@@ -140,15 +140,21 @@ class CharTransformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompt: Tensor, tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 generator: torch.Generator | None = None) -> Tensor:
+                 generator: torch.Generator | None = None, native: bool = True) -> Tensor:
         """``prompt`` (1-D int64, at least one token) followed by ``tokens`` sampled tokens.
 
         The window slides when the context is full: the cache is rebuilt from the last
-        ``context // 2`` tokens. ``temperature`` 0 picks the most likely token.
+        ``context // 2`` tokens. ``temperature`` 0 picks the most likely token. A frozen model's
+        one-token steps run as one native call (:func:`deepshift.frozen.decoder.native_decoder`:
+        the same logits as :meth:`decode`); ``native=False`` runs the modules for every step.
         """
         out = prompt.to(torch.int64).flatten().tolist()
         if not out:
             raise ValueError("the prompt needs at least one token")
+        from deepshift.frozen.decoder import native_decoder
+
+        # A frozen model's one-token steps: one native call for all blocks (same logits).
+        step = native_decoder(self) if native else None
         caches: list[dict[str, Tensor]] = []
         pending = out[-self.context:]
         pos = 0
@@ -159,7 +165,10 @@ class CharTransformer(nn.Module):
             if not caches:
                 caches = [{} for _ in self.blocks]
             x = torch.tensor([pending], dtype=torch.int64, device=self.pos.device)
-            logits = self.decode(x, caches, pos)[0, -1].float()
+            if step is not None and len(pending) == 1 and "k" in caches[0]:
+                logits = step(x, caches, pos)[0, -1].float()
+            else:
+                logits = self.decode(x, caches, pos)[0, -1].float()
             pos += len(pending)
             if temperature == 0:
                 nxt = int(logits.argmax())

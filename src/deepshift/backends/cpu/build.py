@@ -17,8 +17,9 @@ from deepshift.backends.cpu import cache
 
 # The translation units (built in parallel, linked into one module) and the headers they share.
 _UNITS = ("bindings.cpp", "isa.cpp", "linear.cpp", "lut.cpp", "conv.cpp", "elementwise.cpp",
-          "epilogue512.cpp", "frozen.cpp")
-_SOURCES = (*_UNITS, "common.h", "kernels.h", "epilogue_lanes.h", "ops.h", "frozen.h", "epilogue.h")
+          "epilogue512.cpp", "frozen.cpp", "decoder.cpp")
+_SOURCES = (*_UNITS, "common.h", "kernels.h", "epilogue_lanes.h", "ops.h", "frozen.h", "epilogue.h",
+            "decoder.h")
 
 
 _CSRC = Path(__file__).resolve().parent / "csrc"

@@ -1,9 +1,10 @@
 // The Python module of the CPU kernels: one binding per kernel the Python side calls, defined in
 // conv.cpp, linear.cpp, lut.cpp, elementwise.cpp and isa.cpp (declared in ops.h); the prepared
 // frozen-layer forwards and the registration of the frozen ops' C++ kernels (frozen.h), which call
-// conv_fused, conv_int_fused and channel_affine themselves.
+// conv_fused, conv_int_fused and channel_affine themselves; the frozen decoder's step (decoder.h).
 #include <torch/extension.h>
 
+#include "decoder.h"
 #include "frozen.h"
 #include "ops.h"
 
@@ -73,6 +74,27 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readonly("out_shape", &PreparedIntConv::out_shape)
       .def("run", &PreparedIntConv::run)
       .def("remember", &PreparedIntConv::remember);
+  using deepshift_cpu::Decoder;
+  using deepshift_cpu::DecoderBlock;
+  using deepshift_cpu::FrozenProjection;
+  using deepshift_cpu::Norm;
+  py::class_<FrozenProjection>(m, "FrozenProjection")
+      .def(py::init([](torch::Tensor codes, OptTensor bias, std::string spec) {
+        return FrozenProjection{codes, bias, spec};
+      }));
+  py::class_<Norm>(m, "Norm").def(py::init([](OptTensor weight, OptTensor bias, double eps) {
+    return Norm{weight, bias, eps};
+  }));
+  py::class_<DecoderBlock>(m, "DecoderBlock")
+      .def(py::init([](Norm norm1, FrozenProjection q, FrozenProjection k, FrozenProjection v, FrozenProjection out,
+                       Norm norm2, FrozenProjection fc1, FrozenProjection fc2, int64_t heads) {
+        return DecoderBlock{norm1, norm2, q, k, v, out, fc1, fc2, heads};
+      }));
+  py::class_<Decoder>(m, "Decoder")
+      .def(py::init([](std::vector<DecoderBlock> blocks, Norm norm, FrozenProjection head) {
+        return Decoder{blocks, norm, head};
+      }))
+      .def("step", &Decoder::step);
   m.def("register_kernels", &deepshift_cpu::register_kernels);
   m.def("set_fast_path", &deepshift_cpu::set_fast_path);
   m.def("remembered_count", &deepshift_cpu::remembered_count);
