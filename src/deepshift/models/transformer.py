@@ -151,7 +151,7 @@ class CharTransformer(nn.Module):
         out = prompt.to(torch.int64).flatten().tolist()
         if not out:
             raise ValueError("the prompt needs at least one token")
-        from deepshift.frozen.decoder import native_decoder
+        from deepshift.frozen.decoder import native_decoder  # the zoo needs the frozen runtime only here
 
         # A frozen model's one-token steps: one native call for all blocks (same logits).
         step = native_decoder(self) if native else None
