@@ -8,7 +8,7 @@ whole test split, plus whether its float64 outputs equal, bit for bit, the float
 the converted model with the same activation rounding (each shift layer's input and bias rounded
 to the fixed point ``freeze_`` uses).
 
-    .venv/bin/python benchmarks/transformers.py runs/vit-float runs/vit-q5 ... [--out results/transformers.md]
+    .venv/bin/python benchmarks/transformer_runs.py runs/vit-float runs/vit-q5 ... [--out FILE.md]
 """
 
 from __future__ import annotations
