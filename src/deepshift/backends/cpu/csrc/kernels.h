@@ -203,19 +203,20 @@ typename Fam::Fn pick_r(int R) {
   return Fam::template fn<1, V>;
 }
 
+// f(std::integral_constant<int, V>) for a run-time V in [First, Last] (values past Last take Last):
+// the one place that turns the vector count into a template argument.
+template <int First, int Last, typename F>
+auto with_vectors(int V, F&& f) {
+  if constexpr (First < Last) {
+    if (V > First) return with_vectors<First + 1, Last>(V, f);
+  }
+  return f(std::integral_constant<int, First>{});
+}
+
 // Function of family Fam for an item of R rows (has_rows(V, R)) x V vectors.
 template <typename Fam>
 typename Fam::Fn pick_item(int R, int V) {
-  switch (V) {
-    case 1: return pick_r<Fam, 1>(R);
-    case 2: return pick_r<Fam, 2>(R);
-    case 3: return pick_r<Fam, 3>(R);
-    case 4: return pick_r<Fam, 4>(R);
-    case 5: return pick_r<Fam, 5>(R);
-    case 6: return pick_r<Fam, 6>(R);
-    case 7: return pick_r<Fam, 7>(R);
-    default: return pick_r<Fam, 8>(R);
-  }
+  return with_vectors<1, 8>(V, [R](auto v) { return pick_r<Fam, decltype(v)::value>(R); });
 }
 
 template <typename U>
@@ -338,13 +339,7 @@ ConvItemNFn<uint16_t, UA> pick_r16(int R) {
 // Function for an int16-table item of R rows (has_rows16(V, R)) x V vectors of 16 columns (V <= 5).
 template <typename UA>
 ConvItemNFn<uint16_t, UA> conv_item16_fn(int R, int V) {
-  switch (V) {
-    case 1: return pick_r16<UA, 1>(R);
-    case 2: return pick_r16<UA, 2>(R);
-    case 3: return pick_r16<UA, 3>(R);
-    case 4: return pick_r16<UA, 4>(R);
-    default: return pick_r16<UA, 5>(R);
-  }
+  return with_vectors<1, 5>(V, [R](auto v) { return pick_r16<UA, decltype(v)::value>(R); });
 }
 
 // Function for a half item (8 columns) of R rows, R in {1, 2, 3, 4, 6, 8}.
