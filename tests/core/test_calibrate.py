@@ -80,6 +80,36 @@ def test_adaptive_rounding_alone_lowers_each_layers_error():
     assert any(s["calibrated"] < 0.95 * s["plain"] for s in stats)
 
 
+def test_ps_places_its_window_for_weights_that_include_zero():
+    # PS at 2 bits holds 0 and +-2**p. Without adaptive rounding, calibrate_ takes the window whose
+    # plain rounding (zero for weights nearer 0 than 2**p) gives the least output error: computed
+    # here over the same three windows, it must be what calibrate_ wrote, and beat every window's
+    # rounding without zeros (+-2**p only), which is what scoring windows without zeros settles for.
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(64, 32))
+    xs = [torch.randn(128, 64)]
+    with torch.no_grad():
+        target = net(xs[0])
+    cfg = PSConfig(weight_bits=2, max_shift="auto")
+    converted = deepshift.convert_(copy.deepcopy(net), cfg)
+    top = deepshift.layer_shift_range(converted[0])[1]
+    w, b = net[0].weight.detach(), net[0].bias.detach()
+
+    def error(weight):
+        return float((torch.nn.functional.linear(xs[0], weight, b) - target).square().sum())
+
+    ternary = {p: torch.where(w.abs() < 2.0 ** (p - 1), 0.0, torch.sign(w) * 2.0**p)
+               for p in (top - 1, top, top + 1)}
+    best = min(ternary, key=lambda p: (error(ternary[p]), p))
+    stats = []
+    deepshift.calibrate_(converted, xs, reference=net, adaptive=False, bias_correction=False,
+                         progress=False, stats=stats)
+    assert deepshift.layer_shift_range(converted[0]) == (best, best)
+    assert torch.equal(deepshift.effective_weight(converted[0]), ternary[best])
+    assert stats[0]["calibrated"] == pytest.approx(error(ternary[best]), rel=1e-5)
+    assert error(ternary[best]) < min(error(torch.sign(w) * 2.0**p) for p in range(top - 3, top + 3))
+
+
 def test_a_bias_free_conv_corrects_through_the_batchnorm_after_it():
     net, xs = _float_net()
     model = deepshift.convert_(copy.deepcopy(net), QConfig(weight_bits=3))
