@@ -170,10 +170,14 @@ def test_q_needs_no_reference_and_ps_does():
         deepshift.calibrate_(ps, xs, progress=False)
 
 
-def test_calibrated_model_round_trips_through_freeze_packed_and_onnx(tmp_path):
+@pytest.mark.parametrize("bits", [3, 2])
+def test_calibrated_model_round_trips_through_freeze_packed_and_onnx(tmp_path, bits):
     net, xs = _float_net()
-    model = deepshift.convert_(copy.deepcopy(net), PSConfig(weight_bits=3, max_shift="auto", act_bits=(4, 4)))
+    cfg = PSConfig(weight_bits=bits, max_shift="auto", act_bits=(4, 4))
+    model = deepshift.convert_(copy.deepcopy(net), cfg)
     deepshift.calibrate_(model, xs, reference=net, iters=30, progress=False)
+    # calibrated PS weights include zeros (at 2 bits, 0 and +-2**p): the formats must carry them
+    assert any(bool((deepshift.effective_weight(m) == 0).any()) for _, m, _ in deepshift.shift_layers(model))
     x = torch.randn(2, 3, 10, 10)
     with torch.no_grad():
         frozen = deepshift.freeze_(copy.deepcopy(model)).eval()
