@@ -130,6 +130,8 @@ def test_calibrate_writes_a_run_that_eval_export_and_report_accept(capsys, runs,
     assert metrics["channel_scales"] is True and metrics["iters"] == 20  # what made the run
     code, stdout, _ = cli(capsys, "eval", "--from", out / "best.pt", "--split", "val", "--json", "--quiet")
     assert code == 0 and abs(json.loads(stdout)["top1"] - metrics["val_top1"]) < 1e-9  # the same model
+    code, folder, _ = cli(capsys, "eval", "--from", out, "--split", "val", "--json", "--quiet")  # run folder
+    assert code == 0 and folder == stdout
     assert cli(capsys, "export", out, "-o", tmp_path / "m.dshift")[0] == 0
     code, stdout, _ = cli(capsys, "report", out)
     assert code == 0 and "shift-adds" in stdout

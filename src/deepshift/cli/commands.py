@@ -256,7 +256,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.packed:
         m = _eval_packed(args)
     else:
-        m = evaluate_checkpoint(args.from_checkpoint, split=args.split, data_dir=args.data_dir,
+        source = Path(args.from_checkpoint)
+        source = source / "best.pt" if source.is_dir() else source  # a run folder: its best.pt, as export
+        m = evaluate_checkpoint(source, split=args.split, data_dir=args.data_dir,
                                 device=args.device, batch_size=args.batch_size, quiet=args.quiet)
     if args.json:
         print(json.dumps(m, sort_keys=True))

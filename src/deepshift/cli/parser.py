@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a checkpoint (or a packed file) on a test (or val) split")
     src = e.add_mutually_exclusive_group(required=True)
     src.add_argument("--from", dest="from_checkpoint", metavar="CHECKPOINT",
-                     help="best.pt or last.pt of a run")
+                     help="best.pt or last.pt of a run, or the run folder (its best.pt)")
     src.add_argument("--packed", metavar="FILE",
                      help="a packed file from `deepshift export --format packed`: runs the frozen, "
                           "multiplication-free model (needs --data)")
