@@ -625,16 +625,16 @@ def _calibrate_layer(module, cfg, float_layer, inputs, targets, norm, steps: _St
     tops = [start_range[1]]
     if cfg.auto_range:  # the window with the least output error, near the weight-placed one
         tops += [start_range[1] - 1, start_range[1] + 1]
+    # Each window is scored by its plain rounding's output error; PS's rounding includes its zeros:
+    # at 2 bits (weights 0 and +-2**p) the window that suits ternary weights lies a step above the
+    # one that suits +-2**p alone, and scoring PS windows without zeros (as Q rounds) left
+    # Fashion-MNIST mnist-conv 6.8 points below float on validation, against 2.2 (results/ptq.md).
     best = None
     for p_max in tops:
         rng = cfg.range_below(p_max)
         if is_plain(rng) and not ps:
             candidate, ys, error = plain, plain_outputs, plain_error
         else:
-            # PS scores each window with its zeros: at 2 bits (weights 0 and +-2**p) the window that
-            # suits ternary weights lies a step above the one that suits +-2**p alone, where
-            # scoring without zeros left Fashion-MNIST mnist-conv 6.8 points below float on
-            # validation, against 2.2 with them (results/ptq.md).
             candidate = _rounded(w, rng, ps)
             ys, error = _outputs(fn, inputs, candidate, bias, targets)
         if best is None or (error, p_max) < best[:2]:
