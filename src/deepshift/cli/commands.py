@@ -57,6 +57,12 @@ def _is_packed_file(path: Path) -> bool:
     return len(head) == 9 and int.from_bytes(head[:8], "little") < _MAX_HEADER and head[8:] == b"{"
 
 
+def _checkpoint_in(source: str | os.PathLike) -> Path:
+    """A run folder's checkpoint (its ``best.pt``), or ``source`` itself (a checkpoint or packed file)."""
+    path = Path(source)
+    return path / "best.pt" if path.is_dir() else path
+
+
 def load_source(source: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     """Load a model for deployment from a run folder (its ``best.pt``), a checkpoint, or a packed file.
 
@@ -68,9 +74,7 @@ def load_source(source: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     from deepshift.training.checkpoint import _load_into, load_checkpoint
     from deepshift.training.config import TrainConfig
 
-    path = Path(source)
-    if path.is_dir():
-        path = path / "best.pt"
+    path = _checkpoint_in(source)
     if not path.is_file():
         raise DeployError(f"{source}: no such run folder, checkpoint or packed file")
     if _is_packed_file(path):
@@ -256,10 +260,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.packed:
         m = _eval_packed(args)
     else:
-        source = Path(args.from_checkpoint)
-        source = source / "best.pt" if source.is_dir() else source  # a run folder: its best.pt, as export
-        m = evaluate_checkpoint(source, split=args.split, data_dir=args.data_dir,
-                                device=args.device, batch_size=args.batch_size, quiet=args.quiet)
+        m = evaluate_checkpoint(_checkpoint_in(args.from_checkpoint), split=args.split,
+                                data_dir=args.data_dir, device=args.device, batch_size=args.batch_size,
+                                quiet=args.quiet)
     if args.json:
         print(json.dumps(m, sort_keys=True))
     else:
@@ -294,8 +297,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     from deepshift.training.evaluate import evaluate
     from deepshift.training.run_dir import check_output_dir
 
-    path = Path(args.source)
-    path = path / "best.pt" if path.is_dir() else path  # the checkpoint, as from_checkpoint records it
+    path = _checkpoint_in(args.source)  # the checkpoint, as from_checkpoint records it
     float_model, info = load_source(path)
     if info["kind"] != "checkpoint" or shift_layers(float_model):
         raise DeployError(f"{args.source} is not a float training run: calibrate the float model it "

@@ -640,7 +640,6 @@ def _calibrate_layer(module, cfg, float_layer, inputs, targets, norm, steps: _St
         if best is None or (error, p_max) < best[:2]:
             best = (error, p_max, candidate, ys)
     chosen_error, p_max, chosen, outputs = best
-    del best
     if cfg.auto_range:
         param.set_max_shift_(p_max)
     if steps.adaptive and steps.iters > 0:
