@@ -19,7 +19,7 @@ from torch import nn
 import deepshift
 from deepshift.backends.cpu import build, cache, conv, elementwise, linear, register
 from deepshift.ops import reference as ops
-from deepshift.ops.codes import pack_codes
+from deepshift.ops.codes import encode_codes, pack_codes
 from deepshift.ops.reference import ShiftConvArgs, quantize_input_reference
 
 
@@ -691,6 +691,64 @@ def test_conv_int64_accumulators_on_narrow_tables_bit_exact(native, monkeypatch,
     # The narrow tables took the calls their inputs fit (some inputs may prove int32 enough).
     expected = {128: torch.int16, 2**15: torch.int32}.get(mag)
     assert set(calls) == ({expected} if expected else set()), calls
+
+
+def _narrow_bound_codes(has_zero: bool) -> tuple[torch.Tensor, list[int]]:
+    """5-bit codes of a (6, 257) 1x1 conv weight whose shift groups put the int16 Horner sums of
+    conv_item_n at the plan's fold bound (255 * 128) and one term past it: output 0, 127 weights
+    at 2**7 then one at each lower power (bound 127, 255: no fold; then a fold); output 1 the same
+    negative; output 2, 255 at 2**7 (a whole chunk) then 2 at 2**6 (fold); output 3, 64 at 2**9,
+    127 at 2**8 (bound 255) then the rest at 2**7, 2**1 and 2**0 alternating signs; outputs 4 and 5
+    random shifts. Unused weights are zero (PS) or 2**0 (Q)."""
+    cin = 257
+    shift = torch.zeros(6, cin, dtype=torch.int64)
+    sign = torch.zeros(6, cin, dtype=torch.int64) if has_zero else torch.ones(6, cin, dtype=torch.int64)
+
+    def put(o, start, n, p, s=1):
+        shift[o, start:start + n] = p
+        sign[o, start:start + n] = s
+
+    for o, s in ((0, 1), (1, -1)):
+        put(o, 0, 127, 7, s)
+        for i in range(7):
+            put(o, 127 + i, 1, 6 - i, s)
+    put(2, 0, 255, 7)
+    put(2, 255, 2, 6)
+    put(3, 0, 64, 9)
+    put(3, 64, 127, 8)
+    for i in range(191, cin):
+        put(3, i, 1, (7, 1, 0)[i % 3], 1 if i % 2 else -1)
+    g = torch.Generator().manual_seed(11)
+    shift[4:] = torch.randint(0, 15, (2, cin), generator=g)
+    sign[4:] = torch.randint(0, 2, (2, cin), generator=g) * 2 - 1
+    codes = pack_codes(encode_codes(shift, sign, 5, has_zero, 0).flatten(), 5)
+    return codes, [6, cin, 1, 1]
+
+
+@pytest.mark.parametrize("has_zero", [False, True])
+def test_conv_int16_horner_at_the_fold_bound_bit_exact(native, monkeypatch, has_zero):
+    """The 8-bit path's Horner steps run on int16 sums until the plan's bound says the next could
+    overflow: inputs of magnitude 128 (every one -128, every one +127, alternating) on weights that
+    take the sums exactly to that bound and one group past it, every ISA path, bit for bit; the int16
+    table really ran."""
+    calls = []
+    conv = native.conv
+
+    def counted(x, *rest):
+        calls.append(x.dtype)
+        return conv(x, *rest)
+
+    monkeypatch.setattr(native, "conv", counted)
+    codes, shape = _narrow_bound_codes(has_zero)
+    cin = shape[1]
+    alternating = torch.tensor([-128, 127] * cin)[:cin].reshape(1, cin, 1, 1)
+    inputs = (torch.full((1, cin, 3, 5), -128), torch.full((1, cin, 3, 5), 127),
+              alternating.expand(2, cin, 3, 5), -alternating.expand(1, cin, 4, 17))
+    for x in inputs:
+        x = x.to(torch.int32).contiguous()
+        args = (x, codes, shape, 5, has_zero, 0, None, [1, 1], [0, 0], [1, 1], 1, False, [0, 0])
+        _check(torch.ops.deepshift.shift_conv, ops.shift_conv_reference, args, f"fold bound {tuple(x.shape)}")
+    assert set(calls) == {torch.int16}, calls
 
 
 @pytest.mark.parametrize("oh", [1, 2, 3, 5, 7, 8, 9, 13, 15])  # row blocks of 8, 6, 4, 3, 2, 1 and remainders

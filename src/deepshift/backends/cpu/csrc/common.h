@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
+#include <utility>
 #include <atomic>
 #include <tuple>
 #include <cstdint>
@@ -44,6 +45,10 @@ struct Geom {
 // Term lists of one conv plan (see conv_plan): per entry e = (group, channel block, output channel),
 // terms[tstart[e] ..] grouped by shift amount; groups[3 j ..] = (shift before the group, positive count,
 // negative count) for j in [gstart[e], gstart[e + 1]); fshift[e] = final shift (the smallest amount).
+// The shift word's bit 8 (GROUP_FOLD) marks where narrow partial sums are folded into the accumulators
+// (conv_item_n); its low 8 bits (GROUP_SHIFT) are the shift.
+constexpr int32_t GROUP_SHIFT = 255, GROUP_FOLD = 256;
+
 struct PlanView {
   const int32_t* terms;
   const int64_t* tstart;

@@ -195,6 +195,10 @@ std::vector<torch::Tensor> conv_plan(const torch::Tensor& scode, std::vector<int
         for (size_t i = 0; i < key_of.size(); ++i) terms[base + count[key_of[i]]++] = off_of[i];
         // count[k] is now the end of bucket k; bucket k starts at count[k - 1] (0 for k = 0).
         int prev = -1;
+        // Bound on |the narrow partial sum| (see conv_item_n) in units of the largest |x|: a group that
+        // would take it past max_group gets GROUP_FOLD (the partial sum is folded into the wide
+        // accumulators before it). max_group == 0 (no narrow sums): every group gets it.
+        int64_t bound = 0;
         for (int a = 63; a >= 0; --a) {
           const int kp = (63 - a) * 2, kn = kp + 1;
           const int64_t sp = kp ? count[kp - 1] : 0;
@@ -207,7 +211,12 @@ std::vector<torch::Tensor> conv_plan(const torch::Tensor& scode, std::vector<int
           while (first || rp + rn > 0) {
             const int64_t cap = max_group > 0 ? max_group : rp + rn;
             const int64_t cp = std::min(rp, cap), cn = std::min(rn, cap - cp);
-            grp.push_back(first ? (prev < 0 ? 0 : prev - a) : 0);
+            const int d = first ? (prev < 0 ? 0 : prev - a) : 0;
+            // bound << d, saturated (max_group < 2**16, so anything at or past 2**17 is too much).
+            const int64_t shifted = d >= 17 ? (bound ? INT64_C(1) << 17 : 0) : std::min(bound << d, INT64_C(1) << 17);
+            const bool fold = max_group <= 0 || shifted + cp + cn > max_group;
+            bound = fold ? cp + cn : shifted + cp + cn;
+            grp.push_back(d | (fold ? GROUP_FOLD : 0));
             grp.push_back(static_cast<int32_t>(cp));
             grp.push_back(static_cast<int32_t>(cn));
             rp -= cp;

@@ -111,7 +111,7 @@ void conv_item(const U* tbl, U* yimg, const Geom& g, const PlanView& pv, int64_t
       const int32_t* t = pv.terms + pv.tstart[e];
       for (int64_t j = pv.gstart[e]; j < pv.gstart[e + 1]; ++j) {
         const int32_t* gr = pv.groups + 3 * j;
-        const unsigned d = static_cast<unsigned>(gr[0]);
+        const unsigned d = static_cast<unsigned>(gr[0] & GROUP_SHIFT);
         if (d)
           for (int r = 0; r < R; ++r)
             for (int v = 0; v < V; ++v) acc[r][v] <<= d;
@@ -235,14 +235,32 @@ ConvItemFn<U> conv_item_fn(int R, int V) {
 // Narrow tables, wider accumulators. The 8-bit-activation fast path: the table holds int16 copies of
 // inputs with |x| <= 128 (16 lanes per vector, half the loads of int32), and the plan splits every
 // shift group into chunks of at most 255 terms, so a chunk's +/- sum is exact in int16 (|sum| <=
-// 255 * 128 < 2**15). Horner's rule then runs on UA lanes (int32, or int64 where the layer needs
-// 64-bit accumulators) with the chunk sums sign-extended: acc = (acc << d) + sum, mod 2**bits, which
-// is the UA-lane path's result bit for bit. The same with int32 tables and int64 accumulators (T =
-// uint32_t: inputs with |x| <= 2**15, chunks of at most 65535 terms): 64-bit arithmetic only once per
-// shift group instead of per term. Registers: R * V sums in T lanes + the accumulators (R * V <= 4
-// for int16 tables; more accumulators than registers stay on the stack: they are touched only
-// between chunks). W = 8 ("half" items, conv_drive; int16 tables): 8-lane (128-bit) sums for rows of
-// at most 8 outputs, so that no lane is idle.
+// 255 * 128 < 2**15). Horner's rule, acc = (acc << d) + sum, runs on the int16 sums themselves while
+// the plan's bound on them (conv_plan: the chunk sizes, shifted) stays within 255 * 128, so exactly;
+// where it would not, the plan flags the group (GROUP_FOLD) and the sums are sign-extended into UA
+// lanes (int32, or int64 where the layer needs 64-bit accumulators) that catch up on the shifts since
+// the last fold: mod 2**bits, the UA-lane path's result bit for bit, with the widening once per few
+// groups instead of once per group (layers with few terms per shift group spent as much on it as on
+// their sums). The same with int32 tables and int64 accumulators (T = uint32_t: inputs with
+// |x| <= 2**15, bound 65535 * 2**15): 64-bit arithmetic only at folds instead of per term. Registers:
+// R * V sums in T lanes + the accumulators (R * V <= 4 for int16 tables; more accumulators than
+// registers stay on the stack: they are touched only at folds). W = 8 ("half" items, conv_drive;
+// int16 tables): 8-lane (128-bit) sums for rows of at most 8 outputs, so that no lane is idle.
+// Lanes [a K, a K + K) of v, sign-extended to SV's wider lanes (a register shuffle and a widening move).
+template <int a, int K, typename SV, typename VS, size_t... I>
+inline SV widen_slice(VS v, std::index_sequence<I...>) {
+  return __builtin_convertvector(__builtin_shufflevector(v, v, (a * K + static_cast<int>(I))...), SV);
+}
+
+// acc[a] = (acc[a] << pend) + (slice a of s, widened) for a in [a0, A): a fold of conv_item_n.
+template <int a0, int A, int K, typename SV, typename VA, typename VS>
+inline void fold_into(VA* acc, VS s, unsigned pend) {
+  if constexpr (a0 < A) {
+    acc[a0] = (acc[a0] << pend) + reinterpret_cast<VA>(widen_slice<a0, K, SV>(s, std::make_index_sequence<K>{}));
+    fold_into<a0 + 1, A, K, SV>(acc, s, pend);
+  }
+}
+
 inline int rows_for16(int V) { return V >= 3 ? 1 : (V == 2 ? 2 : 4); }
 inline bool has_rows16(int V, int R) { return R >= 1 && R <= rows_for16(V); }
 
@@ -252,8 +270,8 @@ void conv_item_n(const T* tbl, UA* yimg, const Geom& g, const PlanView& pv, int6
   typedef std::make_signed_t<T> ST;
   typedef std::make_signed_t<UA> SA;
   typedef ST VS __attribute__((vector_size(sizeof(T) * W), aligned(sizeof(T)), may_alias));
+  typedef T VU __attribute__((vector_size(sizeof(T) * W)));  // VS's lanes unsigned (for the shift)
   constexpr int K = 32 / sizeof(UA);  // accumulator lanes per vector
-  typedef ST PT __attribute__((vector_size(sizeof(T) * K)));  // the sum lanes of one accumulator
   typedef SA SV __attribute__((vector_size(32)));
   typedef UA VA __attribute__((vector_size(32), aligned(sizeof(UA)), may_alias));
   constexpr int A = W / K;  // accumulators per sum vector
@@ -263,22 +281,36 @@ void conv_item_n(const T* tbl, UA* yimg, const Geom& g, const PlanView& pv, int6
   const int64_t plane = g.OD * g.OH * g.OW;
   for (int64_t cb = 0; cb < g.NCB; ++cb) {
     for (int64_t o = o0; o < o1; ++o) {
-      const int64_t gi = o / g.Cout_g;
+      const int64_t gi = g.Cout_g == g.Cout ? 0 : o / g.Cout_g;
       const int64_t e = (gi * g.NCB + cb) * g.Cout_g + (o - gi * g.Cout_g);
       UA* yo = yimg + o * plane;
       VA acc[R][A * V];
       for (int r = 0; r < R; ++r)
         for (int v = 0; v < A * V; ++v) acc[r][v] = VA{};
+      // The true sum is (acc << pend) + sum: Horner's rule runs on the narrow sums until a group
+      // flagged GROUP_FOLD (the plan's bound says the next step could leave T's range), then the
+      // sums are sign-extended into the accumulators, which catch up on the pending shift.
+      VS sum[R][V];
+      for (int r = 0; r < R; ++r)
+        for (int v = 0; v < V; ++v) sum[r][v] = VS{};
+      unsigned pend = 0;
       const int32_t* t = pv.terms + pv.tstart[e];
       for (int64_t j = pv.gstart[e]; j < pv.gstart[e + 1]; ++j) {
         const int32_t* gr = pv.groups + 3 * j;
-        const unsigned d = static_cast<unsigned>(gr[0]);
-        if (d)
+        const unsigned d = static_cast<unsigned>(gr[0] & GROUP_SHIFT);
+        if (gr[0] & GROUP_FOLD) {
           for (int r = 0; r < R; ++r)
-            for (int v = 0; v < A * V; ++v) acc[r][v] <<= d;
-        VS sum[R][V];
-        for (int r = 0; r < R; ++r)
-          for (int v = 0; v < V; ++v) sum[r][v] = VS{};
+            for (int v = 0; v < V; ++v) {
+              fold_into<0, A, K, SV>(&acc[r][A * v], sum[r][v], pend);
+              sum[r][v] = VS{};
+            }
+          pend = d;
+        } else {
+          if (d)  // exact: the plan's bound keeps the shifted sums inside T's range
+            for (int r = 0; r < R; ++r)
+              for (int v = 0; v < V; ++v) sum[r][v] = reinterpret_cast<VS>(reinterpret_cast<VU>(sum[r][v]) << d);
+          pend += d;
+        }
         for (const int32_t* te = t + gr[1]; t < te; ++t) {
           const T* p = tbl + *t;
           for (int r = 0; r < R; ++r) {
@@ -293,24 +325,26 @@ void conv_item_n(const T* tbl, UA* yimg, const Geom& g, const PlanView& pv, int6
             for (int v = 0; v < V; ++v) sum[r][v] -= q[v];
           }
         }
-        for (int r = 0; r < R; ++r)
-          for (int v = 0; v < V; ++v)
-            for (int a = 0; a < A; ++a) {
-              PT part;
-              __builtin_memcpy(&part, reinterpret_cast<const char*>(&sum[r][v]) + sizeof(PT) * a, sizeof(PT));
-              acc[r][A * v + a] += reinterpret_cast<VA>(__builtin_convertvector(part, SV));
-            }
       }
       const unsigned f = static_cast<unsigned>(pv.fshift[e]);
+      for (int r = 0; r < R; ++r)
+        for (int v = 0; v < V; ++v) fold_into<0, A, K, SV>(&acc[r][A * v], sum[r][v], pend);
       if (f)
         for (int r = 0; r < R; ++r)
           for (int v = 0; v < A * V; ++v) acc[r][v] <<= f;
-      UA tmp[A * V * K];
+      const UA b = cb == 0 && bias ? bias[o] : UA(0);
       for (int r = 0; r < R; ++r) {
-        for (int v = 0; v < A * V; ++v) __builtin_memcpy(tmp + v * K, &acc[r][v], 32);
         UA* dst = yo + yoff[r];
+        if (nvalid == A * V * K) {  // whole vectors: straight from the registers
+          for (int v = 0; v < A * V; ++v) {
+            VA* q = reinterpret_cast<VA*>(dst + v * K);
+            *q = acc[r][v] + (cb == 0 ? VA{} + b : *q);
+          }
+          continue;
+        }
+        UA tmp[A * V * K];
+        for (int v = 0; v < A * V; ++v) __builtin_memcpy(tmp + v * K, &acc[r][v], 32);
         if (cb == 0) {
-          const UA b = bias ? bias[o] : UA(0);
           for (int64_t i = 0; i < nvalid; ++i) dst[i] = tmp[i] + b;
         } else {
           for (int64_t i = 0; i < nvalid; ++i) dst[i] += tmp[i];
