@@ -912,6 +912,36 @@ def test_fused_conv_forward_equals_the_op_path(native, monkeypatch, chunk):
 
 
 @pytest.mark.parametrize("act_bits", [(4, 4), (8, 8)])
+def test_fused_strided_pointwise_conv_runs_on_the_subsampled_input(native, monkeypatch, act_bits):
+    """A 1x1 conv with stride and no padding (ResNet's shortcuts) runs as the stride-1 conv of every
+    stride-th input: bit for bit the op path on every ISA path, odd sizes (the last partial step),
+    1-d to 3-d, unbatched; the prepared call subsamples, and a padded one does not."""
+    real = build.load_extension().PreparedConv
+    subsampled = []
+
+    def spy(*args):
+        subsampled.append(args[-1])
+        return real(*args)
+
+    rng = random.Random(31)
+    cases = [(nn.Conv2d, [2, 2], 0, (2, 70, 9, 11)), (nn.Conv2d, [3, 1], 0, (1, 40, 8, 5)),
+             (nn.Conv1d, [2], 0, (3, 33, 17)), (nn.Conv3d, [1, 2, 3], 0, (2, 20, 3, 7, 8)),
+             (nn.Conv2d, [2, 3], 0, (40, 13, 14)), (nn.Conv2d, [2, 2], 1, (1, 40, 9, 9))]
+    for conv_type, stride, padding, shape in cases:
+        cin = shape[1] if len(shape) == len(stride) + 2 else shape[0]
+        conv = conv_type(cin, 5, 1, stride=stride, padding=padding)
+        cfg = deepshift.QConfig(weight_bits=5, act_bits=act_bits)
+        layer = deepshift.freeze_(deepshift.convert_(nn.Sequential(conv), cfg))[0].eval()
+        x = _random_float_input(rng, shape, act_bits, torch.float32)
+        expected = _op_path_output(monkeypatch, layer, x)
+        subsampled.clear()
+        for isa, got in _on_every_isa(monkeypatch, layer, spy, layer, x).items():
+            label = f"{layer.extra_repr()} {shape} ({isa})"
+            assert got.shape == expected.shape and torch.equal(got, expected), label
+        assert subsampled and all(s == ([] if padding else stride) for s in subsampled), subsampled
+
+
+@pytest.mark.parametrize("act_bits", [(4, 4), (8, 8)])
 @pytest.mark.parametrize("lead", [(), (1,), (3,), (4,), (5,), (2, 7)])
 def test_fused_linear_forward_equals_the_op_path(native, act_bits, lead):
     # Up to 4 rows: quantize + small-batch kernel + scale; more rows: the fused 1x1 convolution.

@@ -325,6 +325,14 @@ def _prepare_conv_fused(x: Tensor, a: ref.ShiftConvArgs, act_bits: list[int], ro
         return None
     lanes, lo, hi, exponent, b = setup
     dims = len(weight_shape) - 2
+    subsample = []
+    if all(k == 1 for k in weight_shape[2:]) and not any(a.padding) and any(s > 1 for s in a.stride):
+        # A strided 1x1 conv (ResNet's downsampling shortcuts) reads every stride-th input only: run
+        # the stride-1 conv on those (sliced out in the prepared call), not a table of every input.
+        subsample = list(a.stride)
+        kept = [-(-n // s) for n, s in zip(x.shape[2:], a.stride, strict=True)]
+        x = torch.empty([*x.shape[:2], *kept], dtype=x.dtype, device="meta")
+        a = a._replace(stride=[1] * dims)
     call = _conv_call(ext, x, a, torch.int32)
     if call is False:
         return None
@@ -334,7 +342,8 @@ def _prepare_conv_fused(x: Tensor, a: ref.ShiftConvArgs, act_bits: list[int], ro
                                   a.dilation[d], False, 0) for d in range(dims)]
     # Holds no reference to the codes tensor: the cache entry goes with it.
     return ext.PreparedConv(w5_shape, plan, b, a.groups, call.s3, call.p3, call.d3, act_bits[1], lo, hi,
-                            rounding == "floor", lanes, exponent, [x.shape[0], weight_shape[0], *sizes])
+                            rounding == "floor", lanes, exponent, [x.shape[0], weight_shape[0], *sizes],
+                            subsample)
 
 
 def _channel_vector_ok(t: Tensor, like: Tensor, channels: int) -> bool:

@@ -33,11 +33,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<PreparedConv, std::shared_ptr<PreparedConv>>(m, "PreparedConv")
       .def(py::init([](Ints ws, std::vector<torch::Tensor> plan, OptTensor bias, int64_t groups, Ints stride,
                        Ints pad, Ints dil, int64_t frac, int64_t lo, int64_t hi, bool floor_mode, int64_t lanes,
-                       int64_t exponent, Ints out_shape) {
+                       int64_t exponent, Ints out_shape, Ints subsample) {
         auto p = std::make_shared<PreparedConv>();
         p->ws = ws, p->plan = plan, p->bias = bias, p->groups = groups, p->stride = stride, p->pad = pad;
         p->dil = dil, p->frac = frac, p->lo = lo, p->hi = hi, p->floor_mode = floor_mode, p->lanes = lanes;
-        p->exponent = exponent, p->out_shape = out_shape;
+        p->exponent = exponent, p->out_shape = out_shape, p->subsample = subsample;
         return p;
       }))
       .def_readonly("out_shape", &PreparedConv::out_shape)

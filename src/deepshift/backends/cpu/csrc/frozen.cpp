@@ -16,7 +16,10 @@ namespace deepshift_cpu {
 
 RunResult PreparedConv::run(const torch::Tensor& x, const c10::optional<std::vector<torch::Tensor>>& affine,
                             const c10::optional<torch::Tensor>& residual, bool relu) const {
-  auto [y, has_nan] = conv_fused(x.contiguous(), ws, plan, bias, groups, stride, pad, dil, frac, lo, hi,
+  torch::Tensor xs = x;
+  for (size_t i = 0; i < subsample.size(); ++i)
+    xs = xs.slice(2 + static_cast<int64_t>(i), 0, c10::nullopt, subsample[i]);
+  auto [y, has_nan] = conv_fused(xs.contiguous(), ws, plan, bias, groups, stride, pad, dil, frac, lo, hi,
                                  floor_mode, lanes, exponent, affine, residual, relu);
   return {has_nan ? torch::Tensor() : y, has_nan};
 }

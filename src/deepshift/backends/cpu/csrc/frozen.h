@@ -32,6 +32,10 @@ struct PreparedConv : std::enable_shared_from_this<PreparedConv> {
   bool floor_mode;
   int64_t lanes, exponent;
   std::vector<int64_t> out_shape;
+  // A strided 1x1 conv without padding reads every stride-th input only: run() takes those (x's
+  // spatial dims sliced by these steps, then made contiguous) and the plan is the stride-1 conv's.
+  // Empty: x as it is.
+  std::vector<int64_t> subsample;
 
   // conv_fused on x (and the optional BatchNorm affine, residual and ReLU).
   RunResult run(const torch::Tensor& x, const c10::optional<std::vector<torch::Tensor>>& affine,
