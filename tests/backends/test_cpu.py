@@ -905,10 +905,60 @@ def test_fused_conv_forward_equals_the_op_path(native, monkeypatch, chunk):
             assert got.dtype == expected.dtype and got.shape == expected.shape, label
             assert torch.equal(got, expected), f"{label}: {(got != expected).sum()} elements differ"
         fused += _fused_used(layer, x)
-        assert _fused_used(layer, x) == (layer.accumulator == "int32"), "int32 layers take the fused path"
+        # int32 layers take the fused path; int64 ones too where the inputs fit 16 bits (int16 / int32 tables)
+        narrow = layer.accumulator == "int32" or sum(layer.act_bits) <= 16
+        assert _fused_used(layer, x) == narrow, "int32 layers and narrow inputs take the fused path"
         done += 1
     assert fused >= 10  # most random layers need only int32 accumulators
     assert lanes_used.count(16) >= 8 and lanes_used.count(32) >= 8, lanes_used  # int16 and int32 tables
+
+
+@pytest.mark.parametrize("act_bits", [(4, 4), (1, 7), (8, 8), (6, 10)])
+def test_fused_conv_with_int64_accumulators_equals_the_op_path(native, monkeypatch, act_bits):
+    """Layers whose worst case needs int64 accumulators (weights over a wide range of powers, large
+    fan-in) run fused on int16 (8-bit activations) or int32 (16-bit) tables with int64 sums, bit for
+    bit the op path on every ISA path: biases, strides, groups, 1-d to 3-d, sums past the int32 range,
+    float32 and float64, with BatchNorm, residual and ReLU fused."""
+    real = build.load_extension().PreparedConv
+    lanes_used = []
+
+    def spy(*args):
+        lanes_used.append(args[11])
+        return real(*args)
+
+    rng = random.Random(sum(act_bits) * 31 + act_bits[0])
+    g = torch.Generator().manual_seed(rng.randrange(2**31))
+    cases = [(nn.Conv2d, 70, 6, 3, 1, 1, 1, (2, 9, 11)), (nn.Conv2d, 64, 4, 1, 2, 0, 1, (1, 8, 8)),
+             (nn.Conv1d, 40, 6, 3, 1, 2, 2, (3, 17)), (nn.Conv3d, 33, 3, 2, 1, 1, 1, (1, 3, 4, 5)),
+             (nn.Conv2d, 300, 5, 1, 1, 0, 1, (2, 7, 7))]
+    for conv_type, cin, cout, k, stride, pad, groups, shape in cases:
+        conv = conv_type(cin, cout, k, stride=stride, padding=pad, groups=groups)
+        with torch.no_grad():  # powers of two from 2**-24 to 2**4: the int32 worst case overflows
+            w = conv.weight
+            power = torch.randint(-24, 5, w.shape, generator=g)
+            w.copy_(torch.sign(torch.randn(w.shape, generator=g)) * 2.0**power)
+        layer = deepshift.freeze_(deepshift.convert_(nn.Sequential(conv), deepshift.QConfig(
+            weight_bits=6, act_bits=act_bits)))[0].eval()
+        assert layer.accumulator == "int64", layer.extra_repr()
+        dtype = rng.choice([torch.float32, torch.float64])
+        x = _random_float_input(rng, (shape[0], cin, *shape[1:]), act_bits, dtype)
+        x[0].clamp_(2.0 ** -act_bits[1], None)  # one image of positive inputs: sums far past int32's range
+        expected = _op_path_output(monkeypatch, layer, x)
+        bn = _random_frozen_bn(rng, cout)
+        scale, shift = bn.affine(expected.dtype)
+        view = (-1,) + (1,) * (expected.dim() - 2)
+        residual = _random_float_input(rng, expected.shape, (4, 4), expected.dtype).clamp(-1e3, 1e3)
+        with_bn = torch.relu(torch.add(torch.mul(expected, scale.view(view)), shift.view(view)) + residual)
+        lanes_used.clear()
+        fused = deepshift.ShiftConvBatchNorm(layer, bn, relu=True)
+        for module, args, want in ((layer, (x,), expected), (fused, (x, residual), with_bn)):
+            for isa, got in _on_every_isa(monkeypatch, layer, spy, module, *args).items():
+                label = f"{layer.extra_repr()} {tuple(x.shape)} {x.dtype} ({isa})"
+                assert torch.equal(got.nan_to_num(), want.nan_to_num()), f"{label}: {(got != want).sum()}"
+        exponent = min(layer.shift_lo, 0) - act_bits[1]  # output = integer sum * 2**exponent
+        assert expected.abs().max() * 2.0**-exponent > 2**31, "sums past the int32 range"
+        wide = -16 if sum(act_bits) <= 8 and cin // groups * k ** (len(shape) - 1) >= 64 else -32
+        assert lanes_used and set(lanes_used) == {wide}, lanes_used
 
 
 @pytest.mark.parametrize("act_bits", [(4, 4), (8, 8)])
@@ -1076,8 +1126,9 @@ def test_fused_conv_batchnorm_equals_the_two_modules(native, monkeypatch, chunk)
     done, kinds = 0, set()
     while done < 20:
         layer, x = _fused_conv_case(rng)
-        if x.dim() != len(layer.kernel_size) + 2 or layer.accumulator != "int32":
-            continue  # unbatched input / int64 layers: no fused kernel (the fallback is tested in test_fuse)
+        wide_inputs = layer.accumulator != "int32" and sum(layer.act_bits) > 16
+        if x.dim() != len(layer.kernel_size) + 2 or wide_inputs:
+            continue  # unbatched input / int64 layers on wide inputs: no fused kernel (tested in test_fuse)
         bn = _random_frozen_bn(rng, layer.out_channels)
         y = _op_path_output(monkeypatch, layer, x)
         if y is None:

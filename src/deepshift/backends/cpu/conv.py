@@ -280,11 +280,14 @@ def shift_conv_cpu(x: Tensor, *args) -> Tensor:
     return call.run(ext, a.codes, x, bias_s, lanes)
 
 
-def _fused_setup(ext, x, act_bits, rounding, accumulator, shift_lo, bias, terms, weight_bits):
+def _fused_setup(ext, x, act_bits, rounding, accumulator, shift_lo, bias, terms, weight_bits, wide=False):
     """Common checks and constants of the fused frozen-layer paths, or None when they do not apply:
-    (lanes, lo, hi, exponent, shifted int32 bias or None). ``terms``: weights per output."""
+    (lanes, lo, hi, exponent, shifted bias or None). ``terms``: weights per output. ``wide``: the
+    caller also runs int64 accumulators (lanes WIDE16 / WIDE32, an int64 bias) for inputs of at most
+    16 bits."""
+    total = act_bits[0] + act_bits[1]
     if (
-        accumulator != "int32"
+        accumulator not in (("int32", "int64") if wide and total <= 16 else ("int32",))
         or not isinstance(x, Tensor)
         or x.dtype not in _FLOAT_DTYPES
         or x.device.type != "cpu"
@@ -292,22 +295,23 @@ def _fused_setup(ext, x, act_bits, rounding, accumulator, shift_lo, bias, terms,
         or (bias is not None and bias.dtype != torch.int32)
     ):
         return None
-    total = act_bits[0] + act_bits[1]
     lo, hi = -(2 ** (total - 1)), 2 ** (total - 1) - 1
     u = min(shift_lo, 0)
-    b = _shifted_bias(bias, u)
+    int64 = accumulator == "int64"
+    b = _shifted_bias(None if bias is None else bias.to(torch.int64 if int64 else torch.int32), u)
     # 8-bit activations (|q| <= 128 by construction) take the int16 tables, unless an output has
     # fewer terms than 2 * (shift amounts): then the int16 path's widening per shift group outweighs
     # its narrower loads (e.g. a 3-channel first conv: 27 terms for 16 shift amounts).
     lanes = 16 if total <= 8 and terms >= 2**weight_bits else 32
-    return lanes, lo, hi, u - act_bits[1], b
+    return -lanes if int64 else lanes, lo, hi, u - act_bits[1], b
 
 
 def _prepare_conv_fused(x: Tensor, a: ref.ShiftConvArgs, act_bits: list[int], rounding: str,
                         accumulator: str):
     """The extension's ``PreparedConv``: a frozen (non-transposed) conv layer's whole forward on float
     CPU inputs shaped and typed like ``x``, in one native call; None where that does not apply (no
-    native kernels, an int64 accumulator, another dtype, shapes the native kernel does not take).
+    native kernels, an int64 accumulator with activations of more than 16 bits, another dtype, shapes
+    the native kernel does not take).
 
     Its ``run(x, affine=[scale, shift], residual, relu)`` rounds the input to fixed point while
     building the kernel's table and scales each image's integer output to x's dtype while it is
@@ -320,7 +324,7 @@ def _prepare_conv_fused(x: Tensor, a: ref.ShiftConvArgs, act_bits: list[int], ro
     ext = load_extension()
     weight_shape = a.weight_shape
     setup = None if ext is None else _fused_setup(ext, x, act_bits, rounding, accumulator, a.shift_lo, a.bias,
-                                                  math.prod(weight_shape[1:]), a.weight_bits)
+                                                  math.prod(weight_shape[1:]), a.weight_bits, wide=True)
     if setup is None or x.dim() != len(weight_shape) or a.transposed:
         return None
     lanes, lo, hi, exponent, b = setup

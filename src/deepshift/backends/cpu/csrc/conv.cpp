@@ -494,16 +494,23 @@ FusedGeometry fused_geometry(const torch::Tensor& x, const std::vector<int64_t>&
   return {g, xs[0], ys};
 }
 
-// The fused paths' checks of the table's lanes against the input's range [lo, hi] and of the int32
-// bias (Cout,), in output units; returns the bias's data, or null.
-const uint32_t* fused_table_checks(int64_t lanes, int64_t lo, int64_t hi, const c10::optional<torch::Tensor>& bias,
-                                   int64_t cout) {
-  TORCH_CHECK(lanes == 16 || lanes == 32, "lanes must be 16 or 32");
+// The fused paths' checks of the table's lanes against the input's range [lo, hi] and of the bias
+// (Cout,), in output units: int32 for int32 accumulators (lanes 16 / 32: int16 / int32 tables), int64
+// for int64 ones (lanes -16 / -32: int16 / int32 tables, conv_wide's); returns the bias's data, or null.
+template <typename UY>
+const UY* fused_table_checks(int64_t lanes, int64_t lo, int64_t hi, const c10::optional<torch::Tensor>& bias,
+                             int64_t cout) {
+  constexpr bool wide = sizeof(UY) == 8;
+  TORCH_CHECK(wide ? (lanes == -16 || lanes == -32) : (lanes == 16 || lanes == 32),
+              wide ? "lanes must be -16 or -32" : "lanes must be 16 or 32");
   TORCH_CHECK(lo <= hi && lo >= INT32_MIN && hi <= INT32_MAX, "bad fixed-point range");
-  TORCH_CHECK(lanes == 32 || (lo >= -128 && hi <= 128), "the int16 table needs |q| <= 128");
+  const int64_t narrow = lanes == 16 || lanes == -16 ? 128 : (int64_t(1) << 15);  // |q| the table sums exactly
+  TORCH_CHECK(lanes == 32 || (lo >= -narrow && hi <= narrow), "the table's lanes do not hold the fixed-point range");
   if (!bias.has_value() || !bias->defined()) return nullptr;
-  TORCH_CHECK(bias->dtype() == torch::kInt32 && bias->is_contiguous() && bias->numel() == cout, "bad bias");
-  return reinterpret_cast<const uint32_t*>(bias->data_ptr<int32_t>());
+  TORCH_CHECK(bias->dtype() == (wide ? torch::kInt64 : torch::kInt32) && bias->is_contiguous() &&
+                  bias->numel() == cout,
+              "bad bias");
+  return reinterpret_cast<const UY*>(bias->data_ptr());
 }
 
 // An output run [dst, dst + count) of one image may span channels: f(offset in the run, length,
@@ -521,9 +528,11 @@ void for_channel_segments(int64_t dst, int64_t count, int64_t plane, Fn f) {
 // A frozen conv layer's whole forward on float input, in one call: the table is built straight from
 // x (rounding to fixed point on the way: build_table with QuantizeIn), the integer conv runs as `conv` does on int16
 // (lanes 16; every |q| <= 128, which the caller guarantees through act_bits) or int32 (lanes 32)
-// tables with int32 outputs, and each image's output is scaled by 2**exponent into x's dtype while
-// still in cache (scale_run). Bit for bit `scale(conv(quantize(x)))`, without their intermediate
-// tensors. x: (N, C, D, H, W) float32/float64 contiguous; bias (Cout,) int32 already shifted by -u.
+// tables with int32 outputs, or as `conv_wide` does (lanes -16 / -32: int16 / int32 tables, int64
+// outputs, for layers that need int64 accumulators), and each image's output is scaled by 2**exponent
+// into x's dtype while still in cache (scale_run). Bit for bit `scale(conv(quantize(x)))`, without their intermediate
+// tensors. x: (N, C, D, H, W) float32/float64 contiguous; bias (Cout,) int32 (int64 for lanes < 0)
+// already shifted by -u.
 // With affine = (scale, shift), contiguous (Cout,) of x's dtype, each scaled output value then goes
 // through FrozenBatchNorm's forward, `+ residual` (y's shape and dtype, contiguous) if given and ReLU
 // if relu, while still in cache (epilogue_run): bit for bit those torch operations on the layer's
@@ -541,7 +550,9 @@ std::tuple<torch::Tensor, bool> conv_fused(const torch::Tensor& x, std::vector<i
   TORCH_CHECK(x.dim() >= 3 && x.dim() <= 5 && x.is_contiguous() && ws.size() == 5 && plan.size() == 6,
               "bad x / plan");
   TORCH_CHECK(x.dtype() == torch::kFloat32 || x.dtype() == torch::kFloat64, "x must be float32/float64");
-  const uint32_t* bp = fused_table_checks(lanes, lo, hi, bias, ws[0]);
+  const bool wide = lanes < 0;  // int64 accumulators
+  const void* bp = wide ? static_cast<const void*>(fused_table_checks<uint64_t>(lanes, lo, hi, bias, ws[0]))
+                        : static_cast<const void*>(fused_table_checks<uint32_t>(lanes, lo, hi, bias, ws[0]));
   if (affine.has_value()) {
     const auto& a = *affine;
     TORCH_CHECK(a.size() == 2, "affine must be (scale, shift)");
@@ -565,8 +576,9 @@ std::tuple<torch::Tensor, bool> conv_fused(const torch::Tensor& x, std::vector<i
   const int64_t yimg_stride = g.Cout * g.OD * g.OH * g.OW;
   const bool avx = use_avx2();
   const int e = static_cast<int>(exponent);
-  auto go = [&](auto* xp, auto* op, auto table_tag) {
+  auto go = [&](auto* xp, auto* op, auto table_tag, auto acc_tag) {
     using U = decltype(table_tag);
+    using UY = decltype(acc_tag);
     using F = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
     using FO = std::remove_pointer_t<decltype(op)>;
     auto build = [&](int64_t n, U* tbl, int64_t c0, int64_t c1) {
@@ -590,15 +602,15 @@ std::tuple<torch::Tensor, bool> conv_fused(const torch::Tensor& x, std::vector<i
       return ds_portable::epilogue_run<false>(out, out, k, sp[c], hp[c], r);
     };
     // `rows` runs of `count` values (at stride src_stride in src), consecutive in the output from dst.
-    auto finish = [&](int64_t n, int64_t dst, const uint32_t* src, int64_t count, int64_t rows = 1,
+    auto finish = [&](int64_t n, int64_t dst, const UY* src, int64_t count, int64_t rows = 1,
                       int64_t src_stride = 0) {
       FO* out = op + n * yimg_stride + dst;
       for (int64_t j = 0; j < rows; ++j) {
 #ifdef DS_X86
-        if (avx) ds_avx2::scale_run<FO>(src + j * src_stride, out + j * count, count, e);
+        if (avx) ds_avx2::scale_run<FO, UY>(src + j * src_stride, out + j * count, count, e);
         else
 #endif
-          ds_portable::scale_run<FO>(src + j * src_stride, out + j * count, count, e);
+          ds_portable::scale_run<FO, UY>(src + j * src_stride, out + j * count, count, e);
       }
       count *= rows;  // rows > 1: one channel's (conv_drive's flat mode), one epilogue call for them
       if (!sp) return;
@@ -607,16 +619,19 @@ std::tuple<torch::Tensor, bool> conv_fused(const torch::Tensor& x, std::vector<i
       for_channel_segments(dst, count, plane,
                            [&](int64_t i, int64_t k, int64_t c) { epilogue(out + i, k, c, r ? r + i : nullptr); });
     };
-    return conv_drive<U, uint32_t>(g, N, plan_view(plan), plan[0].numel(), bp, nullptr, build, finish);
+    return conv_drive<U, UY>(g, N, plan_view(plan), plan[0].numel(), static_cast<const UY*>(bp), nullptr, build,
+                             finish);
   };
-  bool nan;
-  if (x.dtype() == torch::kFloat32) {
-    nan = lanes == 16 ? go(x.data_ptr<float>(), y.data_ptr<float>(), uint16_t{})
-                      : go(x.data_ptr<float>(), y.data_ptr<float>(), uint32_t{});
-  } else {
-    nan = lanes == 16 ? go(x.data_ptr<double>(), y.data_ptr<double>(), uint16_t{})
-                      : go(x.data_ptr<double>(), y.data_ptr<double>(), uint32_t{});
-  }
+  auto by_lanes = [&](auto* xp, auto* op) {
+    switch (lanes) {
+      case 16: return go(xp, op, uint16_t{}, uint32_t{});
+      case 32: return go(xp, op, uint32_t{}, uint32_t{});
+      case -16: return go(xp, op, uint16_t{}, uint64_t{});
+      default: return go(xp, op, uint32_t{}, uint64_t{});
+    }
+  };
+  const bool nan = x.dtype() == torch::kFloat32 ? by_lanes(x.data_ptr<float>(), y.data_ptr<float>())
+                                                : by_lanes(x.data_ptr<double>(), y.data_ptr<double>());
   (void)avx;
   return std::make_tuple(y, nan);
 }
@@ -639,7 +654,7 @@ torch::Tensor conv_int_fused(const torch::Tensor& x, std::vector<int64_t> ws, co
   TORCH_CHECK(x.dim() >= 3 && x.dim() <= 5 && x.is_contiguous() &&
                   (x.dtype() == torch::kInt64 || x.dtype() == torch::kInt32) && ws.size() == 5 && plan.size() == 6,
               "bad x / plan");
-  const uint32_t* bp = fused_table_checks(lanes, in_lo, in_hi, bias, ws[0]);
+  const uint32_t* bp = fused_table_checks<uint32_t>(lanes, in_lo, in_hi, bias, ws[0]);
   const auto fg = fused_geometry(x, ws, plan, stride, pad, dil, groups);
   const Geom& g = fg.g;
   const int64_t N = fg.N;

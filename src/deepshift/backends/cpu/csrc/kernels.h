@@ -591,14 +591,15 @@ struct QuantizeIn {
   bool run(const F* src, U* dst, int64_t n) const { return quantize_run(src, dst, n, q); }
 };
 
-// out[i] = FO(double(int32(y[i])) * 2**e): the frozen layers' output scaling. For float32 output with
+// out[i] = FO(double(int32(y[i])) * 2**e) (int64 for 64-bit lanes UY): the frozen layers' output
+// scaling, the reference's (y.to(float64) * 2**e).to(FO). For int32 y and float32 output with
 // -126 <= e <= 96 the vector path is the same: float(v) * 2**e rounds v to 24 bits and then scales
 // exactly (the result is a normal float for every non-zero int32 v), which is float(v * 2**e).
-template <typename FO>
-void scale_run(const uint32_t* y, FO* out, int64_t n, int exponent) {
+template <typename FO, typename UY = uint32_t>
+void scale_run(const UY* y, FO* out, int64_t n, int exponent) {
   int64_t i = 0;
 #if defined(DS_AVX2_TU)
-  if constexpr (std::is_same<FO, float>::value) {
+  if constexpr (std::is_same<FO, float>::value && std::is_same<UY, uint32_t>::value) {
     if (exponent >= -126 && exponent <= 96) {
       const __m256 s = _mm256_set1_ps(std::ldexp(1.0f, exponent));
       for (; i + 8 <= n; i += 8) {
@@ -609,7 +610,7 @@ void scale_run(const uint32_t* y, FO* out, int64_t n, int exponent) {
   }
 #endif
   const double s = std::ldexp(1.0, exponent);
-  for (; i < n; ++i) out[i] = static_cast<FO>(static_cast<double>(static_cast<int32_t>(y[i])) * s);
+  for (; i < n; ++i) out[i] = static_cast<FO>(static_cast<double>(static_cast<std::make_signed_t<UY>>(y[i])) * s);
 }
 
 // y[i] = relu(x[i] * s + h + r[i]) (x may be y): FrozenBatchNorm's forward (a multiply, then an add,
