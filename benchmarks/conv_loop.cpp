@@ -7,7 +7,8 @@
 //
 // The loop is conv_item_n's (src/deepshift/backends/cpu/csrc/kernels.h) for one row of 4 vectors:
 // 16 shift groups of 36 terms (576 terms, a 64-channel 3x3 kernel; half added, half subtracted),
-// each group's int16 sums widened into int32 accumulators shifted by the group's step (Horner).
+// Horner's rule on the int16 sums, folded into int32 accumulators where the plan's bound says
+// (every third group here; before the fold bound, every group was widened).
 // Term offsets are a 3x3 kernel's over 8 channels of 3 padded rows (then again: the table stays in
 // L1), as in the kernel; mode 1 rounds every offset down to a whole vector (aligned loads).
 // Both for AVX2's 16-lane vectors (4 per row) and, where built with AVX-512, 32-lane vectors (2 per
@@ -27,8 +28,13 @@ static double now() {
 
 // One item row of V vectors of W table lanes of type T (int16 or int32 sums), widened into
 // accumulators of type A (int32 or int64: K = 32 / sizeof(A) lanes per 256-bit accumulator).
+// As conv_item_n: Horner's rule runs on the narrow sums (one shift per group) while the plan's
+// bound allows (max_group terms' worth of the largest input, 255 for int16 tables), and the sums are
+// folded into the accumulators (sign-extended, after the accumulators' pending shift) only where
+// the next group could leave their lanes: here every third group (36 terms each, one shift apart).
 template <typename T, typename A, int V, int W>
-__attribute__((noinline)) void item(const T* tbl, const int32_t* terms, int groups, int per, A* out) {
+__attribute__((noinline)) void item(const T* tbl, const int32_t* terms, int groups, int per, int64_t max_group,
+                                    A* out) {
   typedef T VS __attribute__((vector_size(sizeof(T) * W), aligned(sizeof(T)), may_alias));
   constexpr int K = 32 / sizeof(A);
   typedef T PT __attribute__((vector_size(sizeof(T) * K)));
@@ -36,22 +42,38 @@ __attribute__((noinline)) void item(const T* tbl, const int32_t* terms, int grou
   constexpr int NA = W / K;
   VA acc[NA * V];
   for (int v = 0; v < NA * V; ++v) acc[v] = VA{};
+  VS sum[V];
+  for (int v = 0; v < V; ++v) sum[v] = VS{};
   const int32_t* t = terms;
+  int64_t bound = 0;
+  unsigned pend = 0;
+  auto fold = [&]() {
+    for (int v = 0; v < V; ++v) {
+      for (int a = 0; a < NA; ++a) {
+        PT part;
+        __builtin_memcpy(&part, reinterpret_cast<const char*>(&sum[v]) + sizeof(PT) * a, sizeof(PT));
+        acc[NA * v + a] = (acc[NA * v + a] << pend) + __builtin_convertvector(part, VA);
+      }
+      sum[v] = VS{};
+    }
+  };
   for (int j = 0; j < groups; ++j) {
-    for (int v = 0; v < NA * V; ++v) acc[v] <<= 1;
-    VS sum[V];
-    for (int v = 0; v < V; ++v) sum[v] = VS{};
+    const unsigned d = j ? 1 : 0;
+    if ((bound << d) + per > max_group) {  // the plan's GROUP_FOLD
+      fold();
+      pend = d;
+      bound = per;
+    } else {
+      for (int v = 0; v < V; ++v) sum[v] <<= d;
+      pend += d;
+      bound = (bound << d) + per;
+    }
     for (const int32_t* te = t + per / 2; t < te; ++t)
       for (int v = 0; v < V; ++v) sum[v] += reinterpret_cast<const VS*>(tbl + *t)[v];
     for (const int32_t* te = t + per / 2; t < te; ++t)
       for (int v = 0; v < V; ++v) sum[v] -= reinterpret_cast<const VS*>(tbl + *t)[v];
-    for (int v = 0; v < V; ++v)
-      for (int a = 0; a < NA; ++a) {
-        PT part;
-        __builtin_memcpy(&part, reinterpret_cast<const char*>(&sum[v]) + sizeof(PT) * a, sizeof(PT));
-        acc[NA * v + a] += __builtin_convertvector(part, VA);
-      }
   }
+  fold();
   for (int v = 0; v < NA * V; ++v) __builtin_memcpy(out + v * K, &acc[v], 32);
 }
 
@@ -74,7 +96,7 @@ void run(const char* label) {
     for (int trial = 0; trial < 7; ++trial) {
       const double t0 = now();
       for (int r = 0; r < reps; ++r) {
-        item<T, A, V, W>(tbl.data(), terms.data(), groups, per, out);
+        item<T, A, V, W>(tbl.data(), terms.data(), groups, per, sizeof(T) == 2 ? 255 : 65535, out);
         sink += static_cast<uint64_t>(out[r % (W * V)]);
       }
       const double dt = now() - t0;
