@@ -1194,6 +1194,14 @@ def test_conv_plan_channel_blocks(native):
     assert blocks(64, 56, 2, 24 * 1024) == [32, 2]  # 42 fit: 32 + 32, not 42 + 22
     assert blocks(32, 112, 1) == [32, 1]  # 23 fit (684 bytes), but not two blocks of 16
     assert blocks(16, 32, 1) == [16, 1]
+    # 1x1 convolutions take the larger pointwise budget (1024 channels of 14x14: 160 bytes each).
+    codes = pack_codes(torch.zeros(8 * 1024, dtype=torch.uint8), 5)
+    for k, budget in ((1, conv.POINTWISE_BLOCK_BYTES), (3, conv.TABLE_BLOCK_BYTES)):
+        a = ShiftConvArgs(codes.repeat(k * k) if k > 1 else codes, [8, 1024, k, k], 5, False, 0, None, [1, 1],
+                          [k // 2] * 2, [1, 1], 1, False, [0, 0])
+        plan = conv._ConvCall(native, a).prepared(native, a.codes, 16, [1, 1024, 1, 14, 14])[1]
+        per_channel = 80 * 2 if k == 1 else 6 * 16 * 2  # flat: 5 vectors; rows: 4 rows need 6 of 16
+        assert plan[5].tolist()[1] == -(-1024 // min(1024, budget // per_channel)), (k, plan[5])
 
 
 def test_a_build_lock_left_by_a_killed_builder_does_not_hang(tmp_path):

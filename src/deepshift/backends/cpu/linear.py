@@ -11,6 +11,7 @@ from deepshift.backends.cpu.cache import _cached, fused_forward, parsed_spec
 from deepshift.backends.cpu.conv import (
     _LANE_DTYPES,
     INT16_MAX_GROUP,
+    POINTWISE_BLOCK_BYTES,
     _decoded,
     _fused_setup,
     _lanes_for,
@@ -26,11 +27,6 @@ _LUT, _WIDE, _GEMV, _CONV = 0, 1, 2, 3
 GEMV_MAX_ROWS = 4
 """Without the table-lookup kernel, Linear inputs with at most this many rows use the small-batch
 (per-weight shift) kernel, more rows the 1x1-convolution path."""
-
-
-LINEAR_BLOCK_BYTES = 24 * 1024
-"""The same for batched Linear layers (a 1x1 convolution over the rows): one term per channel
-streams far less term data than a spatial kernel's, so a larger share of L1 holds the table."""
 
 
 def _linear_native_ok(x, codes, weight_shape, weight_bits, bias, x_dtype=None) -> bool:
@@ -116,7 +112,7 @@ def _linear_plan(ext, codes, weight_shape, weight_bits, has_zero, shift_lo, lane
         scode, _ = _decoded(ext, codes, weight_shape, weight_bits, has_zero, shift_lo, max(lanes, 32))
         w5 = scode.reshape(out_f, in_f, 1, 1, 1)
         return ext.conv_plan(
-            w5, [1, in_f, 1, 1, rows], 1, [1, 1, 1], [0, 0, 0], [1, 1, 1], lanes // 8, LINEAR_BLOCK_BYTES,
+            w5, [1, in_f, 1, 1, rows], 1, [1, 1, 1], [0, 0, 0], [1, 1, 1], lanes // 8, POINTWISE_BLOCK_BYTES,
             INT16_MAX_GROUP if lanes == 16 else 0,
         )
 
