@@ -27,8 +27,10 @@ index arithmetic: row / plane offsets, computed per row or per weight, never per
   the input itself.
 * 8-bit activations (every ``|x| <= 128``, checked per call; computed on int32 lanes): the table
   holds int16 copies, 16 outputs per vector (half the loads and adds), and each shift group is
-  split into chunks of at most 255 terms, whose sums are exact in int16; Horner's rule runs on the
-  sign-extended chunk sums in int32 lanes, so results are the int32 path's bit for bit.
+  split into chunks of at most 255 terms, whose sums are exact in int16. Horner's rule runs on the
+  int16 sums themselves while the plan's bound on them (chunk sizes times 128, shifted) stays below
+  2**15, and where it would not they are sign-extended into int32 lanes (a *fold*: every few shift
+  groups, not every one), so results are the int32 path's bit for bit.
 * Narrow rows (8x8 planes: half of every 16-lane vector idle): with stride 1 a whole plane can be
   computed as one long row over the padded width (the positions between rows are computed and
   dropped; ~40% fewer vectors there), and rows of at most 8 outputs can use 8-lane int16 vectors,
@@ -38,7 +40,9 @@ index arithmetic: row / plane offsets, computed per row or per weight, never per
   the actual ``max|x|``, ``max|bias|`` and the largest used shift, proves every intermediate value is
   below ``2**31``; otherwise convolutions sum each shift group's terms on an int16 (every
   ``|x| <= 128``) or int32 (``|x| <= 2**15``) table, in chunks whose sums are exact there, and run
-  Horner's rule in int64 lanes (once per chunk, not per term); other inputs run in int64 lanes.
+  Horner's rule in int64 lanes (at folds, not per term); other inputs run in int64 lanes.
+* Strided 1x1 convolutions without padding (ResNet's shortcuts) run, in the fused forward below, as
+  the stride-1 convolution of every stride-th input: no table of inputs they never read.
 
 Caches: decoded weights (an int8 signed shift code per weight), the Linear tiles, the term lists and
 each call signature's prepared arguments are kept in a small LRU (``CACHE_MAX_BYTES`` in total)
@@ -51,7 +55,8 @@ A frozen layer's whole forward (``deepshift::frozen_conv``, ``frozen_linear``) i
 it takes the float input, rounds it to fixed point while building the kernel's table (8-bit
 ``act_bits`` guarantee the int16 path, so no range check), runs the same kernel and scales each
 image's output to float while it is still in cache; bit for bit the reference's composition of
-``quantize_input``, ``shift_conv`` and ``scale_output``, without the intermediate integer tensors or
+``quantize_input``, ``shift_conv`` and ``scale_output`` (int32 accumulators, or int64 ones on int16 /
+int32 tables where the activations have at most 16 bits), without the intermediate integer tensors or
 the per-call Python work of three ops (at batch 1 that work cost as much as the kernels). The call
 is prepared here once per layer and input signature (an extension ``PreparedConv``) and then run by
 the op's C++ kernel (``csrc/frozen.cpp``) without entering Python.
@@ -81,7 +86,7 @@ terms sum exactly in int16, and the plan chunks its shift groups to at most 255 
 INT16_MAX_GROUP = 255
 # Lanes of int64-accumulator calls whose inputs fit a narrow table: int16 (every |x| <= 128) or int32
 # (every |x| <= 2**15, chunks of at most WIDE32_MAX_GROUP terms: |sum| < 2**31), summed in the
-# table's lanes per shift group and widened once per group (the extension's conv_wide).
+# table's lanes and folded into int64 where the plan's bound says (the extension's conv_wide).
 WIDE16, WIDE32 = -16, -32
 WIDE32_MAX_ABS = 2**15
 WIDE32_MAX_GROUP = 2**16 - 1
