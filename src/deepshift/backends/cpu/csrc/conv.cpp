@@ -281,16 +281,19 @@ bool conv_drive(const Geom& g0, int64_t N, const PlanView& pv, int64_t nterms, c
   const int64_t ochunks =
       std::max<int64_t>(1, std::min<int64_t>(g.Cout, (4 * nthreads + spatial_items - 1) / spatial_items));
   const int64_t osz = (g.Cout + ochunks - 1) / ochunks;
+  // Column blocks of near-equal vector counts (6 vectors as 3 + 3, not 5 + 1: a narrow item pays a
+  // term's index load for fewer vectors); a block's row block size follows its own vector count.
+  const int64_t nvec = (g.OW + L - 1) / L;
   for (int64_t o0 = 0; o0 < g.Cout; o0 += osz)
-    for (int64_t ow0 = 0; ow0 < g.OW; ow0 += V * L) {
-      // The last column block may be narrower: its row block size follows its own vector count.
-      const int vv = static_cast<int>(std::min<int64_t>(V, (g.OW - ow0 + L - 1) / L));
+    for (int64_t b = 0, ow0 = 0; b < owblocks; ++b) {
+      const int vv = static_cast<int>(nvec / owblocks + (b < nvec % owblocks ? 1 : 0));
       for (int64_t r = 0; r < rows;) {
         int rr = static_cast<int>(std::min<int64_t>(half ? 8 : rows_for_lanes(vv, L), rows - r));
         while (half ? (rr == 5 || rr == 7) : !has_rows_lanes(vv, rr, L)) --rr;
         items.push_back({r, ow0, o0, std::min(g.Cout, o0 + osz), rr, vv});
         r += rr;
       }
+      ow0 += vv * L;
     }
   const size_t table_elems = static_cast<size_t>(g.C * g.S) + 8 * L + 64;
   auto run_items = [&](const U* tbl, UY* yimg, int64_t b, int64_t e) {
