@@ -232,20 +232,6 @@ ConvItemFn<U> conv_item_fn(int R, int V) {
   return pick_item<PlainItems<U>>(R, V);
 }
 
-// Narrow tables, wider accumulators. The 8-bit-activation fast path: the table holds int16 copies of
-// inputs with |x| <= 128 (16 lanes per vector, half the loads of int32), and the plan splits every
-// shift group into chunks of at most 255 terms, so a chunk's +/- sum is exact in int16 (|sum| <=
-// 255 * 128 < 2**15). Horner's rule, acc = (acc << d) + sum, runs on the int16 sums themselves while
-// the plan's bound on them (conv_plan: the chunk sizes, shifted) stays within 255 * 128, so exactly;
-// where it would not, the plan flags the group (GROUP_FOLD) and the sums are sign-extended into UA
-// lanes (int32, or int64 where the layer needs 64-bit accumulators) that catch up on the shifts since
-// the last fold: mod 2**bits, the UA-lane path's result bit for bit, with the widening once per few
-// groups instead of once per group (layers with few terms per shift group spent as much on it as on
-// their sums). The same with int32 tables and int64 accumulators (T = uint32_t: inputs with
-// |x| <= 2**15, bound 65535 * 2**15): 64-bit arithmetic only at folds instead of per term. Registers:
-// R * V sums in T lanes + the accumulators (R * V <= 4 for int16 tables; more accumulators than
-// registers stay on the stack: they are touched only at folds). W = 8 ("half" items, conv_drive;
-// int16 tables): 8-lane (128-bit) sums for rows of at most 8 outputs, so that no lane is idle.
 // Lanes [a K, a K + K) of v, sign-extended to SV's wider lanes (a register shuffle and a widening move).
 template <int a, int K, typename SV, typename VS, size_t... I>
 inline SV widen_slice(VS v, std::index_sequence<I...>) {
@@ -261,6 +247,20 @@ inline void fold_into(VA* acc, VS s, unsigned pend) {
   }
 }
 
+// Narrow tables, wider accumulators. The 8-bit-activation fast path: the table holds int16 copies of
+// inputs with |x| <= 128 (16 lanes per vector, half the loads of int32), and the plan splits every
+// shift group into chunks of at most 255 terms, so a chunk's +/- sum is exact in int16 (|sum| <=
+// 255 * 128 < 2**15). Horner's rule, acc = (acc << d) + sum, runs on the int16 sums themselves while
+// the plan's bound on them (conv_plan: the chunk sizes, shifted) stays within 255 * 128, so exactly;
+// where it would not, the plan flags the group (GROUP_FOLD) and the sums are sign-extended into UA
+// lanes (int32, or int64 where the layer needs 64-bit accumulators) that catch up on the shifts since
+// the last fold: mod 2**bits, the UA-lane path's result bit for bit, with the widening once per few
+// groups instead of once per group (layers with few terms per shift group spent as much on it as on
+// their sums). The same with int32 tables and int64 accumulators (T = uint32_t: inputs with
+// |x| <= 2**15, bound 65535 * 2**15): 64-bit arithmetic only at folds instead of per term. Registers:
+// R * V sums in T lanes + the accumulators (R * V <= 4 for int16 tables; more accumulators than
+// registers stay on the stack: they are touched only at folds). W = 8 ("half" items, conv_drive;
+// int16 tables): 8-lane (128-bit) sums for rows of at most 8 outputs, so that no lane is idle.
 inline int rows_for16(int V) { return V >= 3 ? 1 : (V == 2 ? 2 : 4); }
 inline bool has_rows16(int V, int R) { return R >= 1 && R <= rows_for16(V); }
 
