@@ -945,10 +945,8 @@ def test_fused_conv_with_int64_accumulators_equals_the_op_path(native, monkeypat
         x[0].clamp_(2.0 ** -act_bits[1], None)  # one image of positive inputs: sums far past int32's range
         expected = _op_path_output(monkeypatch, layer, x)
         bn = _random_frozen_bn(rng, cout)
-        scale, shift = bn.affine(expected.dtype)
-        view = (-1,) + (1,) * (expected.dim() - 2)
         residual = _random_float_input(rng, expected.shape, (4, 4), expected.dtype).clamp(-1e3, 1e3)
-        with_bn = torch.relu(torch.add(torch.mul(expected, scale.view(view)), shift.view(view)) + residual)
+        with_bn = torch.relu(ops.channel_affine_reference(expected, *bn.affine(expected.dtype)) + residual)
         lanes_used.clear()
         fused = deepshift.ShiftConvBatchNorm(layer, bn, relu=True)
         for module, args, want in ((layer, (x,), expected), (fused, (x, residual), with_bn)):
@@ -1133,9 +1131,7 @@ def test_fused_conv_batchnorm_equals_the_two_modules(native, monkeypatch, chunk)
         y = _op_path_output(monkeypatch, layer, x)
         if y is None:
             continue
-        scale, shift = bn.affine(y.dtype)
-        view = (-1,) + (1,) * (y.dim() - 2)
-        expected = torch.add(torch.mul(y, scale.view(view)), shift.view(view))
+        expected = ops.channel_affine_reference(y, *bn.affine(y.dtype))
         residual = relu = None
         if rng.random() < 0.5:
             residual = _random_float_input(rng, y.shape, (4, 4), y.dtype).clamp(-1e3, 1e3)

@@ -310,7 +310,7 @@ def _fused_setup(ext, x, act_bits, rounding, accumulator, shift_lo, bias, terms,
     lo, hi = -(2 ** (total - 1)), 2 ** (total - 1) - 1
     u = min(shift_lo, 0)
     int64 = accumulator == "int64"
-    b = _shifted_bias(None if bias is None else bias.to(torch.int64 if int64 else torch.int32), u)
+    b = _shifted_bias(bias.to(torch.int64) if int64 and bias is not None else bias, u)
     # 8-bit activations (|q| <= 128 by construction) take the int16 tables, unless an output has
     # fewer terms than 2 * (shift amounts): then the int16 path's widening per shift group outweighs
     # its narrower loads (e.g. a 3-channel first conv: 27 terms for 16 shift amounts).

@@ -3,9 +3,7 @@
 #include "common.h"
 #include "epilogue.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include <omp.h>  // the extension is always built with -fopenmp (build.py), as torch's parallel_for is
 
 namespace deepshift_cpu {
 
@@ -393,7 +391,6 @@ bool conv_drive(const Geom& g0, int64_t N, const PlanView& pv, int64_t nterms, c
     const auto scratch = new_scratch();
     for (int64_t n = 0; n < N; ++n) {
       UY* yimg = direct ? yp + n * yimg_stride : scratch.get();
-#ifdef _OPENMP
       // One parallel region per image, its three steps (table, items, hand-over) separated by
       // barriers: at batch 1 two more fork/joins per layer cost a few percent of a conv. Each
       // thread takes an equal share of each step (the nested case runs a team of one).
@@ -412,14 +409,6 @@ bool conv_drive(const Geom& g0, int64_t N, const PlanView& pv, int64_t nterms, c
           share(nruns, [&](int64_t b, int64_t e) { hand_over(n, yimg, b, e); });
         }
       }
-#else
-      at::parallel_for(0, g.C, 1, [&](int64_t b, int64_t e) { build_flag(n, tbl.get(), b, e); });
-      at::parallel_for(0, nitems, 1, [&](int64_t b, int64_t e) { run_items(tbl.get(), yimg, b, e); });
-      if (!direct) {
-        const int64_t grain = flat ? std::max<int64_t>(1, (1 << 14) / g0.OW) : (1 << 14);
-        at::parallel_for(0, nruns, grain, [&](int64_t b, int64_t e) { hand_over(n, yimg, b, e); });
-      }
-#endif
     }
   }
   (void)avx;
