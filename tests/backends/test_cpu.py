@@ -645,6 +645,38 @@ def test_conv_flat_rows_bit_exact(native, mag, shape):
     _check(torch.ops.deepshift.shift_conv, ops.shift_conv_reference, args, "flat 3-d")
 
 
+@pytest.mark.parametrize("mag", [127, 2**15, 2**40])  # int16 tables, int32 lanes, int64 lanes
+@pytest.mark.parametrize("stride", [(2, 2), (3, 2), (1, 2), (2, 1), (2, 3)])
+def test_conv_flat_strided_bit_exact(native, mag, stride):
+    # Strided convolutions over the phase-split table (output rows RW apart whatever the stride):
+    # narrow outputs go flat (asserted on the plan for int16 tables), wider ones row by row; both
+    # orders on every ISA path, with dilation, odd sizes, several channel blocks, biases, 1-d and 3-d.
+    rng = random.Random(mag + 10 * stride[0] + stride[1])
+    dtype = torch.int64 if mag > 2**31 else torch.int32
+    for (n, c, h, w), kernel, pad, dil in (((2, 70, 15, 15), [3, 3], [1, 1], [1, 1]),
+                                           ((1, 9, 7, 6), [3, 3], [1, 1], [1, 1]),
+                                           ((2, 5, 13, 11), [3, 2], [2, 0], [2, 3]),
+                                           ((1, 6, 9, 40), [1, 3], [0, 1], [1, 1]),
+                                           ((1, 4, 6, 7), [1, 1], [0, 0], [1, 1])):
+        x = _rand_int(rng, (n, c, h, w), mag, dtype)
+        codes = _random_codes(rng, 6 * c * kernel[0] * kernel[1], 5)
+        bias = _rand_int(rng, (6,), mag, dtype)
+        args = (x, codes, [6, c, *kernel], 5, True, -3, bias, list(stride), pad, dil, 1, False, [0, 0])
+        _check(torch.ops.deepshift.shift_conv, ops.shift_conv_reference, args,
+               f"strided {stride} {(n, c, h, w)} {kernel}")
+    w5 = torch.zeros(6, 70, 1, 3, 3, dtype=torch.int8)
+    plan = native.conv_plan(w5, [2, 70, 1, 15, 15], 1, [1, *stride], [0, 1, 1], [1, 1, 1], 2,
+                            conv.TABLE_BLOCK_BYTES, conv.INT16_MAX_GROUP)
+    # The 70-channel case above ran flat where its rows were half-empty vectors (8 outputs wide);
+    # with 15 outputs per row (width stride 1) whole rows need fewer vectors than the flat row.
+    assert plan[5].tolist()[2] == (stride[1] > 1), stride
+    x3 = _rand_int(rng, (2, 4, 3, 7, 8), mag, dtype)  # 3-d: depth stride 1, flat over (depth, rows)
+    codes = _random_codes(rng, 5 * 4 * 8, 4)
+    args = (x3, codes, [5, 4, 2, 2, 2], 4, False, 0, None, [1, *stride], [1, 0, 1], [1, 2, 1], 1, False,
+            [0, 0, 0])
+    _check(torch.ops.deepshift.shift_conv, ops.shift_conv_reference, args, f"strided 3-d {stride}")
+
+
 @pytest.mark.parametrize("mag", [128, 2**15, 2**20])  # int16 / int32 tables with int64 sums; int64 lanes
 @pytest.mark.parametrize("chunk", range(3))
 def test_conv_int64_accumulators_on_narrow_tables_bit_exact(native, monkeypatch, mag, chunk):
@@ -753,8 +785,8 @@ def test_conv_int16_horner_at_the_fold_bound_bit_exact(native, monkeypatch, has_
 
 @pytest.mark.parametrize("oh", [1, 2, 3, 5, 7, 8, 9, 13, 15])  # row blocks of 8, 6, 4, 3, 2, 1 and remainders
 def test_conv_half_width_rows_bit_exact(native, oh):
-    # Rows of at most 8 outputs on int16 tables, with stride 2 (never flat) and stride 1 (flat or
-    # half, by CPU): 8-lane items, one row each; 70 channels make several channel blocks.
+    # Rows of at most 8 outputs on int16 tables, with stride 2 and stride 1 (flat or half, by CPU
+    # and geometry): 8-lane items, one row each; 70 channels make several channel blocks.
     rng = random.Random(oh)
     for stride, width, channels in ((2, 15, 70), (2, 6, 3), (1, 8, 70), (1, 5, 4)):
         h = (oh - 1) * stride + 1
@@ -1174,8 +1206,8 @@ def test_conv_fused_rejects_bad_affine(native):
 
 def test_conv_plan_channel_blocks(native):
     # The channel block keeps the table slice one work item reads near TABLE_BLOCK_BYTES: in flat
-    # mode the item's consecutive outputs plus the kernel's reach, row by row whole padded rows;
-    # blocks are of equal size.
+    # mode the item's consecutive outputs plus the kernel's reach (in each phase block it reads),
+    # row by row whole padded rows; blocks are of equal size. plan[5] = [block, blocks, flat].
     def blocks(cin, hw, stride, budget=conv.TABLE_BLOCK_BYTES):
         w5 = torch.zeros(8, cin, 1, 3, 3, dtype=torch.int8)
         plan = native.conv_plan(w5, [1, cin, 1, hw, hw], 1, [1, stride, stride], [0, 1, 1], [1, 1, 1], 2,
@@ -1183,13 +1215,18 @@ def test_conv_plan_channel_blocks(native):
         return plan[5].tolist()
 
     assert conv.TABLE_BLOCK_BYTES == 16 * 1024
-    assert blocks(64, 56, 1) == [32, 2]  # flat: (2 * 58 + 2 + 80) * 2 bytes per channel, 41 fit
-    assert blocks(256, 14, 1) == [64, 4]  # rows: 4 output rows need 6 padded rows of 16, 192 bytes
-    # rows: 2 output rows need 5 padded rows of 58, 580 bytes: 28 fit, but a block keeps >= 288 terms
-    assert blocks(64, 56, 2) == [32, 2]
-    assert blocks(64, 56, 2, 24 * 1024) == [32, 2]  # 42 fit: 32 + 32, not 42 + 22
-    assert blocks(32, 112, 1) == [32, 1]  # 23 fit (684 bytes), but not two blocks of 16
-    assert blocks(16, 32, 1) == [16, 1]
+    assert blocks(64, 56, 1) == [32, 2, 1]  # flat: (2 * 58 + 2 + 80) * 2 bytes per channel, 41 fit
+    assert blocks(256, 14, 1) == [64, 4, 0]  # rows: 4 output rows need 6 padded rows of 16, 192 bytes
+    # flat with stride 2 (28x28 outputs, phase rows of 29: 51 vectors, not 56 row by row): 4 phase
+    # blocks of (29 + 1 + 80) elements, 880 bytes: 18 fit, but a block keeps >= 288 terms
+    assert blocks(64, 56, 2) == [32, 2, 1]
+    assert blocks(64, 56, 2, 24 * 1024) == [32, 2, 1]  # 27 fit: 32 + 32, not 27 + 27 + 10
+    assert blocks(32, 112, 1) == [32, 1, 0]  # 23 fit (684 bytes), but not two blocks of 16
+    assert blocks(16, 32, 1) == [16, 1, 0]
+    # rows with stride 2 (14x14 outputs: flat would need as many vectors): 4 output rows need 9
+    # padded rows of 2 phases of 15 (540 bytes), 30 fit; a block keeps >= 288 terms: 8 blocks
+    assert blocks(256, 28, 2) == [32, 8, 0]
+    assert blocks(512, 14, 2)[2] == 1  # 7x7 outputs: 4 vectors flat, 7 row by row
     # 1x1 convolutions take the larger pointwise budget (1024 channels of 14x14: 160 bytes each).
     codes = pack_codes(torch.zeros(8 * 1024, dtype=torch.uint8), 5)
     for k, budget in ((1, conv.POINTWISE_BLOCK_BYTES), (3, conv.TABLE_BLOCK_BYTES)):

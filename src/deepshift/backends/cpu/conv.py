@@ -31,11 +31,13 @@ index arithmetic: row / plane offsets, computed per row or per weight, never per
   int16 sums themselves while the plan's bound on them (chunk sizes times 128, shifted) stays below
   2**15, and where it would not they are sign-extended into int32 lanes (a *fold*: every few shift
   groups, not every one), so results are the int32 path's bit for bit.
-* Narrow rows (8x8 planes: half of every 16-lane vector idle): with stride 1 a whole plane can be
-  computed as one long row over the padded width (the positions between rows are computed and
-  dropped; ~40% fewer vectors there), and rows of at most 8 outputs can use 8-lane int16 vectors,
-  one per row (no idle lane). Where 256-bit operations cost two 128-bit ones (Zen 1, the portable
-  build) the latter is preferred; stride-2 rows always use it.
+* Narrow rows (8x8 planes: half of every 16-lane vector idle): a whole plane can be computed as one
+  long row over the table's rows (the positions between rows are computed and dropped; ~40% fewer
+  vectors there). The table is split into stride phases (rows and columns) so that this holds for
+  strided convolutions too: ResNet-50's 512-channel stride-2 3x3 conv (7x7 outputs) takes 4 vectors
+  per term instead of 7 rows. Rows of at most 8 outputs can also use 8-lane int16 vectors, one per
+  row (no idle lane); where 256-bit operations cost two 128-bit ones (Zen 1, the portable build) that
+  is preferred. Each channel's table plane starts 64-byte aligned.
 * int64 inputs run in int32 lanes (then widen) when :func:`deepshift.ops.reference.accumulator_bound`, with
   the actual ``max|x|``, ``max|bias|`` and the largest used shift, proves every intermediate value is
   below ``2**31``; otherwise convolutions sum each shift group's terms on an int16 (every

@@ -31,13 +31,23 @@
 #endif
 
 // Geometry of one conv call (1d/2d are 3d with size-1 dims). The per-call table of one image's
-// zero-padded input is laid out [c][Dp][Hp][sw phases][Wq]: phase r of a padded row holds the
-// columns r, r + sw, r + 2 sw, ... so every kernel offset reads a contiguous run of output columns.
+// zero-padded input is phase-split: padded (d, h, w) sits at
+//     d * P + (h % sh) * HPS + (h / sh) * RW + (w % sw) * WPS + w / sw,
+// so every kernel offset reads a contiguous run of output columns (phase w % sw of a row holds its
+// columns w, w + sw, ...) and output rows oh, oh + 1 of one kernel row sit RW apart. Two orders:
+//  * flat (conv_drive's flat mode): [c][Dp][sh phases][sw phases][Hq][Wq]: RW = Wq, so output rows
+//    follow one another whatever the stride and a whole plane is one long row;
+//  * by rows: [c][Dp][Hp rows][sw phases][Wq] (RW = sh * sw * Wq): the rows one item reads are one
+//    contiguous run (fewer cache lines than the flat order's separate phase blocks).
+// Each channel's plane starts 64-byte aligned (S is a multiple of 32 elements, the table 64-byte
+// aligned), so column blocks starting at whole vectors (1x1 kernels) never read across a cache line.
 struct Geom {
   int64_t C, D, H, W;
   int64_t pd, ph, pw;
   int64_t sd, sh, sw;
-  int64_t Dp, Hp, Wq, RW, S;  // RW = sw * Wq (one padded row), S = Dp * Hp * RW (one channel's plane)
+  int64_t Dp, Hp, Hq, Wq;
+  int64_t RW, HPS, WPS, P, S;  // strides above; P = sh * sw * Hq * Wq, S >= Dp * P (one channel)
+  bool flat;
   int64_t OD, OH, OW;
   int64_t Cout, Cout_g, NCB;  // NCB: channel blocks the term lists are split into
 };

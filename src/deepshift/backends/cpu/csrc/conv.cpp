@@ -55,7 +55,7 @@ struct Plan {
 
 Geom make_geom(const std::vector<int64_t>& xs /*N,C,D,H,W*/, const std::vector<int64_t>& ws,
                             const std::vector<int64_t>& stride, const std::vector<int64_t>& pad,
-                            const std::vector<int64_t>& dil, int64_t groups, int64_t NCB) {
+                            const std::vector<int64_t>& dil, int64_t groups, int64_t NCB, bool flat) {
   Geom g{};
   g.C = xs[1];
   g.D = xs[2];
@@ -71,8 +71,13 @@ Geom make_geom(const std::vector<int64_t>& xs /*N,C,D,H,W*/, const std::vector<i
   g.Hp = g.H + 2 * g.ph;
   const int64_t Wp = g.W + 2 * g.pw;
   g.Wq = (Wp + g.sw - 1) / g.sw;
-  g.RW = g.sw * g.Wq;
-  g.S = g.Dp * g.Hp * g.RW;
+  g.Hq = (g.Hp + g.sh - 1) / g.sh;
+  g.flat = flat;
+  g.RW = flat ? g.Wq : g.sh * g.sw * g.Wq;
+  g.HPS = flat ? g.sw * g.Hq * g.Wq : g.sw * g.Wq;
+  g.WPS = flat ? g.Hq * g.Wq : g.Wq;
+  g.P = g.sh * g.sw * g.Hq * g.Wq;
+  g.S = (g.Dp * g.P + 31) / 32 * 32;
   g.OD = (g.Dp - dil[0] * (ws[2] - 1) - 1) / g.sd + 1;
   g.OH = (g.Hp - dil[1] * (ws[3] - 1) - 1) / g.sh + 1;
   g.OW = (Wp - dil[2] * (ws[4] - 1) - 1) / g.sw + 1;
@@ -92,16 +97,20 @@ int rows_for_lanes(int V, int64_t lanes) {
   return lanes == 16 ? ds_portable::rows_for16(V) : ds_portable::rows_for(V);
 }
 
+// conv_drive's flat row: output (od, oh, ow) at position od * P + oh * RW + ow (see there).
+int64_t flat_length(const Geom& g) { return (g.OD - 1) * g.P + (g.OH - 1) * g.RW + g.OW; }
+
 // Whether conv_drive computes each output plane as one flat row over the padded width (see there),
-// for `elem_size`-byte table elements. Also decides the channel blocks of conv_plan.
+// for `elem_size`-byte table elements; g in the flat order. conv_plan decides it (the table order and
+// the channel blocks follow) and records it in the plan.
 bool uses_flat(const Geom& g, int64_t elem_size) {
   const int64_t L = 32 / elem_size;
   // Where 256-bit operations cost two 128-bit ones (Zen 1, and the portable build), 8-output rows
   // are cheapest in half mode: no idle lane at all, and no wasted positions between rows.
   if (elem_size == 2 && g.OW <= 8 && splits_256()) return false;
-  if (g.sd != 1 || g.sh != 1 || g.sw != 1) return false;
+  if (g.sd != 1) return false;
   const int64_t row_vectors = g.OD * g.OH * ((g.OW + L - 1) / L);
-  const int64_t flat_len = ((g.OD - 1) * g.Hp + (g.OH - 1)) * g.RW + g.OW;
+  const int64_t flat_len = flat_length(g);
   return 16 * ((flat_len + L - 1) / L) <= 15 * row_vectors;
 }
 
@@ -122,21 +131,35 @@ std::vector<torch::Tensor> conv_plan(const torch::Tensor& scode, std::vector<int
   const int64_t Cout = ws[0], Cin_g = ws[1], KD = ws[2], KH = ws[3], KW = ws[4];
   const int64_t KK = KD * KH * KW;
   const int8_t* s = scode.data_ptr<int8_t>();
-  auto g = make_geom(xs, ws, stride, pad, dil, groups, 1);
+  auto g = make_geom(xs, ws, stride, pad, dil, groups, 1, true);
+  const bool flat = uses_flat(g, elem_size);
+  if (!flat) g = make_geom(xs, ws, stride, pad, dil, groups, 1, false);
   TORCH_CHECK(g.C * g.S < (int64_t(1) << 31), "per-image table too large");
   // Channel block: the table slice one work item reads stays within ~l2_budget bytes (the item then
   // finds it in L1 for each of its output channels).
   const int64_t L = 32 / elem_size;
   int64_t per_channel;
-  if (uses_flat(g, elem_size)) {
+  // The kernel reads nph of a depth slice's phase blocks (strided kernels: up to sh * sw), in each
+  // its rows below the output row and columns right of the output column up to hreach / wreach.
+  if (flat) {
     // A flat item reads vectors_for(long row) vectors of consecutive outputs plus the kernel's reach
-    // below them: for a 64-channel 56x56 3x3 conv, 198 elements per channel, not 3 rows of 58.
-    const int64_t reach = (KD - 1) * dil[0] * g.Hp * g.RW + (KH - 1) * dil[1] * g.RW + (KW - 1) * dil[2];
-    per_channel = (reach + vectors_for(INT64_MAX / 2, L) * L) * elem_size;
+    // below them (for a 64-channel 56x56 3x3 conv, 198 elements per channel, not 3 rows of 58), in
+    // each phase block the kernel reads (strided kernels: up to sh * sw).
+    std::vector<char> phase_used(g.sh * g.sw, 0);
+    int64_t hreach = 0, wreach = 0;
+    for (int64_t kh = 0; kh < KH; ++kh)
+      for (int64_t kw = 0; kw < KW; ++kw) {
+        const int64_t hh = kh * dil[1], w = kw * dil[2];
+        phase_used[(hh % g.sh) * g.sw + w % g.sw] = 1;
+        hreach = std::max(hreach, hh / g.sh);
+        wreach = std::max(wreach, w / g.sw);
+      }
+    const int64_t nph = std::count(phase_used.begin(), phase_used.end(), 1);
+    per_channel = KD * nph * (hreach * g.RW + wreach + vectors_for(INT64_MAX / 2, L) * L) * elem_size;
   } else {
     const int V = vectors_for(g.OW, L);
     const int R = static_cast<int>(std::min<int64_t>(rows_for_lanes(V, L), g.OD * g.OH));
-    per_channel = KD * ((R - 1) * g.sh + (KH - 1) * dil[1] + 1) * g.RW * elem_size;
+    per_channel = KD * ((R - 1) * g.sh + (KH - 1) * dil[1] + 1) * g.sw * g.Wq * elem_size;
   }
   const int64_t fit = std::max<int64_t>(1, std::min<int64_t>(Cin_g, l2_budget / std::max<int64_t>(1, per_channel)));
   int64_t NCB = (Cin_g + fit - 1) / fit;
@@ -153,8 +176,9 @@ std::vector<torch::Tensor> conv_plan(const torch::Tensor& scode, std::vector<int
   for (int64_t kd = 0; kd < KD; ++kd)
     for (int64_t kh = 0; kh < KH; ++kh)
       for (int64_t kw = 0; kw < KW; ++kw) {
-        const int64_t w = kw * dil[2];
-        koff[(kd * KH + kh) * KW + kw] = (kd * dil[0] * g.Hp + kh * dil[1]) * g.RW + (w % g.sw) * g.Wq + w / g.sw;
+        const int64_t hh = kh * dil[1], w = kw * dil[2];
+        koff[(kd * KH + kh) * KW + kw] =
+            kd * dil[0] * g.P + (hh % g.sh) * g.HPS + (hh / g.sh) * g.RW + (w % g.sw) * g.WPS + w / g.sw;
       }
   auto tstart = torch::empty({E + 1}, torch::kInt64);
   auto gstart = torch::empty({E + 1}, torch::kInt64);
@@ -235,7 +259,7 @@ std::vector<torch::Tensor> conv_plan(const torch::Tensor& scode, std::vector<int
   if (!terms.empty()) std::memcpy(tt.data_ptr<int32_t>(), terms.data(), terms.size() * sizeof(int32_t));
   auto gt = torch::empty({static_cast<int64_t>(grp.size() / 3), 3}, torch::kInt32);
   if (!grp.empty()) std::memcpy(gt.data_ptr<int32_t>(), grp.data(), grp.size() * sizeof(int32_t));
-  auto cbt = torch::tensor({CB, NCB}, torch::kInt64);
+  auto cbt = torch::tensor({CB, NCB, int64_t(flat)}, torch::kInt64);
   return {tt, tstart, gstart, gt, fshift, cbt};
 }
 
@@ -243,20 +267,22 @@ std::vector<torch::Tensor> conv_plan(const torch::Tensor& scode, std::vector<int
 // Outputs: with yp (and not flat, below), image n's integer output goes to yp + n * (its size) directly;
 // otherwise to a scratch buffer per thread, and finish(n, dst, src, count) receives it in contiguous runs:
 // `count` values at src belong at element dst of image n's (Cout, OD, OH, OW) output.
-// Flat mode: with stride 1, an output plane is computed as one long row over the padded width (output
-// (od, oh, ow) at flat position (od * Hp + oh) * RW + ow reads the table at that position plus the
-// term's offset), so rows narrower than a vector (8x8 planes: half of each 16-lane vector idle) fill
-// whole vectors; the positions between rows are computed and dropped. Used where that needs
-// at least 1/16 fewer vectors than row by row (below that, the dropped positions cost about what
-// the fuller vectors save). Half mode: int16 tables with rows of at most 8 outputs (not flat: stride > 1, or
-// where 256-bit operations are split anyway) use 8-lane vectors, one per row (conv_item_n, W = 8).
+// Flat mode: with depth stride 1, an output plane is computed as one long row over the table's rows
+// (output (od, oh, ow) at flat position od * P + oh * RW + ow reads the table at that position plus
+// the term's offset; the phase-split table makes this hold for strides in height and width too), so
+// rows narrower than a vector (8x8 planes: half of each 16-lane vector idle; 7x7 outputs of a
+// stride-2 conv) fill whole vectors; the positions between rows are computed and dropped. Used where
+// that needs at least 1/16 fewer vectors than row by row (below that, the dropped positions cost
+// about what the fuller vectors save). Half mode: int16 tables with rows of at most 8 outputs (not
+// flat, e.g. where 256-bit operations are split anyway) use 8-lane vectors, one per row
+// (conv_item_n, W = 8).
 // Returns whether some build call returned true.
 template <typename U, typename UY, typename BuildFn, typename FinishFn>
 bool conv_drive(const Geom& g0, int64_t N, const PlanView& pv, int64_t nterms, const UY* bp, UY* yp,
                 BuildFn build, FinishFn finish) {
   constexpr int64_t L = 32 / sizeof(U);
-  const int64_t flat_len = ((g0.OD - 1) * g0.Hp + (g0.OH - 1)) * g0.RW + g0.OW;
-  const bool flat = uses_flat(g0, sizeof(U));
+  const int64_t flat_len = flat_length(g0);
+  const bool flat = g0.flat;
   Geom g = g0;  // the geometry the work items see: in flat mode, one row of flat_len outputs
   if (flat) {
     g.OD = 1;
@@ -333,7 +359,9 @@ bool conv_drive(const Geom& g0, int64_t N, const PlanView& pv, int64_t nterms, c
   // as much as a few percent of a conv): build writes every element of the C * S table and the
   // items every scratch output; only the table's tail, read past the last row, is zeroed.
   auto new_table = [&]() {
-    std::unique_ptr<U[]> t(new U[table_elems]);
+    std::unique_ptr<U, decltype(&std::free)> t(
+        static_cast<U*>(std::aligned_alloc(64, (table_elems * sizeof(U) + 63) / 64 * 64)), &std::free);
+    TORCH_CHECK(t, "out of memory for a conv table of ", table_elems, " elements");
     std::fill(t.get() + g.C * g.S, t.get() + table_elems, U(0));
     return t;
   };
@@ -348,7 +376,7 @@ bool conv_drive(const Geom& g0, int64_t N, const PlanView& pv, int64_t nterms, c
     for (int64_t r = r0; r < r1;) {
       const int64_t c = r / (g0.OD * g0.OH), dh = r - c * (g0.OD * g0.OH);  // index arithmetic
       const int64_t od = dh / g0.OH, oh = dh - od * g0.OH;
-      const UY* src = yimg + c * flat_len + (od * g0.Hp + oh) * g0.RW;
+      const UY* src = yimg + c * flat_len + od * g0.P + oh * g0.RW;
       if constexpr (std::is_invocable_v<FinishFn&, int64_t, int64_t, const UY*, int64_t, int64_t, int64_t>) {
         // The rows of one (c, od) at once: at stride RW in the flat output, consecutive in the result.
         const int64_t k = std::min(r1 - r, g0.OH - oh);
@@ -427,7 +455,7 @@ torch::Tensor conv_run(const torch::Tensor& x, std::vector<int64_t> ws, const st
                        std::vector<int64_t> pad, std::vector<int64_t> dil) {
   std::vector<int64_t> xs(x.sizes().begin(), x.sizes().end());
   const int64_t NCB = plan[5].data_ptr<int64_t>()[1];
-  auto g = make_geom(xs, ws, stride, pad, dil, groups, NCB);
+  auto g = make_geom(xs, ws, stride, pad, dil, groups, NCB, plan[5].data_ptr<int64_t>()[2] != 0);
   const int64_t N = xs[0];
   const torch::Tensor y =
       torch::empty({N, g.Cout, g.OD, g.OH, g.OW}, x.options().dtype(c10::CppTypeToScalarType<SY>::value));
@@ -505,7 +533,7 @@ FusedGeometry fused_geometry(const torch::Tensor& x, const std::vector<int64_t>&
   const int64_t missing = 5 - x.dim();
   xs.insert(xs.begin() + 2, missing, 1);
   const int64_t NCB = plan[5].data_ptr<int64_t>()[1];
-  auto g = make_geom(xs, ws, stride, pad, dil, groups, NCB);
+  auto g = make_geom(xs, ws, stride, pad, dil, groups, NCB, plan[5].data_ptr<int64_t>()[2] != 0);
   std::vector<int64_t> ys{xs[0], g.Cout, g.OD, g.OH, g.OW};
   ys.erase(ys.begin() + 2, ys.begin() + 2 + missing);
   return {g, xs[0], ys};

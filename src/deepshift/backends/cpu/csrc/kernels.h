@@ -35,11 +35,15 @@ bool build_table(const S* x, U* tbl, const Geom& g, int64_t c0, int64_t c1, cons
     U* dst = tbl + c * g.S;
     for (int64_t d = 0; d < g.Dp; ++d) {
       const int64_t id = d - g.pd;
-      for (int64_t h = 0; h < g.Hp; ++h) {
-        U* row = dst + (d * g.Hp + h) * g.RW;
+      // Padded row h (rows Hp .. sh * Hq - 1: padding of the last phases) goes to sw phase rows of
+      // Wq elements (see Geom).
+      for (int64_t h = 0; h < g.sh * g.Hq; ++h) {
+        U* row = dst + d * g.P + (h % g.sh) * g.HPS + (h / g.sh) * g.RW;  // its phase 0
+        const int64_t phase_step = g.WPS;
         const int64_t ih = h - g.ph;
-        if (id < 0 || id >= g.D || ih < 0 || ih >= g.H) {
-          for (int64_t q = 0; q < g.RW; ++q) row[q] = 0;
+        if (h >= g.Hp || id < 0 || id >= g.D || ih < 0 || ih >= g.H) {
+          for (int64_t r = 0; r < g.sw; ++r)
+            for (int64_t q = 0; q < g.Wq; ++q) row[r * phase_step + q] = 0;
           continue;
         }
         const S* src = xc + (id * g.H + ih) * g.W;
@@ -53,13 +57,14 @@ bool build_table(const S* x, U* tbl, const Geom& g, int64_t c0, int64_t c1, cons
           // Convert the row as one contiguous run (vectorised), then deal its columns out to the phases.
           bad |= cv.run(src, rowbuf.data(), g.W);
           for (int64_t r = 0; r < g.sw; ++r) {
-            U* rr = row + r * g.Wq;
+            U* rr = row + r * phase_step;
             int64_t iw = r - g.pw;
             for (int64_t q = 0; q < g.Wq; ++q, iw += g.sw) rr[q] = (iw >= 0 && iw < g.W) ? rowbuf[iw] : U(0);
           }
         }
       }
     }
+    for (int64_t i = g.Dp * g.P; i < g.S; ++i) dst[i] = 0;  // the alignment gap: read by dropped outputs
   }
   return bad;
 }
@@ -78,7 +83,7 @@ inline void row_offsets(const Geom& g, int R, int64_t row0, int64_t ow0, int64_t
   for (int r = 0; r < R; ++r) {
     const int64_t rr = row0 + r;
     const int64_t od = rr / g.OH, oh = rr - od * g.OH;
-    tb[r] = (od * g.sd * g.Hp + oh * g.sh) * g.RW + ow0;  // index arithmetic only
+    tb[r] = od * g.sd * g.P + oh * g.RW + ow0;  // index arithmetic only
     yoff[r] = rr * g.OW + ow0;
   }
 }
