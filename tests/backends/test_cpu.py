@@ -991,6 +991,40 @@ def test_fused_conv_with_int64_accumulators_equals_the_op_path(native, monkeypat
         assert lanes_used and set(lanes_used) == {wide}, lanes_used
 
 
+@pytest.mark.parametrize("at_bound", [False, True])
+def test_int64_layers_run_in_int32_lanes_where_the_weight_sums_prove_it(native, monkeypatch, at_bound):
+    """A layer frozen with int64 accumulators (fan-in times the largest power over int32's range)
+    whose weights' sum of powers per output proves every value below 2**31 runs in int32 lanes (the
+    int16 tables), bit for bit the op path's int64 result; one power more and it keeps int64 sums.
+    Inputs all at -128 and output 0's weights all negative: its sum is 128 * (the weight sum), at the
+    bound either 2**31 - 128 (int32 holds it) or exactly 2**31 (it does not: int32 would wrap)."""
+    real = build.load_extension().PreparedConv
+    lanes_used = []
+
+    def spy(*args):
+        lanes_used.append(args[11])
+        return real(*args)
+
+    cin = 64 if at_bound else 81
+    float_conv = nn.Conv2d(cin, 2, 1, bias=False)
+    with torch.no_grad():  # powers relative to the smallest used one, 2**-18: 1.0 is 2**18 units
+        w = float_conv.weight.view(2, cin)
+        w[0] = -1.0  # 64 of them: 2**24 units, or 63 and then -2**-1 ... -2**-18: 2**24 - 1 units
+        if not at_bound:
+            w[0, 63:] = -(2.0 ** -torch.arange(1, 19, dtype=torch.float32))
+        w[1] = 2.0**-18
+    layer = deepshift.freeze_(deepshift.convert_(nn.Sequential(float_conv), deepshift.QConfig(
+        weight_bits=6, act_bits=(4, 4))))[0].eval()
+    assert layer.accumulator == "int64" and layer.shift_lo == -18, layer.extra_repr()
+    x = torch.full((2, cin, 3, 5), -8.0)  # rounds to -128
+    expected = _op_path_output(monkeypatch, layer, x)
+    units = 2**31 if at_bound else 2**31 - 128
+    assert torch.equal(expected[:, 0], torch.full_like(expected[:, 0], units * 2.0 ** (-18 - 4)))
+    for isa, got in _on_every_isa(monkeypatch, layer, spy, layer, x).items():
+        assert torch.equal(got, expected), f"({isa}): {(got != expected).sum()} differ"
+    assert lanes_used and set(lanes_used) == {conv.WIDE16 if at_bound else 16}, lanes_used
+
+
 @pytest.mark.parametrize("act_bits", [(4, 4), (8, 8)])
 def test_fused_strided_pointwise_conv_runs_on_the_subsampled_input(native, monkeypatch, act_bits):
     """A 1x1 conv with stride and no padding (ResNet's shortcuts) runs as the stride-1 conv of every

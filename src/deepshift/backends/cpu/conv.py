@@ -38,11 +38,12 @@ index arithmetic: row / plane offsets, computed per row or per weight, never per
   per term instead of 7 rows. Rows of at most 8 outputs can also use 8-lane int16 vectors, one per
   row (no idle lane); where 256-bit operations cost two 128-bit ones (Zen 1, the portable build) that
   is preferred. Each channel's table plane starts 64-byte aligned.
-* int64 inputs run in int32 lanes (then widen) when :func:`deepshift.ops.reference.accumulator_bound`, with
-  the actual ``max|x|``, ``max|bias|`` and the largest used shift, proves every intermediate value is
-  below ``2**31``; otherwise convolutions sum each shift group's terms on an int16 (every
-  ``|x| <= 128``) or int32 (``|x| <= 2**15``) table, in chunks whose sums are exact there, and run
-  Horner's rule in int64 lanes (at folds, not per term); other inputs run in int64 lanes.
+* int64 inputs run in int32 lanes (then widen) when the actual ``max|x|``, ``max|bias|`` and the
+  weights' largest sum of ``2**amount`` over one output prove every intermediate value is below
+  ``2**31`` (``_weight_sum``; frozen layers with int64 accumulators too); otherwise convolutions sum
+  each shift group's terms on an int16 (every ``|x| <= 128``) or int32 (``|x| <= 2**15``) table, in
+  chunks whose sums are exact there, and run Horner's rule in int64 lanes (at folds, not per term);
+  other inputs run in int64 lanes.
 * Strided 1x1 convolutions without padding (ResNet's shortcuts) run, in the fused forward below, as
   the stride-1 convolution of every stride-th input: no table of inputs they never read.
 
@@ -134,14 +135,34 @@ def _max_abs(t: Tensor) -> int:
     return max(-int(lo), int(hi))
 
 
+def _weight_sum(ext, codes, weight_shape, weight_bits, has_zero, shift_lo) -> int:
+    """The largest sum, over one output's non-zero weights, of ``2**amount`` (a weight's shift in the
+    output units ``2**u`` the kernels compute in). ``max|x| * this + max|bias << -u|`` bounds every
+    value the kernels compute: an output's partial sums (over channel blocks, over Horner's steps
+    divided by a power of two) are sums over subsets of its terms. Where few weights take the largest
+    shift this is far below ``fan_in * max|x| * 2**max_amount`` (the bound a layer's accumulator is
+    chosen by when it is frozen), so layers frozen with int64 accumulators often run exactly in int32
+    lanes. Cached; 2**62 stands for "too large for int32" (a used amount of 31 or more)."""
+    def make():
+        scode, max_amount = _decoded(ext, codes, weight_shape, weight_bits, has_zero, shift_lo, 64)
+        if max_amount >= 31:
+            return torch.tensor(2**62)
+        a = scode.to(torch.int64).abs_()
+        powers = torch.where(a > 0, torch.bitwise_left_shift(torch.ones_like(a), (a - 1).clamp_min_(0)), 0)
+        return powers.reshape(weight_shape[0], -1).sum(1).max() if a.numel() else torch.tensor(0)
+
+    return int(_cached(codes, ("wsum", tuple(weight_shape), weight_bits, has_zero, shift_lo), make))
+
+
 def _lanes_for(ext, x, codes, weight_shape, weight_bits, has_zero, shift_lo, bias_s, fan_in,
                int16: bool, wide: bool = False) -> int:
     """The lanes a call computes in: 64 (int64), 32 (int32), or 16 (int16 tables, int32 arithmetic);
     with ``wide`` (the conv kernel), WIDE16 / WIDE32 (int16 / int32 tables, int64 arithmetic).
 
-    int32 x computes in int32; int64 x in int32 when the accumulator bound proves that exact, else
-    int64, on a narrow table where ``wide`` and every ``|x|`` fits one. Where int32 is used and
-    ``int16`` (the kernel has the 8-bit path), inputs with every ``|x| <= INT16_MAX_ABS`` take 16.
+    int32 x computes in int32; int64 x in int32 when the bound of the sums (:func:`_weight_sum`)
+    proves that exact, else int64, on a narrow table where ``wide`` and every ``|x|`` fits one. Where
+    int32 is used and ``int16`` (the kernel has the 8-bit path), inputs with every
+    ``|x| <= INT16_MAX_ABS`` take 16.
     ``max|x|`` is computed at most once, and not at all for int32 x without the 8-bit path (the
     small-batch Linear kernel).
     """
@@ -149,8 +170,7 @@ def _lanes_for(ext, x, codes, weight_shape, weight_bits, has_zero, shift_lo, bia
         return 32
     x_max = _max_abs(x)
     if x.dtype != torch.int32:
-        _, max_amount = _decoded(ext, codes, weight_shape, weight_bits, has_zero, shift_lo, 64)
-        weights = 0 if max_amount < 0 else fan_in * x_max * 2**max_amount
+        weights = x_max * _weight_sum(ext, codes, weight_shape, weight_bits, has_zero, shift_lo)
         bias_max = 0 if bias_s is None else _max_abs(bias_s)
         if weights + bias_max >= 2**31:
             if wide and x_max <= WIDE32_MAX_ABS:
@@ -294,11 +314,13 @@ def shift_conv_cpu(x: Tensor, *args) -> Tensor:
     return call.run(ext, a.codes, x, bias_s, lanes)
 
 
-def _fused_setup(ext, x, act_bits, rounding, accumulator, shift_lo, bias, terms, weight_bits, wide=False):
+def _fused_setup(ext, x, act_bits, rounding, accumulator, shift_lo, bias, terms, weight_bits, wide=False,
+                 weight_sum=None):
     """Common checks and constants of the fused frozen-layer paths, or None when they do not apply:
     (lanes, lo, hi, exponent, shifted bias or None). ``terms``: weights per output. ``wide``: the
     caller also runs int64 accumulators (lanes WIDE16 / WIDE32, an int64 bias) for inputs of at most
-    16 bits."""
+    16 bits; in int32 lanes where ``weight_sum()`` (:func:`_weight_sum`) proves no value reaches
+    ``2**31`` (int32 arithmetic is exact there, so its results are the int64 accumulators' bit for bit)."""
     total = act_bits[0] + act_bits[1]
     if (
         accumulator not in (("int32", "int64") if wide and total <= 16 else ("int32",))
@@ -312,6 +334,9 @@ def _fused_setup(ext, x, act_bits, rounding, accumulator, shift_lo, bias, terms,
     lo, hi = -(2 ** (total - 1)), 2 ** (total - 1) - 1
     u = min(shift_lo, 0)
     int64 = accumulator == "int64"
+    if int64 and weight_sum is not None:
+        bias_max = 0 if bias is None else _max_abs(bias) << -u
+        int64 = -lo * weight_sum() + bias_max >= 2**31
     b = _shifted_bias(bias.to(torch.int64) if int64 and bias is not None else bias, u)
     # 8-bit activations (|q| <= 128 by construction) take the int16 tables, unless an output has
     # fewer terms than 2 * (shift amounts): then the int16 path's widening per shift group outweighs
@@ -337,8 +362,12 @@ def _prepare_conv_fused(x: Tensor, a: ref.ShiftConvArgs, act_bits: list[int], ro
     """
     ext = load_extension()
     weight_shape = a.weight_shape
+    def weight_sum():
+        return _weight_sum(ext, a.codes, weight_shape, a.weight_bits, a.has_zero, a.shift_lo)
+
     setup = None if ext is None else _fused_setup(ext, x, act_bits, rounding, accumulator, a.shift_lo, a.bias,
-                                                  math.prod(weight_shape[1:]), a.weight_bits, wide=True)
+                                                  math.prod(weight_shape[1:]), a.weight_bits, wide=True,
+                                                  weight_sum=weight_sum)
     if setup is None or x.dim() != len(weight_shape) or a.transposed:
         return None
     lanes, lo, hi, exponent, b = setup
@@ -435,10 +464,10 @@ def _prepare_int_conv(ext, x: Tensor, codes: Tensor, bias: Tensor | None, s, in_
         return None
     u = min(s.shift_lo, 0)
     if s.accumulator == "int64":
-        _, max_amount = _decoded(ext, codes, list(s.weight_shape), s.weight_bits, s.has_zero, s.shift_lo, 64)
         q_max = min(max(-in_lo, in_hi), (_max_abs(x) >> max(in_shift, 0) << max(-in_shift, 0)) + 1)
         b_max = 0 if bias is None else _max_abs(bias) << -u
-        if max_amount >= 0 and call.fan_in * q_max * 2**max_amount + b_max >= 2**31:
+        wsum = _weight_sum(ext, codes, list(s.weight_shape), s.weight_bits, s.has_zero, s.shift_lo)
+        if q_max * wsum + b_max >= 2**31:
             return None
     # The int16 table where |q| <= 128 and outputs have enough terms (as for the float fused path).
     narrow = in_lo >= -INT16_MAX_ABS and in_hi <= INT16_MAX_ABS
