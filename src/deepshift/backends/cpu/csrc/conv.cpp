@@ -306,8 +306,11 @@ bool conv_drive(const Geom& g0, int64_t N, const PlanView& pv, int64_t nterms, c
   const int64_t rblocks = rows / RM + rows % RM;
   const int64_t owblocks = (g.OW + V * L - 1) / (V * L);
   const int64_t spatial_items = rblocks * owblocks;
+  // Items per thread: 4 where images run in parallel; 8 at batch 1, where the threads share each
+  // image's items (by size, below: finer items split more evenly).
+  const int64_t per_thread = N >= nthreads && nthreads > 1 ? 4 : 8;
   const int64_t ochunks =
-      std::max<int64_t>(1, std::min<int64_t>(g.Cout, (4 * nthreads + spatial_items - 1) / spatial_items));
+      std::max<int64_t>(1, std::min<int64_t>(g.Cout, (per_thread * nthreads + spatial_items - 1) / spatial_items));
   const int64_t osz = (g.Cout + ochunks - 1) / ochunks;
   // Column blocks of near-equal vector counts (6 vectors as 3 + 3, not 5 + 1: a narrow item pays a
   // term's index load for fewer vectors); a block's row block size follows its own vector count.
@@ -417,11 +420,24 @@ bool conv_drive(const Geom& g0, int64_t N, const PlanView& pv, int64_t nterms, c
   } else {
     const auto tbl = new_table();
     const auto scratch = new_scratch();
+    // Items' sizes (vectors x output channels): item_mid2[i] = twice the running total at item i's
+    // middle; the last element is the total.
+    std::vector<int64_t> item_mid2(nitems + 1);
+    int64_t sum = 0;
+    for (int64_t i = 0; i < nitems; ++i) {
+      const int64_t size = items[i].rows * items[i].v * (items[i].o1 - items[i].o0);
+      item_mid2[i] = 2 * sum + size;
+      sum += size;
+    }
+    item_mid2[nitems] = sum;
     for (int64_t n = 0; n < N; ++n) {
       UY* yimg = direct ? yp + n * yimg_stride : scratch.get();
       // One parallel region per image, its three steps (table, items, hand-over) separated by
       // barriers: at batch 1 two more fork/joins per layer cost a few percent of a conv. Each
-      // thread takes an equal share of each step (the nested case runs a team of one).
+      // thread takes an equal share of each step (the nested case runs a team of one): of the table
+      // and the hand-over by count, of the items by their vectors (consecutive items, so that a
+      // thread's output channels' term lists stay in its own cache; few items of unequal sizes, as
+      // column blocks of 5, 4 and 4 vectors, are uneven shares by count).
 #pragma omp parallel num_threads(static_cast<int>(nthreads))
       {
         const int64_t T = omp_get_num_threads(), t = omp_get_thread_num();
@@ -431,7 +447,18 @@ bool conv_drive(const Geom& g0, int64_t N, const PlanView& pv, int64_t nterms, c
         };
         share(g.C, [&](int64_t b, int64_t e) { build_flag(n, tbl.get(), b, e); });
 #pragma omp barrier
-        share(nitems, [&](int64_t b, int64_t e) { run_items(tbl.get(), yimg, b, e); });
+        {
+          // Item i goes to the thread whose share holds its middle: share k's first item is the
+          // first whose middle (item_mid2[i] / 2) is at least total * k / T.
+          const int64_t total = item_mid2[nitems];
+          const auto first_of = [&](int64_t k) {
+            return std::partition_point(item_mid2.begin(), item_mid2.begin() + nitems,
+                                        [&](int64_t m) { return m * T < 2 * total * k; }) -
+                   item_mid2.begin();
+          };
+          const int64_t b = first_of(t), e = first_of(t + 1);
+          if (b < e) run_items(tbl.get(), yimg, b, e);
+        }
         if (!direct) {
 #pragma omp barrier
           share(nruns, [&](int64_t b, int64_t e) { hand_over(n, yimg, b, e); });
