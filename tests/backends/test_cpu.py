@@ -17,7 +17,7 @@ from conftest import isa_paths
 from torch import nn
 
 import deepshift
-from deepshift.backends.cpu import build, cache, conv, elementwise, linear, register
+from deepshift.backends.cpu import build, cache, conv, elementwise, linear, machine, register
 from deepshift.ops import reference as ops
 from deepshift.ops.codes import encode_codes, pack_codes
 from deepshift.ops.reference import ShiftConvArgs, quantize_input_reference
@@ -133,8 +133,6 @@ def test_every_isa_path(native, isa):
 
 
 def test_benchmark_header_names_the_cpu_and_the_path_in_use(native):
-    from deepshift.backends.cpu import machine
-
     assert build.set_isa("portable") == "portable"
     try:
         line = machine.describe()  # reports the forced path, and leaves it forced
@@ -1238,17 +1236,41 @@ def test_conv_fused_rejects_bad_affine(native):
     assert torch.equal(layer.forward_fused(x, strided, good), expected)
 
 
+def test_l1_data_cache_size_from_sysfs(tmp_path):
+    # The conv kernels' table blocks follow the L1 data cache the OS reports (Linux sysfs layout);
+    # instruction caches and other levels are skipped, sizes in K / M or bytes, clamped to a sane
+    # range, and anything unreadable gives the 32 KiB default.
+    def cache_dir(name, entries):
+        root = tmp_path / name
+        for i, (level, kind, size) in enumerate(entries):
+            d = root / f"index{i}"
+            d.mkdir(parents=True)
+            (d / "level").write_text(f"{level}\n")
+            (d / "type").write_text(f"{kind}\n")
+            (d / "size").write_text(f"{size}\n")
+        return root
+
+    xeon = cache_dir("xeon", [(1, "Instruction", "32K"), (1, "Data", "48K"), (2, "Unified", "2048K")])
+    assert machine.l1d_bytes(xeon) == 48 * 1024
+    assert machine.l1d_bytes(cache_dir("unified", [(1, "Unified", "65536")])) == 64 * 1024
+    assert machine.l1d_bytes(cache_dir("huge", [(1, "Data", "1M")])) == 256 * 1024
+    assert machine.l1d_bytes(cache_dir("garbled", [(1, "Data", "lots")])) == machine.DEFAULT_L1D_BYTES
+    assert machine.l1d_bytes(cache_dir("no_l1", [(2, "Unified", "1024K")])) == machine.DEFAULT_L1D_BYTES
+    assert machine.l1d_bytes(tmp_path / "missing") == machine.DEFAULT_L1D_BYTES
+    assert conv.POINTWISE_BLOCK_BYTES == machine.l1d_bytes() * 3 // 4
+
+
 def test_conv_plan_channel_blocks(native):
     # The channel block keeps the table slice one work item reads near TABLE_BLOCK_BYTES: in flat
     # mode the item's consecutive outputs plus the kernel's reach (in each phase block it reads),
     # row by row whole padded rows; blocks are of equal size. plan[5] = [block, blocks, flat].
-    def blocks(cin, hw, stride, budget=conv.TABLE_BLOCK_BYTES):
+    def blocks(cin, hw, stride, budget=16 * 1024):  # TABLE_BLOCK_BYTES with a 32 KiB L1
         w5 = torch.zeros(8, cin, 1, 3, 3, dtype=torch.int8)
         plan = native.conv_plan(w5, [1, cin, 1, hw, hw], 1, [1, stride, stride], [0, 1, 1], [1, 1, 1], 2,
                                 budget, conv.INT16_MAX_GROUP)
         return plan[5].tolist()
 
-    assert conv.TABLE_BLOCK_BYTES == 16 * 1024
+    assert conv.TABLE_BLOCK_BYTES == machine.l1d_bytes() // 2
     assert blocks(64, 56, 1) == [32, 2, 1]  # flat: (2 * 58 + 2 + 80) * 2 bytes per channel, 41 fit
     assert blocks(256, 14, 1) == [64, 4, 0]  # rows: 4 output rows need 6 padded rows of 16, 192 bytes
     # flat with stride 2 (28x28 outputs, phase rows of 29: 51 vectors, not 56 row by row): 4 phase

@@ -73,7 +73,7 @@ import math
 import torch
 from torch import Tensor
 
-from deepshift.backends.cpu import cache
+from deepshift.backends.cpu import cache, machine
 from deepshift.backends.cpu.build import load_extension
 from deepshift.backends.cpu.cache import _cached, fused_forward, parsed_spec
 from deepshift.ops import reference as ref
@@ -98,16 +98,20 @@ WIDE32_MAX_GROUP = 2**16 - 1
 _LANE_DTYPES = {16: torch.int16, 32: torch.int32, 64: torch.int64}
 
 
-TABLE_BLOCK_BYTES = 16 * 1024
-"""Bytes of the input table one work item of a convolution reads per channel block: half of the
-smallest common L1 data cache (32 KiB), so the slice stays in L1 beside the term lists streaming
-past it. Smaller blocks cost an extra pass over the item's outputs each (see ``conv_plan``)."""
+L1D_BYTES = machine.l1d_bytes()
+"""This CPU's L1 data cache per core, as the OS reports it (32 KiB where it does not say)."""
 
-POINTWISE_BLOCK_BYTES = 24 * 1024
+TABLE_BLOCK_BYTES = L1D_BYTES // 2
+"""Bytes of the input table one work item of a convolution reads per channel block: half of the
+L1 data cache (16 KiB of 32), so the slice stays in L1 beside the term lists streaming past it.
+Smaller blocks cost an extra pass over the item's outputs each (see ``conv_plan``)."""
+
+POINTWISE_BLOCK_BYTES = L1D_BYTES * 3 // 4
 """The same for 1x1 convolutions and batched Linear layers (a 1x1 convolution over the rows): one
 term per channel streams far less term data than a spatial kernel's, so a larger share of L1 holds
-the table. (ResNet-50's 1x1 convs at batch 1, one thread, AMD EPYC: 14x14 and 7x7 planes 5-12%
-faster than with TABLE_BLOCK_BYTES, 56x56 and 28x28 within 5% either way; 3x3 convs were slower.)"""
+the table. (ResNet-50's 1x1 convs at batch 1, one thread, AMD EPYC with 32 KiB L1: 14x14 and 7x7
+planes 5-12% faster with 24 KiB than with 16 KiB, 56x56 and 28x28 within 5% either way; 3x3 convs
+were slower.)"""
 
 
 def _shifted_bias(bias: Tensor | None, u: int) -> Tensor | None:
