@@ -139,12 +139,11 @@ std::vector<torch::Tensor> conv_plan(const torch::Tensor& scode, std::vector<int
   // finds it in L1 for each of its output channels).
   const int64_t L = 32 / elem_size;
   int64_t per_channel;
-  // The kernel reads nph of a depth slice's phase blocks (strided kernels: up to sh * sw), in each
-  // its rows below the output row and columns right of the output column up to hreach / wreach.
   if (flat) {
     // A flat item reads vectors_for(long row) vectors of consecutive outputs plus the kernel's reach
     // below them (for a 64-channel 56x56 3x3 conv, 198 elements per channel, not 3 rows of 58), in
-    // each phase block the kernel reads (strided kernels: up to sh * sw).
+    // each phase block the kernel reads (strided kernels: up to sh * sw; in each, its rows below the
+    // output row and columns right of it reach hreach / wreach).
     std::vector<char> phase_used(g.sh * g.sw, 0);
     int64_t hreach = 0, wreach = 0;
     for (int64_t kh = 0; kh < KH; ++kh)
@@ -309,8 +308,9 @@ bool conv_drive(const Geom& g0, int64_t N, const PlanView& pv, int64_t nterms, c
   // Items per thread: 4 where images run in parallel; 8 at batch 1, where the threads share each
   // image's items (by size, below: finer items split more evenly).
   const int64_t per_thread = N >= nthreads && nthreads > 1 ? 4 : 8;
+  const int64_t wanted = per_thread * nthreads;
   const int64_t ochunks =
-      std::max<int64_t>(1, std::min<int64_t>(g.Cout, (per_thread * nthreads + spatial_items - 1) / spatial_items));
+      std::max<int64_t>(1, std::min<int64_t>(g.Cout, (wanted + spatial_items - 1) / spatial_items));
   const int64_t osz = (g.Cout + ochunks - 1) / ochunks;
   // Column blocks of near-equal vector counts (6 vectors as 3 + 3, not 5 + 1: a narrow item pays a
   // term's index load for fewer vectors); a block's row block size follows its own vector count.
