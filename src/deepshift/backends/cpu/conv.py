@@ -37,7 +37,7 @@ index arithmetic: row / plane offsets, computed per row or per weight, never per
   strided convolutions too: ResNet-50's 512-channel stride-2 3x3 conv (7x7 outputs) takes 4 vectors
   per term instead of 7 rows. Rows of at most 8 outputs can also use 8-lane int16 vectors, one per
   row (no idle lane); where 256-bit operations cost two 128-bit ones (Zen 1, the portable build) that
-  is preferred. Each channel's table plane starts 64-byte aligned.
+  is preferred. Each channel's table plane (of 32 elements or more) starts 64-byte aligned.
 * int64 inputs run in int32 lanes (then widen) when the actual ``max|x|``, ``max|bias|`` and the
   weights' largest sum of ``2**amount`` over one output prove every intermediate value is below
   ``2**31`` (``_weight_sum``; frozen layers with int64 accumulators too); otherwise convolutions sum

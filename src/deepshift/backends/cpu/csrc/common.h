@@ -39,8 +39,10 @@
 //    follow one another whatever the stride and a whole plane is one long row;
 //  * by rows: [c][Dp][Hp rows][sw phases][Wq] (RW = sh * sw * Wq): the rows one item reads are one
 //    contiguous run (fewer cache lines than the flat order's separate phase blocks).
-// Each channel's plane starts 64-byte aligned (S is a multiple of 32 elements, the table 64-byte
-// aligned), so column blocks starting at whole vectors (1x1 kernels) never read across a cache line.
+// Each channel's plane of at least 32 elements starts 64-byte aligned (S a multiple of 32 elements,
+// the table 64-byte aligned), so column blocks starting at whole vectors (1x1 kernels) never read
+// across a cache line; smaller planes (a Linear's few rows as a 1x1 conv, 1x1 feature maps) stay
+// packed, where padding each to 64 bytes would multiply the table's cache footprint.
 struct Geom {
   int64_t C, D, H, W;
   int64_t pd, ph, pw;

@@ -77,7 +77,8 @@ Geom make_geom(const std::vector<int64_t>& xs /*N,C,D,H,W*/, const std::vector<i
   g.HPS = flat ? g.sw * g.Hq * g.Wq : g.sw * g.Wq;
   g.WPS = flat ? g.Hq * g.Wq : g.Wq;
   g.P = g.sh * g.sw * g.Hq * g.Wq;
-  g.S = (g.Dp * g.P + 31) / 32 * 32;
+  const int64_t plane = g.Dp * g.P;
+  g.S = plane >= 32 ? (plane + 31) / 32 * 32 : plane;  // tiny planes stay packed (see Geom)
   g.OD = (g.Dp - dil[0] * (ws[2] - 1) - 1) / g.sd + 1;
   g.OH = (g.Hp - dil[1] * (ws[3] - 1) - 1) / g.sh + 1;
   g.OW = (Wp - dil[2] * (ws[4] - 1) - 1) / g.sw + 1;
