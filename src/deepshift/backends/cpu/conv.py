@@ -318,16 +318,17 @@ def shift_conv_cpu(x: Tensor, *args) -> Tensor:
     return call.run(ext, a.codes, x, bias_s, lanes)
 
 
-def _fused_setup(ext, x, act_bits, rounding, accumulator, shift_lo, bias, terms, weight_bits, wide=False,
+def _fused_setup(ext, x, act_bits, rounding, accumulator, shift_lo, bias, terms, weight_bits,
                  weight_sum=None):
     """Common checks and constants of the fused frozen-layer paths, or None when they do not apply:
-    (lanes, lo, hi, exponent, shifted bias or None). ``terms``: weights per output. ``wide``: the
-    caller also runs int64 accumulators (lanes WIDE16 / WIDE32, an int64 bias) for inputs of at most
-    16 bits; in int32 lanes where ``weight_sum()`` (:func:`_weight_sum`) proves no value reaches
-    ``2**31`` (int32 arithmetic is exact there, so its results are the int64 accumulators' bit for bit)."""
+    (lanes, lo, hi, exponent, shifted bias or None). ``terms``: weights per output. ``weight_sum``
+    (:func:`_weight_sum` of the layer, called only where needed) is given by callers that also run
+    int64 accumulators (lanes WIDE16 / WIDE32, an int64 bias) for inputs of at most 16 bits: in int32
+    lanes where it proves no value reaches ``2**31`` (int32 arithmetic is exact there, so its results
+    are the int64 accumulators' bit for bit)."""
     total = act_bits[0] + act_bits[1]
     if (
-        accumulator not in (("int32", "int64") if wide and total <= 16 else ("int32",))
+        accumulator not in (("int32", "int64") if weight_sum is not None and total <= 16 else ("int32",))
         or not isinstance(x, Tensor)
         or x.dtype not in _FLOAT_DTYPES
         or x.device.type != "cpu"
@@ -338,7 +339,7 @@ def _fused_setup(ext, x, act_bits, rounding, accumulator, shift_lo, bias, terms,
     lo, hi = -(2 ** (total - 1)), 2 ** (total - 1) - 1
     u = min(shift_lo, 0)
     int64 = accumulator == "int64"
-    if int64 and weight_sum is not None:
+    if int64:
         bias_max = 0 if bias is None else _max_abs(bias) << -u
         int64 = -lo * weight_sum() + bias_max >= 2**31
     b = _shifted_bias(bias.to(torch.int64) if int64 and bias is not None else bias, u)
@@ -366,12 +367,12 @@ def _prepare_conv_fused(x: Tensor, a: ref.ShiftConvArgs, act_bits: list[int], ro
     """
     ext = load_extension()
     weight_shape = a.weight_shape
+
     def weight_sum():
         return _weight_sum(ext, a.codes, weight_shape, a.weight_bits, a.has_zero, a.shift_lo)
 
     setup = None if ext is None else _fused_setup(ext, x, act_bits, rounding, accumulator, a.shift_lo, a.bias,
-                                                  math.prod(weight_shape[1:]), a.weight_bits, wide=True,
-                                                  weight_sum=weight_sum)
+                                                  math.prod(weight_shape[1:]), a.weight_bits, weight_sum)
     if setup is None or x.dim() != len(weight_shape) or a.transposed:
         return None
     lanes, lo, hi, exponent, b = setup
