@@ -667,7 +667,7 @@ def test_conv_flat_strided_bit_exact(native, mag, stride):
                             conv.TABLE_BLOCK_BYTES, conv.INT16_MAX_GROUP)
     # The 70-channel case above ran flat where its rows were half-empty vectors (8 outputs wide);
     # with 15 outputs per row (width stride 1) whole rows need fewer vectors than the flat row.
-    assert plan[5].tolist()[2] == (stride[1] > 1), stride
+    assert plan[4].tolist()[2] == (stride[1] > 1), stride
     x3 = _rand_int(rng, (2, 4, 3, 7, 8), mag, dtype)  # 3-d: depth stride 1, flat over (depth, rows)
     codes = _random_codes(rng, 5 * 4 * 8, 4)
     args = (x3, codes, [5, 4, 2, 2, 2], 4, False, 0, None, [1, *stride], [1, 0, 1], [1, 2, 1], 1, False,
@@ -1263,12 +1263,12 @@ def test_l1_data_cache_size_from_sysfs(tmp_path):
 def test_conv_plan_channel_blocks(native):
     # The channel block keeps the table slice one work item reads near TABLE_BLOCK_BYTES: in flat
     # mode the item's consecutive outputs plus the kernel's reach (in each phase block it reads),
-    # row by row whole padded rows; blocks are of equal size. plan[5] = [block, blocks, flat].
+    # row by row whole padded rows; blocks are of equal size. plan[4] = [block, blocks, flat].
     def blocks(cin, hw, stride, budget=16 * 1024):  # TABLE_BLOCK_BYTES with a 32 KiB L1
         w5 = torch.zeros(8, cin, 1, 3, 3, dtype=torch.int8)
         plan = native.conv_plan(w5, [1, cin, 1, hw, hw], 1, [1, stride, stride], [0, 1, 1], [1, 1, 1], 2,
                                 budget, conv.INT16_MAX_GROUP)
-        return plan[5].tolist()
+        return plan[4].tolist()
 
     assert conv.TABLE_BLOCK_BYTES == machine.l1d_bytes() // 2
     assert blocks(64, 56, 1) == [32, 2, 1]  # flat: (2 * 58 + 2 + 80) * 2 bytes per channel, 41 fit
@@ -1290,7 +1290,62 @@ def test_conv_plan_channel_blocks(native):
                           [k // 2] * 2, [1, 1], 1, False, [0, 0])
         plan = conv._ConvCall(native, a).prepared(native, a.codes, 16, [1, 1024, 1, 14, 14])[1]
         per_channel = 80 * 2 if k == 1 else 6 * 16 * 2  # flat: 5 vectors; rows: 4 rows need 6 of 16
-        assert plan[5].tolist()[1] == -(-1024 // min(1024, budget // per_channel)), (k, plan[5])
+        assert plan[4].tolist()[1] == -(-1024 // min(1024, budget // per_channel)), (k, plan[4])
+
+
+def _segment_weights(cout, cin, k, plain_min, seed):
+    """Signed shift codes (v = +-(amount + 1)) for the plan's segment cases, one output each: one
+    amount's 300 positive terms (plain segments, split where int16 sums would overflow); amounts
+    one apart below plain_min per bucket, both signs (one shift segment each); drops of 9 and 20
+    (past TERM_MAX_SHIFT: new segments); amounts >= 32 (0 mod 2**32 in int32 lanes); random."""
+    g = torch.Generator().manual_seed(seed)
+    n = cin * k * k
+    w = torch.zeros(cout, n, dtype=torch.int64)
+    w[0, :min(n, 300)] = 4  # amount 3
+    for i in range(n):
+        w[1, i] = (1 if i % 2 else -1) * (1 + (i // 2) % 12) if i < 12 * (plain_min - 1) else 0
+    w[2, :20] = torch.tensor([41, 40, 31, 22, 2, -41, -40, -31, -22, -2] * 2)  # segments at 40, 31, 22, 2
+    w[3] = torch.randint(-41, 42, (n,), generator=g)
+    w[4] = torch.randint(-6, 7, (n,), generator=g)
+    perm = torch.randperm(n, generator=g)  # terms spread over the channels and kernel positions
+    return w[:, perm].reshape(cout, cin, 1, k, k).to(torch.int8)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_conv_plan_segments_bit_exact(native, k):
+    """The term lists' segments (plain runs of one amount, Horner runs with a shift per term, breaks
+    at sign changes, at drops past TERM_MAX_SHIFT and at the int16 / int32 sums' bounds, amounts past
+    the lanes' width) on every lane configuration and ISA path, against int64 arithmetic."""
+    plain_min = 32 if k == 1 else 8
+    cin = 80 if k == 1 else 40
+    w5 = _segment_weights(5, cin, k, plain_min, seed=k)
+    n, hw = 2, 9
+    amount = w5.abs().long() - 1
+    weff = torch.where(w5 == 0, 0, w5.sign().long() << amount.clamp(min=0)).reshape(5, -1)
+    rng = random.Random(k)
+    lanes = ((torch.int16, 2, 255, False, 128), (torch.int32, 4, 0, False, 128),
+             (torch.int64, 8, 0, False, 2**14),
+             (torch.int16, 2, 255, True, 128), (torch.int32, 4, 2**16 - 1, True, 2**15))
+    for dtype, elem, max_group, wide, mag in lanes:
+        x = _rand_int(rng, (n, cin, 1, hw, hw), mag, dtype)
+        x[0] = mag  # the sums' worst case: where the plan's bounds are tight
+        plan = native.conv_plan(w5, list(x.shape), 1, [1, 1, 1], [0, k // 2, k // 2], [1, 1, 1], elem,
+                                conv.TABLE_BLOCK_BYTES, max_group)
+        segs = plan[3]
+        assert ((segs[:, 2] & 2) != 0).any() and ((segs[:, 2] & 2) == 0).any()  # plain and Horner runs
+        assert ((segs[:, 2] & 1) != 0).any() and (segs[:, 1] >= 32).any()  # negative; past 32 bits
+        cols = torch.nn.functional.unfold(x.reshape(n, cin, hw, hw).double(), k, padding=k // 2).long()
+        exact = (weff @ cols).reshape(n, 5, 1, hw, hw)
+        bits = 64 if wide or dtype == torch.int64 else 32
+        expected = exact if bits == 64 else ((exact + 2**31) % 2**32 - 2**31).to(torch.int32)
+        for isa in isa_paths():
+            assert build.set_isa(isa) == isa
+            try:
+                run = native.conv_wide if wide else native.conv
+                got = run(x, list(w5.shape), plan, None, 1, [1, 1, 1], [0, k // 2, k // 2], [1, 1, 1])
+            finally:
+                build.set_isa("auto")
+            assert torch.equal(got, expected), (dtype, wide, isa)
 
 
 def test_a_build_lock_left_by_a_killed_builder_does_not_hang(tmp_path):

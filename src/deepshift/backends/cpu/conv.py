@@ -18,19 +18,20 @@ index arithmetic: row / plane offsets, computed per row or per weight, never per
   rewrite to a stride-1 convolution) and Linear with more rows (as a 1x1 convolution over the
   rows): per image, a table of the zero-padded input (strided columns split into phases so every
   read is contiguous); each non-zero weight becomes a *term*, an offset into the table. An output's
-  terms are grouped by shift amount, largest first, and summed by Horner's rule
-  ``((S_a1 << (a1 - a2)) + S_a2) << ... << a_last`` (exact mod 2**bits, like torch's wrapping ops):
-  the inner loop is one vector load and one add (positive weight) or subtract (negative weight) per
-  8 (int32) or 4 (int64) outputs, plus one uniform shift of the accumulators per distinct amount.
-  Zero weights have no term. Term lists are split into channel blocks so the table slice in use
-  stays in L1. Horner's rule needs no pre-shifted copies of the input, so the table is as small as
-  the input itself.
+  terms, positive then negative, amounts descending, are summed in *segments* by Horner's rule
+  term by term, ``s = (s << d) + x`` with ``d`` the drop in amount since the previous term (stored
+  in the term's low bits), and each segment's sum is shifted by its last amount and added to or
+  subtracted from the output (exact mod 2**bits, like torch's wrapping ops): per term and vector
+  one load, one uniform shift and one add, and no branch where the amount or sign changes (an
+  output has a few terms per amount, a varying number: loops per amount and sign paid a
+  mispredicted exit each, about as much as their sums). One amount's terms, where there are many
+  (8 for spatial kernels, 32 for 1x1), make a segment without the shifts. Zero weights have no
+  term. Term lists are split into channel blocks so the table slice in use stays in L1. Horner's
+  rule needs no pre-shifted copies of the input, so the table is as small as the input itself.
 * 8-bit activations (every ``|x| <= 128``, checked per call; computed on int32 lanes): the table
-  holds int16 copies, 16 outputs per vector (half the loads and adds), and each shift group is
-  split into chunks of at most 255 terms, whose sums are exact in int16. Horner's rule runs on the
-  int16 sums themselves while the plan's bound on them (chunk sizes times 128, shifted) stays below
-  2**15, and where it would not they are sign-extended into int32 lanes (a *fold*: every few shift
-  groups, not every one), so results are the int32 path's bit for bit.
+  holds int16 copies, 16 outputs per vector (half the loads and adds), and the plan ends a segment
+  where its bound on the int16 sum (the terms' count times 128, shifted) could reach 2**15, so the
+  sums are exact in int16 and results are the int32 path's bit for bit.
 * Narrow rows (8x8 planes: half of every 16-lane vector idle): a whole plane can be computed as one
   long row over the table's rows (the positions between rows are computed and dropped; ~40% fewer
   vectors there). The table is split into stride phases (rows and columns) so that this holds for
@@ -41,9 +42,9 @@ index arithmetic: row / plane offsets, computed per row or per weight, never per
 * int64 inputs run in int32 lanes (then widen) when the actual ``max|x|``, ``max|bias|`` and the
   weights' largest sum of ``2**amount`` over one output prove every intermediate value is below
   ``2**31`` (``_weight_sum``; frozen layers with int64 accumulators too); otherwise convolutions sum
-  each shift group's terms on an int16 (every ``|x| <= 128``) or int32 (``|x| <= 2**15``) table, in
-  chunks whose sums are exact there, and run Horner's rule in int64 lanes (at folds, not per term);
-  other inputs run in int64 lanes.
+  their segments on an int16 (every ``|x| <= 128``) or int32 (``|x| <= 2**15``) table, ended where
+  the sums could leave those lanes, and add them in int64 lanes (per segment, not per term); other
+  inputs run in int64 lanes.
 * Strided 1x1 convolutions without padding (ResNet's shortcuts) run, in the fused forward below, as
   the stride-1 convolution of every stride-th input: no table of inputs they never read.
 
@@ -83,13 +84,14 @@ _FLOAT_DTYPES = (torch.float32, torch.float64)
 INT16_MAX_ABS = 128
 """Inputs with every |x| <= this (8-bit activations) take the int16-table fast path of the conv kernel
 (and of Linear beyond GEMV_MAX_ROWS rows) when the result is computed on int32 lanes: 255 such
-terms sum exactly in int16, and the plan chunks its shift groups to at most 255 terms."""
+terms sum exactly in int16, and the plan ends each segment before its bound on the sum reaches 255
+such terms (INT16_MAX_GROUP)."""
 
 
 INT16_MAX_GROUP = 255
 # Lanes of int64-accumulator calls whose inputs fit a narrow table: int16 (every |x| <= 128) or int32
-# (every |x| <= 2**15, chunks of at most WIDE32_MAX_GROUP terms: |sum| < 2**31), summed in the
-# table's lanes and folded into int64 where the plan's bound says (the extension's conv_wide).
+# (every |x| <= 2**15, segments bounded by WIDE32_MAX_GROUP terms' worth: |sum| < 2**31), summed in
+# the table's lanes and added into int64 per segment (the extension's conv_wide).
 WIDE16, WIDE32 = -16, -32
 WIDE32_MAX_ABS = 2**15
 WIDE32_MAX_GROUP = 2**16 - 1
@@ -344,7 +346,7 @@ def _fused_setup(ext, x, act_bits, rounding, accumulator, shift_lo, bias, terms,
         int64 = -lo * weight_sum() + bias_max >= 2**31
     b = _shifted_bias(bias.to(torch.int64) if int64 and bias is not None else bias, u)
     # 8-bit activations (|q| <= 128 by construction) take the int16 tables, unless an output has
-    # fewer terms than 2 * (shift amounts): then the int16 path's widening per shift group outweighs
+    # fewer terms than 2 * (shift amounts): then the int16 path's widening per segment outweighs
     # its narrower loads (e.g. a 3-channel first conv: 27 terms for 16 shift amounts).
     lanes = 16 if total <= 8 and terms >= 2**weight_bits else 32
     return -lanes if int64 else lanes, lo, hi, u - act_bits[1], b

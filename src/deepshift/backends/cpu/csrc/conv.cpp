@@ -120,9 +120,10 @@ bool has_rows_lanes(int V, int R, int64_t lanes) {
 }
 
 // Term lists of a conv for one input geometry. scode: (Cout, Cin_g, KD, KH, KW) int8.
-// Returns (terms int32, tstart int64 [E + 1], gstart int64 [E + 1], groups int32 [NG, 3], fshift int32 [E],
-// [CB, NCB]). A term is the offset of a weight's input (channel, kernel position) in the per-image table
-// of the zero-padded input; see conv_item for the order and the Horner evaluation.
+// Returns (terms int32, tstart int64 [E + 1], sstart int64 [E + 1], segs int32 [NS, 3], [CB, NCB, flat]):
+// see PlanView (common.h). A term is the offset of a weight's input (channel, kernel position) in the
+// per-image table of the zero-padded input, with the shift before it in its low bits; see conv_item_n
+// for the evaluation.
 std::vector<torch::Tensor> conv_plan(const torch::Tensor& scode, std::vector<int64_t> xs, int64_t groups,
                                      std::vector<int64_t> stride, std::vector<int64_t> pad,
                                      std::vector<int64_t> dil, int64_t elem_size, int64_t l2_budget,
@@ -135,7 +136,7 @@ std::vector<torch::Tensor> conv_plan(const torch::Tensor& scode, std::vector<int
   auto g = make_geom(xs, ws, stride, pad, dil, groups, 1, true);
   const bool flat = uses_flat(g, elem_size);
   if (!flat) g = make_geom(xs, ws, stride, pad, dil, groups, 1, false);
-  TORCH_CHECK(g.C * g.S < (int64_t(1) << 31), "per-image table too large");
+  TORCH_CHECK(g.C * g.S < (int64_t(1) << (31 - TERM_SHIFT_BITS)), "per-image table too large");
   // Channel block: the table slice one work item reads stays within ~l2_budget bytes (the item then
   // finds it in L1 for each of its output channels).
   const int64_t L = 32 / elem_size;
@@ -163,7 +164,7 @@ std::vector<torch::Tensor> conv_plan(const torch::Tensor& scode, std::vector<int
   }
   const int64_t fit = std::max<int64_t>(1, std::min<int64_t>(Cin_g, l2_budget / std::max<int64_t>(1, per_channel)));
   int64_t NCB = (Cin_g + fit - 1) / fit;
-  // Each block costs its own pass over an item's outputs and its own shift groups per output
+  // Each block costs its own pass over an item's outputs and its own segments per output
   // channel: spatial kernels keep at least 288 terms (32 channels of 3x3) per block, so that the
   // summing work outweighs that overhead.
   if (KK > 1) NCB = std::max<int64_t>(1, std::min<int64_t>(NCB, Cin_g * KK / 288));
@@ -181,25 +182,24 @@ std::vector<torch::Tensor> conv_plan(const torch::Tensor& scode, std::vector<int
             kd * dil[0] * g.P + (hh % g.sh) * g.HPS + (hh / g.sh) * g.RW + (w % g.sw) * g.WPS + w / g.sw;
       }
   auto tstart = torch::empty({E + 1}, torch::kInt64);
-  auto gstart = torch::empty({E + 1}, torch::kInt64);
-  auto fshift = torch::zeros({E}, torch::kInt32);
+  auto sstart = torch::empty({E + 1}, torch::kInt64);
   int64_t* ts = tstart.data_ptr<int64_t>();
-  int64_t* gs = gstart.data_ptr<int64_t>();
-  int32_t* fs = fshift.data_ptr<int32_t>();
+  int64_t* ss = sstart.data_ptr<int64_t>();
   std::vector<int32_t> terms;
   terms.reserve(scode.numel());
-  std::vector<int32_t> grp;
-  // Counting sort of one entry's terms by key = (63 - amount) * 2 + negative: amounts descending,
-  // positives before negatives.
+  std::vector<int32_t> segs;
+  // Counting sort of one entry's terms by key = negative * 64 + (63 - amount): the positive chain,
+  // then the negative one, each with amounts descending.
   std::vector<int32_t> key_of, off_of;
   int64_t count[129];
+  const int64_t plain_min = KK > 1 ? PLAIN_MIN_TERMS : PLAIN_MIN_TERMS_1X1;
   int64_t e = 0;
   for (int64_t gi = 0; gi < groups; ++gi)
     for (int64_t cb = 0; cb < NCB; ++cb)
       for (int64_t ol = 0; ol < Cout_g; ++ol, ++e) {
         const int64_t o = gi * Cout_g + ol;
         ts[e] = static_cast<int64_t>(terms.size());
-        gs[e] = static_cast<int64_t>(grp.size() / 3);
+        ss[e] = static_cast<int64_t>(segs.size() / 3);
         key_of.clear();
         off_of.clear();
         for (int64_t cl = cb * CB; cl < std::min(Cin_g, (cb + 1) * CB); ++cl) {
@@ -209,58 +209,67 @@ std::vector<torch::Tensor> conv_plan(const torch::Tensor& scode, std::vector<int
             const int v = w[k];
             if (v == 0) continue;
             const int amount = (v < 0 ? -v : v) - 1;
-            key_of.push_back((63 - amount) * 2 + (v < 0 ? 1 : 0));
+            key_of.push_back((v < 0 ? 64 : 0) + 63 - amount);
             off_of.push_back(static_cast<int32_t>(c * g.S + koff[k]));
           }
         }
         std::fill(count, count + 129, 0);
         for (int32_t k : key_of) ++count[k + 1];
         for (int k = 0; k < 128; ++k) count[k + 1] += count[k];
+        std::vector<int32_t> key_sorted(key_of.size());
         const size_t base = terms.size();
         terms.resize(base + key_of.size());
-        for (size_t i = 0; i < key_of.size(); ++i) terms[base + count[key_of[i]]++] = off_of[i];
-        // count[k] is now the end of bucket k; bucket k starts at count[k - 1] (0 for k = 0).
-        int prev = -1;
-        // Bound on |the narrow partial sum| (see conv_item_n) in units of the largest |x|: a group that
-        // would take it past max_group gets GROUP_FOLD (the partial sum is folded into the wide
-        // accumulators before it). max_group == 0 (no narrow sums): every group gets it.
-        int64_t bound = 0;
-        for (int a = 63; a >= 0; --a) {
-          const int kp = (63 - a) * 2, kn = kp + 1;
-          const int64_t sp = kp ? count[kp - 1] : 0;
-          const int64_t np = count[kp] - sp, nn = count[kn] - count[kp];
-          if (np + nn == 0) continue;
-          // max_group > 0 (int16 tables): chunks of at most max_group terms, positives first, the
-          // later chunks with no shift before them.
-          int64_t rp = np, rn = nn;
-          bool first = true;
-          while (first || rp + rn > 0) {
-            const int64_t cap = max_group > 0 ? max_group : rp + rn;
-            const int64_t cp = std::min(rp, cap), cn = std::min(rn, cap - cp);
-            const int d = first ? (prev < 0 ? 0 : prev - a) : 0;
-            // bound << d, saturated (max_group < 2**16, so anything at or past 2**17 is too much).
-            const int64_t shifted = d >= 17 ? (bound ? INT64_C(1) << 17 : 0) : std::min(bound << d, INT64_C(1) << 17);
-            const bool fold = max_group <= 0 || shifted + cp + cn > max_group;
-            bound = fold ? cp + cn : shifted + cp + cn;
-            grp.push_back(d | (fold ? GROUP_FOLD : 0));
-            grp.push_back(static_cast<int32_t>(cp));
-            grp.push_back(static_cast<int32_t>(cn));
-            rp -= cp;
-            rn -= cn;
-            first = false;
-          }
-          prev = a;
+        for (size_t i = 0; i < key_of.size(); ++i) {
+          const int64_t at = count[key_of[i]]++;
+          terms[base + at] = off_of[i] << TERM_SHIFT_BITS;
+          key_sorted[at] = key_of[i];
         }
-        fs[e] = prev < 0 ? 0 : prev;
+        // Segments: a chain's run of terms summed by s = (s << d) + x in the table's lanes, d (the
+        // amount's drop since the previous term) in the term's low bits; an amount's terms that are
+        // at least PLAIN_MIN_TERMS (of one sign) make a plain segment of their own (s = s + x: no
+        // shift per term, one more loop exit). A segment ends where the sign changes, where d would
+        // not fit its bits, or where the bound on |s| (in units of the largest |x|; with
+        // max_group > 0, narrow sums) would pass max_group.
+        int64_t bound = 0, seg_count = 0;
+        int prev_amount = 0, prev_flags = -1;
+        auto close = [&]() {
+          if (seg_count == 0) return;
+          segs.push_back(static_cast<int32_t>(seg_count));
+          segs.push_back(prev_amount);
+          segs.push_back(prev_flags);
+          seg_count = 0;
+          bound = 0;
+        };
+        for (size_t i = 0; i < key_sorted.size(); ++i) {
+          const int key = key_sorted[i];
+          const int neg = key >= 64 ? 1 : 0, amount = 63 - (key - 64 * neg);
+          const bool plain = count[key] - (key ? count[key - 1] : 0) >= plain_min;
+          const int flags = (neg ? SEG_NEG : 0) | (plain ? SEG_PLAIN : 0);
+          const int d = prev_amount - amount;
+          if (flags != prev_flags || (plain && d > 0) || d > TERM_MAX_SHIFT ||
+              (max_group > 0 && (bound << d) + 1 > max_group))
+            close();
+          // A segment's first term: s is still 0, so its shift is left out.
+          if (seg_count > 0) {
+            terms[base + i] |= d;
+            bound = (bound << d) + 1;
+          } else {
+            bound = 1;
+          }
+          ++seg_count;
+          prev_amount = amount;
+          prev_flags = flags;
+        }
+        close();
       }
   ts[E] = static_cast<int64_t>(terms.size());
-  gs[E] = static_cast<int64_t>(grp.size() / 3);
+  ss[E] = static_cast<int64_t>(segs.size() / 3);
   auto tt = torch::empty({static_cast<int64_t>(terms.size())}, torch::kInt32);
   if (!terms.empty()) std::memcpy(tt.data_ptr<int32_t>(), terms.data(), terms.size() * sizeof(int32_t));
-  auto gt = torch::empty({static_cast<int64_t>(grp.size() / 3), 3}, torch::kInt32);
-  if (!grp.empty()) std::memcpy(gt.data_ptr<int32_t>(), grp.data(), grp.size() * sizeof(int32_t));
+  auto st = torch::empty({static_cast<int64_t>(segs.size() / 3), 3}, torch::kInt32);
+  if (!segs.empty()) std::memcpy(st.data_ptr<int32_t>(), segs.data(), segs.size() * sizeof(int32_t));
   auto cbt = torch::tensor({CB, NCB, int64_t(flat)}, torch::kInt64);
-  return {tt, tstart, gstart, gt, fshift, cbt};
+  return {tt, tstart, sstart, st, cbt};
 }
 
 // Runs a conv plan over N images. build(n, tbl, c0, c1) fills channels [c0, c1) of image n's table.
@@ -293,7 +302,7 @@ bool conv_drive(const Geom& g0, int64_t N, const PlanView& pv, int64_t nterms, c
   const bool half = sizeof(U) == 2 && !flat && g.OW <= 8;
   const int V = half ? 1 : vectors_for(g.OW, L);
   // Half items take up to 8 rows (8 int16 sums in registers; their int32 accumulators, touched only
-  // between shift groups, may live on the stack): on Zen 1, 8x8 planes ran 9% faster than as 6 + 2.
+  // at segment ends, may live on the stack): on Zen 1, 8x8 planes ran 9% faster than as 6 + 2.
   const int RM = half ? 8 : rows_for_lanes(V, L);  // for the work split only
   const bool avx = use_avx2();
   struct Item {
@@ -473,7 +482,7 @@ bool conv_drive(const Geom& g0, int64_t N, const PlanView& pv, int64_t nterms, c
 
 PlanView plan_view(const std::vector<torch::Tensor>& plan) {
   return PlanView{plan[0].data_ptr<int32_t>(), plan[1].data_ptr<int64_t>(), plan[2].data_ptr<int64_t>(),
-                  plan[3].data_ptr<int32_t>(), plan[4].data_ptr<int32_t>()};
+                  plan[3].data_ptr<int32_t>()};
 }
 
 // U/S: table lanes and x's dtype; UY/SY: output lanes and dtype (int16 x -> int32 y, else the same).
@@ -482,8 +491,8 @@ torch::Tensor conv_run(const torch::Tensor& x, std::vector<int64_t> ws, const st
                        const c10::optional<torch::Tensor>& bias, int64_t groups, std::vector<int64_t> stride,
                        std::vector<int64_t> pad, std::vector<int64_t> dil) {
   std::vector<int64_t> xs(x.sizes().begin(), x.sizes().end());
-  const int64_t NCB = plan[5].data_ptr<int64_t>()[1];
-  auto g = make_geom(xs, ws, stride, pad, dil, groups, NCB, plan[5].data_ptr<int64_t>()[2] != 0);
+  const int64_t NCB = plan[4].data_ptr<int64_t>()[1];
+  auto g = make_geom(xs, ws, stride, pad, dil, groups, NCB, plan[4].data_ptr<int64_t>()[2] != 0);
   const int64_t N = xs[0];
   const torch::Tensor y =
       torch::empty({N, g.Cout, g.OD, g.OH, g.OW}, x.options().dtype(c10::CppTypeToScalarType<SY>::value));
@@ -514,7 +523,7 @@ torch::Tensor conv(const torch::Tensor& x, std::vector<int64_t> ws, const std::v
                    const c10::optional<torch::Tensor>& bias, int64_t groups, std::vector<int64_t> stride,
                    std::vector<int64_t> pad, std::vector<int64_t> dil) {
   TORCH_CHECK(x.dim() == 5 && x.is_contiguous() && ws.size() == 5, "bad x");
-  TORCH_CHECK(plan.size() == 6, "bad plan");
+  TORCH_CHECK(plan.size() == 5, "bad plan");
   if (x.dtype() == torch::kInt16) {
     // The 8-bit fast path: the plan must come from conv_plan(elem_size 2, max_group <= 255) and
     // every |x| <= 128 (the caller checks); the output is int32.
@@ -537,7 +546,7 @@ torch::Tensor conv_wide(const torch::Tensor& x, std::vector<int64_t> ws, const s
                         const c10::optional<torch::Tensor>& bias, int64_t groups, std::vector<int64_t> stride,
                         std::vector<int64_t> pad, std::vector<int64_t> dil) {
   TORCH_CHECK(x.dim() == 5 && x.is_contiguous() && ws.size() == 5, "bad x");
-  TORCH_CHECK(plan.size() == 6, "bad plan");
+  TORCH_CHECK(plan.size() == 5, "bad plan");
   if (bias.has_value() && bias->defined())
     TORCH_CHECK(bias->dtype() == torch::kInt64 && bias->is_contiguous() && bias->numel() == ws[0], "bad bias");
   if (x.dtype() == torch::kInt16)
@@ -560,8 +569,8 @@ FusedGeometry fused_geometry(const torch::Tensor& x, const std::vector<int64_t>&
   std::vector<int64_t> xs(x.sizes().begin(), x.sizes().end());
   const int64_t missing = 5 - x.dim();
   xs.insert(xs.begin() + 2, missing, 1);
-  const int64_t NCB = plan[5].data_ptr<int64_t>()[1];
-  auto g = make_geom(xs, ws, stride, pad, dil, groups, NCB, plan[5].data_ptr<int64_t>()[2] != 0);
+  const int64_t NCB = plan[4].data_ptr<int64_t>()[1];
+  auto g = make_geom(xs, ws, stride, pad, dil, groups, NCB, plan[4].data_ptr<int64_t>()[2] != 0);
   std::vector<int64_t> ys{xs[0], g.Cout, g.OD, g.OH, g.OW};
   ys.erase(ys.begin() + 2, ys.begin() + 2 + missing);
   return {g, xs[0], ys};
@@ -620,7 +629,7 @@ std::tuple<torch::Tensor, bool> conv_fused(const torch::Tensor& x, std::vector<i
                                            const c10::optional<std::vector<torch::Tensor>>& affine,
                                            const c10::optional<torch::Tensor>& residual, bool relu) {
   // x may also be (N, C, W) or (N, C, H, W): the missing dims are size 1, and y has x's rank.
-  TORCH_CHECK(x.dim() >= 3 && x.dim() <= 5 && x.is_contiguous() && ws.size() == 5 && plan.size() == 6,
+  TORCH_CHECK(x.dim() >= 3 && x.dim() <= 5 && x.is_contiguous() && ws.size() == 5 && plan.size() == 5,
               "bad x / plan");
   TORCH_CHECK(x.dtype() == torch::kFloat32 || x.dtype() == torch::kFloat64, "x must be float32/float64");
   const bool wide = lanes < 0;  // int64 accumulators
@@ -725,7 +734,7 @@ torch::Tensor conv_int_fused(const torch::Tensor& x, std::vector<int64_t> ws, co
                              const c10::optional<torch::Tensor>& residual, int64_t residual_shift, int64_t lo,
                              int64_t hi) {
   TORCH_CHECK(x.dim() >= 3 && x.dim() <= 5 && x.is_contiguous() &&
-                  (x.dtype() == torch::kInt64 || x.dtype() == torch::kInt32) && ws.size() == 5 && plan.size() == 6,
+                  (x.dtype() == torch::kInt64 || x.dtype() == torch::kInt32) && ws.size() == 5 && plan.size() == 5,
               "bad x / plan");
   const uint32_t* bp = fused_table_checks<uint32_t>(lanes, in_lo, in_hi, bias, ws[0]);
   const auto fg = fused_geometry(x, ws, plan, stride, pad, dil, groups);

@@ -88,87 +88,6 @@ inline void row_offsets(const Geom& g, int R, int64_t row0, int64_t ow0, int64_t
   }
 }
 
-// One work item of the conv: R output rows (flattened (od, oh) from row0) x V vectors of output
-// columns from ow0, for output channels [o0, o1). The table holds the zero-padded input (no
-// pre-shifted copies): each output's terms (offsets of its non-zero weights' inputs) come grouped by
-// shift amount, largest first, and are summed by Horner's rule,
-//     acc = ((S_a1 << (a1 - a2)) + S_a2) << (a2 - a3) ... << a_last,
-// where S_a is the sum of the +/- inputs of the weights with amount a. Per term the inner step is one
-// vector load and one add (positive weight) or subtract (negative weight) per accumulator; per
-// distinct shift amount, one uniform shift of the accumulators. All mod 2**lane bits, like torch.
-template <typename U, int R, int V>
-void conv_item(const U* tbl, U* yimg, const Geom& g, const PlanView& pv, int64_t row0, int64_t ow0,
-               int64_t o0, int64_t o1, const U* bias) {
-  typedef typename VecOf<U>::T Vt;
-  constexpr int L = 32 / sizeof(U);
-  int64_t tb[R], yoff[R];
-  row_offsets(g, R, row0, ow0, tb, yoff);
-  const int64_t nvalid = (g.OW - ow0) < V * L ? (g.OW - ow0) : V * L;
-  const int64_t plane = g.OD * g.OH * g.OW;
-  for (int64_t cb = 0; cb < g.NCB; ++cb) {
-    for (int64_t o = o0; o < o1; ++o) {
-      const int64_t gi = o / g.Cout_g;
-      const int64_t e = (gi * g.NCB + cb) * g.Cout_g + (o - gi * g.Cout_g);
-      U* yo = yimg + o * plane;
-      Vt acc[R][V];
-      for (int r = 0; r < R; ++r)
-        for (int v = 0; v < V; ++v) acc[r][v] = Vt{};
-      const int32_t* t = pv.terms + pv.tstart[e];
-      for (int64_t j = pv.gstart[e]; j < pv.gstart[e + 1]; ++j) {
-        const int32_t* gr = pv.groups + 3 * j;
-        const unsigned d = static_cast<unsigned>(gr[0] & GROUP_SHIFT);
-        if (d)
-          for (int r = 0; r < R; ++r)
-            for (int v = 0; v < V; ++v) acc[r][v] <<= d;
-        for (const int32_t* te = t + gr[1]; t < te; ++t) {
-          const U* p = tbl + *t;
-          for (int r = 0; r < R; ++r) {
-            const Vt* q = reinterpret_cast<const Vt*>(p + tb[r]);
-            for (int v = 0; v < V; ++v) acc[r][v] += q[v];
-          }
-        }
-        for (const int32_t* te = t + gr[2]; t < te; ++t) {
-          const U* p = tbl + *t;
-          for (int r = 0; r < R; ++r) {
-            const Vt* q = reinterpret_cast<const Vt*>(p + tb[r]);
-            for (int v = 0; v < V; ++v) acc[r][v] -= q[v];
-          }
-        }
-      }
-      const unsigned f = static_cast<unsigned>(pv.fshift[e]);
-      if (f)
-        for (int r = 0; r < R; ++r)
-          for (int v = 0; v < V; ++v) acc[r][v] <<= f;
-      if (cb == 0) {
-        const U b = bias ? bias[o] : U(0);
-        if (b)
-          for (int r = 0; r < R; ++r)
-            for (int v = 0; v < V; ++v) acc[r][v] += b;
-      } else {
-        for (int r = 0; r < R; ++r) {
-          U tmp[V * L] = {};
-          __builtin_memcpy(tmp, yo + yoff[r], nvalid * sizeof(U));
-          for (int v = 0; v < V; ++v) {
-            Vt prev;
-            __builtin_memcpy(&prev, tmp + v * L, sizeof(Vt));
-            acc[r][v] += prev;
-          }
-        }
-      }
-      if (nvalid == V * L) {
-        for (int r = 0; r < R; ++r)
-          for (int v = 0; v < V; ++v) *reinterpret_cast<Vt*>(yo + yoff[r] + v * L) = acc[r][v];
-      } else {
-        for (int r = 0; r < R; ++r) {
-          U tmp[V * L];
-          for (int v = 0; v < V; ++v) __builtin_memcpy(tmp + v * L, &acc[r][v], sizeof(Vt));
-          __builtin_memcpy(yo + yoff[r], tmp, nvalid * sizeof(U));
-        }
-      }
-    }
-  }
-}
-
 // Largest row block for V vectors per row (R * V accumulators <= 12 of the 16 vector registers).
 inline int rows_for(int V) { return V >= 7 ? 1 : (V >= 5 ? 2 : 12 / V); }
 
@@ -177,9 +96,11 @@ inline bool has_rows(int V, int R) {
   return R >= 1 && R <= rows_for(V) && (R <= 4 || R == 6 || R == 8 || R == 12);
 }
 
+template <typename T, typename UA>
+using ConvItemNFn = void (*)(const T*, UA*, const Geom&, const PlanView&, int64_t, int64_t, int64_t, int64_t,
+                             const UA*);
 template <typename U>
-using ConvItemFn = void (*)(const U*, U*, const Geom&, const PlanView&, int64_t, int64_t, int64_t, int64_t,
-                            const U*);
+using ConvItemFn = ConvItemNFn<U, U>;
 
 // The row-block choice for V vectors per row (has_rows(V, R)) over an item family: Fam::Fn is its
 // function type, Fam::template fn<R, V> its item for R rows x V vectors.
@@ -224,48 +145,36 @@ typename Fam::Fn pick_item(int R, int V) {
   return with_vectors<1, 8>(V, [R](auto v) { return pick_r<Fam, decltype(v)::value>(R); });
 }
 
-template <typename U>
-struct PlainItems {
-  using Fn = ConvItemFn<U>;
-  template <int R, int V>
-  static constexpr Fn fn = &conv_item<U, R, V>;
-};
-
-// Function for an item of R rows (has_rows(V, R)) x V vectors.
-template <typename U>
-ConvItemFn<U> conv_item_fn(int R, int V) {
-  return pick_item<PlainItems<U>>(R, V);
-}
-
 // Lanes [a K, a K + K) of v, sign-extended to SV's wider lanes (a register shuffle and a widening move).
 template <int a, int K, typename SV, typename VS, size_t... I>
 inline SV widen_slice(VS v, std::index_sequence<I...>) {
   return __builtin_convertvector(__builtin_shufflevector(v, v, (a * K + static_cast<int>(I))...), SV);
 }
 
-// acc[a] = (acc[a] << pend) + (slice a of s, widened) for a in [a0, A): a fold of conv_item_n.
+// y[a] = slice a of s, sign-extended to VA's lanes, for a in [a0, A).
 template <int a0, int A, int K, typename SV, typename VA, typename VS>
-inline void fold_into(VA* acc, VS s, unsigned pend) {
+inline void widen_all(VA* y, VS s) {
   if constexpr (a0 < A) {
-    acc[a0] = (acc[a0] << pend) + reinterpret_cast<VA>(widen_slice<a0, K, SV>(s, std::make_index_sequence<K>{}));
-    fold_into<a0 + 1, A, K, SV>(acc, s, pend);
+    y[a0] = reinterpret_cast<VA>(widen_slice<a0, K, SV>(s, std::make_index_sequence<K>{}));
+    widen_all<a0 + 1, A, K, SV>(y, s);
   }
 }
 
-// Narrow tables, wider accumulators. The 8-bit-activation fast path: the table holds int16 copies of
-// inputs with |x| <= 128 (16 lanes per vector, half the loads of int32), and the plan splits every
-// shift group into chunks of at most 255 terms, so a chunk's +/- sum is exact in int16 (|sum| <=
-// 255 * 128 < 2**15). Horner's rule, acc = (acc << d) + sum, runs on the int16 sums themselves while
-// the plan's bound on them (conv_plan: the chunk sizes, shifted) stays within 255 * 128, so exactly;
-// where it would not, the plan flags the group (GROUP_FOLD) and the sums are sign-extended into UA
-// lanes (int32, or int64 where the layer needs 64-bit accumulators) that catch up on the shifts since
-// the last fold: mod 2**bits, the UA-lane path's result bit for bit, with the widening once per few
-// groups instead of once per group (layers with few terms per shift group spent as much on it as on
-// their sums). The same with int32 tables and int64 accumulators (T = uint32_t: inputs with
-// |x| <= 2**15, bound 65535 * 2**15): 64-bit arithmetic only at folds instead of per term. Registers:
-// R * V sums in T lanes + the accumulators (R * V <= 4 for int16 tables; more accumulators than
-// registers stay on the stack: they are touched only at folds). W = 8 ("half" items, conv_drive;
-// int16 tables): 8-lane (128-bit) sums for rows of at most 8 outputs, so that no lane is idle.
+// One work item of the conv: R output rows (flattened (od, oh) from row0) x V vectors of W output
+// columns from ow0, for output channels [o0, o1). The table holds the zero-padded input in T lanes
+// (no pre-shifted copies); an output's terms (offsets of its non-zero weights' inputs) come in
+// segments (PlanView): within one, amounts descend and the step is s = (s << d) + x, one vector load,
+// one uniform shift and one add per W outputs, with no branch between terms of different amounts or
+// signs (an output's term count per shift amount is small and varies: loops per amount and sign
+// spent about as much on their mispredicted exits as on the sums). At a segment's end its sum is
+// sign-extended into the UA accumulators, shifted by its amount and added or subtracted. All mod
+// 2**(UA bits), like torch. T = UA: the plain int32 / int64 paths. Narrow tables (T = int16 for
+// 8-bit activations, |x| <= 128; int32 with int64 accumulators, |x| <= 2**15): the plan ends a
+// segment before its bound on |s| could leave T's range (255 * 128 < 2**15; 65535 * 2**15 < 2**31),
+// so the narrow sums are exact and the result is the wide path's bit for bit. Registers: R * V sums
+// in T lanes (R * V <= 4 for int16 tables; more accumulators than registers stay on the stack: they
+// are touched only at segment ends). W = 8 ("half" items, conv_drive; int16 tables): 8-lane
+// (128-bit) sums for rows of at most 8 outputs, so that no lane is idle.
 inline int rows_for16(int V) { return V >= 3 ? 1 : (V == 2 ? 2 : 4); }
 inline bool has_rows16(int V, int R) { return R >= 1 && R <= rows_for16(V); }
 
@@ -280,6 +189,7 @@ void conv_item_n(const T* tbl, UA* yimg, const Geom& g, const PlanView& pv, int6
   typedef SA SV __attribute__((vector_size(32)));
   typedef UA VA __attribute__((vector_size(32), aligned(sizeof(UA)), may_alias));
   constexpr int A = W / K;  // accumulators per sum vector
+  constexpr unsigned UA_BITS = 8 * sizeof(UA);
   int64_t tb[R], yoff[R];
   row_offsets(g, R, row0, ow0, tb, yoff);
   const int64_t nvalid = (g.OW - ow0) < V * W ? (g.OW - ow0) : V * W;
@@ -292,51 +202,43 @@ void conv_item_n(const T* tbl, UA* yimg, const Geom& g, const PlanView& pv, int6
       VA acc[R][A * V];
       for (int r = 0; r < R; ++r)
         for (int v = 0; v < A * V; ++v) acc[r][v] = VA{};
-      // The true sum is (acc << pend) + sum: Horner's rule runs on the narrow sums until a group
-      // flagged GROUP_FOLD (the plan's bound says the next step could leave T's range), then the
-      // sums are sign-extended into the accumulators, which catch up on the pending shift.
-      VS sum[R][V];
-      for (int r = 0; r < R; ++r)
-        for (int v = 0; v < V; ++v) sum[r][v] = VS{};
-      unsigned pend = 0;
       const int32_t* t = pv.terms + pv.tstart[e];
-      for (int64_t j = pv.gstart[e]; j < pv.gstart[e + 1]; ++j) {
-        const int32_t* gr = pv.groups + 3 * j;
-        const unsigned d = static_cast<unsigned>(gr[0] & GROUP_SHIFT);
-        if (gr[0] & GROUP_FOLD) {
-          for (int r = 0; r < R; ++r)
-            for (int v = 0; v < V; ++v) {
-              fold_into<0, A, K, SV>(&acc[r][A * v], sum[r][v], pend);
-              sum[r][v] = VS{};
-            }
-          pend = d;
-        } else {
-          if (d)  // exact: the plan's bound keeps the shifted sums inside T's range
-            for (int r = 0; r < R; ++r)
-              for (int v = 0; v < V; ++v) sum[r][v] = reinterpret_cast<VS>(reinterpret_cast<VU>(sum[r][v]) << d);
-          pend += d;
-        }
-        for (const int32_t* te = t + gr[1]; t < te; ++t) {
-          const T* p = tbl + *t;
-          for (int r = 0; r < R; ++r) {
-            const VS* q = reinterpret_cast<const VS*>(p + tb[r]);
-            for (int v = 0; v < V; ++v) sum[r][v] += q[v];
-          }
-        }
-        for (const int32_t* te = t + gr[2]; t < te; ++t) {
-          const T* p = tbl + *t;
-          for (int r = 0; r < R; ++r) {
-            const VS* q = reinterpret_cast<const VS*>(p + tb[r]);
-            for (int v = 0; v < V; ++v) sum[r][v] -= q[v];
-          }
-        }
-      }
-      const unsigned f = static_cast<unsigned>(pv.fshift[e]);
-      for (int r = 0; r < R; ++r)
-        for (int v = 0; v < V; ++v) fold_into<0, A, K, SV>(&acc[r][A * v], sum[r][v], pend);
-      if (f)
+      for (int64_t k = pv.sstart[e]; k < pv.sstart[e + 1]; ++k) {
+        const int32_t* sg = pv.segs + 3 * k;
+        VS sum[R][V];
         for (int r = 0; r < R; ++r)
-          for (int v = 0; v < A * V; ++v) acc[r][v] <<= f;
+          for (int v = 0; v < V; ++v) sum[r][v] = VS{};
+        if (sg[2] & SEG_PLAIN) {
+          for (const int32_t* te = t + sg[0]; t < te; ++t) {
+            const T* p = tbl + (static_cast<uint32_t>(*t) >> TERM_SHIFT_BITS);
+            for (int r = 0; r < R; ++r) {
+              const VS* q = reinterpret_cast<const VS*>(p + tb[r]);
+              for (int v = 0; v < V; ++v) sum[r][v] += q[v];
+            }
+          }
+        } else {
+          for (const int32_t* te = t + sg[0]; t < te; ++t) {
+            const uint32_t w = static_cast<uint32_t>(*t);
+            const unsigned d = w & TERM_MAX_SHIFT;
+            const T* p = tbl + (w >> TERM_SHIFT_BITS);
+            for (int r = 0; r < R; ++r) {
+              const VS* q = reinterpret_cast<const VS*>(p + tb[r]);
+              for (int v = 0; v < V; ++v)
+                sum[r][v] = reinterpret_cast<VS>(reinterpret_cast<VU>(sum[r][v]) << d) + q[v];
+            }
+          }
+        }
+        const unsigned amount = static_cast<unsigned>(sg[1]);
+        if (amount >= UA_BITS) continue;  // (s << amount) is 0 mod 2**(UA bits)
+        // Negated as (y ^ m) - m, m all ones for a negative segment.
+        const VA m = VA{} - static_cast<UA>(sg[2] & SEG_NEG);
+        for (int r = 0; r < R; ++r)
+          for (int v = 0; v < V; ++v) {
+            VA y[A];
+            widen_all<0, A, K, SV>(y, sum[r][v]);
+            for (int a = 0; a < A; ++a) acc[r][A * v + a] += ((y[a] << amount) ^ m) - m;
+          }
+      }
       const UA b = cb == 0 && bias ? bias[o] : UA(0);
       for (int r = 0; r < R; ++r) {
         UA* dst = yo + yoff[r];
@@ -359,9 +261,18 @@ void conv_item_n(const T* tbl, UA* yimg, const Geom& g, const PlanView& pv, int6
   }
 }
 
-template <typename T, typename UA>
-using ConvItemNFn = void (*)(const T*, UA*, const Geom&, const PlanView&, int64_t, int64_t, int64_t, int64_t,
-                             const UA*);
+template <typename U>
+struct PlainItems {
+  using Fn = ConvItemFn<U>;
+  template <int R, int V>
+  static constexpr Fn fn = &conv_item_n<U, U, R, V>;
+};
+
+// Function for an item of R rows (has_rows(V, R)) x V vectors.
+template <typename U>
+ConvItemFn<U> conv_item_fn(int R, int V) {
+  return pick_item<PlainItems<U>>(R, V);
+}
 
 template <typename UA, int V>
 ConvItemNFn<uint16_t, UA> pick_r16(int R) {
