@@ -88,16 +88,37 @@ void add_output(Lists& L, const std::vector<std::array<int, 2>>& counts, int pla
   L.group_start.push_back(static_cast<int32_t>(L.groups.size() / 3));
 }
 
+// The loops' vector types: W lanes of T (the sums; VU unsigned, for the shift), accumulators of A in
+// 256-bit vectors (K lanes, NA per sum vector; PT: K lanes of T, the slice widened into one).
+template <typename T, typename A, int W>
+struct Types {
+  typedef T VS __attribute__((vector_size(sizeof(T) * W), aligned(sizeof(T)), may_alias));
+  typedef std::make_unsigned_t<T> VU __attribute__((vector_size(sizeof(T) * W)));
+  static constexpr int K = 32 / sizeof(A), NA = W / K;
+  typedef T PT __attribute__((vector_size(sizeof(T) * K)));
+  typedef A VA __attribute__((vector_size(32)));
+};
+
+// out[0 .. n K) += the n accumulator vectors (the item's output read-modify-write).
+template <int K, typename A, typename VA>
+void add_out(A* out, const VA* acc, int n) {
+  for (int v = 0; v < n; ++v) {
+    VA prev;
+    __builtin_memcpy(&prev, out + v * K, 32);
+    prev += acc[v];
+    __builtin_memcpy(out + v * K, &prev, 32);
+  }
+}
+
 // conv_item_n's loop over outputs [0, n) for one row of V vectors of W lanes of T, accumulators A.
 template <typename T, typename A, int V, int W>
 __attribute__((noinline)) void item_segments(const T* tbl, const Lists& L, int n, A* out) {
-  typedef T VS __attribute__((vector_size(sizeof(T) * W), aligned(sizeof(T)), may_alias));
-  typedef std::make_unsigned_t<T> UT;
-  typedef UT VU __attribute__((vector_size(sizeof(T) * W)));
-  constexpr int K = 32 / sizeof(A);
-  typedef T PT __attribute__((vector_size(sizeof(T) * K)));
-  typedef A VA __attribute__((vector_size(32)));
-  constexpr int NA = W / K;
+  using Ty = Types<T, A, W>;
+  using VS = typename Ty::VS;
+  using VU = typename Ty::VU;
+  using PT = typename Ty::PT;
+  using VA = typename Ty::VA;
+  constexpr int K = Ty::K, NA = Ty::NA;
   const int32_t* t = L.terms.data();
   for (int o = 0; o < n; ++o) {
     VA acc[NA * V];
@@ -125,12 +146,7 @@ __attribute__((noinline)) void item_segments(const T* tbl, const Lists& L, int n
           acc[NA * v + a] += ((__builtin_convertvector(part, VA) << amount) ^ m) - m;
         }
     }
-    for (int v = 0; v < NA * V; ++v) {
-      VA prev;
-      __builtin_memcpy(&prev, out + v * K, 32);
-      prev += acc[v];
-      __builtin_memcpy(out + v * K, &prev, 32);
-    }
+    add_out<K>(out, acc, NA * V);
   }
 }
 
@@ -139,13 +155,12 @@ __attribute__((noinline)) void item_segments(const T* tbl, const Lists& L, int n
 // pending shift) where the plan's bound said (groups' bit 8).
 template <typename T, typename A, int V, int W>
 __attribute__((noinline)) void item_groups(const T* tbl, const Lists& L, int n, A* out) {
-  typedef T VS __attribute__((vector_size(sizeof(T) * W), aligned(sizeof(T)), may_alias));
-  typedef std::make_unsigned_t<T> UT;
-  typedef UT VU __attribute__((vector_size(sizeof(T) * W)));
-  constexpr int K = 32 / sizeof(A);
-  typedef T PT __attribute__((vector_size(sizeof(T) * K)));
-  typedef A VA __attribute__((vector_size(32)));
-  constexpr int NA = W / K;
+  using Ty = Types<T, A, W>;
+  using VS = typename Ty::VS;
+  using VU = typename Ty::VU;
+  using PT = typename Ty::PT;
+  using VA = typename Ty::VA;
+  constexpr int K = Ty::K, NA = Ty::NA;
   const int32_t* t = L.group_terms.data();
   for (int o = 0; o < n; ++o) {
     VA acc[NA * V];
@@ -179,12 +194,7 @@ __attribute__((noinline)) void item_groups(const T* tbl, const Lists& L, int n, 
         for (int v = 0; v < V; ++v) sum[v] -= reinterpret_cast<const VS*>(tbl + *t)[v];
     }
     fold();
-    for (int v = 0; v < NA * V; ++v) {
-      VA prev;
-      __builtin_memcpy(&prev, out + v * K, 32);
-      prev += acc[v];
-      __builtin_memcpy(out + v * K, &prev, 32);
-    }
+    add_out<K>(out, acc, NA * V);
   }
 }
 
