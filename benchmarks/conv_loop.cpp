@@ -137,13 +137,17 @@ __attribute__((noinline)) void item_segments(const T* tbl, const Lists& L, int n
           for (int v = 0; v < V; ++v) sum[v] = reinterpret_cast<VS>(reinterpret_cast<VU>(sum[v]) << d) + q[v];
         }
       }
-      const VA m = VA{} - static_cast<A>(sg.flags & 1);
       const unsigned amount = static_cast<unsigned>(sg.amount);
+      const bool neg = sg.flags & 1;
       for (int v = 0; v < V; ++v)
         for (int a = 0; a < NA; ++a) {
           PT part;
           __builtin_memcpy(&part, reinterpret_cast<const char*>(&sum[v]) + sizeof(PT) * a, sizeof(PT));
-          acc[NA * v + a] += ((__builtin_convertvector(part, VA) << amount) ^ m) - m;
+          const VA y = __builtin_convertvector(part, VA) << amount;
+          if (neg)
+            acc[NA * v + a] -= y;
+          else
+            acc[NA * v + a] += y;
         }
     }
     add_out<K>(out, acc, NA * V);

@@ -230,13 +230,16 @@ void conv_item_n(const T* tbl, UA* yimg, const Geom& g, const PlanView& pv, int6
         }
         const unsigned amount = static_cast<unsigned>(sg[1]);
         if (amount >= UA_BITS) continue;  // (s << amount) is 0 mod 2**(UA bits)
-        // Negated as (y ^ m) - m, m all ones for a negative segment.
-        const VA m = VA{} - static_cast<UA>(sg[2] & SEG_NEG);
+        // A branch per segment (an entry's positive segments come before its negative ones).
+        const bool neg = sg[2] & SEG_NEG;
         for (int r = 0; r < R; ++r)
           for (int v = 0; v < V; ++v) {
             VA y[A];
             widen_all<0, A, K, SV>(y, sum[r][v]);
-            for (int a = 0; a < A; ++a) acc[r][A * v + a] += ((y[a] << amount) ^ m) - m;
+            if (neg)
+              for (int a = 0; a < A; ++a) acc[r][A * v + a] -= y[a] << amount;
+            else
+              for (int a = 0; a < A; ++a) acc[r][A * v + a] += y[a] << amount;
           }
       }
       const UA b = cb == 0 && bias ? bias[o] : UA(0);
