@@ -8,17 +8,6 @@
 // Hot loops use only shifts, sign application (negation / vpsignd) and adds/subtracts on activations.
 // Multiplications appear only in index arithmetic (row / plane offsets), never on activation values.
 
-template <typename U>
-struct VecOf;
-template <>
-struct VecOf<uint32_t> {
-  typedef uint32_t T __attribute__((vector_size(32), aligned(4), may_alias));
-};
-template <>
-struct VecOf<uint64_t> {
-  typedef uint64_t T __attribute__((vector_size(32), aligned(8), may_alias));
-};
-
 // Geom (the geometry of one conv call) is defined once in common.h, outside both namespaces.
 
 // Table of channels [c0, c1) of one image: tbl[c] = the zero-padded, phase-split x[c]; cv says how input
@@ -88,7 +77,8 @@ inline void row_offsets(const Geom& g, int R, int64_t row0, int64_t ow0, int64_t
   }
 }
 
-// Largest row block for V vectors per row (R * V accumulators <= 12 of the 16 vector registers).
+// Largest row block for V vectors per row (R * V sums <= 12 of the 16 vector registers; their
+// accumulators, touched at segment ends only, may live on the stack).
 inline int rows_for(int V) { return V >= 7 ? 1 : (V >= 5 ? 2 : 12 / V); }
 
 // Row-block sizes available for V vectors per row (at most rows_for(V)); items use the largest that fits.
