@@ -250,12 +250,10 @@ std::vector<torch::Tensor> conv_plan(const torch::Tensor& scode, std::vector<int
               (max_group > 0 && (bound << d) + 1 > max_group))
             close();
           // A segment's first term: s is still 0, so its shift is left out.
-          if (seg_count > 0) {
-            terms[base + i] |= d;
-            bound = (bound << d) + 1;
-          } else {
-            bound = 1;
-          }
+          if (seg_count > 0) terms[base + i] |= d;
+          // Tracked only for narrow sums (max_group > 0 keeps it below 2**16 here): unbounded chains
+          // would overflow it.
+          if (max_group > 0) bound = seg_count > 0 ? (bound << d) + 1 : 1;
           ++seg_count;
           prev_amount = amount;
           prev_flags = flags;
