@@ -64,10 +64,10 @@ struct Geom {
 // amount exceeds TERM_MAX_SHIFT, or (narrow sums) where the plan's bound on |s| would pass max_group.
 // One amount's terms of one sign, where there are at least PLAIN_MIN_TERMS (PLAIN_MIN_TERMS_1X1 for
 // 1x1 kernels), form their own segments with flags & SEG_PLAIN (every d is 0: summed without the
-// shifts). Thresholds measured on ResNet-20 / -50's convs (Zen 4, one thread): a shift per term costs
-// about as much as a loop exit's mispredict over 8 terms of a 3x3 conv; 1x1 convs on 14x14 and 7x7
-// planes ran fastest (7-10% faster than with no shifts at all) with few plain segments, and 28x28 ones
-// lost the least with 32.
+// shifts). Thresholds from runs with 8, 16, 32 and none on ResNet-20 / -50's convs (AMD Zen 4, one
+// thread): 3x3 convs ran fastest with 8 (5-13% faster than loops per amount and sign); 1x1 convs on
+// 14x14 and 7x7 planes 7-10% faster with 32 (as with none), on 28x28 (512 -> 128) 5% slower with 8
+// and 10% with 32, which is kept for the many more 1x1 convs it helps.
 constexpr int TERM_SHIFT_BITS = 3, TERM_MAX_SHIFT = 7;
 constexpr int32_t SEG_NEG = 1, SEG_PLAIN = 2;
 constexpr int64_t PLAIN_MIN_TERMS = 8, PLAIN_MIN_TERMS_1X1 = 32;

@@ -154,10 +154,11 @@ inline void widen_all(VA* y, VS s) {
 // columns from ow0, for output channels [o0, o1). The table holds the zero-padded input in T lanes
 // (no pre-shifted copies); an output's terms (offsets of its non-zero weights' inputs) come in
 // segments (PlanView): within one, amounts descend and the step is s = (s << d) + x, one vector load,
-// one uniform shift and one add per W outputs, with no branch between terms of different amounts or
-// signs (an output's term count per shift amount is small and varies: loops per amount and sign
-// spent about as much on their mispredicted exits as on the sums). At a segment's end its sum is
-// sign-extended into the UA accumulators, shifted by its amount and added or subtracted. All mod
+// one uniform shift and one add per W outputs, with no branch between terms of different amounts
+// (an output's term count per shift amount and sign is small and varies: loops per amount and sign
+// spent about as much on their mispredicted exits as on the sums); plain segments (one amount's
+// many terms) skip the shift. At a segment's end its sum is sign-extended into the UA
+// accumulators, shifted by its amount and added or subtracted. All mod
 // 2**(UA bits), like torch. T = UA: the plain int32 / int64 paths. Narrow tables (T = int16 for
 // 8-bit activations, |x| <= 128; int32 with int64 accumulators, |x| <= 2**15): the plan ends a
 // segment before its bound on |s| could leave T's range (255 * 128 < 2**15; 65535 * 2**15 < 2**31),
