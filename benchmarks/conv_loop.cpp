@@ -110,97 +110,95 @@ void add_out(A* out, const VA* acc, int n) {
   }
 }
 
-// conv_item_n's loop over outputs [0, n) for one row of V vectors of W lanes of T, accumulators A.
+// The two loops over outputs [0, n) for one row of V vectors of W lanes of T, accumulators A.
 template <typename T, typename A, int V, int W>
-__attribute__((noinline)) void item_segments(const T* tbl, const Lists& L, int n, A* out) {
+struct Items {
   using Ty = Types<T, A, W>;
   using VS = typename Ty::VS;
   using VU = typename Ty::VU;
   using PT = typename Ty::PT;
   using VA = typename Ty::VA;
-  constexpr int K = Ty::K, NA = Ty::NA;
-  const int32_t* t = L.terms.data();
-  for (int o = 0; o < n; ++o) {
-    VA acc[NA * V];
-    for (int v = 0; v < NA * V; ++v) acc[v] = VA{};
-    for (int k = L.seg_start[o]; k < L.seg_start[o + 1]; ++k) {
-      const Seg& sg = L.segs[k];
+  static constexpr int K = Ty::K, NA = Ty::NA;
+
+  // conv_item_n's loop.
+  __attribute__((noinline)) static void segments(const T* tbl, const Lists& L, int n, A* out) {
+    const int32_t* t = L.terms.data();
+    for (int o = 0; o < n; ++o) {
+      VA acc[NA * V];
+      for (int v = 0; v < NA * V; ++v) acc[v] = VA{};
+      for (int k = L.seg_start[o]; k < L.seg_start[o + 1]; ++k) {
+        const Seg& sg = L.segs[k];
+        VS sum[V];
+        for (int v = 0; v < V; ++v) sum[v] = VS{};
+        if (sg.flags & 2) {
+          for (const int32_t* te = t + sg.count; t < te; ++t)
+            for (int v = 0; v < V; ++v) sum[v] += reinterpret_cast<const VS*>(tbl + (*t >> SHIFT_BITS))[v];
+        } else {
+          for (const int32_t* te = t + sg.count; t < te; ++t) {
+            const unsigned d = *t & 7;
+            const VS* q = reinterpret_cast<const VS*>(tbl + (*t >> SHIFT_BITS));
+            for (int v = 0; v < V; ++v)
+              sum[v] = reinterpret_cast<VS>(reinterpret_cast<VU>(sum[v]) << d) + q[v];
+          }
+        }
+        const unsigned amount = static_cast<unsigned>(sg.amount);
+        const bool neg = sg.flags & 1;
+        for (int v = 0; v < V; ++v)
+          for (int a = 0; a < NA; ++a) {
+            PT part;
+            __builtin_memcpy(&part, reinterpret_cast<const char*>(&sum[v]) + sizeof(PT) * a, sizeof(PT));
+            const VA y = __builtin_convertvector(part, VA) << amount;
+            if (neg)
+              acc[NA * v + a] -= y;
+            else
+              acc[NA * v + a] += y;
+          }
+      }
+      add_out<K>(out, acc, NA * V);
+    }
+  }
+
+  // The earlier loop: per amount, one loop over its positive terms and one over its negative ones,
+  // Horner's rule once per amount on the int16 sums, folded into the accumulators (after their
+  // pending shift) where the plan's bound said (groups' bit 8).
+  __attribute__((noinline)) static void groups(const T* tbl, const Lists& L, int n, A* out) {
+    const int32_t* t = L.group_terms.data();
+    for (int o = 0; o < n; ++o) {
+      VA acc[NA * V];
+      for (int v = 0; v < NA * V; ++v) acc[v] = VA{};
       VS sum[V];
       for (int v = 0; v < V; ++v) sum[v] = VS{};
-      if (sg.flags & 2) {
-        for (const int32_t* te = t + sg.count; t < te; ++t)
-          for (int v = 0; v < V; ++v) sum[v] += reinterpret_cast<const VS*>(tbl + (*t >> SHIFT_BITS))[v];
-      } else {
-        for (const int32_t* te = t + sg.count; t < te; ++t) {
-          const unsigned d = *t & 7;
-          const VS* q = reinterpret_cast<const VS*>(tbl + (*t >> SHIFT_BITS));
-          for (int v = 0; v < V; ++v) sum[v] = reinterpret_cast<VS>(reinterpret_cast<VU>(sum[v]) << d) + q[v];
+      unsigned pend = 0;
+      auto fold = [&]() {
+        for (int v = 0; v < V; ++v) {
+          for (int a = 0; a < NA; ++a) {
+            PT part;
+            __builtin_memcpy(&part, reinterpret_cast<const char*>(&sum[v]) + sizeof(PT) * a, sizeof(PT));
+            acc[NA * v + a] = (acc[NA * v + a] << pend) + __builtin_convertvector(part, VA);
+          }
+          sum[v] = VS{};
         }
+      };
+      for (int j = L.group_start[o]; j < L.group_start[o + 1]; ++j) {
+        const int32_t* gr = L.groups.data() + 3 * j;
+        const unsigned d = static_cast<unsigned>(gr[0] & 255);
+        if (gr[0] & 256) {
+          fold();
+          pend = d;
+        } else {
+          for (int v = 0; v < V; ++v) sum[v] = reinterpret_cast<VS>(reinterpret_cast<VU>(sum[v]) << d);
+          pend += d;
+        }
+        for (const int32_t* te = t + gr[1]; t < te; ++t)
+          for (int v = 0; v < V; ++v) sum[v] += reinterpret_cast<const VS*>(tbl + *t)[v];
+        for (const int32_t* te = t + gr[2]; t < te; ++t)
+          for (int v = 0; v < V; ++v) sum[v] -= reinterpret_cast<const VS*>(tbl + *t)[v];
       }
-      const unsigned amount = static_cast<unsigned>(sg.amount);
-      const bool neg = sg.flags & 1;
-      for (int v = 0; v < V; ++v)
-        for (int a = 0; a < NA; ++a) {
-          PT part;
-          __builtin_memcpy(&part, reinterpret_cast<const char*>(&sum[v]) + sizeof(PT) * a, sizeof(PT));
-          const VA y = __builtin_convertvector(part, VA) << amount;
-          if (neg)
-            acc[NA * v + a] -= y;
-          else
-            acc[NA * v + a] += y;
-        }
+      fold();
+      add_out<K>(out, acc, NA * V);
     }
-    add_out<K>(out, acc, NA * V);
   }
-}
-
-// The earlier loop: per amount, one loop over its positive terms and one over its negative ones,
-// Horner's rule once per amount on the int16 sums, folded into the accumulators (after their
-// pending shift) where the plan's bound said (groups' bit 8).
-template <typename T, typename A, int V, int W>
-__attribute__((noinline)) void item_groups(const T* tbl, const Lists& L, int n, A* out) {
-  using Ty = Types<T, A, W>;
-  using VS = typename Ty::VS;
-  using VU = typename Ty::VU;
-  using PT = typename Ty::PT;
-  using VA = typename Ty::VA;
-  constexpr int K = Ty::K, NA = Ty::NA;
-  const int32_t* t = L.group_terms.data();
-  for (int o = 0; o < n; ++o) {
-    VA acc[NA * V];
-    for (int v = 0; v < NA * V; ++v) acc[v] = VA{};
-    VS sum[V];
-    for (int v = 0; v < V; ++v) sum[v] = VS{};
-    unsigned pend = 0;
-    auto fold = [&]() {
-      for (int v = 0; v < V; ++v) {
-        for (int a = 0; a < NA; ++a) {
-          PT part;
-          __builtin_memcpy(&part, reinterpret_cast<const char*>(&sum[v]) + sizeof(PT) * a, sizeof(PT));
-          acc[NA * v + a] = (acc[NA * v + a] << pend) + __builtin_convertvector(part, VA);
-        }
-        sum[v] = VS{};
-      }
-    };
-    for (int j = L.group_start[o]; j < L.group_start[o + 1]; ++j) {
-      const int32_t* gr = L.groups.data() + 3 * j;
-      const unsigned d = static_cast<unsigned>(gr[0] & 255);
-      if (gr[0] & 256) {
-        fold();
-        pend = d;
-      } else {
-        for (int v = 0; v < V; ++v) sum[v] = reinterpret_cast<VS>(reinterpret_cast<VU>(sum[v]) << d);
-        pend += d;
-      }
-      for (const int32_t* te = t + gr[1]; t < te; ++t)
-        for (int v = 0; v < V; ++v) sum[v] += reinterpret_cast<const VS*>(tbl + *t)[v];
-      for (const int32_t* te = t + gr[2]; t < te; ++t)
-        for (int v = 0; v < V; ++v) sum[v] -= reinterpret_cast<const VS*>(tbl + *t)[v];
-    }
-    fold();
-    add_out<K>(out, acc, NA * V);
-  }
-}
+};
 
 template <typename T, typename A, int V, int W>
 void run(const char* label) {
@@ -228,8 +226,10 @@ void run(const char* label) {
     int n;
     bool groups;
   };
-  for (const Case& c : {Case{"3x3, 36 per amount", &big, 1, false}, Case{"1x1, segments", &small, outputs, false},
-                        Case{"1x1, loops per amount", &small, outputs, true}}) {
+  const Case cases[] = {{"3x3, 36 per amount", &big, 1, false},
+                        {"1x1, segments", &small, outputs, false},
+                        {"1x1, loops per amount", &small, outputs, true}};
+  for (const Case& c : cases) {
     A out[W * V] = {};
     const int64_t nterms = c.groups ? static_cast<int64_t>(c.lists->group_terms.size())
                                     : static_cast<int64_t>(c.lists->terms.size());
@@ -239,9 +239,9 @@ void run(const char* label) {
       const double t0 = now();
       for (int r = 0; r < reps; ++r) {
         if (c.groups)
-          item_groups<T, A, V, W>(tbl.data(), *c.lists, c.n, out);
+          Items<T, A, V, W>::groups(tbl.data(), *c.lists, c.n, out);
         else
-          item_segments<T, A, V, W>(tbl.data(), *c.lists, c.n, out);
+          Items<T, A, V, W>::segments(tbl.data(), *c.lists, c.n, out);
       }
       const double dt = now() - t0;
       if (dt < best) best = dt;
