@@ -160,6 +160,14 @@ def _weight_sum(ext, codes, weight_shape, weight_bits, has_zero, shift_lo) -> in
     return int(_cached(codes, ("wsum", tuple(weight_shape), weight_bits, has_zero, shift_lo), make))
 
 
+def _int32_exact(x_max: int, weight_sum: int, bias_max: int) -> bool:
+    """Whether int32 lanes compute a layer exactly: every value the kernels form is a sum over a
+    subset of an output's terms (divided by a power of two inside Horner's segments) plus at most the
+    bias, so ``max|x| * weight_sum + max|bias|`` below ``2**31`` bounds them all (see
+    :func:`_weight_sum`). The one test behind every choice of int32 lanes for int64 work."""
+    return x_max * weight_sum + bias_max < 2**31
+
+
 def _lanes_for(ext, x, codes, weight_shape, weight_bits, has_zero, shift_lo, bias_s, fan_in,
                int16: bool, wide: bool = False) -> int:
     """The lanes a call computes in: 64 (int64), 32 (int32), or 16 (int16 tables, int32 arithmetic);
@@ -176,9 +184,8 @@ def _lanes_for(ext, x, codes, weight_shape, weight_bits, has_zero, shift_lo, bia
         return 32
     x_max = _max_abs(x)
     if x.dtype != torch.int32:
-        weights = x_max * _weight_sum(ext, codes, weight_shape, weight_bits, has_zero, shift_lo)
-        bias_max = 0 if bias_s is None else _max_abs(bias_s)
-        if weights + bias_max >= 2**31:
+        wsum = _weight_sum(ext, codes, weight_shape, weight_bits, has_zero, shift_lo)
+        if not _int32_exact(x_max, wsum, 0 if bias_s is None else _max_abs(bias_s)):
             if wide and x_max <= WIDE32_MAX_ABS:
                 return WIDE16 if x_max <= INT16_MAX_ABS else WIDE32
             return 64
@@ -343,7 +350,7 @@ def _fused_setup(ext, x, act_bits, rounding, accumulator, shift_lo, bias, terms,
     int64 = accumulator == "int64"
     if int64:
         bias_max = 0 if bias is None else _max_abs(bias) << -u
-        int64 = -lo * weight_sum() + bias_max >= 2**31
+        int64 = not _int32_exact(-lo, weight_sum(), bias_max)
     b = _shifted_bias(bias.to(torch.int64) if int64 and bias is not None else bias, u)
     # 8-bit activations (|q| <= 128 by construction) take the int16 tables, unless an output has
     # fewer terms than 2 * (shift amounts): then the int16 path's widening per segment outweighs
@@ -474,7 +481,7 @@ def _prepare_int_conv(ext, x: Tensor, codes: Tensor, bias: Tensor | None, s, in_
         q_max = min(max(-in_lo, in_hi), (_max_abs(x) >> max(in_shift, 0) << max(-in_shift, 0)) + 1)
         b_max = 0 if bias is None else _max_abs(bias) << -u
         wsum = _weight_sum(ext, codes, list(s.weight_shape), s.weight_bits, s.has_zero, s.shift_lo)
-        if q_max * wsum + b_max >= 2**31:
+        if not _int32_exact(q_max, wsum, b_max):
             return None
     # The int16 table where |q| <= 128 and outputs have enough terms (as for the float fused path).
     narrow = in_lo >= -INT16_MAX_ABS and in_hi <= INT16_MAX_ABS

@@ -190,7 +190,7 @@ std::vector<torch::Tensor> conv_plan(const torch::Tensor& scode, std::vector<int
   std::vector<int32_t> segs;
   // Counting sort of one entry's terms by key = negative * 64 + (63 - amount): the positive chain,
   // then the negative one, each with amounts descending.
-  std::vector<int32_t> key_of, off_of;
+  std::vector<int32_t> key_of, off_of, key_sorted;
   int64_t count[129];
   const int64_t plain_min = KK > 1 ? PLAIN_MIN_TERMS : PLAIN_MIN_TERMS_1X1;
   int64_t e = 0;
@@ -216,7 +216,7 @@ std::vector<torch::Tensor> conv_plan(const torch::Tensor& scode, std::vector<int
         std::fill(count, count + 129, 0);
         for (int32_t k : key_of) ++count[k + 1];
         for (int k = 0; k < 128; ++k) count[k + 1] += count[k];
-        std::vector<int32_t> key_sorted(key_of.size());
+        key_sorted.resize(key_of.size());
         const size_t base = terms.size();
         terms.resize(base + key_of.size());
         for (size_t i = 0; i < key_of.size(); ++i) {

@@ -28,11 +28,10 @@ bool build_table(const S* x, U* tbl, const Geom& g, int64_t c0, int64_t c1, cons
       // Wq elements (see Geom).
       for (int64_t h = 0; h < g.sh * g.Hq; ++h) {
         U* row = dst + d * g.P + (h % g.sh) * g.HPS + (h / g.sh) * g.RW;  // its phase 0
-        const int64_t phase_step = g.WPS;
         const int64_t ih = h - g.ph;
         if (h >= g.Hp || id < 0 || id >= g.D || ih < 0 || ih >= g.H) {
           for (int64_t r = 0; r < g.sw; ++r)
-            for (int64_t q = 0; q < g.Wq; ++q) row[r * phase_step + q] = 0;
+            for (int64_t q = 0; q < g.Wq; ++q) row[r * g.WPS + q] = 0;
           continue;
         }
         const S* src = xc + (id * g.H + ih) * g.W;
@@ -46,7 +45,7 @@ bool build_table(const S* x, U* tbl, const Geom& g, int64_t c0, int64_t c1, cons
           // Convert the row as one contiguous run (vectorised), then deal its columns out to the phases.
           bad |= cv.run(src, rowbuf.data(), g.W);
           for (int64_t r = 0; r < g.sw; ++r) {
-            U* rr = row + r * phase_step;
+            U* rr = row + r * g.WPS;
             int64_t iw = r - g.pw;
             for (int64_t q = 0; q < g.Wq; ++q, iw += g.sw) rr[q] = (iw >= 0 && iw < g.W) ? rowbuf[iw] : U(0);
           }
