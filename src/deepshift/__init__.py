@@ -44,7 +44,7 @@ from deepshift.formats.packed import PackedFormatError, load_packed, save_packed
 from deepshift.frozen.attention import ShiftMultiheadAttention
 from deepshift.frozen.float_layers import ExactGlobalAvgPool, FrozenBatchNorm
 from deepshift.frozen.freeze import DEFAULT_ACT_BITS, freeze_
-from deepshift.frozen.fuse import ShiftConvBatchNorm, fuse_frozen
+from deepshift.frozen.fuse import ChannelsLastMaxPool2d, ShiftConvBatchNorm, fuse_frozen
 from deepshift.frozen.integer import integer_only
 from deepshift.frozen.layers import ShiftConvNd, ShiftLinear, is_frozen_layer
 from deepshift.models import build_model
@@ -74,6 +74,7 @@ __all__ = [
     "PackedFormatError",
     "QConfig",
     "ShiftConvBatchNorm",
+    "ChannelsLastMaxPool2d",
     "ShiftConvNd",
     "ShiftLinear",
     "ShiftMultiheadAttention",

@@ -288,3 +288,47 @@ def test_a_write_between_conv_and_bn_blocks_the_fusion(write):
     x = torch.randn(2, 3, 5, 5)
     with torch.no_grad():
         assert torch.equal(fused(x), net(x))
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal element for element, NaN where the other has NaN, and the same signs of zeros."""
+    return (torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+            and torch.equal(a.signbit(), b.signbit()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kernel,stride,padding,dilation,ceil_mode", [
+    (3, 2, 1, 1, False), (2, 2, 0, 1, False), (3, 1, 1, 1, False), (3, 2, 1, 2, True),
+    ((2, 3), (1, 2), (1, 0), 1, True),
+])
+def test_channels_last_max_pool_equals_torch(dtype, kernel, stride, padding, dilation, ceil_mode,
+                                             monkeypatch):
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 13, 10, dtype=dtype).round()  # rounded: ties between window elements
+    specials = {(0, 1, 2, 3): "nan", (1, 2, 5, 5): "inf", (2, 0, 0, 0): "-inf", (2, 4, 7, 2): "-0.0"}
+    for at, value in specials.items():
+        x[at] = float(value)
+    ref = nn.MaxPool2d(kernel, stride, padding, dilation, ceil_mode=ceil_mode)
+    fast = deepshift.ChannelsLastMaxPool2d(kernel, stride, padding, dilation, ceil_mode=ceil_mode)
+    assert x.numel() < fast.MIN_ELEMENTS
+    assert _same_values(fast(x), ref(x))  # small: nn.MaxPool2d's own forward
+    monkeypatch.setattr(deepshift.ChannelsLastMaxPool2d, "MIN_ELEMENTS", 0)  # now the channels-last path
+    y = fast(x)
+    assert y.is_contiguous() and y.dtype == dtype and _same_values(y, ref(x))
+    # Inputs it does not take go to nn.MaxPool2d's forward: unbatched, or with indices.
+    assert _same_values(fast(x[0]), ref(x[0]))
+    with_indices = deepshift.ChannelsLastMaxPool2d(kernel, stride, padding, dilation, return_indices=True,
+                                                   ceil_mode=ceil_mode)
+    expected = F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode, return_indices=True)[1]
+    assert torch.equal(with_indices(x)[1], expected)
+
+
+def test_fuse_frozen_swaps_max_pools_and_keeps_outputs():
+    net = _frozen(build_model("imagenet-resnet50"))
+    fused = deepshift.fuse_frozen(net)
+    assert type(fused.maxpool) is deepshift.ChannelsLastMaxPool2d
+    assert type(net.maxpool) is nn.MaxPool2d  # the original is unchanged
+    x = torch.randn(1, 3, 112, 112)  # the pool's input, 64 x 56 x 56, takes the channels-last path
+    assert 64 * 56 * 56 >= deepshift.ChannelsLastMaxPool2d.MIN_ELEMENTS
+    with torch.no_grad():
+        assert torch.equal(fused(x), net(x))

@@ -20,6 +20,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from deepshift.core.replace import replace_modules
 from deepshift.frozen.float_layers import ExactGlobalAvgPool, FrozenBatchNorm
 from deepshift.frozen.layers import ShiftConvNd, is_frozen_layer
 
@@ -72,6 +73,43 @@ class ShiftConvBatchNorm(nn.Sequential):
         return f"relu={self.relu}"
 
 
+class ChannelsLastMaxPool2d(nn.MaxPool2d):
+    """:class:`torch.nn.MaxPool2d` that pools large float CPU inputs in channels-last layout and
+    returns them contiguous: the same values (a maximum is exact, NaN propagates alike) as torch's
+    kernel for contiguous (NCHW) inputs, which at these sizes runs about three times slower (ResNet-50's
+    pool over a 64 x 112 x 112 batch-1 input: 3.4 ms against 1.0-1.2 ms including both layout copies,
+    on 2 cores of an AMD EPYC; 6.9 against 2.4 ms for ResNet-style 128 x 64 x 16 x 16). Below
+    ``MIN_ELEMENTS`` input elements the copies cost more than they save, and other inputs
+    (indices asked for, other dtypes or devices, unbatched) take the parent's forward.
+    :func:`fuse_frozen` swaps it in for every ``nn.MaxPool2d``.
+
+    Example:
+        >>> import torch, deepshift
+        >>> pool, x = deepshift.ChannelsLastMaxPool2d(3, 2, 1), torch.randn(1, 64, 112, 112)
+        >>> torch.equal(pool(x), torch.nn.MaxPool2d(3, 2, 1)(x))
+        True
+    """
+
+    MIN_ELEMENTS = 1 << 17
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (x.dim() != 4 or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64)
+                or self.return_indices or x.numel() < self.MIN_ELEMENTS):
+            return super().forward(x)
+        y = F.max_pool2d(x.contiguous(memory_format=torch.channels_last), self.kernel_size, self.stride,
+                         self.padding, self.dilation, ceil_mode=self.ceil_mode)
+        return y.contiguous()
+
+
+def _fast_pool(module: nn.Module) -> nn.Module | None:
+    if type(module) is not nn.MaxPool2d:
+        return None
+    fast = ChannelsLastMaxPool2d(module.kernel_size, module.stride, module.padding, module.dilation,
+                                 module.return_indices, module.ceil_mode)
+    fast.train(module.training)
+    return fast
+
+
 def _hooked(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
@@ -79,7 +117,8 @@ def _hooked(module: nn.Module) -> bool:
 class _Tracer(torch.fx.Tracer):
     # deepshift's inference modules are graph nodes (their forward is not traced through).
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return (is_frozen_layer(m) or isinstance(m, (FrozenBatchNorm, ExactGlobalAvgPool))
+        return (is_frozen_layer(m)
+                or isinstance(m, (FrozenBatchNorm, ExactGlobalAvgPool, ChannelsLastMaxPool2d))
                 or super().is_leaf_module(m, qualname))
 
 
@@ -119,8 +158,10 @@ def fuse_frozen(model: nn.Module) -> nn.Module:
     A link is fused only where it is the previous value's single use (a conv whose output also
     feeds something else is left alone), neither module is called twice or registered under two
     names, and nothing between the two may write into its inputs. A model fx cannot trace
-    (data-dependent control flow) comes back as an unfused copy, with a warning. Outputs equal
-    the unfused model's (``torch.equal``), and so do ONNX exports and savings reports.
+    (data-dependent control flow) comes back as an unfused copy, with a warning. Max pooling
+    layers (``nn.MaxPool2d``) become :class:`ChannelsLastMaxPool2d` (faster, same values) in either
+    case. Outputs equal the unfused model's (``torch.equal``), and so do ONNX exports and savings
+    reports.
     :func:`deepshift.save_packed` refuses a fused model: save the frozen one.
 
     Example:
@@ -132,7 +173,7 @@ def fuse_frozen(model: nn.Module) -> nn.Module:
         >>> type(fast.conv1).__name__, torch.equal(fast(x), net(x))
         ('ShiftConvBatchNorm', True)
     """
-    model = copy.deepcopy(model)
+    model = replace_modules(copy.deepcopy(model), _fast_pool)
     try:
         graph = _Tracer().trace(model)
     except Exception as exc:  # fx raises many types on untraceable code (TraceError, TypeError, ...)
