@@ -91,6 +91,19 @@ struct QuantSpec {
   bool floor_mode, f32_exact;
 };
 
+// The frozen layers' output scaling by 2**e, out = FO(double(int32(y)) * 2**e) (int64 for 64-bit
+// lanes), the reference's (y.to(float64) * 2**e).to(FO); computed once per call (std::ldexp per
+// output row cost more than the rows of 7 and 14 outputs it scaled). For int32 y and float32 output
+// with -126 <= e <= 96 (`single`) the same value is float(v) * 2**e in float32: float(v) rounds v
+// to 24 bits and the product scales it exactly (a normal float for every non-zero int32 v).
+struct OutScale {
+  double s;
+  float sf;
+  bool single;
+  explicit OutScale(int e)
+      : s(std::ldexp(1.0, e)), sf(std::ldexp(1.0f, std::clamp(e, -126, 96))), single(e >= -126 && e <= 96) {}
+};
+
 namespace ds_portable {
 #include "epilogue_lanes.h"
 #include "kernels.h"

@@ -655,7 +655,6 @@ std::tuple<torch::Tensor, bool> conv_fused(const torch::Tensor& x, std::vector<i
   const int64_t ximg_stride = g.C * g.D * g.H * g.W;
   const int64_t yimg_stride = g.Cout * g.OD * g.OH * g.OW;
   const bool avx = use_avx2();
-  const int e = static_cast<int>(exponent);
   auto go = [&](auto* xp, auto* op, auto table_tag, auto acc_tag) {
     using U = decltype(table_tag);
     using UY = decltype(acc_tag);
@@ -682,15 +681,16 @@ std::tuple<torch::Tensor, bool> conv_fused(const torch::Tensor& x, std::vector<i
       return ds_portable::epilogue_run<false>(out, out, k, sp[c], hp[c], r);
     };
     // `rows` runs of `count` values (at stride src_stride in src), consecutive in the output from dst.
+    const OutScale scale(static_cast<int>(exponent));
     auto finish = [&](int64_t n, int64_t dst, const UY* src, int64_t count, int64_t rows = 1,
                       int64_t src_stride = 0) {
       FO* out = op + n * yimg_stride + dst;
       for (int64_t j = 0; j < rows; ++j) {
 #ifdef DS_X86
-        if (avx) ds_avx2::scale_run<FO, UY>(src + j * src_stride, out + j * count, count, e);
+        if (avx) ds_avx2::scale_run<FO, UY>(src + j * src_stride, out + j * count, count, scale);
         else
 #endif
-          ds_portable::scale_run<FO, UY>(src + j * src_stride, out + j * count, count, e);
+          ds_portable::scale_run<FO, UY>(src + j * src_stride, out + j * count, count, scale);
       }
       count *= rows;  // rows > 1: one channel's (conv_drive's flat mode), one epilogue call for them
       if (!sp) return;

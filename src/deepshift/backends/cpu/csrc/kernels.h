@@ -500,26 +500,23 @@ struct QuantizeIn {
   bool run(const F* src, U* dst, int64_t n) const { return quantize_run(src, dst, n, q); }
 };
 
-// out[i] = FO(double(int32(y[i])) * 2**e) (int64 for 64-bit lanes UY): the frozen layers' output
-// scaling, the reference's (y.to(float64) * 2**e).to(FO). For int32 y and float32 output with
-// -126 <= e <= 96 the vector path is the same: float(v) * 2**e rounds v to 24 bits and then scales
-// exactly (the result is a normal float for every non-zero int32 v), which is float(v * 2**e).
+// The frozen layers' output scaling (OutScale, common.h), 8 lanes per step in the float32 case
+// (GCC vector extensions: AVX2 in that build, SSE2 in the portable one).
 template <typename FO, typename UY = uint32_t>
-void scale_run(const UY* y, FO* out, int64_t n, int exponent) {
-  int64_t i = 0;
-#if defined(DS_AVX2_TU)
+void scale_run(const UY* y, FO* out, int64_t n, const OutScale& sc) {
   if constexpr (std::is_same<FO, float>::value && std::is_same<UY, uint32_t>::value) {
-    if (exponent >= -126 && exponent <= 96) {
-      const __m256 s = _mm256_set1_ps(std::ldexp(1.0f, exponent));
-      for (; i + 8 <= n; i += 8) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y + i));
-        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_cvtepi32_ps(v), s));
-      }
+    if (sc.single) {
+      typedef int32_t VI __attribute__((vector_size(32), aligned(4), may_alias));
+      typedef float VF __attribute__((vector_size(32), aligned(4), may_alias));
+      int64_t i = 0;
+      for (; i + 8 <= n; i += 8)
+        *reinterpret_cast<VF*>(out + i) = __builtin_convertvector(*reinterpret_cast<const VI*>(y + i), VF) * sc.sf;
+      for (; i < n; ++i) out[i] = static_cast<float>(static_cast<int32_t>(y[i])) * sc.sf;
+      return;
     }
   }
-#endif
-  const double s = std::ldexp(1.0, exponent);
-  for (; i < n; ++i) out[i] = static_cast<FO>(static_cast<double>(static_cast<std::make_signed_t<UY>>(y[i])) * s);
+  for (int64_t i = 0; i < n; ++i)
+    out[i] = static_cast<FO>(static_cast<double>(static_cast<std::make_signed_t<UY>>(y[i])) * sc.s);
 }
 
 // y[i] = relu(x[i] * s + h + r[i]) (x may be y): FrozenBatchNorm's forward (a multiply, then an add,
