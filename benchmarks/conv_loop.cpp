@@ -22,9 +22,15 @@
 // 32-lane vectors (2 per row, the same 64 columns). On AMD EPYCs with AVX-512 (512-bit operations
 // issued as two 256-bit halves) the 32-lane loop cost as much as the 16-lane one or more, so the
 // kernel keeps 16-lane items there. Measured on an AMD EPYC (family 25 model 17), ns per 16-column
-// term: int16 table 0.25 (3x3), 1x1 lists 0.32 as segments vs 0.42 as loops per amount; int32
-// table 0.49, 0.59 vs 0.79. With 128 outputs instead of 4096 the loops per amount ran at 0.25: the
+// term: int16 table 0.24 (3x3), 1x1 lists 0.30 as segments vs 0.41 as loops per amount; int32
+// table 0.46, 0.57 vs 0.76. With 128 outputs instead of 4096 the loops per amount ran at 0.25: the
 // branch predictor had learned their exits, which it cannot over a real layer's lists.
+// Last, the same CPU's float32 FMA peak, per 16 multiply-adds (0.27 ns there: two 8-lane FMAs per
+// cycle), which bounds what an fp32 engine (torch, onnxruntime) can reach: the shift loop's 16 adds
+// cost 0.24 ns, only 1.15x faster than that peak, so a shift conv wins only where it keeps its loop
+// about as busy as a good fp32 GEMM keeps its FMAs.
+#include <immintrin.h>
+
 #include <array>
 #include <chrono>
 #include <cstdint>
@@ -253,6 +259,42 @@ void run(const char* label) {
   }
 }
 
+// What the same CPU's float32 multiply-adds cost at their peak (12 independent 8-lane FMA chains on
+// registers, no loads: more than an fp32 GEMM such as onnxruntime's MLAS reaches): ns per 16
+// multiply-adds, to compare with the shift loop's ns per 16-column term (16 shifted adds).
+static void fma_peak() {
+#if defined(__FMA__)
+  const __m256 a = _mm256_set1_ps(0.5f), b = _mm256_set1_ps(1.0f);  // x -> x / 2 + 1: stays near 2
+  volatile float seed = 0.25f;  // distinct run-time starts: the compiler may not merge the chains
+  __m256 c[12];
+  for (int k = 0; k < 12; ++k) c[k] = _mm256_set1_ps(seed * static_cast<float>(k + 1));
+  __m256 c0 = c[0], c1 = c[1], c2 = c[2], c3 = c[3], c4 = c[4], c5 = c[5];
+  __m256 c6 = c[6], c7 = c[7], c8 = c[8], c9 = c[9], c10 = c[10], c11 = c[11];
+  const long reps = 50000000;
+  double best = 1e9;
+  for (int trial = 0; trial < 5; ++trial) {
+    const double t0 = now();
+    for (long r = 0; r < reps; ++r) {
+      // Twelve independent chains (FMA latency times its throughput on current x86 cores is <= 10).
+      c0 = _mm256_fmadd_ps(c0, a, b), c1 = _mm256_fmadd_ps(c1, a, b), c2 = _mm256_fmadd_ps(c2, a, b);
+      c3 = _mm256_fmadd_ps(c3, a, b), c4 = _mm256_fmadd_ps(c4, a, b), c5 = _mm256_fmadd_ps(c5, a, b);
+      c6 = _mm256_fmadd_ps(c6, a, b), c7 = _mm256_fmadd_ps(c7, a, b), c8 = _mm256_fmadd_ps(c8, a, b);
+      c9 = _mm256_fmadd_ps(c9, a, b), c10 = _mm256_fmadd_ps(c10, a, b), c11 = _mm256_fmadd_ps(c11, a, b);
+    }
+    const double dt = now() - t0;
+    if (dt < best) best = dt;
+  }
+  float out[8];
+  _mm256_storeu_ps(out, _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(c0, c1), _mm256_add_ps(c2, c3)),
+                                      _mm256_add_ps(_mm256_add_ps(c4, c5), _mm256_add_ps(c6, c7))));
+  const float rest = _mm256_cvtss_f32(_mm256_add_ps(_mm256_add_ps(c8, c9), _mm256_add_ps(c10, c11)));
+  std::printf("fp32 FMA peak, 12 chains of 8-lane FMAs  %.3f ns per 16 multiply-adds  (checksum %g)\n",
+              best / (reps * 12.0 * 8 / 16) * 1e9, static_cast<double>(out[0] + rest));
+#else
+  std::printf("fp32 FMA peak: not built (no FMA with -march=native here)\n");
+#endif
+}
+
 int main() {
   run<int16_t, int32_t, 4, 16>("AVX2 int16 table");
   // 16-bit activations ((8, 8) fixed point) with int64 accumulators: int32 tables, 8 columns per
@@ -263,6 +305,7 @@ int main() {
 #else
   std::printf("AVX-512 wide items: not built (no AVX-512BW with -march=native here)\n");
 #endif
+  fma_peak();
   std::printf("64ch 56x56 3x3 conv: 7.48 M 16-column terms (64 * 203 * 576); ResNet-50: 256 M\n");
   return 0;
 }
