@@ -1272,16 +1272,20 @@ def test_conv_plan_channel_blocks(native):
 
     assert conv.TABLE_BLOCK_BYTES == machine.l1d_bytes() // 2
     assert blocks(64, 56, 1) == [32, 2, 1]  # flat: (2 * 58 + 2 + 80) * 2 bytes per channel, 41 fit
-    assert blocks(256, 14, 1) == [64, 4, 0]  # rows: 4 output rows need 6 padded rows of 16, 192 bytes
+    # flat (14x14 outputs: 14 vectors either way): (2 * 16 + 2 + 80) * 2 bytes per channel, 71 fit
+    assert blocks(256, 14, 1) == [64, 4, 1]
+    # rows (32x32 outputs: 64 vectors row by row, 68 flat): 2 output rows need 4 padded rows of 34
+    # (272 bytes), 60 fit: 5 blocks of 52
+    assert blocks(256, 32, 1) == [52, 5, 0]
     # flat with stride 2 (28x28 outputs, phase rows of 29: 51 vectors, not 56 row by row): 4 phase
     # blocks of (29 + 1 + 80) elements, 880 bytes: 18 fit, but a block keeps >= 288 terms
     assert blocks(64, 56, 2) == [32, 2, 1]
     assert blocks(64, 56, 2, 24 * 1024) == [32, 2, 1]  # 27 fit: 32 + 32, not 27 + 27 + 10
     assert blocks(32, 112, 1) == [32, 1, 0]  # 23 fit (684 bytes), but not two blocks of 16
     assert blocks(16, 32, 1) == [16, 1, 0]
-    # rows with stride 2 (14x14 outputs: flat would need as many vectors): 4 output rows need 9
-    # padded rows of 2 phases of 15 (540 bytes), 30 fit; a block keeps >= 288 terms: 8 blocks
-    assert blocks(256, 28, 2) == [32, 8, 0]
+    # flat with stride 2 (14x14 outputs: 14 vectors either way): 4 phase blocks of (15 + 1 + 80)
+    # elements (768 bytes), 21 fit; a block keeps >= 288 terms: 8 blocks
+    assert blocks(256, 28, 2) == [32, 8, 1]
     assert blocks(512, 14, 2)[2] == 1  # 7x7 outputs: 4 vectors flat, 7 row by row
     # 1x1 convolutions take the larger pointwise budget (1024 channels of 14x14: 160 bytes each).
     codes = pack_codes(torch.zeros(8 * 1024, dtype=torch.uint8), 5)
@@ -1289,7 +1293,7 @@ def test_conv_plan_channel_blocks(native):
         a = ShiftConvArgs(codes.repeat(k * k) if k > 1 else codes, [8, 1024, k, k], 5, False, 0, None, [1, 1],
                           [k // 2] * 2, [1, 1], 1, False, [0, 0])
         plan = conv._ConvCall(native, a).prepared(native, a.codes, 16, [1, 1024, 1, 14, 14])[1]
-        per_channel = 80 * 2 if k == 1 else 6 * 16 * 2  # flat: 5 vectors; rows: 4 rows need 6 of 16
+        per_channel = 80 * 2 if k == 1 else (2 * 16 + 2 + 80) * 2  # flat: 5 vectors (and the 3x3's reach)
         assert plan[4].tolist()[1] == -(-1024 // min(1024, budget // per_channel)), (k, plan[4])
 
 

@@ -110,9 +110,14 @@ bool uses_flat(const Geom& g, int64_t elem_size) {
   // are cheapest in half mode: no idle lane at all, and no wasted positions between rows.
   if (elem_size == 2 && g.OW <= 8 && splits_256()) return false;
   if (g.sd != 1) return false;
+  // Flat wherever it needs no more vectors: its items are one row of several vectors (one term
+  // offset per term, whole-vector stores), where row blocks of narrow rows add an offset per row
+  // and partial stores. AMD Zen 4, one thread: ResNet-50's 3x3 convs on 14x14 planes (14 vectors
+  // either way) 14% faster flat, on 28x28 (53 against 56) 10%, the stride-2 one to 14x14 17%; an
+  // earlier loop (per shift amount) had wanted 1/16 fewer vectors before flat paid.
   const int64_t row_vectors = g.OD * g.OH * ((g.OW + L - 1) / L);
   const int64_t flat_len = flat_length(g);
-  return 16 * ((flat_len + L - 1) / L) <= 15 * row_vectors;
+  return (flat_len + L - 1) / L <= row_vectors;
 }
 
 bool has_rows_lanes(int V, int R, int64_t lanes) {
@@ -279,10 +284,9 @@ std::vector<torch::Tensor> conv_plan(const torch::Tensor& scode, std::vector<int
 // the term's offset; the phase-split table makes this hold for strides in height and width too), so
 // rows narrower than a vector (8x8 planes: half of each 16-lane vector idle; 7x7 outputs of a
 // stride-2 conv) fill whole vectors; the positions between rows are computed and dropped. Used where
-// that needs at least 1/16 fewer vectors than row by row (below that, the dropped positions cost
-// about what the fuller vectors save). Half mode: int16 tables with rows of at most 8 outputs (not
-// flat, e.g. where 256-bit operations are split anyway) use 8-lane vectors, one per row
-// (conv_item_n, W = 8).
+// that needs no more vectors than row by row (uses_flat). Half mode: int16 tables with rows of at
+// most 8 outputs (not flat, e.g. where 256-bit operations are split anyway) use 8-lane vectors, one
+// per row (conv_item_n, W = 8).
 // Returns whether some build call returned true.
 template <typename U, typename UY, typename BuildFn, typename FinishFn>
 bool conv_drive(const Geom& g0, int64_t N, const PlanView& pv, int64_t nterms, const UY* bp, UY* yp,
