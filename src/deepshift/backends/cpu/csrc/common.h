@@ -101,7 +101,8 @@ struct OutScale {
   float sf;
   bool single;
   explicit OutScale(int e)
-      : s(std::ldexp(1.0, e)), sf(std::ldexp(1.0f, std::clamp(e, -126, 96))), single(e >= -126 && e <= 96) {}
+      : s(std::ldexp(1.0, e)), sf(std::ldexp(1.0f, std::clamp(e, -126, 96))),
+        single(e >= -126 && e <= 96) {}
 };
 
 namespace ds_portable {

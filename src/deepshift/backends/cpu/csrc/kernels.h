@@ -509,8 +509,10 @@ void scale_run(const UY* y, FO* out, int64_t n, const OutScale& sc) {
       typedef int32_t VI __attribute__((vector_size(32), aligned(4), may_alias));
       typedef float VF __attribute__((vector_size(32), aligned(4), may_alias));
       int64_t i = 0;
-      for (; i + 8 <= n; i += 8)
-        *reinterpret_cast<VF*>(out + i) = __builtin_convertvector(*reinterpret_cast<const VI*>(y + i), VF) * sc.sf;
+      for (; i + 8 <= n; i += 8) {
+        const VF v = __builtin_convertvector(*reinterpret_cast<const VI*>(y + i), VF);
+        *reinterpret_cast<VF*>(out + i) = v * sc.sf;
+      }
       for (; i < n; ++i) out[i] = static_cast<float>(static_cast<int32_t>(y[i])) * sc.sf;
       return;
     }
