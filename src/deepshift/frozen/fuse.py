@@ -102,7 +102,8 @@ class ChannelsLastMaxPool2d(nn.MaxPool2d):
 
 
 def _fast_pool(module: nn.Module) -> nn.Module | None:
-    if type(module) is not nn.MaxPool2d:
+    # A pool with hooks stays itself, so that they still run (as for the fused layers).
+    if type(module) is not nn.MaxPool2d or _hooked(module):
         return None
     fast = ChannelsLastMaxPool2d(module.kernel_size, module.stride, module.padding, module.dilation,
                                  module.return_indices, module.ceil_mode)
@@ -159,9 +160,9 @@ def fuse_frozen(model: nn.Module) -> nn.Module:
     feeds something else is left alone), neither module is called twice or registered under two
     names, and nothing between the two may write into its inputs. A model fx cannot trace
     (data-dependent control flow) comes back as an unfused copy, with a warning. Max pooling
-    layers (``nn.MaxPool2d``) become :class:`ChannelsLastMaxPool2d` (faster, same values) in either
-    case. Outputs equal the unfused model's (``torch.equal``), and so do ONNX exports and savings
-    reports.
+    layers (``nn.MaxPool2d`` without hooks) become :class:`ChannelsLastMaxPool2d` (faster, same
+    values) in either case. Outputs equal the unfused model's (``torch.equal``), and so do ONNX
+    exports and savings reports.
     :func:`deepshift.save_packed` refuses a fused model: save the frozen one.
 
     Example:
