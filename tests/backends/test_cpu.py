@@ -1054,9 +1054,11 @@ def test_fused_strided_pointwise_conv_runs_on_the_subsampled_input(native, monke
 
 
 @pytest.mark.parametrize("act_bits", [(4, 4), (8, 8)])
-@pytest.mark.parametrize("lead", [(), (1,), (3,), (4,), (5,), (2, 7)])
+@pytest.mark.parametrize("lead", [(), (1,), (3,), (4,), (5,), (2, 7), (47,), (2, 24)])
 def test_fused_linear_forward_equals_the_op_path(native, act_bits, lead):
-    # Up to 4 rows: quantize + small-batch kernel + scale; more rows: the fused 1x1 convolution.
+    # With AVX-512: the table lookup (8-bit activations: up to LUT_MAX_ROWS_INT16 = 47 rows, then the
+    # fused 1x1 convolution); else up to 4 rows quantize + small-batch kernel + scale, more rows the
+    # fused 1x1 convolution.
     rng = random.Random(len(lead) * 10 + sum(lead))
     lin = nn.Linear(37, 11)
     layer = deepshift.freeze_(deepshift.convert_(nn.Sequential(lin), deepshift.PSConfig(

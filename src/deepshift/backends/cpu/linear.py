@@ -1,5 +1,6 @@
-"""CPU kernels of ``deepshift::shift_linear``: table lookup (AVX-512, any batch), small-batch GEMV and
-the batched 1x1-convolution path."""
+"""CPU kernels of ``deepshift::shift_linear``: table lookup (AVX-512; any batch, but frozen layers with
+8-bit activations only up to ``LUT_MAX_ROWS_INT16`` rows), small-batch GEMV and the batched
+1x1-convolution path."""
 
 from __future__ import annotations
 
@@ -27,6 +28,14 @@ _LUT, _WIDE, _GEMV, _CONV = 0, 1, 2, 3
 GEMV_MAX_ROWS = 4
 """Without the table-lookup kernel, Linear inputs with at most this many rows use the small-batch
 (per-weight shift) kernel, more rows the 1x1-convolution path."""
+
+LUT_MAX_ROWS_INT16 = 47
+"""Frozen Linear layers whose activations fit the int16 table (8-bit ``act_bits``) use the table-lookup
+kernel up to this many input rows and the 1x1-convolution path beyond: the lookup's cost grows with
+every row (a permute and an add per 16 outputs), the convolution's per-term work is shared by 16
+rows per vector. Linear 4096 x 4096, 5-bit weights, AMD Zen 4, 2 threads, ms lookup / convolution:
+16 rows 4.1 / 8.6, 32 rows 9.2 / 14.1, 48 rows 11.5 / 11.4, 64 rows 17.2 / 14.4, 128 rows 31.3 /
+27.0 (4-bit weights at 64 rows 15.2 / 11.4)."""
 
 
 def _linear_native_ok(x, codes, weight_shape, weight_bits, bias, x_dtype=None) -> bool:
@@ -198,8 +207,10 @@ def _prepare_linear_fused(x, codes, weight_shape, weight_bits, has_zero, shift_l
                           accumulator):
     """What ``conv._prepare_conv_fused`` is for a frozen Linear layer: the extension's ``PreparedLinear``,
     whose ``run(x)`` computes its forward on float CPU inputs shaped and typed like ``x`` with native
-    calls only (up to ``GEMV_MAX_ROWS`` rows: one rounding pass, the small-batch kernel and one
-    scaling pass; more rows: the fused 1x1-convolution path) and returns ``(y, x has a NaN)``. Bit
+    calls only (the table-lookup kernel where the CPU and the layer allow it, up to
+    ``LUT_MAX_ROWS_INT16`` rows on int16 tables; else up to ``GEMV_MAX_ROWS`` rows the small-batch
+    kernel; both between one rounding pass and one scaling pass; more rows: the fused
+    1x1-convolution path) and returns ``(y, x has a NaN)``. Bit
     for bit the op path's result; None where it does not apply."""
     ext = load_extension()
     setup = None if ext is None else _fused_setup(ext, x, act_bits, rounding, accumulator, shift_lo, bias,
@@ -210,6 +221,8 @@ def _prepare_linear_fused(x, codes, weight_shape, weight_bits, has_zero, shift_l
     out_f, in_f = weight_shape
     rows = x.numel() // in_f
     lut = _lut(ext, codes, weight_shape, weight_bits, has_zero, shift_lo)
+    if lanes == 16 and rows > LUT_MAX_ROWS_INT16:
+        lut = None
     tiles = values = None
     bits, plan = 0, []
     if lut is not None:
