@@ -686,22 +686,28 @@ std::tuple<torch::Tensor, bool> conv_fused(const torch::Tensor& x, std::vector<i
     };
     // `rows` runs of `count` values (at stride src_stride in src), consecutive in the output from dst.
     const OutScale scale(static_cast<int>(exponent));
+    auto scale_to = [&](const UY* src, FO* out, int64_t count) {
+#ifdef DS_X86
+      if (avx) return ds_avx2::scale_run<FO, UY>(src, out, count, scale);
+#endif
+      ds_portable::scale_run<FO, UY>(src, out, count, scale);
+    };
     auto finish = [&](int64_t n, int64_t dst, const UY* src, int64_t count, int64_t rows = 1,
                       int64_t src_stride = 0) {
       FO* out = op + n * yimg_stride + dst;
-      for (int64_t j = 0; j < rows; ++j) {
-#ifdef DS_X86
-        if (avx) ds_avx2::scale_run<FO, UY>(src + j * src_stride, out + j * count, count, scale);
-        else
-#endif
-          ds_portable::scale_run<FO, UY>(src + j * src_stride, out + j * count, count, scale);
-      }
-      count *= rows;  // rows > 1: one channel's (conv_drive's flat mode), one epilogue call for them
-      if (!sp) return;
-      // The run may span channels: one epilogue per channel segment, in place, still in cache.
       const FO* r = rp ? rp + n * yimg_stride + dst : nullptr;
-      for_channel_segments(dst, count, plane,
-                           [&](int64_t i, int64_t k, int64_t c) { epilogue(out + i, k, c, r ? r + i : nullptr); });
+      if (rows > 1) {  // one channel's rows (conv_drive's flat mode): one epilogue call for them
+        for (int64_t j = 0; j < rows; ++j) scale_to(src + j * src_stride, out + j * count, count);
+        if (sp) epilogue(out, count * rows, dst / plane, r);
+        return;
+      }
+      // The run may span channels: each channel segment scaled, then its epilogue in place while
+      // the segment is still in L1 (a whole image's scaled output first, then the epilogues, read
+      // it back from L2).
+      for_channel_segments(dst, count, plane, [&](int64_t i, int64_t k, int64_t c) {
+        scale_to(src + i, out + i, k);
+        if (sp) epilogue(out + i, k, c, r ? r + i : nullptr);
+      });
     };
     return conv_drive<U, UY>(g, N, plan_view(plan), plan[0].numel(), static_cast<const UY*>(bp), nullptr, build,
                              finish);
