@@ -100,7 +100,7 @@ def _prepare_linear_wide(x, codes, weight_shape, weight_bits, has_zero, shift_lo
     ext = load_extension()
     if ext is None or sum(act_bits) > 32:
         return None
-    setup = _fused_setup(ext, x, act_bits, rounding, "int32", shift_lo, bias, weight_shape[1], weight_bits)
+    setup = _fused_setup(ext, x, act_bits, rounding, "int32", shift_lo, bias)
     lut = None if setup is None else _wide_layout(ext, codes, weight_shape, weight_bits, has_zero, shift_lo)
     if lut is None or not _linear_native_ok(x, codes, weight_shape, weight_bits, bias, torch.int32):
         return None
@@ -213,8 +213,7 @@ def _prepare_linear_fused(x, codes, weight_shape, weight_bits, has_zero, shift_l
     1x1-convolution path) and returns ``(y, x has a NaN)``. Bit
     for bit the op path's result; None where it does not apply."""
     ext = load_extension()
-    setup = None if ext is None else _fused_setup(ext, x, act_bits, rounding, accumulator, shift_lo, bias,
-                                                  weight_shape[1], weight_bits)
+    setup = None if ext is None else _fused_setup(ext, x, act_bits, rounding, accumulator, shift_lo, bias)
     if setup is None or not _linear_native_ok(x, codes, weight_shape, weight_bits, bias, torch.int32):
         return None
     lanes, lo, hi, exponent, b = setup
