@@ -1074,6 +1074,30 @@ def test_fused_linear_forward_equals_the_op_path(native, act_bits, lead):
         assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("act_bits", [(4, 4), (8, 8)])
+def test_frozen_linear_path_by_rows(native, monkeypatch, act_bits):
+    # AVX-512: the table lookup up to LUT_MAX_ROWS_INT16 rows, then (int16 tables, 8-bit activations)
+    # the fused 1x1 convolution; 16-bit activations keep the lookup at any batch.
+    if build.current_isa() != "avx512":
+        pytest.skip(f"the table-lookup kernel needs the avx512 path (this CPU: {build.current_isa()})")
+    ext = build.load_extension()
+    real, modes = ext.PreparedLinear, []
+    monkeypatch.setattr(ext, "PreparedLinear", lambda *a: (modes.append(a[0]), real(*a))[1])
+    layer = deepshift.freeze_(deepshift.convert_(nn.Sequential(nn.Linear(64, 24)), deepshift.QConfig(
+        weight_bits=5, act_bits=act_bits)))[0].eval()
+    rng = random.Random(sum(act_bits))
+    for rows in (linear.LUT_MAX_ROWS_INT16, linear.LUT_MAX_ROWS_INT16 + 1):
+        x = _random_float_input(rng, (rows, 64), act_bits, torch.float32)
+        with torch.no_grad():
+            got = layer(x)
+            with _op_path():
+                assert torch.equal(got, layer(x))
+    # (8, 8): the wide lookup (int64 accumulators) where the layer needs them, at both row counts.
+    lookup = modes[0]
+    assert lookup in (linear._LUT, linear._WIDE), modes
+    assert modes == [lookup, linear._CONV if sum(act_bits) <= 8 else lookup], modes
+
+
 def test_fused_forward_nan_error_and_weight_changes(native):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 5))

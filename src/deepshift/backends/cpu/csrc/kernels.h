@@ -10,10 +10,6 @@
 
 // Geom (the geometry of one conv call) is defined once in common.h, outside both namespaces.
 
-// Table of channels [c0, c1) of one image: tbl[c] = the zero-padded, phase-split x[c]; cv says how input
-// values become table values: cv.run(src, dst, n) converts a contiguous run, returning whether some value
-// was invalid (NaN, for float input). Every input element is converted, so none goes unchecked.
-// Returns whether cv reported any.
 // Deals a padded row p (sw * Wq elements) out to its sw phases: phase r's column q (at row + r * WPS + q)
 // is p[q * sw + r]. Stride 2 on int16 tables (ResNets' strided convs): 16 or 8 columns per phase and
 // step, by even / odd lane shuffles (an element at a time ran at ~5 cycles per element).
@@ -42,6 +38,10 @@ inline void deal_phases(const U* p, U* row, int64_t sw, int64_t Wq, int64_t WPS)
     for (int64_t q = q0; q < Wq; ++q) row[r * WPS + q] = p[q * sw + r];
 }
 
+// Table of channels [c0, c1) of one image: tbl[c] = the zero-padded, phase-split x[c]; cv says how input
+// values become table values: cv.run(src, dst, n) converts a contiguous run, returning whether some value
+// was invalid (NaN, for float input). Every input element is converted, so none goes unchecked.
+// Returns whether cv reported any.
 template <typename U, typename S, typename Cv>
 bool build_table(const S* x, U* tbl, const Geom& g, int64_t c0, int64_t c1, const Cv& cv) {
   const int64_t DHW = g.D * g.H * g.W;
