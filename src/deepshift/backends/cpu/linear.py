@@ -219,9 +219,8 @@ def _prepare_linear_fused(x, codes, weight_shape, weight_bits, has_zero, shift_l
     lanes, lo, hi, exponent, b = setup
     out_f, in_f = weight_shape
     rows = x.numel() // in_f
-    lut = _lut(ext, codes, weight_shape, weight_bits, has_zero, shift_lo)
-    if lanes == 16 and rows > LUT_MAX_ROWS_INT16:
-        lut = None
+    lut = None if lanes == 16 and rows > LUT_MAX_ROWS_INT16 else _lut(ext, codes, weight_shape, weight_bits,
+                                                                        has_zero, shift_lo)
     tiles = values = None
     bits, plan = 0, []
     if lut is not None:

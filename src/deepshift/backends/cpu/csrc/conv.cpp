@@ -701,12 +701,13 @@ std::tuple<torch::Tensor, bool> conv_fused(const torch::Tensor& x, std::vector<i
         if (sp) epilogue(out, count * rows, dst / plane, r);
         return;
       }
+      if (!sp) return scale_to(src, out, count);
       // The run may span channels: each channel segment scaled, then its epilogue in place while
       // the segment is still in L1 (a whole image's scaled output first, then the epilogues, read
       // it back from L2).
       for_channel_segments(dst, count, plane, [&](int64_t i, int64_t k, int64_t c) {
         scale_to(src + i, out + i, k);
-        if (sp) epilogue(out + i, k, c, r ? r + i : nullptr);
+        epilogue(out + i, k, c, r ? r + i : nullptr);
       });
     };
     return conv_drive<U, UY>(g, N, plan_view(plan), plan[0].numel(), static_cast<const UY*>(bp), nullptr, build,

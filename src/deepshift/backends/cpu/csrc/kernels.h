@@ -10,28 +10,32 @@
 
 // Geom (the geometry of one conv call) is defined once in common.h, outside both namespaces.
 
+// Even (odd, with `odd`) lanes of the 2N-lane row a:b, as N lanes (one shuffle).
+template <typename V, size_t... I>
+inline V lanes_of_parity(V a, V b, bool odd, std::index_sequence<I...>) {
+  return odd ? __builtin_shufflevector(a, b, (2 * I + 1)...) : __builtin_shufflevector(a, b, (2 * I)...);
+}
+
 // Deals a padded row p (sw * Wq elements) out to its sw phases: phase r's column q (at row + r * WPS + q)
-// is p[q * sw + r]. Stride 2 on int16 tables (ResNets' strided convs): 16 or 8 columns per phase and
-// step, by even / odd lane shuffles (an element at a time ran at ~5 cycles per element).
+// is p[q * sw + r]. Stride 2 on int16 tables (ResNets' strided convs): 16, then 8, columns per phase
+// and step by even / odd lane shuffles (an element at a time ran at ~5 cycles per element).
 template <typename U>
 inline void deal_phases(const U* p, U* row, int64_t sw, int64_t Wq, int64_t WPS) {
   int64_t q0 = 0;
   if constexpr (sizeof(U) == 2) {
     if (sw == 2) {
-      typedef U V16 __attribute__((vector_size(32), aligned(2), may_alias));
-      typedef U V8 __attribute__((vector_size(16), aligned(2), may_alias));
-      for (; q0 + 16 <= Wq; q0 += 16) {
-        const V16 a = *reinterpret_cast<const V16*>(p + 2 * q0), b = *reinterpret_cast<const V16*>(p + 2 * q0 + 16);
-        *reinterpret_cast<V16*>(row + q0) =
-            __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-        *reinterpret_cast<V16*>(row + WPS + q0) =
-            __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-      }
-      for (; q0 + 8 <= Wq; q0 += 8) {
-        const V8 a = *reinterpret_cast<const V8*>(p + 2 * q0), b = *reinterpret_cast<const V8*>(p + 2 * q0 + 8);
-        *reinterpret_cast<V8*>(row + q0) = __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14);
-        *reinterpret_cast<V8*>(row + WPS + q0) = __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15);
-      }
+      auto steps = [&](auto n) {
+        constexpr size_t N = decltype(n)::value;
+        typedef U V __attribute__((vector_size(2 * N), aligned(2), may_alias));
+        constexpr auto lanes = std::make_index_sequence<N>{};
+        for (; q0 + int64_t(N) <= Wq; q0 += N) {
+          const V* in = reinterpret_cast<const V*>(p + 2 * q0);  // columns 2 q0 .. 2 q0 + 2N
+          for (int r = 0; r < 2; ++r)
+            *reinterpret_cast<V*>(row + r * WPS + q0) = lanes_of_parity(in[0], in[1], r, lanes);
+        }
+      };
+      steps(std::integral_constant<size_t, 16>{});
+      steps(std::integral_constant<size_t, 8>{});
     }
   }
   for (int64_t r = 0; r < sw; ++r)
@@ -176,7 +180,9 @@ inline void widen_all(VA* y, VS s) {
   // byte shifts and inserts: about three times the instructions at every segment end).
   constexpr size_t lane = sizeof(s[0]);
   if constexpr (a0 == 0 && sizeof(SV) == 32 && (lane == 2 || lane == 4) && sizeof(VS) == 16 * A) {
-    const auto widen = [](__m128i h) { return lane == 2 ? _mm256_cvtepi16_epi32(h) : _mm256_cvtepi32_epi64(h); };
+    const auto widen = [](__m128i h) {
+      return lane == 2 ? _mm256_cvtepi16_epi32(h) : _mm256_cvtepi32_epi64(h);
+    };
     if constexpr (A == 1) {
       y[0] = reinterpret_cast<VA>(widen(reinterpret_cast<__m128i>(s)));
     } else {
