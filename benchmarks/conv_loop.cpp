@@ -13,18 +13,27 @@
 //  * "3x3, 36 per amount": 16 amounts x 36 terms (576, a 64-channel 3x3 kernel; half positive): all
 //    plain segments, the loop's floor.
 //  * "1x1, few per amount": 4096 outputs' lists of 146 terms (a 1x1 conv's channel block) over 9
-//    amounts, counts 1-30 per amount and sign, as in ResNet-50's 14x14 convs: run both as segments
-//    (plain where an amount has >= 32 terms, as the plan does for 1x1 kernels) and as the earlier
-//    loops per amount and sign (one loop exit per amount and sign, mispredicted where the counts
-//    vary: the cost that segments remove).
-// Term offsets are a 3x3 kernel's over 8 channels of 3 padded rows (then again: the table stays in
-// L1), as in the kernel. Both for AVX2's 16-lane vectors (4 per row) and, where built with AVX-512,
-// 32-lane vectors (2 per row, the same 64 columns). On AMD EPYCs with AVX-512 (512-bit operations
-// issued as two 256-bit halves) the 32-lane loop cost as much as the 16-lane one or more, so the
-// kernel keeps 16-lane items there. Measured on an AMD EPYC (family 25 model 17), ns per 16-column
-// term: int16 table 0.24 (3x3), 1x1 lists 0.30 as segments vs 0.41 as loops per amount; int32
-// table 0.46, 0.57 vs 0.76. With 128 outputs instead of 4096 the loops per amount ran at 0.25: the
-// branch predictor had learned their exits, which it cannot over a real layer's lists.
+//    amounts, counts 1-30 per amount and sign, as in ResNet-50's 14x14 convs: run as segments
+//    (plain where an amount has >= 32 terms, as the plan does for 1x1 kernels), as segments summed
+//    two terms per shift (the plan's SEG_PAIRS form for 1x1 kernels: zero terms, reading a zero
+//    plane, where a shift would fall on a segment's odd position or its count is odd), and as the
+//    earlier loops per amount and sign (one loop exit per amount and sign, mispredicted where the
+//    counts vary: the cost that segments remove).
+// Term offsets: the 3x3 list's are a 3x3 kernel's over 8 channels of 3 padded rows (then again: the
+// table stays in L1), so most loads are unaligned, as in the kernel; the 1x1 lists read 24 channel
+// planes 64-byte aligned, as a 1x1 kernel does, whose loads never cross a cache line. Both for AVX2's
+// 16-lane vectors (4 per row) and, where built with AVX-512, 32-lane vectors (2 per row, the same 64
+// columns). On AMD EPYCs with AVX-512 (512-bit operations issued as two 256-bit halves) the 32-lane
+// loop cost as much as the 16-lane one or more, so the kernel keeps 16-lane items there. Measured on
+// an AMD EPYC (family 25 model 17), ns per 16-column weight term (zero terms not counted as terms):
+// int16 table 0.24 (3x3); 1x1 lists 0.30 as segments, 0.24 two terms per shift (6% zero terms),
+// 0.38 as loops per amount; int32 table 0.46; 0.56, 0.44, 0.72. With aligned loads a shift per term
+// had cost the loop 1.3x a plain one's time per term, whatever the shift's form (vpsllw with its
+// count moved from a register or loaded, AVX-512's per-lane vpsllvw; a second chain of sums for odd
+// terms did not help either: the shifts' throughput, not their latency); with unaligned loads (3x3)
+// the loads are the limit, and two terms per shift gain nothing. With 128 outputs instead of 4096 the
+// loops per amount ran at 0.25: the branch predictor had learned their exits, which it cannot over
+// a real layer's lists.
 // Last, the same CPU's float32 FMA peak, per 16 multiply-adds (0.27 ns there: two 8-lane FMAs per
 // cycle), which bounds what an fp32 engine (torch, onnxruntime) can reach: the shift loop's 16 adds
 // cost 0.24 ns, only 1.15x faster than that peak, so a shift conv wins only where it keeps its loop
@@ -57,9 +66,31 @@ struct Lists {
 };
 
 // Adds one output: counts[a][sign] terms at amount a (amounts descending), offsets from off(i).
+// Two terms per shift (conv.cpp's pad_pairs): in each Horner segment of one output (segments from
+// seg0, terms from t0) a zero term (`pad`) goes before each term with a shift at an odd position,
+// and after an odd count; the segment gets flag 4.
+void pad_pairs(Lists& L, size_t seg0, size_t t0, int32_t pad) {
+  std::vector<int32_t> old(L.terms.begin() + static_cast<std::ptrdiff_t>(t0), L.terms.end());
+  L.terms.resize(t0);
+  size_t i = 0;
+  for (size_t k = seg0; k < L.segs.size(); ++k) {
+    Seg& sg = L.segs[k];
+    const size_t start = L.terms.size();
+    for (int j = 0; j < sg.count; ++j, ++i) {
+      if (!(sg.flags & 2) && (old[i] & 7) && (L.terms.size() - start) % 2) L.terms.push_back(pad);
+      L.terms.push_back(old[i]);
+    }
+    if (sg.flags & 2) continue;
+    if ((L.terms.size() - start) % 2) L.terms.push_back(pad);
+    sg.count = static_cast<int32_t>(L.terms.size() - start);
+    sg.flags |= 4;
+  }
+}
+
 template <typename Off>
 void add_output(Lists& L, const std::vector<std::array<int, 2>>& counts, int plain_min, int64_t max_group,
-                Off off) {
+                Off off, int32_t pad = -1) {
+  const size_t seg0 = L.segs.size(), t0 = L.terms.size();
   // Term j of amount a and sign s reads off((a * 2 + s) * 1024 + j) in both forms.
   for (int sign = 0; sign < 2; ++sign) {
     int64_t bound = 0;
@@ -81,6 +112,7 @@ void add_output(Lists& L, const std::vector<std::array<int, 2>>& counts, int pla
       }
     close();
   }
+  if (pad >= 0) pad_pairs(L, seg0, t0, pad << SHIFT_BITS);
   L.seg_start.push_back(static_cast<int32_t>(L.segs.size()));
   int64_t bound = 0;
   for (int a = static_cast<int>(counts.size()) - 1; a >= 0; --a) {
@@ -139,6 +171,14 @@ struct Items {
         if (sg.flags & 2) {
           for (const int32_t* te = t + sg.count; t < te; ++t)
             for (int v = 0; v < V; ++v) sum[v] += reinterpret_cast<const VS*>(tbl + (*t >> SHIFT_BITS))[v];
+        } else if (sg.flags & 4) {  // two terms per shift
+          for (const int32_t* te = t + sg.count; t < te; t += 2) {
+            const unsigned d = t[0] & 7;
+            const VS* q = reinterpret_cast<const VS*>(tbl + (t[0] >> SHIFT_BITS));
+            const VS* q2 = reinterpret_cast<const VS*>(tbl + (t[1] >> SHIFT_BITS));
+            for (int v = 0; v < V; ++v)
+              sum[v] = reinterpret_cast<VS>(reinterpret_cast<VU>(sum[v]) << d) + q[v] + q2[v];
+          }
         } else {
           for (const int32_t* te = t + sg.count; t < te; ++t) {
             const unsigned d = *t & 7;
@@ -209,14 +249,21 @@ struct Items {
 template <typename T, typename A, int V, int W>
 void run(const char* label) {
   const int RW = 82, C = 8;
-  std::vector<T> tbl(C * 3 * RW + 256);
-  for (size_t i = 0; i < tbl.size(); ++i) tbl[i] = static_cast<T>((i * 7) % 200 - 100);
+  // 1x1 kernels: a term reads channel c's plane at the item's column, 64-byte aligned (C1 planes of
+  // S1 elements, as conv_drive's table), so no load crosses a cache line; the last plane is zero
+  // (the pair padding's terms).
+  const int C1 = 24, S1 = 128;
+  std::vector<T> store(std::max(C * 3 * RW, (C1 + 1) * S1) + 256 + 64);
+  T* tbl = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(store.data()) + 63) / 64 * 64);
+  for (int i = 0; i < std::max(C * 3 * RW, C1 * S1); ++i) tbl[i] = static_cast<T>((i * 7) % 200 - 100);
+  for (int i = C1 * S1; i < (C1 + 1) * S1 + 256; ++i) tbl[i] = 0;
   auto off = [&](int i) {
     const int c = i % C, k = (i / C) % 9;  // i: any index
     return c * 3 * RW + (k / 3) * RW + k % 3;
   };
+  auto off1 = [&](int i) { return ((i * 5 + i / 1024) % C1) * S1; };
   const int64_t max_group = sizeof(T) == 2 ? 255 : 65535;
-  Lists big, small;
+  Lists big, small, pairs;
   add_output(big, std::vector<std::array<int, 2>>(16, {18, 18}), 8, max_group, off);
   std::mt19937 rng(1);
   const int outputs = 4096;  // more than a branch predictor can learn
@@ -224,7 +271,8 @@ void run(const char* label) {
     std::vector<std::array<int, 2>> counts(9);
     std::discrete_distribution<int> amount({1, 2, 4, 8, 12, 10, 6, 3, 1});
     for (int i = 0; i < 146; ++i) ++counts[amount(rng)][rng() & 1];
-    add_output(small, counts, 32, max_group, off);
+    add_output(small, counts, 32, max_group, off1);
+    add_output(pairs, counts, 32, max_group, off1, C1 * S1);
   }
   struct Case {
     const char* name;
@@ -234,28 +282,33 @@ void run(const char* label) {
   };
   const Case cases[] = {{"3x3, 36 per amount", &big, 1, false},
                         {"1x1, segments", &small, outputs, false},
+                        {"1x1, two terms per shift", &pairs, outputs, false},
                         {"1x1, loops per amount", &small, outputs, true}};
   for (const Case& c : cases) {
     A out[W * V] = {};
     const int64_t nterms = c.groups ? static_cast<int64_t>(c.lists->group_terms.size())
                                     : static_cast<int64_t>(c.lists->terms.size());
-    const int reps = static_cast<int>(1.2e8 / nterms);
+    // Per weight term: the pair lists' zero terms count as the time they take, not as terms.
+    const int64_t nreal = c.lists == &pairs ? static_cast<int64_t>(small.terms.size()) : nterms;
+    const int reps = static_cast<int>(1.2e8 / nreal);  // equal for both forms of a list: equal checksums
     double best = 1e9;
     for (int trial = 0; trial < 7; ++trial) {
       const double t0 = now();
       for (int r = 0; r < reps; ++r) {
         if (c.groups)
-          Items<T, A, V, W>::groups(tbl.data(), *c.lists, c.n, out);
+          Items<T, A, V, W>::groups(tbl, *c.lists, c.n, out);
         else
-          Items<T, A, V, W>::segments(tbl.data(), *c.lists, c.n, out);
+          Items<T, A, V, W>::segments(tbl, *c.lists, c.n, out);
       }
       const double dt = now() - t0;
       if (dt < best) best = dt;
     }
     // Per 16 output columns of one term, whatever the vector width.
-    const double per16 = best / (static_cast<double>(reps) * nterms * V * W / 16.0);
-    std::printf("%-28s %-22s %.3f ns per 16-column term  (checksum %lld)\n", label, c.name, per16 * 1e9,
+    const double per16 = best / (static_cast<double>(reps) * nreal * V * W / 16.0);
+    std::printf("%-28s %-25s %.3f ns per 16-column term  (checksum %lld)", label, c.name, per16 * 1e9,
                 static_cast<long long>(out[3] % 997));
+    if (nreal != nterms) std::printf("  (%.1f%% zero terms)", 100.0 * (nterms - nreal) / nreal);
+    std::printf("\n");
   }
 }
 

@@ -1341,11 +1341,30 @@ def _segment_weights(cout, cin, k, plain_min, seed):
     return w[:, perm].reshape(cout, cin, 1, k, k).to(torch.int8)
 
 
+def _check_pair_segments(plan, pairs: bool) -> None:
+    """Two terms per shift (conv.cpp's pad_pairs): in 1x1 kernels' int16 / int32 plans every Horner
+    segment is flagged SEG_PAIRS, has an even count and a shift (d > 0) only on terms at even positions;
+    other plans have no such segment."""
+    terms, segs = plan[0].tolist(), plan[3]
+    flagged = (segs[:, 2] & 4) != 0
+    horner = (segs[:, 2] & 2) == 0
+    if not pairs:
+        assert not flagged.any()
+        return
+    assert flagged.any() and torch.equal(flagged, horner)
+    starts = torch.cumsum(segs[:, 0], 0) - segs[:, 0]
+    for (count, _, flags), at in zip(segs.tolist(), starts.tolist(), strict=True):
+        if flags & 4:
+            assert count % 2 == 0
+            assert all(terms[i] & 7 == 0 for i in range(at + 1, at + count, 2))
+
+
 @pytest.mark.parametrize("k", [1, 3])
 def test_conv_plan_segments_bit_exact(native, k):
-    """The term lists' segments (plain runs of one amount, Horner runs with a shift per term, breaks
-    at sign changes, at drops past TERM_MAX_SHIFT and at the int16 / int32 sums' bounds, amounts past
-    the lanes' width) on every lane configuration and ISA path, against int64 arithmetic."""
+    """The term lists' segments (plain runs of one amount, Horner runs with a shift per term or, 1x1
+    kernels on int16 / int32 tables, per two terms, breaks at sign changes, at drops past
+    TERM_MAX_SHIFT and at the int16 / int32 sums' bounds, amounts past the lanes' width) on every lane
+    configuration and ISA path, against int64 arithmetic."""
     plain_min = 32 if k == 1 else 8
     cin = 80 if k == 1 else 40
     w5 = _segment_weights(5, cin, k, plain_min, seed=k)
@@ -1364,6 +1383,7 @@ def test_conv_plan_segments_bit_exact(native, k):
         segs = plan[3]
         assert ((segs[:, 2] & 2) != 0).any() and ((segs[:, 2] & 2) == 0).any()  # plain and Horner runs
         assert ((segs[:, 2] & 1) != 0).any() and (segs[:, 1] >= 32).any()  # negative; past 32 bits
+        _check_pair_segments(plan, pairs=k == 1 and elem <= 4)
         cols = torch.nn.functional.unfold(x.reshape(n, cin, hw, hw).double(), k, padding=k // 2).long()
         exact = (weff @ cols).reshape(n, 5, 1, hw, hw)
         bits = 64 if wide or dtype == torch.int64 else 32

@@ -124,6 +124,46 @@ bool has_rows_lanes(int V, int R, int64_t lanes) {
   return lanes == 16 ? ds_portable::has_rows16(V, R) : ds_portable::has_rows(V, R);
 }
 
+// The Horner segments of 1x1 kernels on int16 and int32 tables take two terms per step
+// (conv_item_n: s = ((s << d) + x) + x', one shift for two terms): rewrites one entry's terms
+// [base, end) and segments [seg0, end) so that in each Horner segment only terms at even positions
+// carry a shift and the count is even, with zero terms (`pad` reads the table's zero plane) in the
+// gaps, and flags them SEG_PAIRS; plain segments stay as they are. The shifts bound the loop where
+// its loads are aligned, as in 1x1 kernels: on AMD Zen 4 (benchmarks/conv_loop.cpp's 1x1 lists)
+// 0.30 ns per 16-column term with a shift per term, 0.24 with two terms per shift, zero terms
+// included (the 3x3 list's plain, unaligned loop: 0.24). ResNet-50's 8-bit plans get 6-7% zero
+// terms (12% where an entry has 64 terms): its 1x1 convs on 28x28 to 7x7 ran 10-15% faster (on
+// 56x56 1-2% slower), the whole model 3-5%, Linear 4096x4096 at batch 64 9%; at (8, 8) (int32
+// tables) 2-6% (56x56: 2% slower). Not for other kernels: their column offsets leave most loads
+// unaligned, and those bound the loop (two terms per shift cost as much as one there), so the zero
+// terms only added work (ResNet-20's first conv, 27 terms per output: 7-15% slower).
+void pad_pairs(std::vector<int32_t>& terms, size_t base, std::vector<int32_t>& segs, size_t seg0,
+               std::vector<int32_t>& scratch, int32_t pad) {
+  bool any = false;
+  for (size_t k = seg0; k < segs.size() && !any; k += 3) any = !(segs[k + 2] & SEG_PLAIN);
+  if (!any) return;
+  scratch.assign(terms.begin() + static_cast<std::ptrdiff_t>(base), terms.end());
+  terms.resize(base);
+  size_t i = 0;
+  for (size_t k = seg0; k < segs.size(); k += 3) {
+    const size_t n = static_cast<size_t>(segs[k]);
+    if (segs[k + 2] & SEG_PLAIN) {
+      terms.insert(terms.end(), scratch.begin() + static_cast<std::ptrdiff_t>(i),
+                   scratch.begin() + static_cast<std::ptrdiff_t>(i + n));
+      i += n;
+      continue;
+    }
+    const size_t start = terms.size();
+    for (size_t j = 0; j < n; ++j, ++i) {
+      if ((scratch[i] & TERM_MAX_SHIFT) && (terms.size() - start) % 2) terms.push_back(pad);
+      terms.push_back(scratch[i]);
+    }
+    if ((terms.size() - start) % 2) terms.push_back(pad);
+    segs[k] = static_cast<int32_t>(terms.size() - start);
+    segs[k + 2] |= SEG_PAIRS;
+  }
+}
+
 // Term lists of a conv for one input geometry. scode: (Cout, Cin_g, KD, KH, KW) int8.
 // Returns (terms int32, tstart int64 [E + 1], sstart int64 [E + 1], segs int32 [NS, 3], [CB, NCB, flat]):
 // see PlanView (common.h). A term is the offset of a weight's input (channel, kernel position) in the
@@ -141,7 +181,8 @@ std::vector<torch::Tensor> conv_plan(const torch::Tensor& scode, std::vector<int
   auto g = make_geom(xs, ws, stride, pad, dil, groups, 1, true);
   const bool flat = uses_flat(g, elem_size);
   if (!flat) g = make_geom(xs, ws, stride, pad, dil, groups, 1, false);
-  TORCH_CHECK(g.C * g.S < (int64_t(1) << (31 - TERM_SHIFT_BITS)), "per-image table too large");
+  // (g.C + 1) planes: the last is the zero plane that pair padding's terms read (conv_drive).
+  TORCH_CHECK((g.C + 1) * g.S < (int64_t(1) << (31 - TERM_SHIFT_BITS)), "per-image table too large");
   // Channel block: the table slice one work item reads stays within ~l2_budget bytes (the item then
   // finds it in L1 for each of its output channels).
   const int64_t L = 32 / elem_size;
@@ -195,9 +236,11 @@ std::vector<torch::Tensor> conv_plan(const torch::Tensor& scode, std::vector<int
   std::vector<int32_t> segs;
   // Counting sort of one entry's terms by key = negative * 64 + (63 - amount): the positive chain,
   // then the negative one, each with amounts descending.
-  std::vector<int32_t> key_of, off_of, key_sorted;
+  std::vector<int32_t> key_of, off_of, key_sorted, pairs;
+  const int32_t pad_term = static_cast<int32_t>(g.C * g.S) << TERM_SHIFT_BITS;  // the zero plane
   int64_t count[129];
   const int64_t plain_min = KK > 1 ? PLAIN_MIN_TERMS : PLAIN_MIN_TERMS_1X1;
+  const bool pair_steps = KK == 1 && elem_size <= 4;  // see pad_pairs
   int64_t e = 0;
   for (int64_t gi = 0; gi < groups; ++gi)
     for (int64_t cb = 0; cb < NCB; ++cb)
@@ -264,6 +307,7 @@ std::vector<torch::Tensor> conv_plan(const torch::Tensor& scode, std::vector<int
           prev_flags = flags;
         }
         close();
+        if (pair_steps) pad_pairs(terms, base, segs, static_cast<size_t>(ss[e]) * 3, pairs, pad_term);
       }
   ts[E] = static_cast<int64_t>(terms.size());
   ss[E] = static_cast<int64_t>(segs.size() / 3);
@@ -338,7 +382,9 @@ bool conv_drive(const Geom& g0, int64_t N, const PlanView& pv, int64_t nterms, c
       }
       ow0 += vv * L;
     }
-  const size_t table_elems = static_cast<size_t>(g.C * g.S) + 8 * L + 64;
+  // The C planes, for int16 tables a zero plane (pad_pairs's terms read it), and a zeroed tail read
+  // past the last row.
+  const size_t table_elems = static_cast<size_t>((g.C + (sizeof(U) <= 4 ? 1 : 0)) * g.S) + 8 * L + 64;
   auto run_items = [&](const U* tbl, UY* yimg, int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       const Item& it = items[i];
@@ -372,7 +418,7 @@ bool conv_drive(const Geom& g0, int64_t N, const PlanView& pv, int64_t nterms, c
   const bool direct = yp != nullptr && !flat;
   // Buffers without value-initialisation (at batch 1 zeroing the table and the scratch output cost
   // as much as a few percent of a conv): build writes every element of the C * S table and the
-  // items every scratch output; only the table's tail, read past the last row, is zeroed.
+  // items every scratch output; only the zero plane and the tail read past the last row are zeroed.
   auto new_table = [&]() {
     std::unique_ptr<U, decltype(&std::free)> t(
         static_cast<U*>(std::aligned_alloc(64, (table_elems * sizeof(U) + 63) / 64 * 64)), &std::free);

@@ -206,7 +206,8 @@ inline void widen_all(VA* y, VS s) {
 // one uniform shift and one add per W outputs, with no branch between terms of different amounts
 // (an output's term count per shift amount and sign is small and varies: loops per amount and sign
 // spent about as much on their mispredicted exits as on the sums); plain segments (one amount's
-// many terms) skip the shift. At a segment's end its sum is sign-extended into the UA
+// many terms) skip the shift, SEG_PAIRS segments (1x1 kernels: conv.cpp's pad_pairs) take two
+// terms per shift, s = ((s << d) + x) + x', the second term's d being 0. At a segment's end its sum is sign-extended into the UA
 // accumulators, shifted by its amount and added or subtracted. All mod
 // 2**(UA bits), like torch. T = UA: the plain int32 / int64 paths. Narrow tables (T = int16 for
 // 8-bit activations, |x| <= 128; int32 with int64 accumulators, |x| <= 2**15): the plan ends a
@@ -254,6 +255,20 @@ void conv_item_n(const T* tbl, UA* yimg, const Geom& g, const PlanView& pv, int6
             for (int r = 0; r < R; ++r) {
               const VS* q = reinterpret_cast<const VS*>(p + tb[r]);
               for (int v = 0; v < V; ++v) sum[r][v] += q[v];
+            }
+          }
+        } else if (sg[2] & SEG_PAIRS) {
+          // Two terms per shift (pad_pairs: an even count, the second term's d is 0).
+          for (const int32_t* te = t + sg[0]; t < te; t += 2) {
+            const uint32_t w = static_cast<uint32_t>(t[0]);
+            const unsigned d = w & TERM_MAX_SHIFT;
+            const T* p = tbl + (w >> TERM_SHIFT_BITS);
+            const T* p2 = tbl + (static_cast<uint32_t>(t[1]) >> TERM_SHIFT_BITS);
+            for (int r = 0; r < R; ++r) {
+              const VS* q = reinterpret_cast<const VS*>(p + tb[r]);
+              const VS* q2 = reinterpret_cast<const VS*>(p2 + tb[r]);
+              for (int v = 0; v < V; ++v)
+                sum[r][v] = reinterpret_cast<VS>(reinterpret_cast<VU>(sum[r][v]) << d) + q[v] + q2[v];
             }
           }
         } else {
