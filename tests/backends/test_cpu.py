@@ -1289,25 +1289,32 @@ def test_l1_data_cache_size_from_sysfs(tmp_path):
 def test_conv_plan_channel_blocks(native):
     # The channel block keeps the table slice one work item reads near TABLE_BLOCK_BYTES: in flat
     # mode the item's consecutive outputs plus the kernel's reach (in each phase block it reads),
-    # row by row whole padded rows; blocks are of equal size. plan[4] = [block, blocks, flat].
-    def blocks(cin, hw, stride, budget=16 * 1024):  # TABLE_BLOCK_BYTES with a 32 KiB L1
+    # row by row whole padded rows; blocks are of equal size. plan[4] = [block, blocks, flat,
+    # aligned rows]: int16 tables by rows store each row in a multiple of 16 elements.
+    def blocks(cin, hw, stride, budget=16 * 1024, elem=2):  # TABLE_BLOCK_BYTES with a 32 KiB L1
         w5 = torch.zeros(8, cin, 1, 3, 3, dtype=torch.int8)
-        plan = native.conv_plan(w5, [1, cin, 1, hw, hw], 1, [1, stride, stride], [0, 1, 1], [1, 1, 1], 2,
-                                budget, conv.INT16_MAX_GROUP)
-        return plan[4].tolist()
+        plan = native.conv_plan(w5, [1, cin, 1, hw, hw], 1, [1, stride, stride], [0, 1, 1], [1, 1, 1], elem,
+                                budget, conv.INT16_MAX_GROUP if elem == 2 else 0)
+        block, nblocks, flat, aligned = plan[4].tolist()
+        assert aligned == (elem == 2 and not flat)
+        return [block, nblocks, flat]
 
     assert conv.TABLE_BLOCK_BYTES == machine.l1d_bytes() // 2
     assert blocks(64, 56, 1) == [32, 2, 1]  # flat: (2 * 58 + 2 + 80) * 2 bytes per channel, 41 fit
     # flat (14x14 outputs: 14 vectors either way): (2 * 16 + 2 + 80) * 2 bytes per channel, 71 fit
     assert blocks(256, 14, 1) == [64, 4, 1]
     # rows (32x32 outputs: 64 vectors row by row, 68 flat): 2 output rows need 4 padded rows of 34
-    # (272 bytes), 60 fit: 5 blocks of 52
-    assert blocks(256, 32, 1) == [52, 5, 0]
+    # elements, each stored in 48 (rows start on 16-element boundaries: 384 bytes), 42 fit: 7 blocks
+    # of 37
+    assert blocks(256, 32, 1) == [37, 7, 0]
     # flat with stride 2 (28x28 outputs, phase rows of 29: 51 vectors, not 56 row by row): 4 phase
     # blocks of (29 + 1 + 80) elements, 880 bytes: 18 fit, but a block keeps >= 288 terms
     assert blocks(64, 56, 2) == [32, 2, 1]
     assert blocks(64, 56, 2, 24 * 1024) == [32, 2, 1]  # 27 fit: 32 + 32, not 27 + 27 + 10
-    assert blocks(32, 112, 1) == [32, 1, 0]  # 23 fit (684 bytes), but not two blocks of 16
+    assert blocks(32, 112, 1) == [32, 1, 0]  # 21 fit (3 rows of 128: 768 bytes), but not 2 blocks of 16
+    # int32 tables keep rows packed: 3 output rows of 4 vectors need 5 rows of 34 (680 bytes), 24 fit,
+    # but a block keeps >= 288 terms: 8 blocks
+    assert blocks(256, 32, 1, elem=4) == [32, 8, 0]
     assert blocks(16, 32, 1) == [16, 1, 0]
     # flat with stride 2 (14x14 outputs: 14 vectors either way): 4 phase blocks of (15 + 1 + 80)
     # elements (768 bytes), 21 fit; a block keeps >= 288 terms: 8 blocks

@@ -38,7 +38,9 @@
 //  * flat (conv_drive's flat mode): [c][Dp][sh phases][sw phases][Hq][Wq]: RW = Wq, so output rows
 //    follow one another whatever the stride and a whole plane is one long row;
 //  * by rows: [c][Dp][Hp rows][sw phases][Wq] (RW = sh * sw * Wq): the rows one item reads are one
-//    contiguous run (fewer cache lines than the flat order's separate phase blocks).
+//    contiguous run (fewer cache lines than the flat order's separate phase blocks); for int16
+//    tables with rows of more than 8 outputs, Wq is rounded up to 16 elements (make_geom's
+//    align_rows), so that rows start 32-byte aligned.
 // Each channel's plane of at least 32 elements starts 64-byte aligned (S a multiple of 32 elements,
 // the table 64-byte aligned), so column blocks starting at whole vectors (1x1 kernels) never read
 // across a cache line; smaller planes (a Linear's few rows as a 1x1 conv, 1x1 feature maps) stay
