@@ -70,8 +70,8 @@ struct Geom {
 // thread): 3x3 convs ran fastest with 8 (5-13% faster than loops per amount and sign); 1x1 convs on
 // 14x14 and 7x7 planes 7-10% faster with 32 (as with none), on 28x28 (512 -> 128) 5% slower with 8
 // and 10% with 32, which is kept for the many more 1x1 convs it helps. Horner segments with flags &
-// SEG_PAIRS (1x1 kernels, int16 / int32 tables: conv.cpp's pad_pairs) have an even count, and only their
-// terms at even positions have d > 0: they are summed two terms per shift.
+// SEG_PAIRS (1x1 kernels, int16 / int32 tables: conv.cpp's pad_pairs) have an even count, and only
+// their terms at even positions have d > 0: they are summed two terms per shift.
 constexpr int TERM_SHIFT_BITS = 3, TERM_MAX_SHIFT = 7;
 constexpr int32_t SEG_NEG = 1, SEG_PLAIN = 2, SEG_PAIRS = 4;
 constexpr int64_t PLAIN_MIN_TERMS = 8, PLAIN_MIN_TERMS_1X1 = 32;

@@ -175,7 +175,8 @@ void pad_pairs(std::vector<int32_t>& terms, size_t base, std::vector<int32_t>& s
 }
 
 // Term lists of a conv for one input geometry. scode: (Cout, Cin_g, KD, KH, KW) int8.
-// Returns (terms int32, tstart int64 [E + 1], sstart int64 [E + 1], segs int32 [NS, 3], [CB, NCB, flat]):
+// Returns (terms int32, tstart int64 [E + 1], sstart int64 [E + 1], segs int32 [NS, 3],
+// [CB, NCB, flat, align_rows] (make_geom)):
 // see PlanView (common.h). A term is the offset of a weight's input (channel, kernel position) in the
 // per-image table of the zero-padded input, with the shift before it in its low bits; see conv_item_n
 // for the evaluation.
@@ -393,8 +394,8 @@ bool conv_drive(const Geom& g0, int64_t N, const PlanView& pv, int64_t nterms, c
       }
       ow0 += vv * L;
     }
-  // The C planes, for int16 tables a zero plane (pad_pairs's terms read it), and a zeroed tail read
-  // past the last row.
+  // The C planes, for int16 / int32 tables a zero plane (pad_pairs's terms read it), and a zeroed
+  // tail read past the last row.
   const size_t table_elems = static_cast<size_t>((g.C + (sizeof(U) <= 4 ? 1 : 0)) * g.S) + 8 * L + 64;
   auto run_items = [&](const U* tbl, UY* yimg, int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {

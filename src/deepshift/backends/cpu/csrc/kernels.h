@@ -207,8 +207,8 @@ inline void widen_all(VA* y, VS s) {
 // (an output's term count per shift amount and sign is small and varies: loops per amount and sign
 // spent about as much on their mispredicted exits as on the sums); plain segments (one amount's
 // many terms) skip the shift, SEG_PAIRS segments (1x1 kernels: conv.cpp's pad_pairs) take two
-// terms per shift, s = ((s << d) + x) + x', the second term's d being 0. At a segment's end its sum is sign-extended into the UA
-// accumulators, shifted by its amount and added or subtracted. All mod
+// terms per shift, s = ((s << d) + x) + x', the second term's d being 0. At a segment's end its
+// sum is sign-extended into the UA accumulators, shifted by its amount and added or subtracted. All mod
 // 2**(UA bits), like torch. T = UA: the plain int32 / int64 paths. Narrow tables (T = int16 for
 // 8-bit activations, |x| <= 128; int32 with int64 accumulators, |x| <= 2**15): the plan ends a
 // segment before its bound on |s| could leave T's range (255 * 128 < 2**15; 65535 * 2**15 < 2**31),
