@@ -249,40 +249,30 @@ void conv_item_n(const T* tbl, UA* yimg, const Geom& g, const PlanView& pv, int6
         VS sum[R][V];
         for (int r = 0; r < R; ++r)
           for (int v = 0; v < V; ++v) sum[r][v] = VS{};
-        if (sg[2] & SEG_PLAIN) {
-          for (const int32_t* te = t + sg[0]; t < te; ++t) {
-            const T* p = tbl + (static_cast<uint32_t>(*t) >> TERM_SHIFT_BITS);
-            for (int r = 0; r < R; ++r) {
-              const VS* q = reinterpret_cast<const VS*>(p + tb[r]);
-              for (int v = 0; v < V; ++v) sum[r][v] += q[v];
-            }
+        // The segment's terms, P per step: s = (s << d) + x_1 + ... + x_P, d the first term's shift
+        // (Shift false: plain segments, every d 0); pad_pairs makes the other terms' d 0 for P = 2.
+        auto sum_terms = [&](auto per_step, auto shift) {
+          constexpr int P = decltype(per_step)::value;
+          for (const int32_t* te = t + sg[0]; t < te; t += P) {
+            const T* p[P];
+            for (int j = 0; j < P; ++j) p[j] = tbl + (static_cast<uint32_t>(t[j]) >> TERM_SHIFT_BITS);
+            const unsigned d = static_cast<uint32_t>(t[0]) & TERM_MAX_SHIFT;
+            for (int r = 0; r < R; ++r)
+              for (int v = 0; v < V; ++v) {
+                VS s = sum[r][v];
+                if constexpr (decltype(shift)::value) s = reinterpret_cast<VS>(reinterpret_cast<VU>(s) << d);
+                for (int j = 0; j < P; ++j) s += reinterpret_cast<const VS*>(p[j] + tb[r])[v];
+                sum[r][v] = s;
+              }
           }
-        } else if (sg[2] & SEG_PAIRS) {
-          // Two terms per shift (pad_pairs: an even count, the second term's d is 0).
-          for (const int32_t* te = t + sg[0]; t < te; t += 2) {
-            const uint32_t w = static_cast<uint32_t>(t[0]);
-            const unsigned d = w & TERM_MAX_SHIFT;
-            const T* p = tbl + (w >> TERM_SHIFT_BITS);
-            const T* p2 = tbl + (static_cast<uint32_t>(t[1]) >> TERM_SHIFT_BITS);
-            for (int r = 0; r < R; ++r) {
-              const VS* q = reinterpret_cast<const VS*>(p + tb[r]);
-              const VS* q2 = reinterpret_cast<const VS*>(p2 + tb[r]);
-              for (int v = 0; v < V; ++v)
-                sum[r][v] = reinterpret_cast<VS>(reinterpret_cast<VU>(sum[r][v]) << d) + q[v] + q2[v];
-            }
-          }
-        } else {
-          for (const int32_t* te = t + sg[0]; t < te; ++t) {
-            const uint32_t w = static_cast<uint32_t>(*t);
-            const unsigned d = w & TERM_MAX_SHIFT;
-            const T* p = tbl + (w >> TERM_SHIFT_BITS);
-            for (int r = 0; r < R; ++r) {
-              const VS* q = reinterpret_cast<const VS*>(p + tb[r]);
-              for (int v = 0; v < V; ++v)
-                sum[r][v] = reinterpret_cast<VS>(reinterpret_cast<VU>(sum[r][v]) << d) + q[v];
-            }
-          }
-        }
+        };
+        using One = std::integral_constant<int, 1>;
+        if (sg[2] & SEG_PLAIN)
+          sum_terms(One{}, std::false_type{});
+        else if (sg[2] & SEG_PAIRS)
+          sum_terms(std::integral_constant<int, 2>{}, std::true_type{});
+        else
+          sum_terms(One{}, std::true_type{});
         const unsigned amount = static_cast<unsigned>(sg[1]);
         if (amount >= UA_BITS) continue;  // (s << amount) is 0 mod 2**(UA bits)
         // A branch per segment (an entry's positive segments come before its negative ones).
